@@ -1,0 +1,84 @@
+"""Attention core, masks and the preallocated KV cache shared by Whisper and LLaMA.
+
+Legend: B batch, T query length, S key length (cache slots), N query heads, K kv heads,
+H head dim, L layers.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Preallocated keys/values of every layer, written in place as decoding advances.
+
+  k, v:  float[L, B, S, K, H]
+  mask:  bool[B, S]   slots that hold a real (non-padding) token
+  index: int32[]      next slot to write; all rows advance together (prompts are left-padded)
+  """
+
+  k: jax.Array
+  v: jax.Array
+  mask: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def zeros(cls, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype):
+    shape = (num_layers, batch, max_len, kv_heads, head_dim)
+    return cls(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        mask=jnp.zeros((batch, max_len), bool),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+
+def causal_mask(key_valid: jax.Array) -> jax.Array:
+  """bool[B, 1, T, T]: causal and key padding mask for a full (uncached) forward."""
+  t = key_valid.shape[1]
+  causal = jnp.tril(jnp.ones((t, t), bool))
+  return causal[None, None] & key_valid[:, None, None, :].astype(bool)
+
+
+def cached_mask(cache: KVCache, key_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Mask for T new tokens written at `cache.index`: (bool[B, 1, T, S], new slot mask bool[B, S])."""
+  t = key_valid.shape[1]
+  slot_mask = jax.lax.dynamic_update_slice(cache.mask, key_valid.astype(bool), (0, cache.index))
+  q_slot = cache.index + jnp.arange(t)
+  k_slot = jnp.arange(cache.max_len)
+  causal = k_slot[None, :] <= q_slot[:, None]
+  return causal[None, None] & slot_mask[:, None, None, :], slot_mask
+
+
+def write_kv(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array):
+  """Writes k, v float[B, T, K, H] into one layer's cache float[B, S, K, H] at slot `index`."""
+  cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
+  cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+  return cache_k, cache_v
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None,
+    *,
+    scale: float | None = None,
+    implementation: Literal["xla", "cudnn"] | None = None,
+) -> jax.Array:
+  """Softmax attention, 'BTNH,BSKH->BTNH' with N a multiple of K (grouped-query attention).
+
+  Goes through `jax.nn.dot_product_attention` so XLA, cuDNN flash attention (GPU) or a TPU
+  kernel can serve it without touching the models.
+  """
+  return jax.nn.dot_product_attention(
+      q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=scale, implementation=implementation)

@@ -1,0 +1,276 @@
+"""LLaMA-family decoder LLM (LLaMA-1/2/3, Mistral, Qwen2, Baichuan-in-LLaMA-layout) in Flax NNX.
+
+Legend: B batch, T query length, S key length, D hidden size, N query heads, K kv heads,
+H head dim, F MLP hidden size, V vocab, L layers.
+
+Submodule names follow Hugging Face `LlamaForCausalLM` (`model.layers.N.self_attn.q_proj`,
+`...mlp.gate_proj`, `model.norm`, `lm_head`), so converting weights is a key map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llasm_jax.layers import KVCache, LayerStack, RMSNorm, attend, cached_mask, causal_mask, constrain, dense, param_init
+from llasm_jax.layers.attention import write_kv
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """HF `rope_parameters` beyond rope_theta. rope_type: "default", "linear" or "llama3"."""
+
+  rope_type: str = "default"
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture of a LLaMA-family LLM; field names follow the HF `config.json`."""
+
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_hidden_layers: int = 32
+  num_attention_heads: int = 32
+  num_key_value_heads: int = 32
+  head_dim: int | None = None
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling = RopeScaling()
+  max_position_embeddings: int = 4096
+  tie_word_embeddings: bool = False
+  qkv_bias: bool = False  # Qwen2, or HF `attention_bias` (which also sets o_bias)
+  o_bias: bool = False
+  mlp_bias: bool = False
+  bos_token_id: int = 1
+  eos_token_id: int = 2
+  pad_token_id: int | None = None
+  # How to run, not what is stored.
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan_layers: bool = True
+  remat_policy: str = "none"
+  attention_impl: str | None = None  # None (XLA), "xla" or "cudnn"
+
+  def __post_init__(self):
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(
+          f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+          f"num_key_value_heads {self.num_key_value_heads}")
+    if self.rope_scaling.rope_type not in ("default", "linear", "llama3"):
+      raise ValueError(
+          f"rope_scaling.rope_type {self.rope_scaling.rope_type!r} is not supported; "
+          "use 'default', 'linear' or 'llama3'")
+
+  @property
+  def kv_head_dim(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_attention_heads
+
+  def replace(self, **kw) -> "LlamaConfig":
+    return dataclasses.replace(self, **kw)
+
+
+LLAMA_PRESETS: dict[str, LlamaConfig] = {
+    "llama2_7b": LlamaConfig(),
+    "chinese_llama2_7b_llasm": LlamaConfig(vocab_size=32003),
+    "baichuan_7b_llasm": LlamaConfig(vocab_size=64004, rms_norm_eps=1e-6),
+    "llama3_8b": LlamaConfig(
+        vocab_size=128256, intermediate_size=14336, num_key_value_heads=8, rms_norm_eps=1e-5,
+        rope_theta=500000.0, max_position_embeddings=8192, bos_token_id=128000, eos_token_id=128001),
+    "llama3_1_8b": LlamaConfig(
+        vocab_size=128256, intermediate_size=14336, num_key_value_heads=8, rope_theta=500000.0,
+        rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192), max_position_embeddings=131072,
+        bos_token_id=128000, eos_token_id=128001),
+    "llama_100m": LlamaConfig(
+        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=10,
+        num_attention_heads=12, num_key_value_heads=12),
+    "tiny": LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
+}
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
+  """float32[H/2] inverse frequencies, computed as HF `ROPE_INIT_FUNCTIONS` do."""
+  dim = cfg.kv_head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  rs = cfg.rope_scaling
+  if rs.rope_type == "linear":
+    inv_freq = inv_freq / rs.factor
+  elif rs.rope_type == "llama3":
+    low_freq_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_freq_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / rs.factor, inv_freq)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    inv_freq = jnp.where(is_medium, smoothed, scaled)
+  return inv_freq
+
+
+def rope_cos_sin(cfg: LlamaConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+  """positions int[B, T] -> cos, sin float[B, T, H] in the half-rotated (HF) layout."""
+  freqs = positions[..., None].astype(jnp.float32) * rope_inv_freq(cfg)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x float[B, T, N, H]; rotates pairs (i, i + H/2) as HF `rotate_half` does."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+class LlamaAttention(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.kv_head_dim
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.cfg = cfg
+    self.q_proj = dense(d, n * h, ("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
+    self.k_proj = dense(d, k * h, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
+    self.v_proj = dense(d, k * h, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
+    self.o_proj = dense(n * h, d, ("heads", "embed"), use_bias=cfg.o_bias, **kw)
+
+  def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
+    """x float[B, T, D] -> float[B, T, D], and the updated (k, v) cache of this layer."""
+    cfg = self.cfg
+    b, t, _ = x.shape
+    h = cfg.kv_head_dim
+    q = self.q_proj(x).reshape(b, t, cfg.num_attention_heads, h)
+    k = self.k_proj(x).reshape(b, t, cfg.num_key_value_heads, h)
+    v = self.v_proj(x).reshape(b, t, cfg.num_key_value_heads, h)
+    q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
+    k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
+    v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+    if cache_kv is not None:
+      cache_kv = write_kv(*cache_kv, k, v, cache_index)
+      k, v = cache_kv
+    out = attend(q, k, v, mask, implementation=cfg.attention_impl)
+    out = constrain(out, ("batch", "length", "heads", "head_dim"))
+    return self.o_proj(out.reshape(b, t, -1)), cache_kv
+
+
+class LlamaMLP(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    kw = dict(use_bias=cfg.mlp_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.gate_proj = dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
+    self.up_proj = dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
+    self.down_proj = dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
+
+  def __call__(self, x):
+    h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    return self.down_proj(constrain(h, ("batch", "length", "mlp")))
+
+
+class LlamaDecoderLayer(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    norm = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
+    self.self_attn = LlamaAttention(cfg, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
+    self.mlp = LlamaMLP(cfg, rngs=rngs)
+
+  def __call__(self, x, cache_kv, *, cos, sin, mask, cache_index):
+    attn, cache_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, cache_index)
+    x = x + attn
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return constrain(x, ("batch", "length", "embed")), cache_kv
+
+
+class LlamaModel(nnx.Module):
+  """The decoder stack without the LM head (HF `model.`)."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed_tokens = nnx.Embed(
+        cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        embedding_init=param_init(nnx.initializers.normal(0.02), ("vocab", "embed")), rngs=rngs)
+    self.layers = LayerStack(lambda r: LlamaDecoderLayer(cfg, rngs=r), cfg.num_hidden_layers, rngs=rngs)
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+
+  def __call__(self, inputs_embeds, positions, attention_mask, cache: KVCache | None):
+    cfg = self.cfg
+    x = constrain(inputs_embeds.astype(cfg.dtype), ("batch", "length", "embed"))
+    cos, sin = rope_cos_sin(cfg, positions, cfg.dtype)
+    if cache is None:
+      mask, per_layer, index = causal_mask(attention_mask), None, None
+    else:
+      mask, slot_mask = cached_mask(cache, attention_mask)
+      per_layer, index = (cache.k, cache.v), cache.index
+    x, new_kv = self.layers(
+        x, per_layer, scan=cfg.scan_layers, remat_policy=cfg.remat_policy,
+        cos=cos, sin=sin, mask=mask, cache_index=index)
+    if cache is not None:
+      cache = KVCache(k=new_kv[0], v=new_kv[1], mask=slot_mask, index=cache.index + x.shape[1])
+    return self.norm(x), cache
+
+
+class LlamaForCausalLM(nnx.Module):
+  """HF `LlamaForCausalLM`: `model` (embeddings, layers, final norm) and `lm_head`."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.model = LlamaModel(cfg, rngs=rngs)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = dense(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False,
+                           dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """int[B, T] -> float[B, T, D]."""
+    return self.model.embed_tokens(input_ids)
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """float[B, T, D] -> float32[B, T, V]."""
+    if self.cfg.tie_word_embeddings:
+      out = self.model.embed_tokens.attend(hidden)
+    else:
+      out = self.lm_head(hidden)
+    return constrain(out, ("batch", "length", "vocab")).astype(jnp.float32)
+
+  def __call__(
+      self,
+      input_ids: jax.Array | None = None,
+      *,
+      inputs_embeds: jax.Array | None = None,
+      positions: jax.Array | None = None,
+      attention_mask: jax.Array | None = None,
+      cache: KVCache | None = None,
+      return_hidden: bool = False,
+  ) -> tuple[jax.Array, KVCache | None]:
+    """Logits float32[B, T, V] (or final hidden states float[B, T, D]) and the updated cache.
+
+    attention_mask int/bool[B, T]: 1 for real tokens, 0 for padding (keys only).
+    positions int[B, T]: RoPE positions; default 0..T-1 (or continuing from the cache).
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+      raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    if inputs_embeds is None:
+      inputs_embeds = self.embed(input_ids)
+    b, t = inputs_embeds.shape[:2]
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), bool)
+    if positions is None:
+      start = 0 if cache is None else cache.index
+      positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
+    hidden, cache = self.model(inputs_embeds, positions, attention_mask, cache)
+    return (hidden if return_hidden else self.logits(hidden)), cache
+
+  def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+    cfg = self.cfg
+    return KVCache.zeros(cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads,
+                         cfg.kv_head_dim, dtype or cfg.dtype)

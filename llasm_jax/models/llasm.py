@@ -1,0 +1,190 @@
+"""The LLaSM composite: `audio` (Whisper), `adaptor` and `llm` (a LLaMA-family decoder).
+
+Legend: B batch, A audio slots per sample, M mel bins, F mel frames, P audio tokens per slot,
+T text length, D LLM width, V vocab.
+
+Two modes (see shared/design/LLASM.md):
+- "llasm": the released checkpoints. The whole Whisper runs: the decoder reads
+  `audio_token_len` copies of its start token against the encoder output of the 30 s padded
+  mel; its last hidden state goes through the linear `mm_projector`. P = audio_token_len.
+- "encoder": Whisper encoder only, unpadded (per-audio frame counts), k frames stacked, an
+  MLP adaptor. P = ceil(ceil(F / 2) / k), which follows the length of each audio.
+The P audio embeddings of each audio replace the `<au_patch>` embeddings of the text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llasm_jax.layers import KVCache
+from llasm_jax.models.adaptor import LinearAdaptor, StackedMLPAdaptor
+from llasm_jax.models.llama import LLAMA_PRESETS, LlamaConfig, LlamaForCausalLM
+from llasm_jax.models.whisper import WHISPER_PRESETS, WhisperConfig, WhisperModel, encoder_frames
+
+MODES = ("llasm", "encoder")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlasmConfig:
+  audio: WhisperConfig = WHISPER_PRESETS["whisper_large_v2"]
+  llm: LlamaConfig = LLAMA_PRESETS["chinese_llama2_7b_llasm"]
+  mode: str = "llasm"
+  audio_token_len: int = 64  # "llasm" mode: decoder queries, hence tokens, per audio
+  stack_factor: int = 8  # "encoder" mode: frames per audio token
+  adaptor_hidden: int | None = None  # "encoder" mode MLP width; None = LLM width
+  audio_patch_id: int = 32000  # <au_patch>
+  audio_start_id: int = 32001  # <au_start>
+  audio_end_id: int = 32002  # <au_end>
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"mode {self.mode!r}: expected one of {MODES}")
+    top = max(self.audio_patch_id, self.audio_start_id, self.audio_end_id)
+    if top >= self.llm.vocab_size:
+      raise ValueError(f"audio token id {top} is outside the LLM vocab ({self.llm.vocab_size}); "
+                       "append the audio tokens to the vocab first")
+
+  def audio_tokens(self, mel_frames: int) -> int:
+    """Audio tokens P that an audio of `mel_frames` mel frames becomes."""
+    if self.mode == "llasm":
+      return self.audio_token_len
+    return -(-encoder_frames(mel_frames) // self.stack_factor)
+
+  def replace(self, **kw) -> "LlasmConfig":
+    return dataclasses.replace(self, **kw)
+
+
+LLASM_PRESETS: dict[str, LlasmConfig] = {
+    "llasm_cllama2": LlasmConfig(),
+    "llasm_baichuan": LlasmConfig(llm=LLAMA_PRESETS["baichuan_7b_llasm"], audio_patch_id=64000,
+                                  audio_start_id=64001, audio_end_id=64002),
+    "llasm_cllama2_encoder": LlasmConfig(mode="encoder"),
+    "tiny": LlasmConfig(audio=WHISPER_PRESETS["tiny"], llm=LLAMA_PRESETS["tiny"], audio_token_len=8,
+                        stack_factor=4, audio_patch_id=253, audio_start_id=254, audio_end_id=255),
+    "tiny_encoder": LlasmConfig(audio=WHISPER_PRESETS["tiny"], llm=LLAMA_PRESETS["tiny"], mode="encoder",
+                                stack_factor=4, audio_patch_id=253, audio_start_id=254, audio_end_id=255),
+}
+
+
+def check_audio_markers(cfg: LlasmConfig, input_ids: np.ndarray, audio_tokens: np.ndarray) -> None:
+  """Host-side check, before any compute, that the text and the audios agree.
+
+  input_ids int[B, T]; audio_tokens int[B, A]: audio tokens of each slot, 0 for an empty slot
+  (filled slots first). The j-th `<au_start>` of a sample must be followed by exactly
+  audio_tokens[b, j] `<au_patch>` and an `<au_end>`; no patch may stand outside such a span.
+  """
+  input_ids, audio_tokens = np.asarray(input_ids), np.asarray(audio_tokens)
+  if audio_tokens.ndim != 2 or audio_tokens.shape[0] != input_ids.shape[0]:
+    raise ValueError(f"audio_tokens shape {audio_tokens.shape} should be [batch={input_ids.shape[0]}, audio slots]")
+  for b, (ids, counts) in enumerate(zip(input_ids, audio_tokens)):
+    counts = [int(c) for c in counts]
+    filled = sum(c > 0 for c in counts)
+    if any(c > 0 for c in counts[filled:]):
+      raise ValueError(f"sample {b}: audio slots {counts} have an empty slot before a filled one")
+    starts = np.flatnonzero(ids == cfg.audio_start_id)
+    if len(starts) != filled:
+      raise ValueError(f"sample {b}: {len(starts)} <au_start> markers but {filled} audios; "
+                       "each audio needs one <au_start> <au_patch>... <au_end> span")
+    in_span = np.zeros(len(ids), bool)
+    for j, s in enumerate(starts):
+      n = counts[j]
+      span = ids[s + 1:s + 1 + n]
+      if len(span) < n or not np.all(span == cfg.audio_patch_id) or s + 1 + n >= len(ids) \
+          or ids[s + 1 + n] != cfg.audio_end_id:
+        raise ValueError(f"sample {b}: <au_start> at position {s} must be followed by exactly {n} "
+                         f"<au_patch> (id {cfg.audio_patch_id}) and <au_end> (id {cfg.audio_end_id})")
+      in_span[s + 1:s + 1 + n] = True
+    stray = np.flatnonzero((ids == cfg.audio_patch_id) & ~in_span)
+    if len(stray):
+      raise ValueError(f"sample {b}: <au_patch> at positions {stray[:8].tolist()} outside any "
+                       "<au_start>...<au_end> span")
+    ends = int(np.sum(ids == cfg.audio_end_id))
+    if ends != filled:
+      raise ValueError(f"sample {b}: {ends} <au_end> markers but {filled} audios")
+
+
+def splice(text_embeds, input_ids, audio_embeds, audio_valid, patch_id: int):
+  """Replaces the `<au_patch>` embeddings by the valid audio embeddings, in order.
+
+  text_embeds float[B, T, D], input_ids int[B, T], audio_embeds float[B, A, P, D],
+  audio_valid bool[B, A, P]. The n-th patch token of a sample takes the n-th valid audio
+  embedding of that sample. Static shapes, no loop over the batch.
+  """
+  b, a, p, d = audio_embeds.shape
+  flat = audio_embeds.reshape(b, a * p, d)
+  valid = audio_valid.reshape(b, a * p)
+  # Positions of the valid embeddings, in order, then padding positions (stable sort).
+  order = jnp.argsort(~valid, axis=1, stable=True)
+  is_patch = input_ids == patch_id
+  rank = jnp.clip(jnp.cumsum(is_patch, axis=1) - 1, 0, a * p - 1)
+  src = jnp.take_along_axis(order, rank, axis=1)
+  gathered = jnp.take_along_axis(flat, src[..., None], axis=1)
+  return jnp.where(is_patch[..., None], gathered.astype(text_embeds.dtype), text_embeds)
+
+
+class Llasm(nnx.Module):
+  """Whisper (`audio`) + adaptor (`adaptor`) + LLaMA-family LLM (`llm`)."""
+
+  def __init__(self, cfg: LlasmConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    kw = dict(dtype=cfg.llm.dtype, param_dtype=cfg.llm.param_dtype, rngs=rngs)
+    self.audio = WhisperModel(cfg.audio, rngs=rngs, with_decoder=cfg.mode == "llasm")
+    if cfg.mode == "llasm":
+      self.adaptor = LinearAdaptor(cfg.audio.d_model, cfg.llm.hidden_size, **kw)
+    else:
+      self.adaptor = StackedMLPAdaptor(cfg.audio.d_model, cfg.llm.hidden_size, cfg.stack_factor,
+                                       cfg.adaptor_hidden, **kw)
+    self.llm = LlamaForCausalLM(cfg.llm, rngs=rngs)
+
+  def embed_audio(self, mel: jax.Array, mel_lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """mel float[B, A, M, F], mel_lengths int[B, A] (0 = empty slot) ->
+    audio embeddings float[B, A, P, D] and their validity bool[B, A, P]."""
+    cfg = self.cfg
+    b, a, m, f = mel.shape
+    mel = mel.reshape(b * a, m, f)
+    lengths = mel_lengths.reshape(b * a)
+    if cfg.mode == "llasm":
+      # As released: the 30 s padded mel, no masking, then the decoder over start tokens.
+      states, frames = self.audio.encoder(mel)
+      queries = jnp.full((b * a, cfg.audio_token_len), cfg.audio.decoder_start_token_id, jnp.int32)
+      states, _ = self.audio.decoder(queries, states, frames)
+      frames = jnp.full((b * a,), cfg.audio_token_len, jnp.int32)
+    else:
+      states, frames = self.audio.encoder(mel, lengths)
+    # Whisper is frozen in every training stage.
+    states = jax.lax.stop_gradient(states)
+    embeds, tokens = self.adaptor(states, frames)
+    tokens = jnp.where(lengths > 0, tokens, 0)
+    valid = jnp.arange(embeds.shape[1])[None, :] < tokens[:, None]
+    return embeds.reshape(b, a, *embeds.shape[1:]), valid.reshape(b, a, -1)
+
+  def embed(self, input_ids, mel=None, mel_lengths=None):
+    """Text embeddings with the audio spliced in: float[B, T, D]."""
+    text = self.llm.embed(input_ids)
+    if mel is None:
+      return text
+    audio, valid = self.embed_audio(mel, mel_lengths)
+    return splice(text, input_ids, audio, valid, self.cfg.audio_patch_id)
+
+  def __call__(
+      self,
+      input_ids: jax.Array,
+      mel: jax.Array | None = None,
+      mel_lengths: jax.Array | None = None,
+      *,
+      attention_mask: jax.Array | None = None,
+      positions: jax.Array | None = None,
+      cache: KVCache | None = None,
+      return_hidden: bool = False,
+  ) -> tuple[jax.Array, KVCache | None]:
+    """input_ids int[B, T] with audio markers, mel float[B, A, M, F], mel_lengths int[B, A]
+    -> logits float32[B, T, V] and the updated cache. Check the markers on the host first
+    with `check_audio_markers`."""
+    embeds = self.embed(input_ids, mel, mel_lengths)
+    return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, positions=positions,
+                    cache=cache, return_hidden=return_hidden)
