@@ -1,0 +1,1 @@
+"""Weight conversion between Hugging Face PyTorch checkpoints and llasm_jax parameters."""
