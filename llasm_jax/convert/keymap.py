@@ -14,7 +14,11 @@ from typing import Iterator
 
 import numpy as np
 
-_FIELD = re.compile(r"\{(\w+)\}")
+_FIELD = re.compile(r"\{(\w+)(?::([\w|]+))?\}")
+
+
+def _fill(template: str, fields: dict[str, str]) -> str:
+  return _FIELD.sub(lambda m: fields.get(m.group(1), m.group(0)), template)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +31,11 @@ class Rule:
     out, pos = [], 0
     for m in _FIELD.finditer(template):
       out.append(re.escape(template[pos:m.start()]))
-      out.append(rf"(?P<{m.group(1)}>\d+)" if m.group(1) == "layer" else rf"(?P<{m.group(1)}>[^{re.escape(sep)}]+)")
+      if m.group(1) == "layer":
+        pattern = r"\d+"
+      else:
+        pattern = m.group(2) or rf"[^{re.escape(sep)}]+"
+      out.append(rf"(?P<{m.group(1)}>{pattern})")
       pos = m.end()
     out.append(re.escape(template[pos:]))
     return re.compile("".join(out) + "$")
@@ -37,36 +45,48 @@ class Rule:
     return m.groupdict() if m else None
 
 
-_LLAMA_LAYER = "model.layers.{layer}"
-_LLAMA_PATH = "model/layers/layers"
+_L_LAYER = "model.layers.{layer}"
+_L_PATH = "model/layers/layers"
+_L_ATTN = "self_attn.{proj:q_proj|k_proj|v_proj|o_proj}"
+_L_MLP = "mlp.{proj:gate_proj|up_proj|down_proj}"
+_L_NORM = "{norm:input_layernorm|post_attention_layernorm}"
+
+
+def _slash(t: str) -> str:
+  return t.replace(".", "/")
+
+
 LLAMA_RULES = [
     Rule("model.embed_tokens.weight", "model/embed_tokens/embedding"),
-    Rule(_LLAMA_LAYER + ".self_attn.{proj}.weight", _LLAMA_PATH + "/self_attn/{proj}/kernel@{layer}", "linear"),
-    Rule(_LLAMA_LAYER + ".self_attn.{proj}.bias", _LLAMA_PATH + "/self_attn/{proj}/bias@{layer}"),
-    Rule(_LLAMA_LAYER + ".mlp.{proj}.weight", _LLAMA_PATH + "/mlp/{proj}/kernel@{layer}", "linear"),
-    Rule(_LLAMA_LAYER + ".mlp.{proj}.bias", _LLAMA_PATH + "/mlp/{proj}/bias@{layer}"),
-    Rule(_LLAMA_LAYER + ".{norm}.weight", _LLAMA_PATH + "/{norm}/weight@{layer}"),
+    Rule(f"{_L_LAYER}.{_L_ATTN}.weight", f"{_L_PATH}/{_slash(_L_ATTN)}/kernel@{{layer}}", "linear"),
+    Rule(f"{_L_LAYER}.{_L_ATTN}.bias", f"{_L_PATH}/{_slash(_L_ATTN)}/bias@{{layer}}"),
+    Rule(f"{_L_LAYER}.{_L_MLP}.weight", f"{_L_PATH}/{_slash(_L_MLP)}/kernel@{{layer}}", "linear"),
+    Rule(f"{_L_LAYER}.{_L_MLP}.bias", f"{_L_PATH}/{_slash(_L_MLP)}/bias@{{layer}}"),
+    Rule(f"{_L_LAYER}.{_L_NORM}.weight", f"{_L_PATH}/{_L_NORM}/weight@{{layer}}"),
     Rule("model.norm.weight", "model/norm/weight"),
     Rule("lm_head.weight", "lm_head/kernel", "linear"),
 ]
 LLAMA_IGNORED = [re.compile(r".*rotary_emb\.inv_freq$")]
 
-_W_LAYER = "{part}.layers.{layer}"
-_W_PATH = "{part}/layers/layers"
+_W_LAYER = "{part:encoder|decoder}.layers.{layer}"
+_W_PATH = "{part:encoder|decoder}/layers/layers"
+_ATTN = "{attn:self_attn|encoder_attn}.{proj:q_proj|k_proj|v_proj|out_proj}"
+_FC = "{fc:fc1|fc2}"
+_NORM = "{norm:self_attn_layer_norm|encoder_attn_layer_norm|final_layer_norm}"
 WHISPER_RULES = [
-    Rule("encoder.conv{n}.weight", "encoder/conv{n}/kernel", "conv"),
-    Rule("encoder.conv{n}.bias", "encoder/conv{n}/bias"),
+    Rule("encoder.conv{n:1|2}.weight", "encoder/conv{n:1|2}/kernel", "conv"),
+    Rule("encoder.conv{n:1|2}.bias", "encoder/conv{n:1|2}/bias"),
     Rule("encoder.embed_positions.weight", "encoder/embed_positions"),
     Rule("decoder.embed_tokens.weight", "decoder/embed_tokens/embedding"),
     Rule("decoder.embed_positions.weight", "decoder/embed_positions/embedding"),
-    Rule(_W_LAYER + ".{attn}.{proj}.weight", _W_PATH + "/{attn}/{proj}/kernel@{layer}", "linear"),
-    Rule(_W_LAYER + ".{attn}.{proj}.bias", _W_PATH + "/{attn}/{proj}/bias@{layer}"),
-    Rule(_W_LAYER + ".{fc}.weight", _W_PATH + "/{fc}/kernel@{layer}", "linear"),
-    Rule(_W_LAYER + ".{fc}.bias", _W_PATH + "/{fc}/bias@{layer}"),
-    Rule(_W_LAYER + ".{norm}.weight", _W_PATH + "/{norm}/scale@{layer}"),
-    Rule(_W_LAYER + ".{norm}.bias", _W_PATH + "/{norm}/bias@{layer}"),
-    Rule("{part}.layer_norm.weight", "{part}/layer_norm/scale"),
-    Rule("{part}.layer_norm.bias", "{part}/layer_norm/bias"),
+    Rule(f"{_W_LAYER}.{_ATTN}.weight", f"{_W_PATH}/{_slash(_ATTN)}/kernel@{{layer}}", "linear"),
+    Rule(f"{_W_LAYER}.{_ATTN}.bias", f"{_W_PATH}/{_slash(_ATTN)}/bias@{{layer}}"),
+    Rule(f"{_W_LAYER}.{_FC}.weight", f"{_W_PATH}/{_FC}/kernel@{{layer}}", "linear"),
+    Rule(f"{_W_LAYER}.{_FC}.bias", f"{_W_PATH}/{_FC}/bias@{{layer}}"),
+    Rule(f"{_W_LAYER}.{_NORM}.weight", f"{_W_PATH}/{_NORM}/scale@{{layer}}"),
+    Rule(f"{_W_LAYER}.{_NORM}.bias", f"{_W_PATH}/{_NORM}/bias@{{layer}}"),
+    Rule("{part:encoder|decoder}.layer_norm.weight", "{part:encoder|decoder}/layer_norm/scale"),
+    Rule("{part:encoder|decoder}.layer_norm.bias", "{part:encoder|decoder}/layer_norm/bias"),
 ]
 # proj_out is tied to decoder.embed_tokens in every Whisper checkpoint.
 WHISPER_IGNORED = [re.compile(r"^proj_out\.weight$")]
@@ -110,11 +130,8 @@ class KeyMap:
     for rule in self.rules:
       fields = rule.match_hf(name)
       if fields is not None:
-        path = rule.path
         layer = fields.pop("layer", None)
-        for k, v in fields.items():
-          path = path.replace("{" + k + "}", v)
-        path = path.split("@")[0]
+        path = _fill(rule.path.split("@")[0], fields)
         return Target(path, None if layer is None else int(layer), rule.hook)
     if any(p.match(name[len(self.hf_prefix):] if name.startswith(self.hf_prefix) else name) for p in self.ignored):
       return None
@@ -127,12 +144,10 @@ class KeyMap:
       fields = rule._regex(base, "/").match(path)
       if fields is None:
         continue
-      name = rule.hf
-      for k, v in fields.groupdict().items():
-        name = name.replace("{" + k + "}", v)
+      name = _fill(rule.hf, fields.groupdict())
       if "{layer}" in name:
         for i in range(num_layers):
-          yield name.replace("{layer}", str(i)), i, rule.hook
+          yield _fill(name, {"layer": str(i)}), i, rule.hook
       else:
         yield name, None, rule.hook
       return

@@ -1,0 +1,103 @@
+"""LLaMA-family port against `transformers` PyTorch (float32)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+from flax import nnx
+
+from llasm_jax.convert.configs import llama_config_from_hf
+from llasm_jax.convert.hf import keymaps, load_tensors
+from llasm_jax.models.llama import LlamaForCausalLM
+from tests.conftest import hf_tensors
+
+TOL = 1e-4
+BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4)
+VARIANTS = {
+    "mha": (tf.LlamaConfig, dict(num_key_value_heads=4)),
+    "gqa": (tf.LlamaConfig, dict(num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0)),
+    "tied": (tf.LlamaConfig, dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    "llama3_rope": (tf.LlamaConfig, dict(num_key_value_heads=2, rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16))),
+    "linear_rope": (tf.LlamaConfig, dict(num_key_value_heads=4, rope_parameters=dict(
+        rope_type="linear", rope_theta=10000.0, factor=4.0))),
+    "qwen2_qkv_bias": (tf.Qwen2Config, dict(num_key_value_heads=2)),
+    "attention_bias": (tf.LlamaConfig, dict(num_key_value_heads=2, attention_bias=True, mlp_bias=True)),
+    "head_dim": (tf.LlamaConfig, dict(num_key_value_heads=2, head_dim=32)),
+}
+
+
+def build(name, tmp_path, **run):
+  config_cls, extra = VARIANTS[name]
+  hf_cfg = config_cls(**BASE, **extra)
+  torch_model = tf.AutoModelForCausalLM.from_config(hf_cfg).eval()
+  with torch.no_grad():  # random biases, so a missing bias would show
+    for n, p in torch_model.named_parameters():
+      if n.endswith("bias"):
+        p.normal_(0, 0.1)
+  return torch_model, jax_model(torch_model, tmp_path, **run)
+
+
+def jax_model(torch_model, tmp_path, **run):
+  tensors = hf_tensors(torch_model, tmp_path)
+  model = LlamaForCausalLM(llama_config_from_hf(torch_model.config.to_dict(), **run), rngs=nnx.Rngs(0))
+  load_tensors(model, tensors.items(), keymaps("llama"))
+  return model
+
+
+def torch_logits(torch_model, ids, mask=None):
+  with torch.no_grad():
+    kw = {} if mask is None else dict(attention_mask=torch.tensor(mask))
+    return torch_model(torch.tensor(ids), **kw).logits.numpy()
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_logits_match_transformers(name, tmp_path):
+  torch_model, model = build(name, tmp_path)
+  ids = np.random.RandomState(1).randint(0, BASE["vocab_size"], (2, 24))
+  ref = torch_logits(torch_model, ids)
+  out = np.asarray(model(jnp.asarray(ids))[0])
+  np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
+
+
+def test_scan_equals_unrolled(tmp_path):
+  torch_model, scanned = build("gqa", tmp_path, scan_layers=True)
+  unrolled = jax_model(torch_model, tmp_path, scan_layers=False)
+  ids = jnp.asarray(np.random.RandomState(2).randint(0, 96, (2, 16)))
+  np.testing.assert_allclose(np.asarray(scanned(ids)[0]), np.asarray(unrolled(ids)[0]), atol=1e-6, rtol=0)
+
+
+def test_padding_mask_matches_transformers(tmp_path):
+  torch_model, model = build("gqa", tmp_path)
+  ids = np.random.RandomState(3).randint(0, 96, (2, 12))
+  mask = np.ones_like(ids)
+  mask[1, :5] = 0  # left padding
+  ref = torch_logits(torch_model, ids, mask)
+  positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)  # what HF derives from the mask
+  out = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask), positions=jnp.asarray(positions))[0])
+  np.testing.assert_allclose(out[mask == 1], ref[mask == 1], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_kv_cache_decoding_equals_full_forward(scan, tmp_path):
+  _, model = build("gqa", tmp_path, scan_layers=scan)
+  ids = jnp.asarray(np.random.RandomState(4).randint(0, 96, (2, 14)))
+  full = np.asarray(model(ids)[0])
+  cache = model.init_cache(batch=2, max_len=20)
+  logits, cache = model(ids[:, :8], cache=cache)  # prefill
+  steps = [np.asarray(logits)]
+  for t in range(8, 14):
+    logits, cache = model(ids[:, t:t + 1], cache=cache)
+    steps.append(np.asarray(logits))
+  np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=TOL, rtol=0)
+  assert int(cache.index) == 14
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path):
+  torch_model, model = build("mha", tmp_path)
+  tensors = hf_tensors(torch_model, tmp_path)
+  tensors["model.layers.1.mlp.up_proj.weight"] = np.zeros((3, 3), np.float32)
+  with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+    load_tensors(model, tensors.items(), keymaps("llama"))
