@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from typing import Iterable, Mapping
 
 import numpy as np
 from flax import nnx, traverse_util
 
 from llasm_jax.convert.keymap import (
-    ADAPTOR_RULES, LLAMA_IGNORED, LLAMA_RULES, WHISPER_IGNORED, WHISPER_RULES, KeyMap, to_hf_layout,
-    to_jax_layout)
+    LINEAR_ADAPTOR_RULES, LLAMA_IGNORED, LLAMA_RULES, MLP_ADAPTOR_RULES, WHISPER_IGNORED, WHISPER_RULES, KeyMap,
+    to_hf_layout, to_jax_layout)
+
+# In "encoder" mode the Whisper decoder is never run, so its tensors are left out.
+_WHISPER_DECODER = re.compile(r"^decoder\.")
 
 
 def whisper_name(name: str) -> str:
@@ -17,15 +21,18 @@ def whisper_name(name: str) -> str:
   return name[len("model."):] if name.startswith(("model.encoder.", "model.decoder.")) else name
 
 
-def keymaps(kind: str) -> list[KeyMap]:
-  """Key maps of a model kind: "llama", "whisper", or "llasm" (the composite)."""
+def keymaps(kind: str, mode: str = "llasm") -> list[KeyMap]:
+  """Key maps of a model kind: "llama", "whisper", or "llasm" (the composite, in `mode`)."""
   if kind == "llama":
     return [KeyMap(LLAMA_RULES, ignored=LLAMA_IGNORED)]
   if kind == "whisper":
     return [KeyMap(WHISPER_RULES, ignored=WHISPER_IGNORED)]
   if kind == "llasm":
-    return [KeyMap(LLAMA_RULES, "llm/", LLAMA_IGNORED), KeyMap(ADAPTOR_RULES, "adaptor/"),
-            KeyMap(WHISPER_RULES, "audio/", WHISPER_IGNORED)]
+    if mode == "llasm":
+      return [KeyMap(LLAMA_RULES, "llm/", LLAMA_IGNORED), KeyMap(LINEAR_ADAPTOR_RULES, "adaptor/"),
+              KeyMap(WHISPER_RULES, "audio/", WHISPER_IGNORED)]
+    return [KeyMap(LLAMA_RULES, "llm/", LLAMA_IGNORED), KeyMap(MLP_ADAPTOR_RULES, "adaptor/"),
+            KeyMap(WHISPER_RULES, "audio/", WHISPER_IGNORED + [_WHISPER_DECODER])]
   raise ValueError(f"unknown model kind {kind!r}: expected 'llama', 'whisper' or 'llasm'")
 
 

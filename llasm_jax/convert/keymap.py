@@ -91,7 +91,7 @@ WHISPER_RULES = [
 # proj_out is tied to decoder.embed_tokens in every Whisper checkpoint.
 WHISPER_IGNORED = [re.compile(r"^proj_out\.weight$")]
 
-ADAPTOR_RULES = [
+LINEAR_ADAPTOR_RULES = [
     Rule("model.mm_projector.weight", "mm_projector/kernel", "linear"),
     Rule("model.mm_projector.bias", "mm_projector/bias"),
 ]
@@ -127,14 +127,15 @@ class KeyMap:
 
   def target(self, name: str) -> Target | None:
     """The parameter an HF tensor name maps to; None if the name is known to be ignorable."""
+    bare = name[len(self.hf_prefix):] if name.startswith(self.hf_prefix) else name
+    if any(p.match(bare) for p in self.ignored):
+      return None
     for rule in self.rules:
       fields = rule.match_hf(name)
       if fields is not None:
         layer = fields.pop("layer", None)
         path = _fill(rule.path.split("@")[0], fields)
         return Target(path, None if layer is None else int(layer), rule.hook)
-    if any(p.match(name[len(self.hf_prefix):] if name.startswith(self.hf_prefix) else name) for p in self.ignored):
-      return None
     raise KeyError(name)
 
   def hf_names(self, path: str, num_layers: int | None) -> Iterator[tuple[str, int | None, str | None]]:
@@ -152,3 +153,9 @@ class KeyMap:
         yield name, None, rule.hook
       return
     raise KeyError(path)
+
+# "encoder" mode is ours: its adaptor is stored under a name of our choosing.
+MLP_ADAPTOR_RULES = [
+    Rule("model.audio_adaptor.{n:linear_1|linear_2}.weight", "{n:linear_1|linear_2}/kernel", "linear"),
+    Rule("model.audio_adaptor.{n:linear_1|linear_2}.bias", "{n:linear_1|linear_2}/bias"),
+]
