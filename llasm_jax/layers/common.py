@@ -1,6 +1,9 @@
 """Parameters with logical axis names, dense layers, norms and activation sharding hints.
 
-Models only ever name logical axes ("embed", "mlp", "heads", ...). Which mesh axis each maps
+Models only ever name logical axes. Weights use "embed", "heads", "kv_heads", "mlp", "vocab",
+"layers" (and a few Whisper-only names); activations use "batch", "length", "head_dim" and
+"act_embed", "act_heads", ... so that a rules table can shard a weight's width over "fsdp"
+while the activation of that width stays whole and its batch is split. Which mesh axis each maps
 to is decided by one rules table per run config (see `llasm_jax.sharding`), installed with
 `flax.nnx.logical_axis_rules`; without rules every hint here is a no-op, so the models run
 unchanged on one device.

@@ -152,14 +152,14 @@ class LlamaAttention(nnx.Module):
     q = self.q_proj(x).reshape(b, t, cfg.num_attention_heads, h)
     k = self.k_proj(x).reshape(b, t, cfg.num_key_value_heads, h)
     v = self.v_proj(x).reshape(b, t, cfg.num_key_value_heads, h)
-    q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
-    k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
-    v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+    q = constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", "head_dim"))
+    k = constrain(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", "head_dim"))
+    v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
     if cache_kv is not None:
       cache_kv = write_kv(*cache_kv, k, v, cache_index)
       k, v = cache_kv
     out = attend(q, k, v, mask, implementation=cfg.attention_impl)
-    out = constrain(out, ("batch", "length", "heads", "head_dim"))
+    out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
     return self.o_proj(out.reshape(b, t, -1)), cache_kv
 
 
@@ -173,7 +173,7 @@ class LlamaMLP(nnx.Module):
 
   def __call__(self, x):
     h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
-    return self.down_proj(constrain(h, ("batch", "length", "mlp")))
+    return self.down_proj(constrain(h, ("batch", "length", "act_mlp")))
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -189,7 +189,7 @@ class LlamaDecoderLayer(nnx.Module):
     attn, cache_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, cache_index)
     x = x + attn
     x = x + self.mlp(self.post_attention_layernorm(x))
-    return constrain(x, ("batch", "length", "embed")), cache_kv
+    return constrain(x, ("batch", "length", "act_embed")), cache_kv
 
 
 class LlamaModel(nnx.Module):
@@ -205,7 +205,7 @@ class LlamaModel(nnx.Module):
 
   def __call__(self, inputs_embeds, positions, attention_mask, cache: KVCache | None):
     cfg = self.cfg
-    x = constrain(inputs_embeds.astype(cfg.dtype), ("batch", "length", "embed"))
+    x = constrain(inputs_embeds.astype(cfg.dtype), ("batch", "length", "act_embed"))
     cos, sin = rope_cos_sin(cfg, positions, cfg.dtype)
     if cache is None:
       mask, per_layer, index = causal_mask(attention_mask), None, None
@@ -240,7 +240,7 @@ class LlamaForCausalLM(nnx.Module):
       out = self.model.embed_tokens.attend(hidden)
     else:
       out = self.lm_head(hidden)
-    return constrain(out, ("batch", "length", "vocab")).astype(jnp.float32)
+    return constrain(out, ("batch", "length", "act_vocab")).astype(jnp.float32)
 
   def __call__(
       self,

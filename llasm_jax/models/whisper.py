@@ -109,7 +109,7 @@ class WhisperAttention(nnx.Module):
 
   def __call__(self, x, k, v, mask):
     q = self._split(self.q_proj(x) * self.head_dim**-0.5)
-    q = constrain(q, ("batch", "length", "heads", "head_dim"))
+    q = constrain(q, ("batch", "length", "act_heads", "head_dim"))
     out = attend(q, k, v, mask, scale=1.0, implementation=self.impl)
     return self.out_proj(out.reshape(*x.shape[:2], -1))
 
@@ -140,7 +140,7 @@ class WhisperEncoderLayer(nnx.Module):
     h = self.self_attn_layer_norm(x)
     x = x + self.self_attn(h, *self.self_attn.project_kv(h), mask)
     x = x + self.fc2(_gelu(self.fc1(self.final_layer_norm(x))))
-    return constrain(x, ("batch", "length", "embed")), None
+    return constrain(x, ("batch", "length", "act_embed")), None
 
 
 class WhisperEncoder(nnx.Module):
@@ -180,7 +180,7 @@ class WhisperEncoder(nnx.Module):
     frames = encoder_frames(mel_lengths).astype(jnp.int32)
     key_valid = jnp.arange(t)[None, :] < frames[:, None]
     mask = key_valid[:, None, None, :]
-    x, _ = self.layers(constrain(x, ("batch", "length", "embed")), None,
+    x, _ = self.layers(constrain(x, ("batch", "length", "act_embed")), None,
                        scan=cfg.scan_layers, remat_policy=cfg.remat_policy, mask=mask)
     return self.layer_norm(x), frames
 
@@ -221,7 +221,7 @@ class WhisperDecoderLayer(nnx.Module):
       cross_kv = self.encoder_attn.project_kv(encoder_states)
     x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), *cross_kv, cross_mask)
     x = x + self.fc2(_gelu(self.fc1(self.final_layer_norm(x))))
-    return constrain(x, ("batch", "length", "embed")), self_kv
+    return constrain(x, ("batch", "length", "act_embed")), self_kv
 
 
 class WhisperDecoder(nnx.Module):
@@ -280,7 +280,7 @@ class WhisperDecoder(nnx.Module):
     x = self.embed_tokens(input_ids) * (math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0)
     x = x + self.embed_positions(positions)[None].astype(x.dtype)
     x, new_kv = self.layers(
-        constrain(x, ("batch", "length", "embed")), per_layer, scan=cfg.scan_layers,
+        constrain(x, ("batch", "length", "act_embed")), per_layer, scan=cfg.scan_layers,
         remat_policy=cfg.remat_policy, self_mask=self_mask, cross_mask=cross_valid[:, None, None, :],
         index=start, encoder_states=encoder_states)
     if cache is not None:
