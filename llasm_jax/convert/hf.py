@@ -41,17 +41,17 @@ def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
   return traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model)), sep="/")
 
 
-def load_tensors(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]], maps: list[KeyMap],
-                 *, rename=lambda n: n) -> None:
-  """Fills every parameter of `model` from (HF name, array) pairs; strict both ways.
+def fill_params(dest: dict[str, np.ndarray], tensors: Iterable[tuple[str, np.ndarray]], maps: list[KeyMap],
+                *, rename=lambda n: n, on_tensor=None) -> dict[str, int]:
+  """Copies (HF name, array) pairs into the preallocated `dest` (path -> array), casting to its dtype.
 
-  Raises on a tensor that maps nowhere, a shape that disagrees with the config (naming the
-  tensor), and on parameters left unfilled.
+  Returns how many tensors each path received. Raises on a tensor that maps nowhere or to a
+  parameter the config lacks, and on a shape that disagrees with the config (naming the tensor).
   """
-  current = flat_params(model)
-  out = {p: np.empty(a.shape, a.dtype) for p, a in current.items()}
   filled: dict[str, int] = {}
   for name, array in tensors:
+    if on_tensor is not None:
+      on_tensor(name, array)
     target = None
     for km in maps:
       try:
@@ -63,30 +63,44 @@ def load_tensors(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]], m
       raise ValueError(f"checkpoint tensor {name!r} does not belong to this model")
     if target is None:
       continue
-    if target.path not in out:
+    if target.path not in dest:
       raise ValueError(f"checkpoint tensor {name!r} maps to {target.path!r}, which this model config "
                        "does not have (a bias or head the config disables?)")
     value = to_jax_layout(np.asarray(array), target.hook)
-    dest = out[target.path]
-    want = dest.shape if target.layer is None else dest.shape[1:]
+    out = dest[target.path]
+    want = out.shape if target.layer is None else out.shape[1:]
     if value.shape != want:
       raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(np.asarray(array).shape)}, "
                        f"the config expects {want} for {target.path} (after {target.hook or 'no'} transform)")
     if target.layer is None:
-      dest[...] = value
+      out[...] = value
     else:
-      dest[target.layer] = value
+      out[target.layer] = value
     filled[target.path] = filled.get(target.path, 0) + 1
-  missing = [p for p, a in out.items()
-             if filled.get(p, 0) != (a.shape[0] if _stacked(p) else 1)
-             and not p.endswith("encoder/embed_positions")]
+  return filled
+
+
+def check_complete(dest: dict[str, np.ndarray], filled: dict[str, int], optional=()) -> None:
+  """Raises unless every parameter (every layer slot of stacked ones) was filled once."""
+  missing = [p for p, a in dest.items()
+             if filled.get(p, 0) != (a.shape[0] if _stacked(p) else 1) and p not in optional]
   if missing:
     raise ValueError(f"checkpoint lacks tensors for {len(missing)} parameters, e.g. {missing[:5]}")
-  for p in out:
-    if p not in filled:  # sinusoidal positions absent from the file: keep the computed ones
-      out[p] = current[p]
+
+
+def load_tensors(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]], maps: list[KeyMap],
+                 *, rename=lambda n: n) -> None:
+  """Fills every parameter of `model` from (HF name, array) pairs; strict both ways."""
+  current = flat_params(model)
+  dest = {p: np.empty(a.shape, a.dtype) for p, a in current.items()}
+  filled = fill_params(dest, tensors, maps, rename=rename)
+  # Whisper's sinusoidal positions are fixed: files without them keep the computed values.
+  positions = [p for p in dest if p.endswith("encoder/embed_positions") and p not in filled]
+  check_complete(dest, filled, optional=positions)
+  for p in positions:
+    dest[p] = np.asarray(current[p])
   state = nnx.state(model)
-  nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(out, sep="/"))
+  nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(dest, sep="/"))
   nnx.update(model, state)
 
 
@@ -94,10 +108,12 @@ def _stacked(path: str) -> bool:
   return "/layers/layers/" in path
 
 
-def export_tensors(model: nnx.Module, maps: list[KeyMap]) -> Mapping[str, np.ndarray]:
-  """HF name -> array (torch layout) for every parameter of `model`."""
+def export_tensors(params: nnx.Module | Mapping[str, np.ndarray], maps: list[KeyMap]) -> dict[str, np.ndarray]:
+  """HF name -> array (torch layout) for every parameter of a model or flat parameter dict."""
   out = {}
-  for path, array in flat_params(model).items():
+  if isinstance(params, nnx.Module):
+    params = flat_params(params)
+  for path, array in params.items():
     array = np.asarray(array)
     layers = array.shape[0] if _stacked(path) else None
     for km in maps:
