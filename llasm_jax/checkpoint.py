@@ -1,0 +1,149 @@
+"""llasm_jax model folders: an Orbax checkpoint of the parameters plus a JSON model config.
+
+Layout of a folder (what `convert` writes and `generate`, `train` and `export` read):
+  llasm_jax.json   kind ("llasm", "llama" or "whisper"), the model config, stored dtype
+  params/          Orbax checkpoint of the parameter tree
+  tokenizer files, preprocessor_config.json (next to them, so one path loads everything)
+
+Folders are written under a temporary name and renamed at the end, so an interrupted write
+never leaves a folder that looks complete. Loading restores every array straight into its
+target sharding on a mesh (each host reads only its shards), whatever mesh wrote it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx, traverse_util
+
+from llasm_jax import sharding
+from llasm_jax.models.llama import LlamaConfig, LlamaForCausalLM, RopeScaling
+from llasm_jax.models.llasm import Llasm, LlasmConfig
+from llasm_jax.models.whisper import WhisperConfig, WhisperModel
+
+META_FILE = "llasm_jax.json"
+PARAMS_DIR = "params"
+FORMAT_VERSION = 1
+KINDS = ("llasm", "llama", "whisper")
+
+def config_to_dict(cfg) -> dict[str, Any]:
+  return dataclasses.asdict(cfg)
+
+def _llama(d: dict) -> LlamaConfig:
+  d = dict(d)
+  d["rope_scaling"] = RopeScaling(**d.get("rope_scaling", {}))
+  return LlamaConfig(**d)
+
+def config_from_dict(kind: str, d: dict[str, Any]):
+  if kind == "llama":
+    return _llama(d)
+  if kind == "whisper":
+    return WhisperConfig(**d)
+  if kind == "llasm":
+    d = dict(d)
+    return LlasmConfig(**{**d, "audio": WhisperConfig(**d["audio"]), "llm": _llama(d["llm"])})
+  raise ValueError(f"model kind {kind!r}: expected one of {KINDS}")
+
+def build_model(kind: str, cfg, rngs: nnx.Rngs) -> nnx.Module:
+  return {"llasm": Llasm, "llama": LlamaForCausalLM, "whisper": WhisperModel}[kind](cfg, rngs=rngs)
+
+def with_run_options(kind: str, cfg, **run):
+  """Sets run-time fields (dtype, param_dtype, scan_layers, remat_policy, attention_impl)."""
+  if not run:
+    return cfg
+  if kind == "llasm":
+    return cfg.replace(audio=cfg.audio.replace(**run), llm=cfg.llm.replace(**run))
+  return cfg.replace(**run)
+
+@contextlib.contextmanager
+def atomic_dir(path: str, overwrite: bool = False) -> Iterator[str]:
+  """Yields a temporary sibling folder that becomes `path` only if the block completes."""
+  path = os.path.abspath(path)
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f"{path} exists; choose another --out or pass --overwrite")
+  tmp = f"{path}.incomplete-{uuid.uuid4().hex[:8]}"
+  os.makedirs(tmp)
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if os.path.exists(path):
+    shutil.rmtree(path)
+  os.rename(tmp, path)
+
+def save_params(folder: str, kind: str, cfg, params: dict[str, Any], *, stored_dtype: str,
+                extra: dict[str, Any] | None = None) -> None:
+  """Writes `params` (slash-joined path -> array) and the meta file into `folder` (which exists)."""
+  tree = traverse_util.unflatten_dict(params, sep="/")
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(folder, PARAMS_DIR), tree)
+  ckptr.wait_until_finished()
+  meta = dict(format=FORMAT_VERSION, kind=kind, config=config_to_dict(cfg), stored_dtype=stored_dtype,
+              **(extra or {}))
+  with open(os.path.join(folder, META_FILE), "w") as f:
+    json.dump(meta, f, indent=2)
+
+def read_meta(folder: str) -> dict[str, Any]:
+  path = os.path.join(folder, META_FILE)
+  if not os.path.exists(path):
+    raise ValueError(f"{folder}: no {META_FILE}, so not a llasm_jax checkpoint; "
+                     "make one with `llasm-jax convert` (or pass the folder `train` wrote)")
+  with open(path) as f:
+    meta = json.load(f)
+  if meta.get("format") != FORMAT_VERSION:
+    raise ValueError(f"{path}: format {meta.get('format')}, this llasm_jax reads format {FORMAT_VERSION}")
+  return meta
+
+def load_model(folder: str, *, mesh: jax.sharding.Mesh | None = None, rules=None,
+               **run) -> tuple[nnx.Module, dict[str, Any]]:
+  """Restores a model from `folder`, each array placed directly in its target sharding.
+
+  With a mesh and logical axis rules the parameters land sharded; without, on the default
+  device. Parameters are cast to the config's `param_dtype` (or the `param_dtype` given).
+  """
+  meta = read_meta(folder)
+  cfg = with_run_options(meta["kind"], config_from_dict(meta["kind"], meta["config"]), **run)
+  abstract = nnx.eval_shape(lambda: build_model(meta["kind"], cfg, nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  if mesh is not None:
+    shardings = sharding.state_shardings(state, mesh, rules)
+  else:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, state)
+  target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state, shardings)
+  restored = ocp.StandardCheckpointer().restore(
+      os.path.join(os.path.abspath(folder), PARAMS_DIR), nnx.to_pure_dict(target))
+  nnx.replace_by_pure_dict(state, restored)
+  return nnx.merge(graphdef, state), meta
+
+def model_params(model: nnx.Module, dtype: str | None = None) -> dict[str, np.ndarray]:
+  """Slash-joined path -> host array of every variable (gathered), optionally cast."""
+  flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model)), sep="/")
+  cast = (lambda a: a) if dtype is None else (lambda a: a.astype(jnp.dtype(dtype)))
+  return {k: cast(np.asarray(jax.device_get(v))) for k, v in flat.items()}
+
+ParamsFn = Callable[[], dict[str, Any]]
+
+
+def load_params_numpy(folder: str) -> dict[str, np.ndarray]:
+  """Slash-joined path -> host numpy array, as stored (no devices involved)."""
+  path = os.path.join(os.path.abspath(folder), PARAMS_DIR)
+  read_meta(folder)
+  ckptr = ocp.PyTreeCheckpointer()
+  structure = ckptr.metadata(path)
+  tree = getattr(structure, "item_metadata", structure)
+  tree = getattr(tree, "tree", tree)
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+  return traverse_util.flatten_dict(restored, sep="/")

@@ -1,0 +1,144 @@
+"""`llasm-jax export`: a llasm_jax model folder -> Hugging Face folders.
+
+  llm/      a standard `LlamaForCausalLM` (or Qwen2) folder, loadable by AutoModelForCausalLM
+  whisper/  a `WhisperForConditionalGeneration` folder (encoder only for "encoder"-mode models)
+  llasm/    LLaSM models only: the released layout (`model_type: "llaaa"`, `model.mm_projector.*`
+            in the LLM checkpoint), which `llasm-jax convert --llm llasm/ --whisper whisper/` reads back
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Iterable, Iterator
+
+import numpy as np
+from safetensors.numpy import save_file
+from tqdm import tqdm
+
+from llasm_jax import checkpoint
+from llasm_jax.convert.configs import llama_config_to_hf, whisper_config_to_hf
+from llasm_jax.convert.convert import AUDIO_TOKENS, FEATURE_FILES, TOKENIZER_FILES
+from llasm_jax.convert.hf import _stacked, keymaps
+from llasm_jax.convert.keymap import to_hf_layout
+
+DEFAULT_SHARD_BYTES = 4 << 30
+
+
+def iter_hf_tensors(params: dict[str, np.ndarray], maps, prefix: str) -> Iterator[tuple[str, np.ndarray]]:
+  """(HF name, torch-layout array) for the parameters under `prefix`, produced lazily."""
+  for path, array in params.items():
+    if not path.startswith(prefix):
+      continue
+    layers = array.shape[0] if _stacked(path) else None
+    for km in maps:
+      try:
+        names = list(km.hf_names(path, layers))
+        break
+      except KeyError:
+        continue
+    else:
+      raise ValueError(f"parameter {path!r} has no Hugging Face name in the key maps")
+    for name, layer, hook in names:
+      yield name, np.ascontiguousarray(to_hf_layout(array if layer is None else array[layer], hook))
+
+
+def write_safetensors(folder: str, tensors: Iterable[tuple[str, np.ndarray]], shard_bytes: int) -> int:
+  """Writes `model.safetensors` or `model-0000k-of-0000n.safetensors` + index; returns bytes."""
+  os.makedirs(folder, exist_ok=True)
+  shards, current, size, total = [], {}, 0, 0
+
+  def flush():
+    nonlocal current, size
+    if current:
+      name = f"part-{len(shards):05d}.safetensors"
+      save_file(current, os.path.join(folder, name), metadata={"format": "pt"})
+      shards.append((name, list(current)))
+      current, size = {}, 0
+
+  for name, array in tensors:
+    if size and size + array.nbytes > shard_bytes:
+      flush()
+    current[name] = array
+    size += array.nbytes
+    total += array.nbytes
+  flush()
+  if len(shards) == 1:
+    os.rename(os.path.join(folder, shards[0][0]), os.path.join(folder, "model.safetensors"))
+    return total
+  weight_map = {}
+  for i, (tmp, names) in enumerate(shards):
+    final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    os.rename(os.path.join(folder, tmp), os.path.join(folder, final))
+    weight_map.update({n: final for n in names})
+  with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  return total
+
+
+def _write_json(path: str, obj) -> None:
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2)
+
+
+def _copy(src: str, dst: str, names) -> None:
+  os.makedirs(dst, exist_ok=True)
+  for n in names:
+    if os.path.exists(os.path.join(src, n)):
+      shutil.copy2(os.path.join(src, n), os.path.join(dst, n))
+
+
+def export(ckpt: str, out: str, *, shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
+           progress: bool = True) -> dict[str, int]:
+  """Writes the HF folders of the model in `ckpt` under `out`; returns bytes per folder."""
+  meta = checkpoint.read_meta(ckpt)
+  kind = meta["kind"]
+  cfg = checkpoint.config_from_dict(kind, meta["config"])
+  params = checkpoint.load_params_numpy(ckpt)
+  written = {}
+  bar = tqdm(total=sum(a.nbytes for a in params.values()), unit="B", unit_scale=True, desc="export",
+             disable=not progress)
+
+  def counted(stream):
+    for name, array in stream:
+      bar.update(array.nbytes)
+      yield name, array
+
+  with checkpoint.atomic_dir(out, overwrite=overwrite) as tmp:
+    if kind in ("llama", "llasm"):
+      lcfg = cfg if kind == "llama" else cfg.llm
+      prefix = "" if kind == "llama" else "llm/"
+      maps = keymaps("llama") if kind == "llama" else keymaps("llasm", cfg.mode)
+      folder = os.path.join(tmp, "llm")
+      written["llm"] = write_safetensors(folder, counted(iter_hf_tensors(params, maps, prefix)), shard_bytes)
+      _write_json(os.path.join(folder, "config.json"), llama_config_to_hf(lcfg))
+      _copy(ckpt, folder, TOKENIZER_FILES)
+    if kind in ("whisper", "llasm"):
+      wcfg = cfg if kind == "whisper" else cfg.audio
+      maps = keymaps("whisper") if kind == "whisper" else keymaps("llasm", cfg.mode)
+      prefix = "" if kind == "whisper" else "audio/"
+      folder = os.path.join(tmp, "whisper")
+      stream = (("model." + n, a) for n, a in iter_hf_tensors(params, maps, prefix))
+      written["whisper"] = write_safetensors(folder, counted(stream), shard_bytes)
+      _write_json(os.path.join(folder, "config.json"), whisper_config_to_hf(wcfg))
+      _copy(ckpt, folder, FEATURE_FILES)
+    if kind == "llasm":
+      folder = os.path.join(tmp, "llasm")
+      maps = keymaps("llasm", cfg.mode)
+      stream = (t for prefix in ("llm/", "adaptor/") for t in iter_hf_tensors(params, maps, prefix))
+      written["llasm"] = write_safetensors(folder, stream, shard_bytes)
+      hf = llama_config_to_hf(cfg.llm)
+      hf.update(architectures=["LlaaaLlamaForCausalLM"], model_type="llaaa", mm_audio_tower="../whisper",
+                mm_hidden_size=cfg.audio.d_model, audio_token_len=cfg.audio_token_len, use_mm_proj=True,
+                llasm_jax_mode=cfg.mode, llasm_jax_stack_factor=cfg.stack_factor,
+                llasm_jax_adaptor_hidden=cfg.adaptor_hidden)
+      _write_json(os.path.join(folder, "config.json"), hf)
+      _copy(ckpt, folder, TOKENIZER_FILES)
+      ids = (cfg.audio_patch_id, cfg.audio_start_id, cfg.audio_end_id)
+      added_path = os.path.join(folder, "added_tokens.json")
+      added = json.load(open(added_path)) if os.path.exists(added_path) else {}
+      added.update(dict(zip(AUDIO_TOKENS, ids)))
+      _write_json(added_path, added)
+  bar.close()
+  return written
