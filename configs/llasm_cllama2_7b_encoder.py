@@ -1,0 +1,19 @@
+r"""LLaSM-Cllama2 sizes in "encoder" mode: Whisper large-v2 encoder only, 8 frames stacked, MLP adaptor, LLaMA-2-7B.
+
+  llasm-jax demo --config configs/llasm_cllama2_7b_encoder.py --batch 8 --seconds 12
+"""
+
+import ml_collections
+
+from llasm_jax.config import DEFAULT_RULES
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.model = ml_collections.ConfigDict({"preset": "llasm_cllama2_encoder"})
+  precision = {"dtype": "bfloat16", "param_dtype": "float32"}
+  config.model.audio = ml_collections.ConfigDict(precision)
+  config.model.llm = ml_collections.ConfigDict(precision)
+  config.mesh = ml_collections.ConfigDict({"shape": {"data": 1, "fsdp": -1, "tensor": 1}})
+  config.logical_axis_rules = DEFAULT_RULES
+  return config

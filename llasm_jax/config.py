@@ -1,0 +1,113 @@
+"""Run configs (ml_collections files in configs/) -> the frozen model dataclasses, and shared defaults.
+
+A run config holds `model` (a preset of `LLASM_PRESETS` plus overrides), `mesh` and
+`logical_axis_rules`. The model section reads:
+
+  model.preset = "llasm_cllama2"          # a key of LLASM_PRESETS
+  model.audio = {"dtype": "bfloat16"}     # WhisperConfig fields to override
+  model.llm = {"rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+  model.mode = "encoder"                  # any other LlasmConfig field, at the top level
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import pathlib
+from typing import Any, Mapping
+
+import ml_collections
+
+from llasm_jax.models.llama import LlamaConfig, RopeScaling
+from llasm_jax.models.llasm import LLASM_PRESETS, LlasmConfig
+from llasm_jax.models.whisper import WhisperConfig
+
+# Logical axis -> mesh axis (or axes, or None = replicated), for the ("data", "fsdp", "tensor")
+# mesh. Weights: their width ("embed") over "fsdp", heads/MLP/vocab over "tensor". Activations
+# ("act_*", "batch", ...): the batch over "data" and "fsdp" together (FSDP is data parallelism
+# whose weights are gathered per layer), the width whole, heads/MLP/vocab over "tensor".
+# Vocab sizes such as 32003 (LLaSM-Cllama2) and 51865 (Whisper) do not divide by a tensor axis
+# > 1: keep tensor=1 for those models or map "vocab" and "act_vocab" to None.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # Weights.
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("conv", None),
+    ("mel", None),
+    ("embed_in", None),
+    ("audio_embed", None),
+    # Activations.
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("head_dim", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def _fields(cls) -> list[str]:
+  return [f.name for f in dataclasses.fields(cls)]
+
+
+def _check_keys(where: str, given: Mapping[str, Any], valid: list[str]) -> None:
+  for key in given:
+    if key not in valid:
+      raise ValueError(f"{where}: unknown key {key!r}; valid keys: {', '.join(valid)}")
+
+
+def _as_dict(section: Any, where: str) -> dict[str, Any]:
+  if section is None:
+    return {}
+  if isinstance(section, ml_collections.ConfigDict):
+    return section.to_dict()
+  if isinstance(section, Mapping):
+    return dict(section)
+  raise ValueError(f"{where} should be a ConfigDict or dict of overrides, got {type(section).__name__}")
+
+
+def _rope_scaling(value: Any) -> RopeScaling:
+  if isinstance(value, RopeScaling):
+    return value
+  kw = _as_dict(value, "config.model.llm.rope_scaling")
+  _check_keys("config.model.llm.rope_scaling", kw, _fields(RopeScaling))
+  return RopeScaling(**kw)
+
+
+def llasm_config(model_cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> LlasmConfig:
+  """`config.model` -> LlasmConfig: the preset with the overrides applied."""
+  kw = _as_dict(model_cfg, "config.model")
+  preset = kw.pop("preset", None)
+  if preset not in LLASM_PRESETS:
+    raise ValueError(f"config.model.preset {preset!r}: expected one of {', '.join(LLASM_PRESETS)}")
+  base = LLASM_PRESETS[preset]
+  audio_kw = _as_dict(kw.pop("audio", None), "config.model.audio")
+  llm_kw = _as_dict(kw.pop("llm", None), "config.model.llm")
+  top = [n for n in _fields(LlasmConfig) if n not in ("audio", "llm")]
+  _check_keys("config.model", kw, ["preset", "audio", "llm", *top])
+  _check_keys("config.model.audio", audio_kw, _fields(WhisperConfig))
+  _check_keys("config.model.llm", llm_kw, _fields(LlamaConfig))
+  if "rope_scaling" in llm_kw:
+    llm_kw["rope_scaling"] = _rope_scaling(llm_kw["rope_scaling"])
+  return base.replace(audio=base.audio.replace(**audio_kw), llm=base.llm.replace(**llm_kw), **kw)
+
+
+def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """Imports an ml_collections config file and returns its `get_config()`."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"config file {str(path)!r} not found; pass --config with a file from configs/")
+  spec = importlib.util.spec_from_file_location(f"llasm_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"config file {str(path)!r} has no get_config()")
+  return module.get_config()

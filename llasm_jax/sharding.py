@@ -1,0 +1,72 @@
+"""The device mesh of a run config and the shardings that its logical axis rules give."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from flax.core import spmd
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from llasm_jax.config import MESH_AXES
+
+Rules = Sequence[tuple[str, Any]]
+
+
+def mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """Resolves one -1 entry of `config.mesh.shape` so that the product is `num_devices`."""
+  unknown = [k for k in shape if k not in MESH_AXES]
+  if unknown:
+    raise ValueError(f"config.mesh.shape: unknown axis {unknown[0]!r}; axes are {', '.join(MESH_AXES)}")
+  sizes = {axis: int(shape.get(axis, 1)) for axis in MESH_AXES}
+  fill = [a for a, s in sizes.items() if s == -1]
+  if len(fill) > 1:
+    raise ValueError(f"config.mesh.shape {sizes}: at most one axis may be -1")
+  known = math.prod(s for s in sizes.values() if s != -1)
+  if fill:
+    if known <= 0 or num_devices % known:
+      raise ValueError(f"config.mesh.shape {sizes}: {num_devices} devices do not divide by {known}")
+    sizes[fill[0]] = num_devices // known
+  if math.prod(sizes.values()) != num_devices:
+    raise ValueError(f"config.mesh product {math.prod(sizes.values())} != {num_devices} devices; "
+                     "fix config.mesh.shape or set one axis to -1")
+  return sizes
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ("data", "fsdp", "tensor") mesh over all devices (tensor innermost: the fastest links)."""
+  devices = jax.devices() if devices is None else devices
+  sizes = mesh_shape(shape, len(devices))
+  # Auto axes: layers give logical hints with `constrain` and XLA propagates the rest.
+  return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def logical_spec(axes: Sequence[str | None], rules: Rules) -> PartitionSpec:
+  """PartitionSpec of an array whose dimensions have logical names `axes`."""
+  missing = [a for a in axes if a is not None and a not in dict(rules)]
+  if missing:
+    raise ValueError(f"logical axis {missing[0]!r} has no entry in config.logical_axis_rules")
+  return PartitionSpec(*spmd.from_sharding_rules(tuple(axes), rules))
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
+  """NamedShardings for an `nnx.State`, from each variable's logical `out_sharding`."""
+  with nnx.logical_axis_rules(tuple(rules)):
+    return nnx.get_named_sharding(abstract_state, mesh)
+
+
+def shard_batch(x: np.ndarray, mesh: Mesh, rules: Rules, axes: Sequence[str | None]) -> jax.Array:
+  """A global array from a host array that every process holds in full (same seed everywhere)."""
+  spec = logical_spec(axes, rules)
+  for dim, (size, names) in enumerate(zip(x.shape, spec)):
+    names = () if names is None else (names,) if isinstance(names, str) else names
+    parts = math.prod(mesh.shape[n] for n in names)
+    if size % parts:
+      raise ValueError(f"dimension {dim} ({axes[dim]}) of size {size} does not divide over mesh axes "
+                       f"{names} of {parts} devices; use a {axes[dim]} size that is a multiple of {parts}")
+  sharding = NamedSharding(mesh, spec)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
