@@ -54,9 +54,27 @@ def logical_spec(axes: Sequence[str | None], rules: Rules) -> PartitionSpec:
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
-  """NamedShardings for an `nnx.State`, from each variable's logical `out_sharding`."""
+  """NamedShardings for an `nnx.State`, from each variable's logical `out_sharding`.
+
+  A dimension that does not divide over its mesh axes (a vocab of 32003 over tensor=2, say)
+  is replicated along them instead of failing: the array still loads, only less split.
+  """
   with nnx.logical_axis_rules(tuple(rules)):
-    return nnx.get_named_sharding(abstract_state, mesh)
+    specs = nnx.get_partition_spec(abstract_state)
+
+  def fit(var, spec):
+    return spec.replace(NamedSharding(mesh, divisible_spec(var.shape, spec.get_value(), mesh)))
+
+  return jax.tree.map(fit, abstract_state, specs, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def divisible_spec(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
+  """`spec` with the mesh axes of every dimension they do not evenly divide removed."""
+  out = []
+  for size, names in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    axes = () if names is None else (names,) if isinstance(names, str) else tuple(names)
+    out.append(names if size % math.prod(mesh.shape[a] for a in axes) == 0 else None)
+  return PartitionSpec(*out)
 
 
 def shard_batch(x: np.ndarray, mesh: Mesh, rules: Rules, axes: Sequence[str | None]) -> jax.Array:

@@ -34,6 +34,8 @@ AUDIO_TOKENS = ("<au_patch>", "<au_start>", "<au_end>")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
 FEATURE_FILES = ("preprocessor_config.json",)
+HF_LLM_CONFIG = "hf_llm_config.json"
+HF_WHISPER_CONFIG = "hf_whisper_config.json"
 EMBED_ROWS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
@@ -146,7 +148,11 @@ def plan(llm_dir: str | None, whisper_dir: str | None, mode: str, out_tmp: str):
 
 
 def convert(llm_dir: str | None = None, whisper_dir: str | None = None, *, out: str, dtype: str = "float32",
-            mode: str = "llasm", overwrite: bool = False, progress: bool = True) -> Summary:
+            mode: str = "llasm", overwrite: bool = False, progress: bool = True, _on_tensor=None) -> Summary:
+  """Converts HF folders into a llasm_jax model folder at `out` (see the module docstring).
+
+  `_on_tensor(name)` is a test hook, called before each tensor is placed.
+  """
   if dtype not in ("float32", "bfloat16"):
     raise ValueError(f"--dtype {dtype!r}: expected float32 or bfloat16")
   start = time.perf_counter()
@@ -161,6 +167,8 @@ def convert(llm_dir: str | None = None, whisper_dir: str | None = None, *, out: 
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress)
 
     def count(name, array):
+      if _on_tensor is not None:
+        _on_tensor(name)
       summary.tensors += 1
       summary.bytes_read += array.nbytes
       bar.update(array.nbytes)
@@ -177,9 +185,12 @@ def convert(llm_dir: str | None = None, whisper_dir: str | None = None, *, out: 
     dest.update({k: v.astype(np_dtype) for k, v in extra.items()})
     checkpoint.save_params(tmp, kind, cfg, dest, stored_dtype=dtype, extra=meta)
     del dest
+    # The source configs travel along, so `export` keeps the fields llasm_jax does not model.
     if llm_dir:
       _copy_files(llm_dir, tmp, TOKENIZER_FILES)
+      shutil.copy2(os.path.join(llm_dir, "config.json"), os.path.join(tmp, HF_LLM_CONFIG))
     if whisper_dir:
       _copy_files(whisper_dir, tmp, FEATURE_FILES)
+      shutil.copy2(os.path.join(whisper_dir, "config.json"), os.path.join(tmp, HF_WHISPER_CONFIG))
   summary.seconds = time.perf_counter() - start
   return summary

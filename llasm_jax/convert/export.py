@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from llasm_jax import checkpoint
 from llasm_jax.convert.configs import llama_config_to_hf, whisper_config_to_hf
-from llasm_jax.convert.convert import AUDIO_TOKENS, FEATURE_FILES, TOKENIZER_FILES
+from llasm_jax.convert.convert import AUDIO_TOKENS, FEATURE_FILES, HF_LLM_CONFIG, HF_WHISPER_CONFIG, TOKENIZER_FILES
 from llasm_jax.convert.hf import _stacked, keymaps
 from llasm_jax.convert.keymap import to_hf_layout
 
@@ -77,6 +77,16 @@ def write_safetensors(folder: str, tensors: Iterable[tuple[str, np.ndarray]], sh
   return total
 
 
+def _hf_config(ckpt: str, source_name: str, ours: dict) -> dict:
+  """The source checkpoint's config.json (if converted from one) updated with our fields."""
+  path = os.path.join(ckpt, source_name)
+  base = json.load(open(path)) if os.path.exists(path) else {}
+  for key in ("model_type", "architectures", "mm_audio_tower", "mm_hidden_size", "audio_token_len", "use_mm_proj",
+              "rope_scaling", "rope_parameters", "attention_bias", "llasm_jax_mode"):
+    base.pop(key, None)
+  return {**base, **ours}
+
+
 def _write_json(path: str, obj) -> None:
   with open(path, "w") as f:
     json.dump(obj, f, indent=2)
@@ -112,7 +122,7 @@ def export(ckpt: str, out: str, *, shard_bytes: int = DEFAULT_SHARD_BYTES, overw
       maps = keymaps("llama") if kind == "llama" else keymaps("llasm", cfg.mode)
       folder = os.path.join(tmp, "llm")
       written["llm"] = write_safetensors(folder, counted(iter_hf_tensors(params, maps, prefix)), shard_bytes)
-      _write_json(os.path.join(folder, "config.json"), llama_config_to_hf(lcfg))
+      _write_json(os.path.join(folder, "config.json"), _hf_config(ckpt, HF_LLM_CONFIG, llama_config_to_hf(lcfg)))
       _copy(ckpt, folder, TOKENIZER_FILES)
     if kind in ("whisper", "llasm"):
       wcfg = cfg if kind == "whisper" else cfg.audio
@@ -121,14 +131,15 @@ def export(ckpt: str, out: str, *, shard_bytes: int = DEFAULT_SHARD_BYTES, overw
       folder = os.path.join(tmp, "whisper")
       stream = (("model." + n, a) for n, a in iter_hf_tensors(params, maps, prefix))
       written["whisper"] = write_safetensors(folder, counted(stream), shard_bytes)
-      _write_json(os.path.join(folder, "config.json"), whisper_config_to_hf(wcfg))
+      _write_json(os.path.join(folder, "config.json"),
+                  _hf_config(ckpt, HF_WHISPER_CONFIG, whisper_config_to_hf(wcfg)))
       _copy(ckpt, folder, FEATURE_FILES)
     if kind == "llasm":
       folder = os.path.join(tmp, "llasm")
       maps = keymaps("llasm", cfg.mode)
       stream = (t for prefix in ("llm/", "adaptor/") for t in iter_hf_tensors(params, maps, prefix))
       written["llasm"] = write_safetensors(folder, stream, shard_bytes)
-      hf = llama_config_to_hf(cfg.llm)
+      hf = _hf_config(ckpt, HF_LLM_CONFIG, llama_config_to_hf(cfg.llm))
       hf.update(architectures=["LlaaaLlamaForCausalLM"], model_type="llaaa", mm_audio_tower="../whisper",
                 mm_hidden_size=cfg.audio.d_model, audio_token_len=cfg.audio_token_len, use_mm_proj=True,
                 llasm_jax_mode=cfg.mode, llasm_jax_stack_factor=cfg.stack_factor,
