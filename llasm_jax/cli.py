@@ -142,6 +142,20 @@ def demo(args: argparse.Namespace) -> None:
          f"over {len(times)} calls ({args.batch / min(times):.1f} samples/s)")
 
 
+def convert(args: argparse.Namespace) -> None:
+  from llasm_jax.convert.convert import convert as run
+
+  print(run(args.llm, args.whisper, out=args.out, dtype=args.dtype, mode=args.mode, overwrite=args.overwrite))
+
+
+def export(args: argparse.Namespace) -> None:
+  from llasm_jax.convert.export import export as run
+
+  written = run(args.ckpt, args.out, shard_bytes=int(args.shard_gb * 2**30), overwrite=args.overwrite)
+  for folder, nbytes in written.items():
+    print(f"wrote {args.out}/{folder} ({nbytes / 2**20:.1f} MiB)")
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="llasm-jax", description=__doc__)
   parser.add_argument("--distributed", action="store_true",
@@ -157,6 +171,23 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--mesh", type=_parse_mesh, default=None,
                  help="override config.mesh.shape, e.g. data=2,fsdp=2,tensor=2")
   p.set_defaults(func=demo)
+
+  p = sub.add_parser("convert", help="Hugging Face / PyTorch checkpoint folders -> a llasm_jax model folder")
+  p.add_argument("--llm", help="LLaMA-family LLM folder, or a released LLaSM checkpoint (model_type llaaa)")
+  p.add_argument("--whisper", help="Whisper folder (e.g. openai/whisper-large-v2)")
+  p.add_argument("--out", required=True, help="output folder (written atomically)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="stored dtype")
+  p.add_argument("--mode", choices=("llasm", "encoder"), default="llasm",
+                 help="audio path of a new LLaSM model (--llm BASE --whisper W)")
+  p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+  p.set_defaults(func=convert)
+
+  p = sub.add_parser("export", help="a llasm_jax model folder -> Hugging Face folders (llm/, whisper/, llasm/)")
+  p.add_argument("--ckpt", required=True, help="llasm_jax model folder (from convert or train)")
+  p.add_argument("--out", required=True, help="output folder (written atomically)")
+  p.add_argument("--shard-gb", type=float, default=4.0, help="safetensors shard size in GiB")
+  p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+  p.set_defaults(func=export)
   return parser
 
 
@@ -164,7 +195,12 @@ def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   if args.distributed:
     jax.distributed.initialize()
-  args.func(args)
+  try:
+    args.func(args)
+  except (ValueError, FileExistsError, FileNotFoundError) as e:
+    # Input errors already name the file and the fix; a traceback would bury that.
+    print(f"llasm-jax {args.command}: error: {e}", file=sys.stderr)
+    return 2
   return 0
 
 

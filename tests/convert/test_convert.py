@@ -251,3 +251,15 @@ def test_restore_onto_8_device_mesh(tmp_path):
   run = subprocess.run([sys.executable, str(script), str(tmp_path / "ck")], capture_output=True, text=True, env=env)
   assert run.returncode == 0, run.stderr[-3000:]
   assert run.stdout.startswith("OK")
+
+
+def test_cli_convert_and_export(tmp_path, capsys):
+  from llasm_jax.cli import main
+
+  tiny_llm("gqa").save_pretrained(tmp_path / "hf")
+  assert main(["convert", "--llm", str(tmp_path / "hf"), "--out", str(tmp_path / "ck")]) == 0
+  assert "converted" in capsys.readouterr().out
+  assert main(["export", "--ckpt", str(tmp_path / "ck"), "--out", str(tmp_path / "back")]) == 0
+  assert_bit_identical(hf_state(tmp_path / "hf"), hf_state(tmp_path / "back" / "llm"))
+  assert main(["convert", "--llm", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+  assert "not a directory" in capsys.readouterr().err
