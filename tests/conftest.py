@@ -26,3 +26,15 @@ def _seed():
 
   torch.manual_seed(0)
   np.random.seed(0)
+
+
+def assert_close(actual, desired, atol):
+  """assert_allclose(rtol=0) that also records max|actual - desired| per test when
+  LLASM_PARITY_REPORT names a file (the numbers quoted in closing notes come from there)."""
+  actual, desired = np.asarray(actual, np.float64), np.asarray(desired, np.float64)
+  report = os.environ.get("LLASM_PARITY_REPORT")
+  if report:
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+    with open(report, "a") as f:
+      f.write(f"{test}\t{np.abs(actual - desired).max():.3e}\t{np.abs(desired).max():.3e}\n")
+  np.testing.assert_allclose(actual, desired, atol=atol, rtol=0)

@@ -10,7 +10,7 @@ from flax import nnx
 from llasm_jax.convert.configs import llama_config_from_hf
 from llasm_jax.convert.hf import keymaps, load_tensors
 from llasm_jax.models.llama import LlamaForCausalLM
-from tests.conftest import hf_tensors
+from tests.conftest import assert_close, hf_tensors
 
 TOL = 1e-4
 BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4)
@@ -59,14 +59,14 @@ def test_logits_match_transformers(name, tmp_path):
   ids = np.random.RandomState(1).randint(0, BASE["vocab_size"], (2, 24))
   ref = torch_logits(torch_model, ids)
   out = np.asarray(model(jnp.asarray(ids))[0])
-  np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
+  assert_close(out, ref, atol=TOL)
 
 
 def test_scan_equals_unrolled(tmp_path):
   torch_model, scanned = build("gqa", tmp_path, scan_layers=True)
   unrolled = jax_model(torch_model, tmp_path, scan_layers=False)
   ids = jnp.asarray(np.random.RandomState(2).randint(0, 96, (2, 16)))
-  np.testing.assert_allclose(np.asarray(scanned(ids)[0]), np.asarray(unrolled(ids)[0]), atol=1e-6, rtol=0)
+  assert_close(np.asarray(scanned(ids)[0]), np.asarray(unrolled(ids)[0]), atol=1e-6)
 
 
 def test_padding_mask_matches_transformers(tmp_path):
@@ -77,7 +77,7 @@ def test_padding_mask_matches_transformers(tmp_path):
   ref = torch_logits(torch_model, ids, mask)
   positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)  # what HF derives from the mask
   out = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask), positions=jnp.asarray(positions))[0])
-  np.testing.assert_allclose(out[mask == 1], ref[mask == 1], atol=TOL, rtol=0)
+  assert_close(out[mask == 1], ref[mask == 1], atol=TOL)
 
 
 @pytest.mark.parametrize("scan", [True, False])
@@ -91,7 +91,7 @@ def test_kv_cache_decoding_equals_full_forward(scan, tmp_path):
   for t in range(8, 14):
     logits, cache = model(ids[:, t:t + 1], cache=cache)
     steps.append(np.asarray(logits))
-  np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=TOL, rtol=0)
+  assert_close(np.concatenate(steps, axis=1), full, atol=TOL)
   assert int(cache.index) == 14
 
 

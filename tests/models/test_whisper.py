@@ -10,7 +10,7 @@ from flax import nnx
 from llasm_jax.convert.configs import whisper_config_from_hf
 from llasm_jax.convert.hf import keymaps, load_tensors, whisper_name
 from llasm_jax.models.whisper import WhisperModel, encoder_frames
-from tests.conftest import hf_tensors
+from tests.conftest import assert_close, hf_tensors
 
 TOL = 1e-4
 
@@ -55,7 +55,7 @@ def test_encoder_matches_transformers(pair):
   with torch.no_grad():
     ref = torch_model.encoder(torch.tensor(x)).last_hidden_state.numpy()
   out, frames = model.encoder(jnp.asarray(x))
-  np.testing.assert_allclose(np.asarray(out), ref, atol=TOL, rtol=0)
+  assert_close(np.asarray(out), ref, atol=TOL)
   assert np.asarray(frames).tolist() == [1500, 1500]
 
 
@@ -67,7 +67,7 @@ def test_decoder_matches_transformers_with_and_without_cache(pair):
     ref = torch_model(input_features=torch.tensor(x), decoder_input_ids=torch.tensor(ids)).last_hidden_state.numpy()
   states, frames = model.encoder(jnp.asarray(x))
   out, _ = model.decoder(jnp.asarray(ids), states, frames)
-  np.testing.assert_allclose(np.asarray(out), ref, atol=TOL, rtol=0)
+  assert_close(np.asarray(out), ref, atol=TOL)
 
   cache = model.decoder.init_cache(states, frames, max_len=16)
   step_out, cache = model.decoder(jnp.asarray(ids[:, :4]), cache=cache)
@@ -75,7 +75,7 @@ def test_decoder_matches_transformers_with_and_without_cache(pair):
   for t in range(4, 10):
     step_out, cache = model.decoder(jnp.asarray(ids[:, t:t + 1]), cache=cache)
     steps.append(np.asarray(step_out))
-  np.testing.assert_allclose(np.concatenate(steps, axis=1), ref, atol=TOL, rtol=0)
+  assert_close(np.concatenate(steps, axis=1), ref, atol=TOL)
 
 
 def test_llasm_queries_match_transformers(pair):
@@ -85,7 +85,7 @@ def test_llasm_queries_match_transformers(pair):
   ids = np.full((1, 64), model.cfg.decoder_start_token_id)
   with torch.no_grad():
     ref = torch_model(input_features=torch.tensor(x), decoder_input_ids=torch.tensor(ids)).last_hidden_state.numpy()
-  np.testing.assert_allclose(np.asarray(model(jnp.asarray(x), jnp.asarray(ids))), ref, atol=TOL, rtol=0)
+  assert_close(np.asarray(model(jnp.asarray(x), jnp.asarray(ids))), ref, atol=TOL)
 
 
 def test_short_audio_encoder_matches_transformers_on_shortened_input(tmp_path):
@@ -109,14 +109,14 @@ def test_short_audio_encoder_matches_transformers_on_shortened_input(tmp_path):
 
   out, got_frames = model.encoder(jnp.asarray(x))
   assert int(got_frames[0]) == frames
-  np.testing.assert_allclose(np.asarray(out), ref, atol=TOL, rtol=0)
+  assert_close(np.asarray(out), ref, atol=TOL)
 
   # In a batch padded to 3000 frames, the valid frames are unchanged by the padding.
   batch = np.concatenate([np.pad(x, ((0, 0), (0, 0), (0, 3000 - mel_frames)),
                                  constant_values=0.7), mel(1, 80, 3000, seed=5)])
   out_b, frames_b = model.encoder(jnp.asarray(batch), jnp.asarray([mel_frames, 3000]))
   assert np.asarray(frames_b).tolist() == [frames, 1500]
-  np.testing.assert_allclose(np.asarray(out_b)[0, :frames], ref[0], atol=TOL, rtol=0)
+  assert_close(np.asarray(out_b)[0, :frames], ref[0], atol=TOL)
 
 
 @pytest.mark.parametrize("mel_frames", [333, 1000])
@@ -129,7 +129,7 @@ def test_padding_in_a_batch_does_not_change_valid_frames(pair, mel_frames):
                           mel(1, model.cfg.num_mel_bins, 1200, seed=8)])
   out, frames_b = model.encoder(jnp.asarray(batch), jnp.asarray([mel_frames, 1200]))
   assert int(frames_b[0]) == int(frames[0]) == alone.shape[1]
-  np.testing.assert_allclose(np.asarray(out)[0, :alone.shape[1]], np.asarray(alone)[0], atol=1e-5, rtol=0)
+  assert_close(np.asarray(out)[0, :alone.shape[1]], np.asarray(alone)[0], atol=1e-5)
 
 
 def test_scan_equals_unrolled(pair, tmp_path):
@@ -137,7 +137,7 @@ def test_scan_equals_unrolled(pair, tmp_path):
   unrolled = load_jax(torch_model, tmp_path, scan_layers=False)
   x = jnp.asarray(mel(1, model.cfg.num_mel_bins, 3000, seed=6))
   ids = jnp.full((1, 8), 3)
-  np.testing.assert_allclose(np.asarray(model(x, ids)), np.asarray(unrolled(x, ids)), atol=1e-6, rtol=0)
+  assert_close(np.asarray(model(x, ids)), np.asarray(unrolled(x, ids)), atol=1e-6)
 
 
 def test_too_many_frames_is_a_clear_error(pair):
