@@ -26,6 +26,7 @@ setup(
         "librosa",
         "soxr",
         "tqdm",
+        "tensorboardX",
         "grain",
         "array-record",
         "tensorflow-datasets",

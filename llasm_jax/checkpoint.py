@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import shutil
-import uuid
 from typing import Any, Callable, Iterator
 
 import jax
@@ -67,20 +66,40 @@ def with_run_options(kind: str, cfg, **run):
 
 @contextlib.contextmanager
 def atomic_dir(path: str, overwrite: bool = False) -> Iterator[str]:
-  """Yields a temporary sibling folder that becomes `path` only if the block completes."""
+  """Yields a temporary sibling folder that becomes `path` only if the block completes.
+
+  Every process of a multi-host run gets the same temporary name (they write their shards
+  into it); process 0 alone creates, renames and removes, between barriers.
+  """
   path = os.path.abspath(path)
+  main = jax.process_index() == 0
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f"{path} exists; choose another --out or pass --overwrite")
-  tmp = f"{path}.incomplete-{uuid.uuid4().hex[:8]}"
-  os.makedirs(tmp)
+  tmp = f"{path}.incomplete"
+  if main:
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+  _barrier("atomic_dir_start")
   try:
     yield tmp
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    if main:
+      shutil.rmtree(tmp, ignore_errors=True)
     raise
-  if os.path.exists(path):
-    shutil.rmtree(path)
-  os.rename(tmp, path)
+  _barrier("atomic_dir_end")
+  if main:
+    if os.path.exists(path):
+      shutil.rmtree(path)
+    os.rename(tmp, path)
+  _barrier("atomic_dir_renamed")
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
 
 def save_params(folder: str, kind: str, cfg, params: dict[str, Any], *, stored_dtype: str,
                 extra: dict[str, Any] | None = None) -> None:
@@ -99,8 +118,9 @@ def save_params(folder: str, kind: str, cfg, params: dict[str, Any], *, stored_d
   ckptr.save(os.path.join(folder, PARAMS_DIR), args=ocp.args.PyTreeSave(tree, save_args=save_args))
   meta = dict(format=FORMAT_VERSION, kind=kind, config=config_to_dict(cfg), stored_dtype=stored_dtype,
               **(extra or {}))
-  with open(os.path.join(folder, META_FILE), "w") as f:
-    json.dump(meta, f, indent=2)
+  if jax.process_index() == 0:
+    with open(os.path.join(folder, META_FILE), "w") as f:
+      json.dump(meta, f, indent=2)
 
 def read_meta(folder: str) -> dict[str, Any]:
   path = os.path.join(folder, META_FILE)

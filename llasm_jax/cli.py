@@ -142,6 +142,15 @@ def demo(args: argparse.Namespace) -> None:
          f"over {len(times)} calls ({args.batch / min(times):.1f} samples/s)")
 
 
+def train(args: argparse.Namespace) -> None:
+  from llasm_jax.config import apply_overrides
+  from llasm_jax.train.trainer import train as run
+
+  config = load_config_file(_find_config(args.config))
+  apply_overrides(config, args.overrides)
+  run(config, args.workdir)
+
+
 def convert(args: argparse.Namespace) -> None:
   from llasm_jax.convert.convert import convert as run
 
@@ -172,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
                  help="override config.mesh.shape, e.g. data=2,fsdp=2,tensor=2")
   p.set_defaults(func=demo)
 
+  p = sub.add_parser("train", help="LLaSM stage 1 / stage 2 training (resumes from --workdir)")
+  p.add_argument("--config", required=True, help="ml_collections config file, e.g. configs/tiny_stage1.py")
+  p.add_argument("--workdir", required=True, help="checkpoints, logs, TensorBoard events, the final model/")
+  p.set_defaults(func=train)
+
   p = sub.add_parser("convert", help="Hugging Face / PyTorch checkpoint folders -> a llasm_jax model folder")
   p.add_argument("--llm", help="LLaMA-family LLM folder, or a released LLaSM checkpoint (model_type llaaa)")
   p.add_argument("--whisper", help="Whisper folder (e.g. openai/whisper-large-v2)")
@@ -192,7 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  args, rest = build_parser().parse_known_args(argv)
+  if args.command == "train":
+    args.overrides = rest  # --config.train.steps=100 style
+  elif rest:
+    build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
   if args.distributed:
     jax.distributed.initialize()
   try:

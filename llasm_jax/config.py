@@ -111,3 +111,75 @@ def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
   if not hasattr(module, "get_config"):
     raise ValueError(f"config file {str(path)!r} has no get_config()")
   return module.get_config()
+
+
+def training_sections(stage: int) -> dict[str, ml_collections.ConfigDict]:
+  """Default `train`, `optim` and `data` sections of a training config for LLaSM stage 1 or 2.
+
+  Stage 1 (modality adaptation): Whisper and the LLM frozen, only the adaptor trains.
+  Stage 2 (instruction tuning): the adaptor and the LLM train; Whisper stays frozen.
+  """
+  if stage not in (1, 2):
+    raise ValueError(f"stage {stage}: LLaSM has stages 1 and 2")
+  train = ml_collections.ConfigDict(dict(
+      stage=stage,
+      # Regexes over parameter paths ("adaptor/...", "llm/model/layers/...", "audio/..."); the rest is frozen.
+      trainable=("adaptor/.*",) if stage == 1 else ("adaptor/.*", "llm/.*"),
+      new_token_rows_only=False,  # with "llm/.*embed_tokens.*" trainable: only the audio-token rows
+      init_from="",  # a model folder (llasm-jax convert) or a stage-1 workdir's model/ folder
+      steps=1000,
+      batch_size=32,  # global, over all processes
+      grad_accum=1,
+      seed=0,
+      log_every=10,
+      checkpoint_every=500,
+      keep_checkpoints=3,
+      max_nonfinite_steps=20,
+      peak_tflops_per_device=0.0,  # for MFU; 0 = not reported (e.g. 197 for TPU v5e bf16, 989 for H100)
+      debug_sigterm_at_step=0,
+  ))
+  optim = ml_collections.ConfigDict(dict(
+      lr=1e-3 if stage == 1 else 2e-5, warmup_steps=100, end_lr_ratio=0.1, b1=0.9, b2=0.999, eps=1e-8,
+      weight_decay=0.0, clip_norm=1.0, max_consecutive_nonfinite=1_000_000,
+  ))
+  data = ml_collections.ConfigDict(dict(
+      source="synthetic",  # or "tfds": the datasets of `llasm-jax data build`
+      dir="", seq_len=512, max_audios=1, mel_frames=3000, num_examples=10_000, seed=0,
+  ))
+  return dict(train=train, optim=optim, data=data)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
+  """Applies `--config.a.b=value` command-line overrides, typed like the existing field."""
+  for item in overrides:
+    if not item.startswith("--config.") or "=" not in item:
+      raise ValueError(f"{item!r}: overrides look like --config.train.steps=100")
+    path, raw = item[len("--config."):].split("=", 1)
+    *parents, leaf = path.split(".")
+    node = config
+    for p in parents:
+      if p not in node:
+        raise ValueError(f"--config.{path}: config has no section {p!r}")
+      node = node[p]
+    if leaf not in node:
+      raise ValueError(f"--config.{path}: unknown key {leaf!r}; keys here: {', '.join(sorted(node.keys()))}")
+    node[leaf] = _parse_like(node[leaf], raw, path)
+
+
+def _parse_like(current: Any, raw: str, path: str) -> Any:
+  if isinstance(current, bool):
+    if raw.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"--config.{path}={raw}: expected true or false")
+    return raw.lower() in ("true", "1")
+  if isinstance(current, (int, float)) and not isinstance(current, bool):
+    try:
+      return type(current)(float(raw)) if isinstance(current, int) and float(raw).is_integer() else float(raw) \
+          if isinstance(current, float) else int(raw)
+    except ValueError:
+      raise ValueError(f"--config.{path}={raw}: expected a {type(current).__name__}") from None
+  if isinstance(current, (tuple, list)):
+    import ast
+
+    value = ast.literal_eval(raw)
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+  return raw

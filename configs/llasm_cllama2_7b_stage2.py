@@ -1,0 +1,28 @@
+r"""LLaSM-Cllama2 (Whisper large-v2 + Chinese-Llama-2-7B shape), stage 2, on a TPU pod or GPU cluster.
+
+  llasm-jax train --config configs/llasm_cllama2_7b_stage2.py --workdir gs://BUCKET/llasm_stage2 \
+      --config.train.init_from=gs://BUCKET/llasm_stage1/model \
+      --config.data.source=tfds --config.data.dir=/data/instructions
+  (launch/tpu_pod.sh and launch/gpu_slurm.sh run it on every host.)
+"""
+
+import ml_collections
+
+from llasm_jax.config import DEFAULT_RULES, training_sections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.model = ml_collections.ConfigDict({
+      "preset": "llasm_cllama2",
+      "llm": {"dtype": "bfloat16", "param_dtype": "float32", "remat_policy": "full"},
+      "audio": {"dtype": "bfloat16", "param_dtype": "float32"},
+  })
+  # FSDP over every device: 7B float32 master weights plus Adam moments need sharding.
+  config.mesh = ml_collections.ConfigDict({"shape": {"data": 1, "fsdp": -1, "tensor": 1}})
+  config.logical_axis_rules = DEFAULT_RULES
+  config.update(training_sections(2))
+  config.train.steps = 30000
+  config.train.batch_size = 128
+  config.data.seq_len = 2048
+  return config

@@ -1,0 +1,1 @@
+"""Two-stage LLaSM training on device meshes."""

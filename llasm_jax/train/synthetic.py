@@ -1,0 +1,49 @@
+"""A deterministic synthetic grain dataset in the training batch contract, for tests and benchmarks.
+
+Each example is one spoken "question" (random mel) between random text, and a random answer
+with loss on it, shaped exactly like the real pipeline's output (see llasm_jax/train/step.py).
+"""
+
+from __future__ import annotations
+
+import grain
+import ml_collections
+import numpy as np
+
+from llasm_jax.models.llasm import LlasmConfig
+
+IGNORE = -100
+
+
+def make_example(cfg: LlasmConfig, data: ml_collections.ConfigDict, seed: int, index: int) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng([seed, index])
+  frames = 3000 if cfg.mode == "llasm" else data.mel_frames
+  p = cfg.audio_tokens(frames)
+  t = data.seq_len
+  low = min(cfg.audio_patch_id, cfg.audio_start_id, cfg.audio_end_id)
+  prompt = rng.integers(3, low, rng.integers(2, 8)).tolist()
+  answer_len = int(rng.integers(4, max(5, t - len(prompt) - p - 4)))
+  answer = rng.integers(3, low, answer_len).tolist() + [cfg.llm.eos_token_id]
+  ids = [cfg.llm.bos_token_id] + prompt + [cfg.audio_start_id] + [cfg.audio_patch_id] * p + [cfg.audio_end_id]
+  n_prompt = len(ids)
+  ids = (ids + answer)[:t]
+  n = len(ids)
+  input_ids = np.zeros(t, np.int32)
+  input_ids[:n] = ids
+  labels = np.full(t, IGNORE, np.int32)
+  labels[n_prompt:n] = input_ids[n_prompt:n]
+  mel = np.zeros((data.max_audios, cfg.audio.num_mel_bins, frames), np.float32)
+  mel[0] = rng.uniform(-1.0, 1.0, mel.shape[1:])
+  mel_lengths = np.zeros(data.max_audios, np.int32)
+  mel_lengths[0] = frames
+  return dict(input_ids=input_ids, labels=labels, attention_mask=(np.arange(t) < n).astype(np.int32),
+              positions=np.arange(t, dtype=np.int32), mel=mel, mel_lengths=mel_lengths)
+
+
+def synthetic_dataset(cfg: LlasmConfig, data: ml_collections.ConfigDict, *, seed: int, host_batch: int,
+                      process_index: int, process_count: int) -> grain.IterDataset:
+  """Host batches of `host_batch`; the union over processes of batch k is global batch k."""
+  ds = grain.MapDataset.range(data.num_examples).shuffle(seed=seed).repeat()
+  ds = ds[process_index::process_count]
+  ds = ds.map(lambda i: make_example(cfg, data, seed, int(i)))
+  return ds.batch(host_batch, drop_remainder=True).to_iter_dataset()

@@ -1,0 +1,412 @@
+"""The training loop: mesh, sharded init or restore, the jitted step, checkpoints, logs, preemption.
+
+`llasm-jax train --config configs/<file>.py --workdir DIR [--config.key=value ...]` calls
+`train(config, workdir)`. Every process runs this same program on its own data shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx, traverse_util
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from llasm_jax import checkpoint, sharding
+from llasm_jax.config import llasm_config
+from llasm_jax.models.llasm import Llasm, LlasmConfig
+from llasm_jax.train.optim import FROZEN, learning_rate, make_optimizer, param_labels, path_str
+from llasm_jax.train.step import TrainState, make_train_step
+
+BATCH_AXES = {"input_ids": ("batch", "length"), "labels": ("batch", "length"),
+              "attention_mask": ("batch", "length"), "positions": ("batch", "length"),
+              "mel": ("batch", None, None, None), "mel_lengths": ("batch", None)}
+
+
+def log(*args) -> None:
+  if jax.process_index() == 0:
+    tqdm.write(" ".join(str(a) for a in args))
+
+
+def git_revision() -> str:
+  try:
+    here = os.path.dirname(os.path.abspath(__file__))
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                          check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# Model config and initial parameters
+
+
+def model_config(config: ml_collections.ConfigDict) -> LlasmConfig:
+  """From `config.model`, or from the model folder / stage-1 workdir in `config.train.init_from`
+  (its architecture wins; `config.model.llm`/`audio` still set run options such as dtype)."""
+  init_from = config.train.get("init_from")
+  if not init_from:
+    return llasm_config(config.model)
+  meta = checkpoint.read_meta(init_from)
+  if meta["kind"] != "llasm":
+    raise ValueError(f"config.train.init_from {init_from!r} holds a {meta['kind']!r} model; training needs a "
+                     "LLaSM model: `llasm-jax convert --llm LLM --whisper WHISPER --out DIR`")
+  cfg = checkpoint.config_from_dict("llasm", meta["config"])
+  run = {k: v for k, v in config.model.get("llm", {}).items()
+         if k in ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")}
+  audio_run = {k: v for k, v in config.model.get("audio", {}).items()
+               if k in ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")}
+  return cfg.replace(llm=cfg.llm.replace(**run), audio=cfg.audio.replace(**audio_run))
+
+
+def initial_params(config, cfg: LlasmConfig, mesh, rules, param_sharding, rest_sharding):
+  """(params, rest) as global arrays in their shardings: random, or from `init_from`."""
+  init_from = config.train.get("init_from")
+  if not init_from:
+    def init():
+      _, params, rest = nnx.split(Llasm(cfg, rngs=nnx.Rngs(config.train.seed)), nnx.Param, ...)
+      return params, rest
+
+    with jax.set_mesh(mesh):
+      return jax.jit(init, out_shardings=(param_sharding, rest_sharding))()
+  model, _ = checkpoint.load_model(init_from, mesh=mesh, rules=rules, **dict(
+      dtype=cfg.llm.dtype, param_dtype=cfg.llm.param_dtype, scan_layers=cfg.llm.scan_layers,
+      remat_policy=cfg.llm.remat_policy))
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  log(f"initialised from {init_from}")
+  return params, rest
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def make_data(config, cfg: LlasmConfig):
+  """The host's data iterator (grain, with get_state/set_state) and the per-host batch size."""
+  global_batch = config.train.batch_size
+  if global_batch % jax.process_count():
+    raise ValueError(f"config.train.batch_size {global_batch} does not divide over {jax.process_count()} processes")
+  host_batch = global_batch // jax.process_count()
+  source = config.data.source
+  if source == "synthetic":
+    from llasm_jax.train.synthetic import synthetic_dataset
+
+    ds = synthetic_dataset(cfg, config.data, seed=config.data.seed, host_batch=host_batch,
+                           process_index=jax.process_index(), process_count=jax.process_count())
+    return iter(ds), host_batch
+  from llasm_jax.data import pipeline  # the TFDS / ArrayRecord datasets of `llasm-jax data build`
+
+  return pipeline.train_iterator(config, cfg, host_batch=host_batch), host_batch
+
+
+def global_batch(host_batch: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
+  """Host-local batch -> global arrays split over the batch axes of the mesh."""
+  out = {}
+  for name, axes in BATCH_AXES.items():
+    spec = sharding.logical_spec(axes, rules)
+    out[name] = jax.make_array_from_process_local_data(jax.sharding.NamedSharding(mesh, spec), host_batch[name])
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: params (a model-folder tree), optimizer state, step/rng, data iterator state
+
+
+class Checkpoints:
+  """Orbax CheckpointManager over `workdir/checkpoints`: async, atomic, keeps the last K."""
+
+  def __init__(self, workdir: str, config):
+    self.dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.manager = ocp.CheckpointManager(
+        self.dir, item_names=("params", "opt_state", "train", "data"),
+        options=ocp.CheckpointManagerOptions(
+            save_interval_steps=config.train.checkpoint_every, max_to_keep=config.train.keep_checkpoints,
+            enable_async_checkpointing=True))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, state: TrainState, data_state: dict, *, force: bool = False) -> bool:
+    step = int(state.step)
+    if force and step in self.manager.all_steps():
+      return False  # the interval save already took this step
+    return self.manager.save(step, force=force, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(nnx.to_pure_dict(nnx.merge_state(state.params, state.rest))),
+        opt_state=ocp.args.StandardSave(jax.tree.leaves(state.opt_state)),
+        train=ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
+        data=ocp.args.JsonSave(data_state)))
+
+  def restore(self, step: int, abstract: TrainState) -> tuple[TrainState, dict]:
+    full = nnx.merge_state(abstract.params, abstract.rest)
+    as_target = lambda tree: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+    opt_leaves, opt_def = jax.tree.flatten(abstract.opt_state)
+    got = self.manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(as_target(nnx.to_pure_dict(full))),
+        opt_state=ocp.args.StandardRestore(as_target(opt_leaves)),
+        train=ocp.args.StandardRestore(as_target({"step": abstract.step, "rng": abstract.rng})),
+        data=ocp.args.JsonRestore()))
+    merged = nnx.merge_state(abstract.params, abstract.rest)
+    nnx.replace_by_pure_dict(merged, got.params)
+    new_params, new_rest = nnx.split_state(merged, nnx.Param, ...)
+    state = TrainState(step=got.train["step"], params=new_params, rest=new_rest,
+                       opt_state=jax.tree.unflatten(opt_def, list(got.opt_state)), rng=got.train["rng"])
+    return state, got.data
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Observability
+
+
+class Metrics:
+  """One line per logging interval on process 0, a progress bar, TensorBoard event files."""
+
+  def __init__(self, workdir: str, config, total_steps: int, start_step: int, flops_per_step: float | None):
+    self.every = config.train.log_every
+    self.flops_per_step = flops_per_step
+    self.peak = config.train.get("peak_tflops_per_device")
+    self.is_main = jax.process_index() == 0
+    self.writer = None
+    if self.is_main:
+      from tensorboardX import SummaryWriter
+
+      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not self.is_main,
+                    dynamic_ncols=True)
+    self.window: list[dict] = []
+    self.t0 = time.perf_counter()
+    self.history: list[dict] = []
+
+  def step(self, step: int, metrics: dict[str, jax.Array], tokens: int, lr: float) -> None:
+    self.bar.update(1)
+    self.window.append(dict(metrics=metrics, tokens=tokens))
+    if step % self.every:
+      return
+    values = [{k: float(v) for k, v in w["metrics"].items()} for w in self.window]  # syncs once per interval
+    seconds = (time.perf_counter() - self.t0) / len(self.window)
+    tokens_s = sum(w["tokens"] for w in self.window) / (seconds * len(self.window))
+    row = dict(step=step, loss=float(np.mean([v["loss"] for v in values])), grad_norm=values[-1]["grad_norm"],
+               lr=lr, tokens_per_s=tokens_s, s_per_step=seconds, nonfinite_steps=int(values[-1]["nonfinite_steps"]))
+    line = (f"step {step:>6} | loss {row['loss']:.4f} | grad norm {row['grad_norm']:.3f} | lr {lr:.2e} | "
+            f"{tokens_s:,.0f} tok/s | {seconds:.3f} s/step")
+    if self.flops_per_step:
+      tflops = self.flops_per_step / seconds / 1e12 / jax.device_count()
+      row["tflops_per_device"] = tflops
+      line += f" | {tflops:.3g} TFLOP/s/device"
+      if self.peak:
+        row["mfu"] = tflops / self.peak
+        line += f" | MFU {100 * row['mfu']:.1f}%"
+    if row["nonfinite_steps"]:
+      line += f" | skipped non-finite {row['nonfinite_steps']}"
+    log(line)
+    self.history.append(row)
+    if self.writer is not None:
+      for k, v in row.items():
+        if k != "step":
+          self.writer.add_scalar(f"train/{k}", v, step)
+      self.writer.flush()
+    self.window, self.t0 = [], time.perf_counter()
+
+  def close(self) -> None:
+    self.bar.close()
+    if self.writer is not None:
+      self.writer.close()
+
+
+def model_flops_per_step(cfg: LlasmConfig, config, trainable_llm: bool) -> float:
+  """Model FLOPs of one step (the MFU numerator): 2 per weight per token forward, 2 more for
+  activation gradients (the adaptor's gradients flow through the LLM), 2 more for weight
+  gradients of trainable weights; attention scores as in the PaLM appendix; Whisper forward."""
+  llm, w = cfg.llm, cfg.audio
+  t = config.data.seq_len
+  tokens = config.train.batch_size * t
+  h = llm.kv_head_dim
+  llm_weights = llm.num_hidden_layers * (
+      llm.hidden_size * h * (llm.num_attention_heads * 2 + llm.num_key_value_heads * 2)
+      + 3 * llm.hidden_size * llm.intermediate_size) + llm.hidden_size * llm.vocab_size
+  attn = 2 * llm.num_hidden_layers * t * llm.num_attention_heads * h  # per token, causal average
+  llm_flops = tokens * ((6 if trainable_llm else 4) * llm_weights + (3 if trainable_llm else 2) * 2 * attn)
+  frames = w.max_source_positions if cfg.mode == "llasm" else config.data.get("mel_frames", 3000) // 2
+  enc = w.encoder_layers * (4 * w.d_model ** 2 + 2 * w.d_model * w.encoder_ffn_dim)
+  audios = config.train.batch_size * config.data.max_audios
+  whisper = 2 * audios * frames * enc
+  if cfg.mode == "llasm":
+    dec = w.decoder_layers * (8 * w.d_model ** 2 + 2 * w.d_model * w.decoder_ffn_dim)
+    whisper += 2 * audios * cfg.audio_token_len * dec
+  return float(llm_flops + whisper)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption
+
+
+class Preemption:
+  """SIGTERM (preemption, scancel, Ctrl-C in a pod) asks for a save at the current step."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM,)}
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def check(self) -> bool:
+    """All processes agree (one tiny allgather) so that they save the same step together."""
+    if jax.process_count() == 1:
+      return self.requested
+    flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
+    return bool(np.max(flags))
+
+  def restore_handlers(self) -> None:
+    for s, h in self._old.items():
+      signal.signal(s, h)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains until `config.train.steps`, resuming from the latest checkpoint in `workdir`."""
+  workdir = os.path.abspath(workdir)
+  cfg = model_config(config)
+  rules = tuple(tuple(r) for r in config.logical_axis_rules)
+  mesh = sharding.make_mesh(config.mesh.shape)
+  tc = config.train
+  if tc.batch_size % (tc.grad_accum * mesh.shape["data"] * mesh.shape["fsdp"]):
+    raise ValueError(f"config.train.batch_size {tc.batch_size} must divide by grad_accum ({tc.grad_accum}) x "
+                     f"data x fsdp ({mesh.shape['data'] * mesh.shape['fsdp']})")
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    with open(os.path.join(workdir, "run.json"), "w") as f:
+      json.dump({"git_revision": git_revision(), "model": checkpoint.config_to_dict(cfg),
+                 "processes": jax.process_count(), "devices": jax.device_count(),
+                 "mesh": dict(mesh.shape)}, f, indent=2)
+  log(f"model: mode {cfg.mode!r}, LLM {cfg.llm.num_hidden_layers}x{cfg.llm.hidden_size}, compute {cfg.llm.dtype}; "
+      f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} processes")
+
+  # Shapes and shardings of everything, without allocating anything.
+  graphdef, abs_params, abs_rest = nnx.split(nnx.eval_shape(lambda: Llasm(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+  labels = param_labels(abs_params, tc.trainable)
+  tx = make_optimizer(config.optim, labels, tc.steps)
+  param_sh = sharding.state_shardings(abs_params, mesh, rules)
+  rest_sh = sharding.state_shardings(abs_rest, mesh, rules)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  abs_opt = jax.eval_shape(tx.init, abs_params)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, param_sh,
+                                 transform_non_params=lambda _: replicated,
+                                 is_leaf=lambda x: isinstance(x, nnx.Variable))
+  state_sh = TrainState(step=replicated, params=param_sh, rest=rest_sh, opt_state=opt_sh, rng=replicated)
+  n_train = sum(int(np.prod(x.shape)) for x, lab in zip(jax.tree.leaves(abs_params), jax.tree.leaves(labels))
+                if lab != FROZEN)
+  n_all = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abs_params))
+  log(f"parameters: {n_all:,}, trainable {n_train:,} ({', '.join(tc.trainable)})")
+
+  ckpts = Checkpoints(workdir, config)
+  data, host_batch = make_data(config, cfg)
+  start = ckpts.latest_step()
+  if start is not None:
+    abs_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                             TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abs_params, rest=abs_rest,
+                                        opt_state=abs_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32)), state_sh)
+    state, data_state = ckpts.restore(start, abs_state)
+    data.set_state(data_state)
+    log(f"resumed from step {start} ({ckpts.dir})")
+  else:
+    params, rest = initial_params(config, cfg, mesh, rules, param_sh, rest_sh)
+    with jax.set_mesh(mesh):
+      opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params, rest=rest,
+                       opt_state=opt_state, rng=jax.device_put(jax.random.key_data(jax.random.key(tc.seed)),
+                                                               replicated))
+    start = 0
+
+  first_new_row = None
+  if tc.get("new_token_rows_only"):
+    first_new_row = min(cfg.audio_patch_id, cfg.audio_start_id, cfg.audio_end_id)
+  step_fn = make_train_step(graphdef, tx, labels, grad_accum=tc.grad_accum, first_new_row=first_new_row)
+  batch_sh = {k: jax.sharding.NamedSharding(mesh, sharding.logical_spec(v, rules)) for k, v in BATCH_AXES.items()}
+  jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+                   donate_argnums=(0,))
+  trainable_llm = any(lab != FROZEN for lab, p in zip(jax.tree.leaves(labels),
+                                                      jax.tree_util.tree_leaves_with_path(abs_params))
+                      if path_str(p[0]).startswith("llm/"))
+  metrics_out = Metrics(workdir, config, tc.steps, start, model_flops_per_step(cfg, config, trainable_llm))
+  lr = learning_rate(config.optim, tc.steps)
+  preempt = Preemption()
+  compiled = None
+  last_metrics = None
+  stop_reason = "finished"
+  try:
+    for step in range(start, tc.steps):
+      host = next(data)
+      batch = global_batch(host, mesh, rules)
+      if compiled is None:
+        # The rules and mesh must be active while tracing: `constrain` reads them then.
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+          t0 = time.perf_counter()
+          compiled = jitted.lower(state, batch).compile()
+          log(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
+      state, last_metrics = compiled(state, batch)
+      tokens = int(np.sum(host["attention_mask"])) * jax.process_count()
+      metrics_out.step(step + 1, last_metrics, tokens, float(lr(step)))
+      if tc.get("debug_sigterm_at_step") == step + 1:
+        os.kill(os.getpid(), signal.SIGTERM)  # tests: a real signal through the real handler
+      ckpts.save(state, data.get_state())
+      if int(last_metrics["nonfinite_steps"]) > tc.max_nonfinite_steps:
+        stop_reason = (f"stopped: {int(last_metrics['nonfinite_steps'])} steps had non-finite loss or gradients "
+                       f"(limit config.train.max_nonfinite_steps={tc.max_nonfinite_steps}); lower the learning rate "
+                       "or check the data")
+        break
+      if preempt.check():
+        ckpts.save(state, data.get_state(), force=True)
+        stop_reason = f"preempted: saved step {step + 1}, resume with the same command"
+        break
+    else:
+      ckpts.save(state, data.get_state(), force=True)
+    ckpts.wait()
+  finally:
+    preempt.restore_handlers()
+    metrics_out.close()
+    ckpts.close()
+  log(stop_reason)
+  if stop_reason == "finished":
+    save_model(os.path.join(workdir, "model"), cfg, state, config)
+  summary = dict(stop_reason=stop_reason, step=int(state.step), history=metrics_out.history)
+  if metrics_out.history:
+    h = metrics_out.history[-1]
+    log(f"summary: {summary['step']} steps, last loss {h['loss']:.4f}, {h['tokens_per_s']:,.0f} tok/s")
+  return summary
+
+
+def save_model(folder: str, cfg: LlasmConfig, state: TrainState, config) -> None:
+  """The trained model as a model folder (what `generate` and `export` read)."""
+  flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.merge_state(state.params, state.rest)), sep="/")
+  with checkpoint.atomic_dir(folder, overwrite=True) as tmp:
+    checkpoint.save_params(tmp, "llasm", cfg, flat, stored_dtype=cfg.llm.param_dtype)
+    init_from = config.train.get("init_from")
+    if init_from:
+      from llasm_jax.convert.convert import FEATURE_FILES, TOKENIZER_FILES, _copy_files
+
+      _copy_files(init_from, tmp, TOKENIZER_FILES + FEATURE_FILES)
+  log(f"model written to {folder}")
