@@ -1,0 +1,425 @@
+"""Batched generation from token ids and mel features: jitted prefill and decode loop over a preallocated KV cache.
+
+Legend: B batch, T prompt length, S cache slots, N audios in a batch, A audio slots per
+prompt, P audio tokens per audio, M mel bins, F mel frames, D LLM width, V vocab.
+
+Shapes are bucketed (B, T, S, N, A, F round up), so each jitted function compiles once per
+bucket: the decode loop is a `lax.while_loop` whose carry holds the cache, so its
+compilations do not grow with the number of generated tokens, and the number of steps per
+call is a traced scalar (one call to the end, or short chunks for streaming and stop strings,
+with the same executable). Prompts are left-padded, so every row writes the same cache slot;
+RoPE positions come from the attention mask. On a mesh every function is jitted with explicit
+in/out shardings while the mesh and logical axis rules are installed, so the models'
+`constrain` hints apply.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+import time
+from typing import Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from llasm_jax import sharding
+from llasm_jax.infer.sampling import SamplingParams, sample
+from llasm_jax.layers import KVCache
+from llasm_jax.models.llama import LlamaForCausalLM
+from llasm_jax.models.llasm import Llasm, check_audio_markers, splice
+
+
+@flax.struct.dataclass
+class DecodeState:
+  """Everything the decode loop carries; donated from call to call so the cache stays in place.
+
+  cache:     the KV cache, S slots (prompt bucket first, then generated tokens)
+  tokens:    int32[B, S] generated tokens, `pad_id` after a row stopped
+  length:    int32[]     tokens generated so far (rows step together)
+  last:      int32[B]    the newest token, the next decode input
+  positions: int32[B]    RoPE position of `last` (its row's count of real tokens before it)
+  done:      bool[B]     rows that stopped (EOS, stop string, or batch padding)
+  rng:       key[]       sampling key, split once per step
+  """
+
+  cache: KVCache
+  tokens: jax.Array
+  length: jax.Array
+  last: jax.Array
+  positions: jax.Array
+  done: jax.Array
+  rng: jax.Array
+
+
+@dataclasses.dataclass
+class EngineOutput:
+  """One prompt's result. token_ids: generated ids, ending with the EOS id when it stopped there."""
+
+  token_ids: list[int]
+  prompt_token_ids: list[int]
+  finish_reason: str  # "eos", "stop" (the callback asked) or "length"
+
+
+@dataclasses.dataclass
+class Timings:
+  """Seconds of each phase of one `generate` call (compilation included on a bucket's first call)."""
+
+  audio_s: float = 0.0  # Whisper (+ decoder queries in "llasm" mode) and adaptor, once per audio
+  prefill_s: float = 0.0  # the LLM over the prompts, filling the cache, first token
+  decode_s: float = 0.0  # every later token
+  decode_steps: int = 0  # decode steps run (rows step together)
+  batch: int = 0  # real prompts
+  generated_tokens: int = 0  # over all real rows, after truncation at EOS
+
+  @property
+  def decode_tokens_per_s(self) -> float:
+    """Tokens per second of the decode phase, over all rows (the first token is prefill's)."""
+    return self.batch * self.decode_steps / self.decode_s if self.decode_s else 0.0
+
+  def as_dict(self) -> dict[str, float]:
+    return {**dataclasses.asdict(self), "decode_tokens_per_s": self.decode_tokens_per_s}
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+  """Length bucket: powers of two up to 1024, then multiples of 1024."""
+  if n <= 1024:
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+  return -(-n // 1024) * 1024
+
+
+# Callback after prefill and after each decode chunk: every real row's tokens so far
+# (cut after EOS) -> rows that should stop now (stop strings), or None.
+StepCallback = Callable[[list[list[int]]], Sequence[bool] | None]
+
+
+class Engine:
+  """Generation for a `LlamaForCausalLM` or a `Llasm`, on one device or on `mesh`.
+
+  The model's parameters are split once (`nnx.split`); pure functions merge them inside jit.
+  `traces` counts how often each function was traced, i.e. compiled (the tests read it).
+  """
+
+  def __init__(self, model: LlamaForCausalLM | Llasm, *, mesh: jax.sharding.Mesh | None = None,
+               rules: Sequence[tuple[str, object]] | None = None, eos_ids: Sequence[int] | None = None,
+               pad_id: int | None = None):
+    if not isinstance(model, (LlamaForCausalLM, Llasm)):
+      raise ValueError(f"cannot generate with a {type(model).__name__}; pass a LlamaForCausalLM or a Llasm "
+                       "(a Whisper-only checkpoint has no LLM)")
+    if (mesh is None) != (rules is None):
+      raise ValueError("pass both mesh and rules (e.g. config.DEFAULT_RULES), or neither")
+    self.model = model
+    self.llm = model.llm if isinstance(model, Llasm) else model
+    self.audio_cfg = model.cfg if isinstance(model, Llasm) else None
+    cfg = self.llm.cfg
+    self.eos_ids = tuple(int(e) for e in ([cfg.eos_token_id] if eos_ids is None else eos_ids))
+    self.pad_id = int(pad_id if pad_id is not None else cfg.pad_token_id if cfg.pad_token_id is not None
+                      else (self.eos_ids or (0,))[0])
+    self.mesh, self.rules = mesh, None if rules is None else tuple(tuple(r) for r in rules)
+    self.graphdef, self.state = nnx.split(model)
+    self.llm_graphdef, self.llm_state = nnx.split(self.llm)
+    self.traces: collections.Counter[str] = collections.Counter()
+    self._jitted: dict[tuple, Callable] = {}
+    # Rows are padded to a multiple of the devices the batch is split over.
+    self.batch_multiple = 1
+    if mesh is not None:
+      names = sharding.logical_spec(("batch",), self.rules)[0]
+      names = () if names is None else (names,) if isinstance(names, str) else names
+      self.batch_multiple = int(np.prod([mesh.shape[n] for n in names]))
+
+  # ---- shardings -------------------------------------------------------------------------
+
+  def _sh(self, axes: Sequence[str | None], shape: Sequence[int] | None = None):
+    """NamedSharding of an array with logical `axes`; dims of `shape` that do not divide stay whole."""
+    spec = sharding.logical_spec(axes, self.rules)
+    if shape is not None:
+      spec = sharding.divisible_spec(shape, spec, self.mesh)
+    return NamedSharding(self.mesh, spec)
+
+  def _replicated(self):
+    return NamedSharding(self.mesh, PartitionSpec())
+
+  def _cache_shardings(self) -> KVCache:
+    c = self.llm.cfg
+    kv = self._sh(("layers", "batch", "length", "act_kv_heads", "head_dim"),
+                  (c.num_hidden_layers, self.batch_multiple, 1, c.num_key_value_heads, c.kv_head_dim))
+    return KVCache(k=kv, v=kv, mask=self._sh(("batch", "length")), index=self._replicated())
+
+  def _decode_state_shardings(self) -> DecodeState:
+    rows = self._sh(("batch",))
+    return DecodeState(cache=self._cache_shardings(), tokens=self._sh(("batch", "length")),
+                       length=self._replicated(), last=rows, positions=rows, done=rows, rng=self._replicated())
+
+  @staticmethod
+  def _state_shardings(state):
+    # The parameters stay where `checkpoint.load_model(mesh=, rules=)` restored them.
+    return jax.tree.map(lambda x: x.sharding, state)
+
+  def _put(self, x, sh):
+    """Host array -> device array in sharding `sh` (every process holds the same full array)."""
+    if self.mesh is None:
+      return jnp.asarray(x)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sh, lambda index: x[index])
+
+  def _get(self, x) -> np.ndarray:
+    if self.mesh is not None and jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+  @contextlib.contextmanager
+  def _tracing_context(self):
+    # Tracing happens on a bucket's first call: the models' `constrain` reads these then.
+    if self.mesh is None:
+      yield
+    else:
+      with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+        yield
+
+  def _jit(self, name: str, fn: Callable, in_sh, out_sh, donate=(), **static) -> Callable:
+    key = (name, *sorted(static.items()))
+    if key not in self._jitted:
+      fn = functools.partial(fn, **static)
+      if self.mesh is None:
+        self._jitted[key] = jax.jit(fn, donate_argnums=donate)
+      else:
+        self._jitted[key] = jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=donate)
+    return self._jitted[key]
+
+  # ---- pure functions (traced) -----------------------------------------------------------
+
+  def _encode_audio_fn(self, state, mel, mel_lengths):
+    """mel float[N, M, F], mel_lengths int32[N] -> audio embeddings float[N, P, D], valid bool[N, P]."""
+    self.traces["encode_audio"] += 1
+    model = nnx.merge(self.graphdef, state)
+    embeds, valid = model.embed_audio(mel[:, None], mel_lengths[:, None])
+    return embeds[:, 0], valid[:, 0]
+
+  def _prefill_fn(self, llm_state, input_ids, attention_mask, active, audio, rng, temperature, top_k, top_p,
+                  *, max_len: int, greedy: bool) -> DecodeState:
+    """input_ids int32[B, T] left-padded, attention_mask bool[B, T], active bool[B] (False for
+    batch padding), audio None or (embeds float[N, P, D], valid bool[N, P], slots int32[B, A]
+    indexing N, -1 = empty) -> the decode state after the first generated token."""
+    self.traces["prefill"] += 1
+    llm = nnx.merge(self.llm_graphdef, llm_state)
+    b, t = input_ids.shape
+    positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+    embeds = llm.embed(input_ids)
+    if audio is not None:
+      audio_embeds, audio_valid, slots = audio
+      filled = slots >= 0
+      idx = jnp.maximum(slots, 0)
+      embeds = splice(embeds, input_ids, audio_embeds[idx], audio_valid[idx] & filled[..., None],
+                      self.audio_cfg.audio_patch_id)
+    cache = llm.init_cache(b, max_len)
+    hidden, cache = llm(inputs_embeds=embeds, positions=positions, attention_mask=attention_mask, cache=cache,
+                        return_hidden=True)
+    # Left padding puts every row's last prompt token at T - 1: logits of that position only.
+    rng, key = jax.random.split(rng)
+    first = sample(llm.logits(hidden[:, -1:])[:, 0], key, temperature, top_k, top_p, greedy=greedy)
+    done = ~active | self._is_eos(first)
+    tokens = jnp.full((b, max_len), self.pad_id, jnp.int32).at[:, 0].set(first)
+    return DecodeState(cache=cache, tokens=tokens, length=jnp.int32(1), last=first,
+                       positions=jnp.sum(attention_mask, axis=1, dtype=jnp.int32), done=done, rng=rng)
+
+  def _decode_fn(self, llm_state, ds: DecodeState, until, stop, temperature, top_k, top_p, *, greedy: bool):
+    """Runs decode steps while ds.length < until (int32[]) and some row is not done; stop bool[B]
+    marks rows the host stopped (stop strings)."""
+    self.traces["decode"] += 1
+
+    def step(ds: DecodeState) -> DecodeState:
+      llm = nnx.merge(self.llm_graphdef, llm_state)
+      b = ds.last.shape[0]
+      hidden, cache = llm(ds.last[:, None], positions=ds.positions[:, None], attention_mask=jnp.ones((b, 1), bool),
+                          cache=ds.cache, return_hidden=True)
+      rng, key = jax.random.split(ds.rng)
+      token = sample(llm.logits(hidden)[:, 0], key, temperature, top_k, top_p, greedy=greedy)
+      token = jnp.where(ds.done, self.pad_id, token)
+      tokens = jax.lax.dynamic_update_slice(ds.tokens, token[:, None], (0, ds.length))
+      return DecodeState(cache=cache, tokens=tokens, length=ds.length + 1, last=token,
+                         positions=ds.positions + 1, done=ds.done | self._is_eos(token), rng=rng)
+
+    ds = ds.replace(done=ds.done | stop)
+    return jax.lax.while_loop(lambda ds: (ds.length < until) & ~jnp.all(ds.done), step, ds)
+
+  def _is_eos(self, token):
+    if not self.eos_ids:
+      return jnp.zeros(token.shape, bool)
+    return jnp.isin(token, jnp.asarray(self.eos_ids, jnp.int32))
+
+  # ---- host side -------------------------------------------------------------------------
+
+  def _pack_audio(self, prompts: list[list[int]], mels: list[list[np.ndarray]], rows: int):
+    """Checks the markers and packs the audios: mel float32[N, M, F], lengths int32[N], slots int32[B, A]."""
+    cfg = self.audio_cfg
+    if cfg is None:
+      raise ValueError("this checkpoint is a text-only LLM; it cannot take audio (pass audios=None)")
+    if len(mels) != len(prompts):
+      raise ValueError(f"{len(mels)} audio lists for {len(prompts)} prompts; pass one list (maybe empty) per prompt")
+    m, f_max = cfg.audio.num_mel_bins, cfg.audio.max_mel_frames
+    flat: list[np.ndarray] = []
+    for b, (ids, row) in enumerate(zip(prompts, mels)):
+      for j, mel in enumerate(row):
+        mel = np.asarray(mel)
+        if mel.ndim != 2 or mel.shape[0] != m:
+          raise ValueError(f"prompt {b} audio {j}: mel shape {mel.shape}, expected [{m}, frames] "
+                           f"(this Whisper has num_mel_bins={m})")
+        if mel.shape[1] > f_max:
+          raise ValueError(f"prompt {b} audio {j}: {mel.shape[1]} mel frames exceed 30 s ({f_max}); "
+                           "split long audio into 30 s windows, one audio each")
+        if cfg.mode == "llasm" and mel.shape[1] != f_max:
+          raise ValueError(f"prompt {b} audio {j}: {mel.shape[1]} mel frames; 'llasm' mode reads features "
+                           f"padded to 30 s ({f_max} frames), as Whisper's feature extractor makes them")
+      counts = [cfg.audio_tokens(np.shape(x)[1]) for x in row]
+      check_audio_markers(cfg, np.asarray([ids]), np.asarray([counts or [0]]))
+      flat += row
+    n = max(bucket(max(len(flat), 1), minimum=1), self.batch_multiple)
+    n = -(-n // self.batch_multiple) * self.batch_multiple
+    frames = f_max if cfg.mode == "llasm" else min(f_max, -(-max(x.shape[1] for x in flat) // 256) * 256)
+    mel = np.zeros((n, m, frames), np.float32)
+    lengths = np.zeros((n,), np.int32)
+    for i, x in enumerate(flat):
+      mel[i, :, :x.shape[1]] = x
+      lengths[i] = x.shape[1]
+    slots = np.full((rows, bucket(max(len(r) for r in mels), minimum=1)), -1, np.int32)
+    i = 0
+    for b, row in enumerate(mels):
+      slots[b, :len(row)] = np.arange(i, i + len(row))
+      i += len(row)
+    return mel, lengths, slots
+
+  def encode_audio(self, mel: np.ndarray, lengths: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """Whisper + adaptor over packed audios: float32[N, M, F], int32[N] -> float[N, P, D], bool[N, P]."""
+    in_sh = out_sh = (None, None, None)
+    if self.mesh is not None:
+      in_sh = (self._state_shardings(self.state), self._sh(("batch", None, None)), self._sh(("batch",)))
+      out_sh = (self._sh(("batch", None, "act_embed")), self._sh(("batch", None)))
+    fn = self._jit("encode_audio", self._encode_audio_fn, in_sh, out_sh)
+    with self._tracing_context():
+      return fn(self.state, self._put(mel, in_sh[1]), self._put(lengths, in_sh[2]))
+
+  def generate(
+      self,
+      prompts: Sequence[Sequence[int]],
+      mels: Sequence[Sequence[np.ndarray]] | None = None,
+      *,
+      max_new_tokens: int = 64,
+      sampling: SamplingParams = SamplingParams(),
+      callback: StepCallback | None = None,
+      chunk_tokens: int | None = None,
+  ) -> tuple[list[EngineOutput], Timings]:
+    """Generates up to `max_new_tokens` tokens after each prompt.
+
+    prompts: token ids per prompt (audio markers included for a Llasm), any lengths.
+    mels: per prompt, a list of Whisper log-mel features float[M, F_i] (one per `<au_start>`
+      span, in order), or None for text only.
+    callback: called after prefill and after every `chunk_tokens` decode steps (default: 1
+      step with a callback, else all at once) with each row's tokens so far; rows it returns
+      True for stop there ("stop"). Chunks reuse one compiled loop.
+    """
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts:
+      raise ValueError("no prompts given")
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens {max_new_tokens}: expected >= 1")
+    cfg = self.llm.cfg
+    for i, p in enumerate(prompts):
+      if not p:
+        raise ValueError(f"prompt {i} is empty; give at least one token (e.g. BOS)")
+      bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+      if bad:
+        raise ValueError(f"prompt {i}: token id {bad[0]} is outside the vocab (size {cfg.vocab_size})")
+    timings = Timings(batch=len(prompts))
+    real = len(prompts)
+    rows = -(-bucket(real, minimum=1) // self.batch_multiple) * self.batch_multiple
+    t = bucket(max(map(len, prompts)))
+    max_len = bucket(t + max_new_tokens)
+    input_ids = np.full((rows, t), self.pad_id, np.int32)
+    mask = np.zeros((rows, t), bool)
+    for b in range(rows):
+      p = prompts[b] if b < real else [self.pad_id]  # batch padding: one token, never read
+      input_ids[b, t - len(p):] = p
+      mask[b, t - len(p):] = True
+    active = np.arange(rows) < real
+
+    audio = None
+    if mels is not None and any(len(m) for m in mels):
+      t0 = time.perf_counter()
+      mel, lengths, slots = self._pack_audio(prompts, [list(m) for m in mels], rows)
+      embeds, valid = jax.block_until_ready(self.encode_audio(mel, lengths))
+      audio = (embeds, valid, slots)
+      timings.audio_s = time.perf_counter() - t0
+    elif self.audio_cfg is not None:
+      for i, p in enumerate(prompts):  # markers without audio are an input error too
+        check_audio_markers(self.audio_cfg, np.asarray([p]), np.zeros((1, 1), np.int32))
+
+    m = self.mesh is not None
+    rows_sh, table_sh = (self._sh(("batch",)), self._sh(("batch", "length"))) if m else (None, None)
+    rep = self._replicated() if m else None
+    llm_sh = self._state_shardings(self.llm_state) if m else None
+    ds_sh = self._decode_state_shardings() if m else None
+    params = sampling.arrays()
+    rng = jax.random.key(sampling.seed)
+    greedy = sampling.greedy
+
+    audio_sh = None
+    if audio is not None and m:
+      audio_sh = (self._sh(("batch", None, "act_embed")), self._sh(("batch", None)), self._sh(("batch", None)))
+    prefill = self._jit("prefill", self._prefill_fn, (llm_sh, table_sh, table_sh, rows_sh, audio_sh, rep, rep, rep, rep),
+                        ds_sh, max_len=max_len, greedy=greedy)
+    decode = self._jit("decode", self._decode_fn, (llm_sh, ds_sh, rep, rows_sh, rep, rep, rep), ds_sh,
+                       donate=(1,), greedy=greedy)
+
+    with self._tracing_context():
+      t0 = time.perf_counter()
+      if audio is not None:
+        audio = (audio[0], audio[1], self._put(audio[2], audio_sh[2] if m else None))
+      ds = prefill(self.llm_state, self._put(input_ids, table_sh), self._put(mask, table_sh), self._put(active, rows_sh),
+                   audio, rng, *params)
+      length, done, tokens = self._get(ds.length), self._get(ds.done), self._get(ds.tokens)
+      timings.prefill_s = time.perf_counter() - t0
+
+      stopped = np.zeros(rows, bool)
+      stop_at = np.full(real, max_new_tokens)  # where the callback stopped each row
+      chunk = chunk_tokens or (1 if callback else max_new_tokens)
+      t0 = time.perf_counter()
+      while True:
+        outs = [_cut(tokens[b, :min(int(length), stop_at[b])], self.eos_ids) for b in range(real)]
+        if callback is not None:
+          flags = callback(outs)
+          if flags is not None:
+            new = np.asarray(flags, bool) & ~done[:real] & ~stopped[:real]
+            stop_at[new] = int(length)
+            stopped[:real] |= new
+        if int(length) >= max_new_tokens or np.all(done | stopped):
+          break
+        until = min(int(length) + chunk, max_new_tokens)
+        ds = decode(self.llm_state, ds, self._put(np.int32(until), rep), self._put(stopped, rows_sh), *params)
+        length, done, tokens = self._get(ds.length), self._get(ds.done), self._get(ds.tokens)
+      timings.decode_s = time.perf_counter() - t0
+      timings.decode_steps = int(length) - 1
+
+    results = []
+    for b in range(real):
+      ids = outs[b]
+      reason = "eos" if ids and ids[-1] in self.eos_ids else "stop" if stopped[b] else "length"
+      results.append(EngineOutput(token_ids=ids, prompt_token_ids=prompts[b], finish_reason=reason))
+    timings.generated_tokens = sum(len(r.token_ids) for r in results)
+    return results, timings
+
+
+def _cut(tokens: np.ndarray, eos_ids: tuple[int, ...]) -> list[int]:
+  """Tokens up to and including the first EOS."""
+  out = []
+  for tok in tokens.tolist():
+    out.append(tok)
+    if tok in eos_ids:
+      break
+  return out
