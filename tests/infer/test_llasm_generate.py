@@ -1,0 +1,95 @@
+"""LLaSM generation with audio, both modes, against a PyTorch reference greedy loop written here."""
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+
+from llasm_jax.infer import Engine
+from tests.models.test_llasm import PATCH, START, END, build, sample_ids
+from tests.models.test_whisper import tiny_whisper_config
+
+NEW_TOKENS = 8
+# Per prompt: the mel frames of each of its audios (2, 1 and no audio) and the text around them.
+FRAMES = {"llasm": [[3000, 3000], [3000], []], "encoder": [[400, 560], [240], []]}
+LAYOUTS = [[3, 2, 3], [5, 4], [6]]
+
+
+def inputs(cfg, mode):
+  rng = np.random.RandomState(0)
+  mels = [[rng.uniform(-1, 1, (80, f)).astype(np.float32) for f in frames] for frames in FRAMES[mode]]
+  prompts = [sample_ids(rng, LAYOUTS[b], [cfg.audio_tokens(f) for f in frames]) for b, frames in enumerate(FRAMES[mode])]
+  return prompts, mels
+
+
+def torch_audio_embeds(mode, whisper, projector, tensors, mel):
+  """The reference audio path of tests/models/test_llasm.py, for one mel float[80, F]."""
+  if mode == "llasm":
+    start = torch.full((1, 64), whisper.config.decoder_start_token_id)
+    return projector(whisper(input_features=torch.tensor(mel[None]), decoder_input_ids=start).last_hidden_state[0])
+  # HF Whisper only takes 30 s: same weights, max_source_positions = frames / 2.
+  short = tf.WhisperModel(tiny_whisper_config(max_source_positions=mel.shape[-1] // 2)).eval()
+  state = dict(whisper.state_dict())
+  state["encoder.embed_positions.weight"] = state["encoder.embed_positions.weight"][:mel.shape[-1] // 2]
+  short.load_state_dict(state)
+  states = short.encoder(torch.tensor(mel[None])).last_hidden_state[0]
+  states = torch.nn.functional.pad(states, (0, 0, 0, -states.shape[0] % 4)).reshape(-1, 4 * 64)
+  lin1, lin2 = torch.nn.Linear(4 * 64, 48), torch.nn.Linear(48, 48)
+  for name, lin in (("linear_1", lin1), ("linear_2", lin2)):
+    lin.weight.data = torch.tensor(tensors[f"model.audio_adaptor.{name}.weight"])
+    lin.bias.data = torch.tensor(tensors[f"model.audio_adaptor.{name}.bias"])
+  return lin2(torch.nn.functional.gelu(lin1(states)))
+
+
+def torch_greedy(llm, prompt, audio_embeds, steps):
+  """One prompt, no padding, no cache: splice, then argmax over a full forward per new token."""
+  with torch.no_grad():
+    embeds = llm.get_input_embeddings()(torch.tensor([prompt])).clone()
+    if audio_embeds:
+      patches = torch.nonzero(torch.tensor(prompt) == PATCH)[:, 0]
+      embeds[0, patches] = torch.cat(audio_embeds)
+    out = []
+    for _ in range(steps):
+      token = int(llm(inputs_embeds=embeds).logits[0, -1].argmax())
+      out.append(token)
+      embeds = torch.cat([embeds, llm.get_input_embeddings()(torch.tensor([[token]]))], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["llasm", "encoder"])
+def test_greedy_with_audio_matches_pytorch_reference(mode, tmp_path):
+  model, whisper, llm, projector, tensors = build(mode, tmp_path)
+  prompts, mels = inputs(model.cfg, mode)
+  with torch.no_grad():
+    refs = [torch_greedy(llm, p, [torch_audio_embeds(mode, whisper, projector, tensors, m) for m in ms], NEW_TOKENS)
+            for p, ms in zip(prompts, mels)]
+  engine = Engine(model, eos_ids=[])
+  outs, timings = engine.generate(prompts, mels, max_new_tokens=NEW_TOKENS)
+  assert [o.token_ids for o in outs] == refs
+  assert timings.audio_s > 0 and engine.traces["encode_audio"] == 1  # Whisper once, for all 3 audios
+  # Audio is only read during prefill: the same decode executable serves other audio counts.
+  outs2, _ = engine.generate(prompts[:1] * 3, [mels[0]] * 3, max_new_tokens=NEW_TOKENS)
+  assert all(o.token_ids == refs[0] for o in outs2)
+  assert engine.traces["decode"] == 1
+
+
+def test_audio_input_errors(tmp_path):
+  model, *_ = build("encoder", tmp_path)
+  engine = Engine(model)
+  cfg = model.cfg
+  mel = np.zeros((80, 400), np.float32)
+  p = cfg.audio_tokens(400)
+  good = [1, 5, START] + [PATCH] * p + [END]
+  with pytest.raises(ValueError, match="1 <au_start> markers but 0 audios"):
+    engine.generate([good])
+  with pytest.raises(ValueError, match=f"followed by exactly {p}"):
+    engine.generate([good[:-2] + [END]], [[mel]])
+  with pytest.raises(ValueError, match="mel shape"):
+    engine.generate([good], [[np.zeros((128, 400), np.float32)]])
+  with pytest.raises(ValueError, match="exceed 30 s"):
+    engine.generate([good], [[np.zeros((80, 3200), np.float32)]])
+  with pytest.raises(ValueError, match="1 audio lists for 2 prompts"):
+    engine.generate([good, good], [[mel]])
+  llasm_model, *_ = build("llasm", tmp_path / "llasm")
+  with pytest.raises(ValueError, match="padded to 30 s"):
+    Engine(llasm_model).generate([[1, START] + [PATCH] * 64 + [END]], [[mel]])
