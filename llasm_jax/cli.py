@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import statistics
 import sys
@@ -165,10 +166,28 @@ def export(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/{folder} ({nbytes / 2**20:.1f} MiB)")
 
 
+def maybe_initialize_distributed(args: argparse.Namespace) -> None:
+  """jax.distributed.initialize() when flags or the launch environment ask for several processes.
+
+  TPU pods and SLURM are detected by JAX itself from their environment; explicit flags serve
+  other clusters and local multi-process runs (e.g. two processes on 127.0.0.1).
+  """
+  if args.coordinator:
+    if args.num_processes is None or args.process_id is None:
+      raise SystemExit("--coordinator needs --num-processes and --process-id")
+    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+  elif args.distributed or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    jax.distributed.initialize()
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="llasm-jax", description=__doc__)
   parser.add_argument("--distributed", action="store_true",
-                      help="call jax.distributed.initialize() first (multi-host TPU pods, SLURM)")
+                      help="call jax.distributed.initialize() first (multi-host TPU pods, SLURM); "
+                           "also done automatically inside a multi-task SLURM job")
+  parser.add_argument("--coordinator", help="host:port of process 0, for jax.distributed.initialize")
+  parser.add_argument("--num-processes", type=int, help="with --coordinator: number of processes")
+  parser.add_argument("--process-id", type=int, help="with --coordinator: this process's index")
   sub = parser.add_subparsers(dest="command", required=True)
 
   p = sub.add_parser("demo", help="random-weight forward pass on synthetic speech: shapes and timings")
@@ -211,8 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = rest  # --config.train.steps=100 style
   elif rest:
     build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
-  if args.distributed:
-    jax.distributed.initialize()
+  maybe_initialize_distributed(args)
   try:
     args.func(args)
   except (ValueError, FileExistsError, FileNotFoundError) as e:

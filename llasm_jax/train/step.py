@@ -75,7 +75,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
     metrics = {
         "loss": loss / denom,
         "target_tokens": tokens,
-        "grad_norm": optax.global_norm([g for g, t in zip(jax.tree.leaves(grads), trainable) if t]),
+        "grad_norm": optax.tree.norm([g for g, t in zip(jax.tree.leaves(grads), trainable) if t]),
         "nonfinite_steps": opt_state.total_notfinite,
         "update_applied": opt_state.last_finite,
     }

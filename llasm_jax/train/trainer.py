@@ -326,9 +326,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   data, host_batch = make_data(config, cfg)
   start = ckpts.latest_step()
   if start is not None:
-    abs_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                             TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abs_params, rest=abs_rest,
-                                        opt_state=abs_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32)), state_sh)
+    abs_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abs_params, rest=abs_rest,
+                           opt_state=abs_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+    # The shardings tree is a prefix of the state (optax's MaskedNode subtrees hold no arrays).
+    abs_state = jax.tree.map(
+        lambda s, sub: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), sub),
+        state_sh, abs_state, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
     state, data_state = ckpts.restore(start, abs_state)
     data.set_state(data_state)
     log(f"resumed from step {start} ({ckpts.dir})")
