@@ -30,6 +30,9 @@ class AudioError(ValueError):
     self.path, self.reason, self.detail = str(path), reason, detail
     super().__init__(f"audio {str(path)!r}: {detail}")
 
+  def __reduce__(self):
+    return AudioError, (self.path, self.reason, self.detail)
+
 
 def _decode(path: str) -> tuple[np.ndarray, int]:
   """float32[N, C] (or [N]) samples and their rate, by soundfile, else librosa/audioread."""
@@ -39,7 +42,7 @@ def _decode(path: str) -> tuple[np.ndarray, int]:
     data, rate = sf.read(path, dtype="float32", always_2d=True)
     return data, rate
   except Exception as sf_error:  # libsndfile raises several types; the fallback decides
-    first = f"{type(sf_error).__name__}: {sf_error}"
+    first = str(sf_error)
   try:
     import librosa
 
@@ -48,8 +51,9 @@ def _decode(path: str) -> tuple[np.ndarray, int]:
       warnings.simplefilter("ignore")
       data, rate = librosa.load(path, sr=None, mono=False, dtype=np.float32)
   except Exception as e:
-    raise AudioError(path, "unreadable", f"cannot decode ({first}; librosa/audioread: "
-                     f"{type(e).__name__}: {e}); re-encode it as wav/flac or skip it") from None
+    second = f"{type(e).__name__}: {e}" if str(e) else f"{type(e).__name__} (no ffmpeg/gstreamer backend decodes it)"
+    raise AudioError(path, "unreadable", f"cannot decode (libsndfile: {first}; librosa/audioread: {second}); "
+                     "the file is corrupt or in an unsupported format: re-encode it as wav/flac") from None
   data = np.asarray(data, np.float32)
   return (data.T if data.ndim == 2 else data), int(rate)
 

@@ -1,0 +1,276 @@
+"""Conversation templates: messages with audio placeholders -> token ids and loss labels.
+
+Legend: T tokens, P audio tokens of one audio (`LlasmConfig.audio_tokens(mel_frames)`).
+
+Messages are `{"role": "user"|"assistant", "content": str}` ("human"/"gpt" also accepted). A
+user content marks each audio with the placeholder `<audio>`; the template writes it as
+`<au_start>` + P x `<au_patch>` + `<au_end>` with the P of that audio (audios numbered in
+order over the whole conversation). Labels follow the Hugging Face convention: same length
+as input_ids, -100 where there is no loss (the training step shifts them); only assistant
+replies (and the end-of-turn token after them) carry loss.
+
+Templates (`get_template(name, tokenizer)`):
+- "llasm-cllama2": the released LLaSM-Cllama2 prompt, quirks kept (shared/design/LLASM.md):
+    encode(B_SYS + system + E_SYS)                                   no special tokens
+    user:      [bos] + encode(f"[INST] {content} [/INST] ")          first user content prefixed by
+                                                                     B_SYS + system + E_SYS again
+    assistant: encode(f"{content} ") + [eos]                         no special tokens; loss here
+  An empty assistant turn at the end is the generation slot (nothing is written for it).
+- "llasm-baichuan": [bos] + encode(system), then per turn encode("USER:") + encode(content) or
+  encode("ASSISTANT:") + encode(content + "</s>") (loss on the latter), as LLASM.md describes it;
+  not checked against the released Baichuan code, which is not public.
+- "chat-template": the tokenizer's own chat template (Llama 3, Qwen2, Mistral, ...); loss on
+  the characters each assistant message adds to the rendered text (its end-of-turn included).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+IGNORE = -100
+AUDIO = "<audio>"
+AU_PATCH, AU_START, AU_END = "<au_patch>", "<au_start>", "<au_end>"
+MARKERS = (AU_PATCH, AU_START, AU_END)  # appended to the vocab in this order (LLASM.md)
+
+LLASM_SYSTEM = ("You are a helpful language and speech assistant. You are able to understand the speech "
+                "content that the user provides, and assist the user with a variety of tasks using natural "
+                "language.")
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+
+# Stage 1: "transcribe this" instructions, picked by the clip's language.
+TRANSCRIBE_EN = (
+    "Transcribe the speech into text.",
+    "Please transcribe this audio.",
+    "What does the speaker say? Write it down word for word.",
+    "Convert this recording to text.",
+    "Write down exactly what is said in the audio.",
+    "Please provide a transcript of this speech.",
+    "Listen to the audio and transcribe it.",
+    "Repeat what the speaker says, as text.",
+)
+TRANSCRIBE_ZH = (
+    "请将这段语音转写成文字。",
+    "请转录这段音频。",
+    "这段语音说了什么？请逐字写下来。",
+    "把这段录音转换成文字。",
+    "请写出音频中说的内容。",
+    "请给出这段语音的文字记录。",
+    "听这段音频并把它转写出来。",
+    "请把说话人说的话用文字写出来。",
+)
+
+_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+
+
+def audio_span(p: int) -> str:
+  """The text of one audio of P tokens: `<au_start>` + P x `<au_patch>` + `<au_end>`."""
+  return AU_START + AU_PATCH * p + AU_END
+
+
+def asr_messages(text: str, language: str, rng: np.random.Generator) -> list[dict[str, str]]:
+  """Stage-1 conversation for one (audio, transcript): a "transcribe" instruction in the clip's
+  language ("zh" -> Chinese, anything else -> English), randomly before or after the audio."""
+  pool = TRANSCRIBE_ZH if language.lower().startswith("zh") else TRANSCRIBE_EN
+  instruction = pool[int(rng.integers(len(pool)))]
+  content = f"{instruction}\n{AUDIO}" if rng.random() < 0.5 else f"{AUDIO}\n{instruction}"
+  return [{"role": "user", "content": content}, {"role": "assistant", "content": text}]
+
+
+def check_text(text: str, where: str) -> None:
+  """Raises ValueError if `text` spells an audio marker, which would inject fake audio tokens."""
+  for m in MARKERS:
+    if m in text:
+      raise ValueError(f"{where}: text contains the audio marker {m!r}; remove it (audio is marked with {AUDIO!r})")
+
+
+def _normalise(messages: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+  out = []
+  for i, m in enumerate(messages):
+    role = _ROLES.get(str(m.get("role", m.get("from", ""))).lower())
+    if role is None:
+      raise ValueError(f"message {i}: role {m.get('role', m.get('from'))!r}; expected user/human or assistant/gpt")
+    content = m.get("content", m.get("value", ""))
+    if not isinstance(content, str):
+      raise ValueError(f"message {i}: content should be a string, got {type(content).__name__}")
+    check_text(content, f"message {i}")
+    if role == "assistant" and AUDIO in content:
+      raise ValueError(f"message {i}: an assistant message holds {AUDIO!r}; audio belongs to user turns")
+    out.append((role, content))
+  return out
+
+
+def _expand(content: str, audio_tokens: Sequence[int], next_audio: int) -> tuple[str, int]:
+  """`content` with its k-th `<audio>` written as the span of audio `next_audio + k`."""
+  parts = content.split(AUDIO)
+  if next_audio + len(parts) - 1 > len(audio_tokens):
+    raise ValueError(f"the messages hold more {AUDIO!r} placeholders than the {len(audio_tokens)} audios given")
+  text = parts[0]
+  for k, part in enumerate(parts[1:]):
+    text += audio_span(int(audio_tokens[next_audio + k])) + part
+  return text, next_audio + len(parts) - 1
+
+
+class Template:
+  """messages + audio token counts -> (input_ids int32[T], labels int32[T])."""
+
+  name = ""
+
+  def __init__(self, tokenizer, system: str | None = None):
+    self.tokenizer = tokenizer
+    self.system = LLASM_SYSTEM if system is None else system
+    check_tokenizer_markers(tokenizer)
+
+  def _enc(self, text: str) -> list[int]:
+    return self.tokenizer.encode(text, add_special_tokens=False)
+
+  def encode(self, messages: Sequence[dict[str, Any]], audio_tokens: Sequence[int] = (),
+             ) -> tuple[np.ndarray, np.ndarray]:
+    turns = _normalise(messages)
+    ids, labels = self._encode(turns, list(audio_tokens))
+    return np.asarray(ids, np.int32), np.asarray(labels, np.int32)
+
+  def _encode(self, turns, audio_tokens):
+    raise NotImplementedError
+
+
+class LlasmCllama2(Template):
+  name = "llasm-cllama2"
+
+  def _encode(self, turns, audio_tokens):
+    tok = self.tokenizer
+    system_block = B_SYS + self.system + E_SYS
+    ids = self._enc(system_block)
+    labels = [IGNORE] * len(ids)
+    used, first_user = 0, True
+    for i, (role, content) in enumerate(turns):
+      if role == "user":
+        content, used = _expand(content, audio_tokens, used)
+        if first_user:
+          content, first_user = system_block + content, False  # the released quirk: system text twice
+        piece = [tok.bos_token_id] + self._enc(f"{B_INST} {content} {E_INST} ")
+        ids += piece
+        labels += [IGNORE] * len(piece)
+      else:
+        if not content and i == len(turns) - 1:
+          break  # generation slot
+        piece = self._enc(f"{content} ") + [tok.eos_token_id]
+        ids += piece
+        labels += piece
+    _check_used(used, audio_tokens)
+    return ids, labels
+
+
+class LlasmBaichuan(Template):
+  name = "llasm-baichuan"
+
+  def _encode(self, turns, audio_tokens):
+    tok = self.tokenizer
+    ids = [tok.bos_token_id] + self._enc(self.system)
+    labels = [IGNORE] * len(ids)
+    used = 0
+    for i, (role, content) in enumerate(turns):
+      if role == "user":
+        content, used = _expand(content, audio_tokens, used)
+        piece = self._enc("USER:") + self._enc(content)
+        ids += piece
+        labels += [IGNORE] * len(piece)
+      else:
+        head = self._enc("ASSISTANT:")
+        ids += head
+        labels += [IGNORE] * len(head)
+        if not content and i == len(turns) - 1:
+          break  # generation slot: the prompt ends with "ASSISTANT:"
+        reply = self._enc(content + tok.eos_token)
+        ids += reply
+        labels += reply
+    _check_used(used, audio_tokens)
+    return ids, labels
+
+
+class ChatTemplate(Template):
+  name = "chat-template"
+
+  def __init__(self, tokenizer, system: str | None = None):
+    super().__init__(tokenizer, system)
+    if not getattr(tokenizer, "chat_template", None):
+      raise ValueError("template 'chat-template': the tokenizer has no chat_template; pick 'llasm-cllama2' "
+                       "or 'llasm-baichuan', or load a tokenizer that ships one")
+    if not getattr(tokenizer, "is_fast", False):
+      raise ValueError("template 'chat-template' needs a fast tokenizer (character offsets for the labels)")
+
+  def _render(self, messages, generation_prompt: bool) -> str:
+    return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+  def _encode(self, turns, audio_tokens):
+    messages = [] if self.system is None or self.system == "" else [{"role": "system", "content": self.system}]
+    spans, used = [], 0
+    for i, (role, content) in enumerate(turns):
+      if role == "user":
+        content, used = _expand(content, audio_tokens, used)
+      elif not content and i == len(turns) - 1:
+        break
+      else:
+        # The assistant's characters: what it adds beyond the prompt that asks for it.
+        start = len(self._render(messages, True))
+        messages.append({"role": role, "content": content})
+        end = len(self._render(messages, False))
+        spans.append((start, end))
+        continue
+      messages.append({"role": role, "content": content})
+    generation = bool(turns) and turns[-1][0] == "assistant" and not turns[-1][1]
+    text = self._render(messages, generation)
+    for start, end in spans:
+      if end > len(text):
+        raise ValueError("the tokenizer's chat template does not render a conversation as an extension of its "
+                         "prefix; labels cannot be placed, use another template")
+    enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = [IGNORE] * len(ids)
+    for k, (a, _) in enumerate(enc["offset_mapping"]):
+      if any(start <= a < end for start, end in spans):
+        labels[k] = ids[k]
+    _check_used(used, audio_tokens)
+    return ids, labels
+
+
+TEMPLATES = {t.name: t for t in (LlasmCllama2, LlasmBaichuan, ChatTemplate)}
+
+
+def get_template(name: str, tokenizer, system: str | None = None) -> Template:
+  if name not in TEMPLATES:
+    raise ValueError(f"template {name!r}: expected one of {', '.join(TEMPLATES)}")
+  return TEMPLATES[name](tokenizer, system)
+
+
+def _check_used(used: int, audio_tokens: Sequence[int]) -> None:
+  if used != len(audio_tokens):
+    raise ValueError(f"{len(audio_tokens)} audios given but the messages hold {used} {AUDIO!r} placeholders")
+
+
+def check_tokenizer_markers(tokenizer, expected: dict[str, int] | None = None) -> dict[str, int]:
+  """Ids of `<au_patch>`, `<au_start>`, `<au_end>` in `tokenizer`; raises if one is missing, is not
+  a single token, or differs from `expected` (the ids of the model config)."""
+  ids = {}
+  for m in MARKERS:
+    got = tokenizer.encode(m, add_special_tokens=False)
+    tid = tokenizer.convert_tokens_to_ids(m)
+    if len(got) != 1 or got[0] != tid or tid == tokenizer.unk_token_id:
+      raise ValueError(f"tokenizer: {m!r} is not one token (got {got}); add the audio tokens with "
+                       f"tokenizer.add_tokens({list(MARKERS)}, special_tokens=True)")
+    ids[m] = tid
+  if expected is not None:
+    for m, tid in ids.items():
+      if expected.get(m, tid) != tid:
+        raise ValueError(f"tokenizer maps {m!r} to {tid} but the model config expects {expected[m]}; "
+                         "use the tokenizer that was saved with the checkpoint")
+  return ids
+
+
+def audio_spans(ids: np.ndarray, start_id: int, end_id: int) -> list[tuple[int, int]]:
+  """[(start, end)) of every `<au_start>...<au_end>` span of int[T] `ids`, in order."""
+  starts = np.flatnonzero(ids == start_id)
+  ends = np.flatnonzero(ids == end_id)
+  return [(int(s), int(e) + 1) for s, e in zip(starts, ends)]
