@@ -64,6 +64,9 @@ LLASM_PRESETS: dict[str, LlasmConfig] = {
     "llasm_baichuan": LlasmConfig(llm=LLAMA_PRESETS["baichuan_7b_llasm"], audio_patch_id=64000,
                                   audio_start_id=64001, audio_end_id=64002),
     "llasm_cllama2_encoder": LlasmConfig(mode="encoder"),
+    # ~100M parameters: the CPU benchmarks' mid-size model.
+    "llasm_100m_encoder": LlasmConfig(audio=WHISPER_PRESETS["whisper_tiny"],
+                                      llm=LLAMA_PRESETS["llama_100m"].replace(vocab_size=32003), mode="encoder"),
     "tiny": LlasmConfig(audio=WHISPER_PRESETS["tiny"], llm=LLAMA_PRESETS["tiny"], audio_token_len=8,
                         stack_factor=4, audio_patch_id=253, audio_start_id=254, audio_end_id=255),
     "tiny_encoder": LlasmConfig(audio=WHISPER_PRESETS["tiny"], llm=LLAMA_PRESETS["tiny"], mode="encoder",
