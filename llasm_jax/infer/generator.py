@@ -1,0 +1,298 @@
+"""The inference API the CLI wraps: load a model folder once, then generate text from text, audio or conversations.
+
+    gen = Generator.load("ckpt/")                       # or mesh=..., rules=... to shard
+    [result] = gen.generate(["What is said here?"], audios=[["a.wav"]], max_new_tokens=64)
+    result.text, result.token_ids, result.prompt_token_ids, result.timings
+
+A prompt is a string (one user message), a list of messages (a conversation, as in
+`llasm_jax.data.templates`), or token ids (audio spans already written). Audios are paths,
+float32[N] waveforms at 16 kHz, or log-mel features float32[M, F].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from llasm_jax import checkpoint
+from llasm_jax.infer.engine import Engine
+from llasm_jax.infer.sampling import SamplingParams
+
+AudioInput = "str | os.PathLike | np.ndarray"
+Prompt = "str | Sequence[dict[str, str]] | Sequence[int]"
+RAW = "none"  # no chat template: BOS + the prompt text
+
+
+@dataclasses.dataclass
+class Result:
+  """One reply. token_ids: generated ids (EOS included when it stopped there); timings: of the
+  whole batch it was generated in (seconds, plus decode_tokens_per_s)."""
+
+  text: str
+  token_ids: list[int]
+  prompt_token_ids: list[int]
+  finish_reason: str  # "eos", "stop" (a stop string) or "length"
+  timings: dict[str, float]
+
+  def as_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+def _eos_ids(folder: str, llm_cfg, tokenizer) -> list[int]:
+  """Every end id the checkpoint names: Llama 3 lists several in its generation config."""
+  ids = [llm_cfg.eos_token_id]
+  for name, key in (("generation_config.json", "eos_token_id"), ("hf_llm_config.json", "eos_token_id")):
+    path = os.path.join(folder, name)
+    if os.path.exists(path):
+      with open(path) as f:
+        value = json.load(f).get(key)
+      ids += value if isinstance(value, list) else [] if value is None else [value]
+  if tokenizer is not None and tokenizer.eos_token_id is not None:
+    ids.append(tokenizer.eos_token_id)
+  return list(dict.fromkeys(int(i) for i in ids))
+
+
+class Generator:
+  """A loaded model, its tokenizer and template; `generate` may be called any number of times
+  (each (batch, length) bucket compiles once)."""
+
+  def __init__(self, engine: Engine, tokenizer=None, *, template: str | None = None, folder: str = ""):
+    self.engine = engine
+    self.tokenizer = tokenizer
+    self.folder = folder
+    self.cfg = engine.audio_cfg  # LlasmConfig, or None for a text-only LLM
+    self.template_name = template or ("llasm-cllama2" if self.cfg is not None else RAW)
+    self._template = None
+    if tokenizer is not None and self.cfg is not None:
+      from llasm_jax.data import templates
+
+      templates.check_tokenizer_markers(tokenizer, {
+          templates.AU_PATCH: self.cfg.audio_patch_id, templates.AU_START: self.cfg.audio_start_id,
+          templates.AU_END: self.cfg.audio_end_id})
+
+  @classmethod
+  def load(cls, folder: str, *, mesh=None, rules=None, template: str | None = None, **run) -> "Generator":
+    """Restores `folder` (a `llasm-jax convert`/`train` output) onto one device, or onto `mesh`
+    sharded by `rules`; `run` sets run-time model fields (dtype, scan_layers, attention_impl)."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+      raise FileNotFoundError(f"--ckpt {folder!r}: no such folder; pass a folder written by `llasm-jax convert`")
+    meta = checkpoint.read_meta(folder)
+    if meta["kind"] == "whisper":
+      raise ValueError(f"--ckpt {folder!r} holds Whisper alone; generation needs a 'llasm' or 'llama' "
+                       "checkpoint (convert with --llm, and --whisper for audio)")
+    tokenizer = None
+    if any(os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer.model")):
+      from transformers import AutoTokenizer
+
+      tokenizer = AutoTokenizer.from_pretrained(folder)
+    model, _ = checkpoint.load_model(folder, mesh=mesh, rules=rules, **run)
+    llm_cfg = model.llm.cfg if meta["kind"] == "llasm" else model.cfg
+    engine = Engine(model, mesh=mesh, rules=rules, eos_ids=_eos_ids(folder, llm_cfg, tokenizer),
+                    pad_id=None if tokenizer is None or tokenizer.pad_token_id is None else tokenizer.pad_token_id)
+    return cls(engine, tokenizer, template=template, folder=folder)
+
+  # ---- inputs ----------------------------------------------------------------------------
+
+  def _need_tokenizer(self, what: str):
+    if self.tokenizer is None:
+      raise ValueError(f"{what} needs a tokenizer, and {self.folder or 'this model'} has none "
+                       "(tokenizer.json / tokenizer.model); pass token ids instead, or convert from a "
+                       "folder that holds the tokenizer")
+
+  def features(self, audio) -> list[np.ndarray]:
+    """One audio -> its log-mel features float32[M, F], one per 30 s window ("encoder" mode
+    splits longer audio; "llasm" mode, as released, reads the first 30 s)."""
+    from llasm_jax.data import audio as audio_io, features
+
+    cfg = self.cfg
+    if cfg is None:
+      raise ValueError("this checkpoint is a text-only LLM; it cannot take audio")
+    if isinstance(audio, np.ndarray) and audio.ndim == 2:
+      return [audio.astype(np.float32)]
+    if isinstance(audio, (str, os.PathLike)):
+      samples = audio_io.load_audio(audio)
+      name = os.fspath(audio)
+    else:
+      samples, name = np.asarray(audio, np.float32).reshape(-1), "waveform"
+    if samples.size == 0:
+      raise audio_io.AudioError(name, "empty", "no samples (0 s of audio)")
+    windows = [samples] if cfg.mode == "llasm" else audio_io.split_windows(samples)
+    # A clip shorter than one FFT frame still gives Whisper at least one frame of input.
+    windows = [np.pad(w, (0, max(0, features.N_FFT - len(w)))) for w in windows]
+    return [features.log_mel(w, cfg.audio.num_mel_bins, cfg.mode) for w in windows]
+
+  def encode_prompt(self, prompt, mels: Sequence[Sequence[np.ndarray]], template: str | None = None) -> list[int]:
+    """Token ids of one prompt whose audios have features `mels` (one list per audio, one
+    entry per 30 s window); audio placeholders `<audio>` become marker spans."""
+    if not isinstance(prompt, str) and len(prompt) and isinstance(prompt[0], (int, np.integer)):
+      return [int(t) for t in prompt]
+    self._need_tokenizer("a text prompt")
+    from llasm_jax.data import templates
+
+    name = template or self.template_name
+    # Every window of an audio is its own span; a placeholder stands for the whole audio.
+    counts = [self.cfg.audio_tokens(m.shape[-1]) for windows in mels for m in windows] if self.cfg else []
+    placeholder = [templates.AUDIO * len(windows) for windows in mels]
+    if isinstance(prompt, str):
+      holders = prompt.count(templates.AUDIO)
+      if holders == 0 and mels:  # audio first, then the question, as the LLaSM demo sends them
+        prompt = "".join([templates.AUDIO] * len(mels)) + ("\n" + prompt if prompt else "")
+      messages = [{"role": "user", "content": prompt}]
+    else:
+      messages = [dict(m) for m in prompt]
+    # Expand each audio's placeholder to one placeholder per window, in order.
+    k = 0
+    for m in messages:
+      content = m.get("content", m.get("value", ""))
+      parts = content.split(templates.AUDIO)
+      out = parts[0]
+      for part in parts[1:]:
+        out += (placeholder[k] if k < len(placeholder) else templates.AUDIO) + part
+        k += 1
+      m["content"] = out
+      m.pop("value", None)
+    if name == RAW:
+      text = "".join(m["content"] for m in messages if m.get("role", m.get("from")) in ("user", "human"))
+      templates.check_text(text, "prompt")
+      pieces = text.split(templates.AUDIO)
+      if len(pieces) - 1 != len(counts):
+        raise ValueError(f"{len(counts)} audio windows but the prompt holds {len(pieces) - 1} {templates.AUDIO!r}")
+      text = pieces[0] + "".join(templates.audio_span(c) + p for c, p in zip(counts, pieces[1:]))
+      return self.tokenizer.encode(text, add_special_tokens=True)
+    if messages[-1].get("role", messages[-1].get("from")) not in ("assistant", "gpt"):
+      messages.append({"role": "assistant", "content": ""})  # the generation slot
+    ids, _ = templates.get_template(name, self.tokenizer).encode(messages, counts)
+    return ids.tolist()
+
+  # ---- generation ------------------------------------------------------------------------
+
+  def generate(
+      self,
+      prompts: Sequence[Any],
+      audios: Sequence[Sequence[Any]] | None = None,
+      *,
+      template: str | None = None,
+      max_new_tokens: int = 256,
+      temperature: float = 0.0,
+      top_k: int = 0,
+      top_p: float = 1.0,
+      seed: int = 0,
+      stop: Sequence[str] = (),
+      stream: Callable[[int, str], None] | None = None,
+  ) -> list[Result]:
+    """Replies to each prompt. audios: per prompt, a list of audios (paths, 16 kHz waveforms or
+    mel features), in the order of the prompt's `<audio>` placeholders (a string prompt
+    without placeholders gets them in front). stop: strings that end a reply (not included
+    in its text). stream(row, text): called with each new piece of text as it is decoded."""
+    if isinstance(prompts, (str, bytes)):
+      raise ValueError("prompts should be a list (one entry per prompt), got a single string")
+    t_start = time.perf_counter()
+    if audios is not None and len(audios) != len(prompts):
+      raise ValueError(f"{len(audios)} audio lists for {len(prompts)} prompts; pass one list (maybe empty) per prompt")
+    mels = [[self.features(a) for a in row] for row in (audios or [[]] * len(prompts))]
+    features_s = time.perf_counter() - t_start
+    ids = [self.encode_prompt(p, m, template) for p, m in zip(prompts, mels)]
+    flat_mels = [[w for windows in row for w in windows] for row in mels]
+    if stop or stream:
+      self._need_tokenizer("stop strings and streaming")
+    texts = _Texts(self, len(ids), list(stop), stream)
+    outs, timings = self.engine.generate(
+        ids, flat_mels if any(flat_mels) else None, max_new_tokens=max_new_tokens,
+        sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
+        callback=texts.update if (stop or stream) else None,
+        # Stop strings alone need no per-token look: 8 tokens per check, then trim.
+        chunk_tokens=8 if stop and not stream else None)
+    times = {"features_s": features_s, **timings.as_dict(), "total_s": time.perf_counter() - t_start}
+    results = []
+    for b, out in enumerate(outs):
+      token_ids, text = texts.finish(b, out.token_ids)
+      reason = "stop" if texts.hit[b] else out.finish_reason
+      results.append(Result(text=text, token_ids=token_ids, prompt_token_ids=out.prompt_token_ids,
+                            finish_reason=reason, timings=times))
+    return results
+
+  def decode(self, token_ids: Sequence[int]) -> str:
+    if self.tokenizer is None:
+      return ""
+    return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+
+class _Texts:
+  """Host-side text of each row while decoding: stop strings and streamed pieces."""
+
+  def __init__(self, gen: Generator, rows: int, stop: list[str], stream):
+    self.gen, self.stop, self.stream = gen, [s for s in stop if s], stream
+    self.sent = [0] * rows  # characters already streamed
+    self.hit = [False] * rows
+
+  def _visible(self, text: str) -> tuple[str, bool]:
+    """Text up to the first stop string, and whether one was found."""
+    cut = [text.index(s) for s in self.stop if s in text]
+    return (text[:min(cut)], True) if cut else (text, False)
+
+  def update(self, rows: list[list[int]]) -> list[bool]:
+    flags = []
+    for b, ids in enumerate(rows):
+      text, hit = self._visible(self.gen.decode(ids))
+      self.hit[b] = self.hit[b] or hit
+      if self.stream is not None:
+        # Hold back what could be the start of a stop string, or half of a multi-byte character.
+        safe = len(text) if hit else len(text) - max(
+            [k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])], default=0)
+        if text[:safe].endswith("\ufffd"):
+          safe -= 1
+        if safe > self.sent[b]:
+          self.stream(b, text[self.sent[b]:safe])
+          self.sent[b] = safe
+      flags.append(hit)
+    return flags
+
+  def finish(self, b: int, ids: list[int]) -> tuple[list[int], str]:
+    """The row's final token ids (cut where a stop string completed) and text (before it)."""
+    text, hit = self._visible(self.gen.decode(ids))
+    if hit:
+      self.hit[b] = True
+      # The shortest prefix of the tokens whose text already holds the stop string.
+      n = next(n for n in range(1, len(ids) + 1) if self._visible(self.gen.decode(ids[:n]))[1])
+      ids = ids[:n]
+    if self.stream is not None and len(text) > self.sent[b]:
+      self.stream(b, text[self.sent[b]:])
+      self.sent[b] = len(text)
+    return ids, text
+
+
+class Chat:
+  """A multi-turn conversation: each `send` adds a user turn (text and/or one audio), generates
+  the reply and keeps it. Audio features are computed once and kept for later turns; each turn
+  prefills the whole conversation again."""
+
+  def __init__(self, generator: Generator, *, template: str | None = None):
+    self.gen, self.template = generator, template
+    self.messages: list[dict[str, str]] = []
+    self.mels: list[list[np.ndarray]] = []  # per audio so far, its windows
+
+  def reset(self) -> None:
+    self.messages, self.mels = [], []
+
+  def send(self, text: str = "", audio=None, **generate_kw) -> Result:
+    """Replies to `text` and/or `audio` (a path, a 16 kHz waveform or mel features); a failed
+    turn (say, an undecodable file) leaves the conversation as it was."""
+    from llasm_jax.data.templates import AUDIO
+
+    if not text and audio is None:
+      raise ValueError("send text, audio, or both")
+    new = [] if audio is None else [self.gen.features(audio)]
+    content = (AUDIO + ("\n" + text if text else "")) if new else text
+    messages = self.messages + [{"role": "user", "content": content}]
+    mels = self.mels + new
+    ids = self.gen.encode_prompt(messages, mels, self.template)
+    [result] = self.gen.generate([ids], [[w for windows in mels for w in windows]], **generate_kw)
+    self.messages = messages + [{"role": "assistant", "content": result.text}]
+    self.mels = mels
+    return result

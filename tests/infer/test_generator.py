@@ -1,0 +1,167 @@
+"""`Generator` and `Chat` on tiny converted checkpoints with a real tokenizer: templates, audio files,
+stop strings, streaming, and the errors users meet."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+import tokenizers
+import torch
+import transformers as tf
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from llasm_jax.cli import synth_speech
+from llasm_jax.convert.convert import convert
+from llasm_jax.data import features, templates
+from llasm_jax.data.audio import AudioError
+from llasm_jax.infer import Engine
+from llasm_jax.infer.generator import Chat, Generator
+from tests.models.test_whisper import randomize_biases, tiny_whisper_config
+
+CORPUS = ["the quick brown fox jumps over the lazy dog", "what is said in this audio?", "hello world",
+          "please transcribe the speech", "you are a helpful language and speech assistant"]
+
+
+def tiny_tokenizer(vocab_size=300) -> tf.PreTrainedTokenizerFast:
+  """A byte-level BPE trained offline on a few sentences; BOS in front, as LLaMA tokenizers add it."""
+  tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+  return tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def make_checkpoints(root, mode="encoder") -> dict[str, str]:
+  """Converted folders: "llasm" (LLM + Whisper, tokenizer with audio markers), "llama" (text
+  only), "whisper" (Whisper alone)."""
+  tok = tiny_tokenizer()
+  torch.manual_seed(0)
+  llm = tf.LlamaForCausalLM(tf.LlamaConfig(
+      vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, initializer_range=0.1, bos_token_id=1, eos_token_id=2))
+  llm.save_pretrained(root / "hf_llm")
+  tok.save_pretrained(root / "hf_llm")
+  whisper = tf.WhisperModel(tiny_whisper_config())
+  randomize_biases(whisper)
+  whisper.save_pretrained(root / "hf_whisper")
+  out = {k: str(root / k) for k in ("llasm", "llama", "whisper")}
+  convert(str(root / "hf_llm"), str(root / "hf_whisper"), out=out["llasm"], mode=mode, progress=False)
+  convert(str(root / "hf_llm"), out=out["llama"], progress=False)
+  convert(whisper_dir=str(root / "hf_whisper"), out=out["whisper"], progress=False)
+  return out
+
+
+def write_wav(path, seconds, seed=0):
+  sf.write(path, synth_speech(seconds, seed), 16000)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+  root = tmp_path_factory.mktemp("ckpts")
+  out = make_checkpoints(root)
+  out["wav"] = write_wav(root / "speech.wav", 1.5)
+  out["wav2"] = write_wav(root / "speech2.wav", 2.5, seed=1)
+  return out
+
+
+@pytest.fixture(scope="module")
+def gen(ckpts):
+  return Generator.load(ckpts["llasm"])
+
+
+def test_prompt_follows_the_template_and_reply_decodes(gen, ckpts):
+  [res] = gen.generate(["what is said in this audio?"], audios=[[ckpts["wav"]]], max_new_tokens=6)
+  mel = features.log_mel(np.asarray(sf.read(ckpts["wav"], dtype="float32")[0]), 80, "encoder")
+  tok = gen.tokenizer
+  expected, _ = templates.get_template("llasm-cllama2", tok).encode(
+      [{"role": "user", "content": "<audio>\nwhat is said in this audio?"}, {"role": "assistant", "content": ""}],
+      [gen.cfg.audio_tokens(mel.shape[1])])
+  assert res.prompt_token_ids == expected.tolist()
+  assert len(res.token_ids) == 6 or res.finish_reason == "eos"
+  assert res.text == tok.decode(res.token_ids, skip_special_tokens=True)
+  assert {"audio_s", "prefill_s", "decode_s", "decode_tokens_per_s", "features_s", "total_s"} <= set(res.timings)
+  # The same ids and features through the engine directly give the same tokens.
+  outs, _ = gen.engine.generate([res.prompt_token_ids], [[mel]], max_new_tokens=6)
+  assert outs[0].token_ids == res.token_ids
+
+
+def test_batch_with_different_audio_counts_equals_one_by_one(gen, ckpts):
+  prompts = ["hello world", "what is said in this audio?", "<audio> then <audio>, compare them"]
+  audios = [[], [ckpts["wav"]], [ckpts["wav2"], ckpts["wav"]]]
+  batch = gen.generate(prompts, audios, max_new_tokens=5)
+  for p, a, r in zip(prompts, audios, batch):
+    [single] = gen.generate([p], [a], max_new_tokens=5)
+    assert single.token_ids == r.token_ids and single.prompt_token_ids == r.prompt_token_ids
+  assert r.prompt_token_ids.count(gen.cfg.audio_start_id) == 2
+
+
+def test_stop_strings_and_streaming(gen, ckpts):
+  kw = dict(audios=[[ckpts["wav"]]], max_new_tokens=24, temperature=1.0, seed=3)
+  [full] = gen.generate(["please transcribe the speech"], **kw)
+  assert len(full.text) > 8, full.text
+  stop = full.text[5:8]
+  pieces = []
+  [res] = gen.generate(["please transcribe the speech"], stop=[stop], stream=lambda row, t: pieces.append(t), **kw)
+  assert res.finish_reason == "stop"
+  assert res.text == full.text[:full.text.index(stop)]
+  assert "".join(pieces) == res.text
+  assert res.token_ids == full.token_ids[:len(res.token_ids)]
+  assert stop in gen.decode(res.token_ids) and stop not in gen.decode(res.token_ids[:-1])
+  pieces = []
+  [streamed] = gen.generate(["please transcribe the speech"], stream=lambda row, t: pieces.append(t), **kw)
+  assert "".join(pieces) == streamed.text == full.text and len(pieces) > 1
+
+
+def test_long_audio_is_split_into_30s_windows_in_encoder_mode(gen, tmp_path):
+  wav = write_wav(tmp_path / "long.wav", 31.0)
+  [res] = gen.generate(["what is said in this audio?"], [[wav]], max_new_tokens=2)
+  spans = templates.audio_spans(np.asarray(res.prompt_token_ids), gen.cfg.audio_start_id, gen.cfg.audio_end_id)
+  assert [e - s - 2 for s, e in spans] == [gen.cfg.audio_tokens(3000), gen.cfg.audio_tokens(100)]
+
+
+def test_chat_keeps_the_conversation(gen, ckpts):
+  chat = Chat(gen)
+  first = chat.send(audio=ckpts["wav"], max_new_tokens=4)
+  second = chat.send("what is said in this audio?", max_new_tokens=4)
+  assert second.prompt_token_ids[:len(first.prompt_token_ids)] == first.prompt_token_ids
+  assert second.prompt_token_ids.count(gen.cfg.audio_patch_id) == first.prompt_token_ids.count(gen.cfg.audio_patch_id)
+  assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]
+  with pytest.raises(AudioError, match="file not found"):
+    chat.send(audio="/nonexistent.wav")
+  assert len(chat.messages) == 4  # a failed turn changes nothing
+
+
+def test_text_only_llm(ckpts):
+  gen = Generator.load(ckpts["llama"])
+  [res] = gen.generate(["hello world"], max_new_tokens=4)
+  assert res.prompt_token_ids == gen.tokenizer.encode("hello world")
+  assert res.prompt_token_ids[0] == gen.tokenizer.bos_token_id
+  with pytest.raises(ValueError, match="text-only"):
+    gen.generate(["hello"], [[ckpts["wav"]]])
+
+
+def test_errors_name_the_input_and_the_fix(gen, ckpts, tmp_path):
+  with pytest.raises(AudioError, match="file not found"):
+    gen.generate(["hi"], [[str(tmp_path / "missing.wav")]])
+  bad = tmp_path / "bad.mp3"
+  bad.write_bytes(b"this is not audio" * 100)
+  with pytest.raises(AudioError, match="cannot decode"):
+    gen.generate(["hi"], [[str(bad)]])
+  with pytest.raises(ValueError, match="holds Whisper alone"):
+    Generator.load(ckpts["whisper"])
+  with pytest.raises(ValueError, match="not a llasm_jax checkpoint"):
+    Generator.load(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="no such folder"):
+    Generator.load(str(tmp_path / "nope"))
+  with pytest.raises(ValueError, match="template 'nope'"):
+    gen.generate(["hi"], template="nope", max_new_tokens=1)
+  # A tokenizer from another model: its audio markers disagree with the checkpoint.
+  other = tiny_tokenizer()
+  other.add_tokens(["<x>", *templates.MARKERS], special_tokens=True)
+  with pytest.raises(ValueError, match="model config expects"):
+    Generator(gen.engine, other)
