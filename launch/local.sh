@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Runs llasm-jax on this machine (CPU, one GPU or one TPU VM host), from the repository root.
 #
-#   launch/local.sh --config configs/tiny.py --seconds 5
-#   XLA_FLAGS=--xla_force_host_platform_device_count=8 launch/local.sh --batch 8   # 8 simulated CPU devices
+#   launch/local.sh --config configs/tiny_stage1.py --workdir /tmp/tiny_stage1
+#   XLA_FLAGS=--xla_force_host_platform_device_count=8 launch/local.sh --config configs/tiny_stage2.py --config.mesh.shape.fsdp=2   # 8 simulated CPU devices
 #
 # Expects the package installed (pip install -e '.[test]'); uses .venv if there is one.
 set -euo pipefail
 
-COMMAND=demo  # the llasm-jax subcommand to run; becomes "train" once training lands
+COMMAND="${COMMAND:-train}"  # the llasm-jax subcommand: train (default), demo, generate, ...
 
 cd "$(dirname "$0")/.."
 if [[ -z "${VIRTUAL_ENV:-}" && -f .venv/bin/activate ]]; then

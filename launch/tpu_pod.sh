@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs llasm-jax on every worker of a Cloud TPU VM slice (v4/v5e/v5p/v6e pods), all at once.
 #
-#   TPU_NAME=my-v5p-64 ZONE=us-east5-a launch/tpu_pod.sh --config configs/llasm_cllama2_7b.py --batch 64
+#   TPU_NAME=my-v5p-64 ZONE=us-east5-a launch/tpu_pod.sh --config configs/llasm_cllama2_7b_stage1.py --workdir gs://BUCKET/stage1
 #
 # Every host must run the same program at the same time: JAX then sees all chips of the slice
 # as one set of devices (`--distributed` calls jax.distributed.initialize(), which finds the
@@ -10,7 +10,7 @@
 # copied to the workers, e.g. with `gcloud compute tpus tpu-vm scp --recurse --worker=all`).
 set -euo pipefail
 
-COMMAND=demo  # the llasm-jax subcommand to run; becomes "train" once training lands
+COMMAND="${COMMAND:-train}"  # the llasm-jax subcommand: train (default), demo, generate, ...
 
 : "${TPU_NAME:?set TPU_NAME to the TPU VM name}"
 : "${ZONE:?set ZONE to the TPU zone, e.g. us-east5-a}"

@@ -149,7 +149,7 @@ def train(args: argparse.Namespace) -> None:
 
   config = load_config_file(_find_config(args.config))
   apply_overrides(config, args.overrides)
-  run(config, args.workdir)
+  run(config, args.workdir or os.path.join("workdir", pathlib.Path(args.config).stem))
 
 
 def convert(args: argparse.Namespace) -> None:
@@ -164,6 +164,84 @@ def export(args: argparse.Namespace) -> None:
   written = run(args.ckpt, args.out, shard_bytes=int(args.shard_gb * 2**30), overwrite=args.overwrite)
   for folder, nbytes in written.items():
     print(f"wrote {args.out}/{folder} ({nbytes / 2**20:.1f} MiB)")
+
+
+AUDIO_EXTENSIONS = (".wav", ".mp3", ".flac", ".ogg", ".opus", ".m4a", ".aac", ".webm")
+
+
+def _generator(args: argparse.Namespace):
+  """Loads --ckpt once: on one device, or sharded on the mesh of --config / --mesh."""
+  from llasm_jax.config import DEFAULT_RULES
+  from llasm_jax.infer.generator import Generator
+
+  mesh = rules = None
+  if args.config or args.mesh:
+    run_cfg = load_config_file(_find_config(args.config)) if args.config else None
+    rules = tuple(tuple(r) for r in run_cfg.logical_axis_rules) if run_cfg else DEFAULT_RULES
+    mesh = sharding.make_mesh(args.mesh or run_cfg.mesh.shape)
+  run = {"dtype": args.dtype} if args.dtype else {}
+  return Generator.load(args.ckpt, mesh=mesh, rules=rules, template=args.template, **run)
+
+
+def _generate_kw(args: argparse.Namespace) -> dict:
+  return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+              top_p=args.top_p, seed=args.seed, stop=args.stop or ())
+
+
+def _print_piece(row: int, text: str) -> None:
+  print(text, end="", flush=True)
+
+
+def generate(args: argparse.Namespace) -> None:
+  import json
+
+  if not args.prompt and not args.audio:
+    raise ValueError("nothing to reply to: pass --prompt TEXT, --audio FILE, or both")
+  gen = _generator(args)
+  # Token by token to a terminal; a pipe gets the whole reply (or --json) at the end.
+  stream = _print_piece if not args.json and sys.stdout.isatty() else None
+  [res] = gen.generate([args.prompt or ""], [args.audio or []], stream=stream, **_generate_kw(args))
+  if args.json:
+    print(json.dumps(res.as_dict(), ensure_ascii=False))
+  else:
+    print("" if stream else res.text)
+
+
+def _audio_line(line: str) -> tuple[str | None, str]:
+  """A chat line -> (audio path or None, text): the line, or its first word, names an audio file."""
+  if os.path.isfile(line.strip("'\"")) or line.lower().endswith(AUDIO_EXTENSIONS):
+    return line.strip("'\""), ""
+  first, _, rest = line.partition(" ")
+  if os.path.isfile(first) or first.lower().endswith(AUDIO_EXTENSIONS):
+    return first, rest.strip()
+  return None, line
+
+
+def chat(args: argparse.Namespace) -> None:
+  from llasm_jax.infer.generator import Chat
+
+  session = Chat(_generator(args), template=args.template)
+  tty = sys.stdin.isatty()
+  print("chat: type a message, or an audio file path (optionally followed by text) to send that audio; "
+        "/reset starts over, /quit or Ctrl-D ends", file=sys.stderr)
+  while True:
+    if tty:
+      print("> ", end="", file=sys.stderr, flush=True)
+    line = sys.stdin.readline()
+    if not line or line.strip() in ("/quit", "/exit"):
+      break
+    line = line.strip()
+    if not line:
+      continue
+    if line == "/reset":
+      session.reset()
+      continue
+    audio, text = _audio_line(line)
+    try:
+      session.send(text, audio, stream=_print_piece, **_generate_kw(args))
+      print(flush=True)
+    except ValueError as e:  # a bad file or input: say so and keep the conversation going
+      print(f"error: {e}", file=sys.stderr, flush=True)
 
 
 def maybe_initialize_distributed(args: argparse.Namespace) -> None:
@@ -201,8 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(func=demo)
 
   p = sub.add_parser("train", help="LLaSM stage 1 / stage 2 training (resumes from --workdir)")
-  p.add_argument("--config", required=True, help="ml_collections config file, e.g. configs/tiny_stage1.py")
-  p.add_argument("--workdir", required=True, help="checkpoints, logs, TensorBoard events, the final model/")
+  p.add_argument("--config", default="configs/tiny_stage1.py",
+                 help="ml_collections config file (default: %(default)s, a tiny model on synthetic data)")
+  p.add_argument("--workdir", default=None,
+                 help="checkpoints, logs, TensorBoard events, the final model/ (default: workdir/<config name>)")
   p.set_defaults(func=train)
 
   p = sub.add_parser("convert", help="Hugging Face / PyTorch checkpoint folders -> a llasm_jax model folder")
@@ -221,6 +301,28 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--shard-gb", type=float, default=4.0, help="safetensors shard size in GiB")
   p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
   p.set_defaults(func=export)
+
+  for name, help_text in (("generate", "reply to one prompt: text, audio files, or both"),
+                          ("chat", "interactive multi-turn chat; a line naming an audio file sends it")):
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("--ckpt", required=True, help="llasm_jax model folder (from convert or train)")
+    if name == "generate":
+      p.add_argument("--prompt", default="", help="the user's text (audio goes before it unless it holds <audio>)")
+      p.add_argument("--audio", action="append", help="audio file (wav, flac, ogg, mp3, ...); repeat for several")
+      p.add_argument("--json", action="store_true",
+                     help="print one JSON object: text, token_ids, prompt_token_ids, finish_reason, timings")
+    p.add_argument("--template", help="prompt template: llasm-cllama2 (default for LLaSM), llasm-baichuan, "
+                                      "chat-template, or none (BOS + the text; default for a text-only LLM)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the released demo uses 0.2)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", help="stop string (not printed); repeat for several")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's config)")
+    p.add_argument("--config", help="run config whose mesh and logical_axis_rules shard the model")
+    p.add_argument("--mesh", type=_parse_mesh, help="shard on this mesh, e.g. fsdp=2,tensor=4 (DEFAULT_RULES)")
+    p.set_defaults(func=generate if name == "generate" else chat)
   return parser
 
 
