@@ -1,0 +1,540 @@
+"""grain input pipeline: built datasets (or synthetic ones) -> host batches in the training contract.
+
+Legend: B per-host batch, T tokens (a length bucket), A audio slots per sample, M mel bins,
+F mel frames (3000 in "llasm" mode, `mel_frames` in "encoder" mode).
+
+The batch contract (what llasm_jax/train consumes; names and dtypes are fixed):
+  input_ids      int32[B, T]        right-padded with `pad_id`
+  labels         int32[B, T]        -100 where there is no loss (unshifted, HF convention)
+  attention_mask int32[B, T]        1 = real token
+  positions      int32[B, T]        0..T-1 (right padding: positions of real tokens are 0..n-1)
+  mel            float32[B, A, M, F] Whisper log-mel per audio slot, zero-padded, empty slots zero
+  mel_lengths    int32[B, A]        valid mel frames per slot (3000 in "llasm" mode), 0 = empty
+                                    slot; filled slots first
+
+Order of the pipeline: source -> this host's shard -> seeded shuffle -> repeat -> per-sample
+featurize + tokenize (seeded `random_map`: the stage-1 instruction and its side) -> batch with
+static shapes -> threads -> worker processes (`mp_prefetch`). Batches are computed whole in
+one worker and the workers are read round-robin, so the output does not depend on timing and
+the iterator state (`get_state()` / `set_state()`, JSON-serializable) resumes exactly.
+
+Samples that do not fit are cut, never dropped (so shapes, order and state stay simple): a
+sequence longer than T is truncated at T, and audio beyond A slots, or whose marker span would
+cross the cut, is removed together with the text from its `<au_start>` on. In "encoder" mode an
+audio longer than one window (`mel_frames` frames, at most 30 s) takes one slot per window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import logging
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from llasm_jax.data import features, templates
+from llasm_jax.data.audio import SAMPLE_RATE, from_int16, split_windows
+from llasm_jax.models.llasm import LlasmConfig, check_audio_markers
+from llasm_jax.models.whisper import encoder_frames
+
+IGNORE = templates.IGNORE
+BATCH_KEYS = ("input_ids", "labels", "attention_mask", "positions", "mel", "mel_lengths")
+BATCH_AXES = {"input_ids": ("batch", "length"), "labels": ("batch", "length"),
+              "attention_mask": ("batch", "length"), "positions": ("batch", "length"),
+              "mel": ("batch", None, None, None), "mel_lengths": ("batch", None)}
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """What a sample becomes. `buckets`: allowed T values (ascending); None = always `seq_len`."""
+
+  mode: str = "llasm"
+  num_mel_bins: int = 80
+  mel_frames: int = features.MAX_FRAMES  # "encoder" mode: F, and the window length in frames
+  audio_token_len: int = 64
+  stack_factor: int = 8
+  audio_patch_id: int = 32000
+  audio_start_id: int = 32001
+  audio_end_id: int = 32002
+  seq_len: int = 512
+  buckets: tuple[int, ...] | None = None
+  max_audios: int = 1
+  template: str = "llasm-cllama2"
+  system: str | None = None
+  pad_id: int | None = None  # None: the tokenizer's pad, else its eos
+
+  @classmethod
+  def from_model(cls, cfg: LlasmConfig, **kw) -> "PipelineConfig":
+    return cls(mode=cfg.mode, num_mel_bins=cfg.audio.num_mel_bins, audio_token_len=cfg.audio_token_len,
+               stack_factor=cfg.stack_factor, audio_patch_id=cfg.audio_patch_id,
+               audio_start_id=cfg.audio_start_id, audio_end_id=cfg.audio_end_id, **kw)
+
+  def __post_init__(self):
+    if self.mode not in features.MODES:
+      raise ValueError(f"mode {self.mode!r}: expected one of {features.MODES}")
+    if self.mode == "encoder" and not 0 < self.mel_frames <= features.MAX_FRAMES:
+      raise ValueError(f"mel_frames {self.mel_frames}: encoder mode takes 1..{features.MAX_FRAMES} frames (30 s)")
+    if self.buckets is not None:
+      b = tuple(self.buckets)
+      if not b or list(b) != sorted(set(b)) or b[-1] != self.seq_len:
+        raise ValueError(f"buckets {b}: expected ascending lengths ending at seq_len {self.seq_len}")
+    if self.max_audios < 1:
+      raise ValueError(f"max_audios {self.max_audios}: need at least one audio slot")
+
+  @property
+  def frames(self) -> int:
+    """F of the batch."""
+    return features.MAX_FRAMES if self.mode == "llasm" else self.mel_frames
+
+  def audio_tokens(self, mel_frames: int) -> int:
+    """P of one slot: the same rule as `LlasmConfig.audio_tokens`."""
+    if self.mode == "llasm":
+      return self.audio_token_len
+    return -(-encoder_frames(mel_frames) // self.stack_factor)
+
+  def bucket(self, length: int) -> int:
+    for b in self.buckets or (self.seq_len,):
+      if length <= b:
+        return b
+    return self.seq_len
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: random access to records as the builders store them.
+
+
+def find_dataset(path: str) -> str:
+  """The folder holding dataset_info.json: `path` itself, or DIR/<name>/<version> under it."""
+  if os.path.isfile(os.path.join(path, "dataset_info.json")):
+    return path
+  found = sorted(glob.glob(os.path.join(path, "*", "dataset_info.json")) +
+                 glob.glob(os.path.join(path, "*", "*", "dataset_info.json")))
+  if len(found) != 1:
+    what = "no dataset" if not found else f"{len(found)} datasets"
+    raise FileNotFoundError(f"data dir {path!r}: {what} (dataset_info.json) found; pass the folder that "
+                            "`llasm-jax data build` wrote (--out) or its <name>/<version> folder")
+  return os.path.dirname(found[0])
+
+
+class Source:
+  """Random access over one or more built datasets of one kind ("asr" or "instructions")."""
+
+  def __init__(self, paths: str | Sequence[str]):
+    import tensorflow_datasets as tfds
+
+    if isinstance(paths, str):
+      paths = [p for p in paths.split(",") if p]
+    self.paths = [find_dataset(p) for p in paths]
+    self.parts, kinds = [], set()
+    for p in self.paths:
+      builder = tfds.builder_from_directory(p)
+      kinds.add(builder.info.metadata.get("kind") if builder.info.metadata else None)
+      self.parts.append(builder.as_data_source("train"))
+    if len(kinds) != 1 or None in kinds:
+      raise ValueError(f"datasets {self.paths}: mixed or unknown kinds {sorted(map(str, kinds))}; "
+                       "give datasets of one kind (asr or instructions) per pipeline")
+    self.kind = kinds.pop()
+    self.offsets = np.cumsum([0] + [len(s) for s in self.parts])
+
+  def __len__(self) -> int:
+    return int(self.offsets[-1])
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    part = int(np.searchsorted(self.offsets, index, side="right")) - 1
+    return self.parts[part][int(index - self.offsets[part])]
+
+  def __repr__(self):
+    return f"Source({self.paths}, kind={self.kind!r}, len={len(self)})"
+
+
+_WORDS = ("the weather model speech hello world one two three four five paris please what is this "
+          "audio language helpful assistant tell me about a short story").split()
+
+
+class SyntheticSource:
+  """Deterministic records in the builders' format (speech-like audio, word-salad text), for
+  tests and benchmarks. kind "asr": one clip each; "instructions": 1..max_turns spoken turns."""
+
+  def __init__(self, kind: str = "asr", size: int = 64, seed: int = 0, seconds: tuple[float, float] = (1.0, 6.0),
+               max_turns: int = 2):
+    if kind not in ("asr", "instructions"):
+      raise ValueError(f"kind {kind!r}: expected 'asr' or 'instructions'")
+    self.kind, self.size, self.seed, self.seconds, self.max_turns = kind, size, seed, seconds, max_turns
+
+  def __len__(self) -> int:
+    return self.size
+
+  def _clip(self, rng) -> np.ndarray:
+    n = int(rng.uniform(*self.seconds) * SAMPLE_RATE)
+    t = np.arange(n) / SAMPLE_RATE
+    f0 = 100 + 80 * rng.random() + 30 * np.sin(2 * np.pi * 0.5 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 6))
+    env = np.clip(np.sin(2 * np.pi * (3 + rng.random()) * t), 0, None) ** 2
+    x = 0.3 * voiced * env + 0.01 * rng.standard_normal(n)
+    return np.clip(np.rint(x * 32768), -32768, 32767).astype(np.int16)
+
+  def _text(self, rng) -> str:
+    return " ".join(rng.choice(_WORDS, int(rng.integers(2, 10))))
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index) % self.size
+    rng = np.random.default_rng([self.seed, index])
+    if self.kind == "asr":
+      return {"id": f"syn{index}".encode(), "audio": self._clip(rng), "text": self._text(rng).encode(),
+              "language": b"en", "source": b"synthetic"}
+    turns = int(rng.integers(1, self.max_turns + 1))
+    clips = [self._clip(rng) for _ in range(turns)]
+    values = []
+    for _ in range(turns):
+      values += [templates.AUDIO.encode(), self._text(rng).encode()]
+    return {"id": f"syn{index}".encode(), "roles": np.tile(np.int32([0, 1]), turns), "values": values,
+            "audio": np.concatenate(clips), "audio_lengths": np.int32([len(c) for c in clips]),
+            "language": b"en", "source": b"synthetic"}
+
+
+def _str(x) -> str:
+  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-sample transform and batching (run in the grain workers; picklable, state built lazily).
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def load_tokenizer(tokenizer):
+  """A tokenizer object, or one loaded (once per process) from a path / hub name."""
+  if not isinstance(tokenizer, str):
+    return tokenizer
+  if tokenizer not in _TOKENIZERS:
+    from transformers import AutoTokenizer
+
+    _TOKENIZERS[tokenizer] = AutoTokenizer.from_pretrained(tokenizer)
+  return _TOKENIZERS[tokenizer]
+
+
+class Featurize:
+  """record (+ rng) -> one sample: input_ids/labels int32[n], mel float32[a, M, F], mel_lengths int32[a]."""
+
+  def __init__(self, cfg: PipelineConfig, tokenizer, kind: str):
+    self.cfg, self.tokenizer, self.kind = cfg, tokenizer, kind
+    self._template = None
+    self._truncated = 0
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_template"] = None  # rebuilt in each worker
+    return state
+
+  @property
+  def template(self) -> templates.Template:
+    if self._template is None:
+      tok = load_tokenizer(self.tokenizer)
+      templates.check_tokenizer_markers(tok, {templates.AU_PATCH: self.cfg.audio_patch_id,
+                                              templates.AU_START: self.cfg.audio_start_id,
+                                              templates.AU_END: self.cfg.audio_end_id})
+      self._template = templates.get_template(self.cfg.template, tok, self.cfg.system)
+    return self._template
+
+  def messages(self, record: dict[str, Any], rng: np.random.Generator) -> tuple[list[dict], list[np.ndarray]]:
+    """The conversation (with `<audio>` placeholders) and its audios, float32[N] each."""
+    if self.kind == "asr":
+      return (templates.asr_messages(_str(record["text"]), _str(record["language"]), rng),
+              [from_int16(record["audio"])])
+    audio = from_int16(record["audio"])
+    bounds = np.cumsum([0] + [int(n) for n in record["audio_lengths"]])
+    audios = [audio[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    roles = ("user", "assistant")
+    msgs = [{"role": roles[int(r)], "content": _str(v)} for r, v in zip(record["roles"], record["values"])]
+    return msgs, audios
+
+  def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    cfg = self.cfg
+    msgs, audios = self.messages(record, rng)
+    # Slots: one per audio ("llasm": trimmed to 30 s by the features) or per window ("encoder").
+    slots_per_audio, mels = [], []
+    for audio in audios:
+      windows = [audio] if cfg.mode == "llasm" else split_windows(audio, cfg.mel_frames * features.HOP)
+      slots_per_audio.append(len(windows))
+      mels += [features.log_mel(w, cfg.num_mel_bins, cfg.mode) for w in windows]
+    if cfg.mode == "encoder" and any(n > 1 for n in slots_per_audio):
+      msgs = _repeat_placeholders(msgs, slots_per_audio)
+    frames = [m.shape[1] for m in mels]
+    ids, labels = self.template.encode(msgs, [cfg.audio_tokens(f) for f in frames])
+    ids, labels, kept = self._fit(ids, labels)
+    mel = np.zeros((kept, cfg.num_mel_bins, cfg.frames), np.float32)
+    for j in range(kept):
+      mel[j, :, :frames[j]] = mels[j]
+    return {"input_ids": ids, "labels": labels, "mel": mel, "mel_lengths": np.int32(frames[:kept])}
+
+  def _fit(self, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    cfg = self.cfg
+    spans = templates.audio_spans(ids, cfg.audio_start_id, cfg.audio_end_id)
+    kept = 0
+    while kept < len(spans) and kept < cfg.max_audios and spans[kept][1] <= cfg.seq_len:
+      kept += 1
+    cut = min(cfg.seq_len, spans[kept][0] if kept < len(spans) else len(ids))
+    if cut < len(ids):
+      self._truncated += 1
+      if self._truncated <= 5 or self._truncated % 1000 == 0:
+        log.warning("sample of %d tokens and %d audios cut to %d tokens and %d audios (seq_len %d, "
+                    "max_audios %d; %d cut so far in this process)", len(ids), len(spans), cut, kept,
+                    cfg.seq_len, cfg.max_audios, self._truncated)
+    return ids[:cut], labels[:cut], kept
+
+
+def _repeat_placeholders(msgs: list[dict], counts: list[int]) -> list[dict]:
+  """Each audio's `<audio>` written once per window, so every window has its own marker span."""
+  out, k = [], 0
+  for m in msgs:
+    parts = m["content"].split(templates.AUDIO)
+    text = parts[0]
+    for part in parts[1:]:
+      text += templates.AUDIO * counts[k] + part
+      k += 1
+    out.append({**m, "content": text})
+  return out
+
+
+class Collate:
+  """Samples -> one host batch in the contract, padded to the length bucket of the longest."""
+
+  def __init__(self, cfg: PipelineConfig, pad_id: int):
+    self.cfg, self.pad_id = cfg, pad_id
+
+  def __call__(self, samples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    cfg = self.cfg
+    b = len(samples)
+    t = cfg.bucket(max(len(s["input_ids"]) for s in samples))
+    out = {"input_ids": np.full((b, t), self.pad_id, np.int32), "labels": np.full((b, t), IGNORE, np.int32),
+           "attention_mask": np.zeros((b, t), np.int32),
+           "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+           "mel": np.zeros((b, cfg.max_audios, cfg.num_mel_bins, cfg.frames), np.float32),
+           "mel_lengths": np.zeros((b, cfg.max_audios), np.int32)}
+    for i, s in enumerate(samples):
+      n, a = len(s["input_ids"]), len(s["mel_lengths"])
+      out["input_ids"][i, :n] = s["input_ids"]
+      out["labels"][i, :n] = s["labels"]
+      out["attention_mask"][i, :n] = 1
+      out["mel"][i, :a] = s["mel"]
+      out["mel_lengths"][i, :a] = s["mel_lengths"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset.
+
+
+def batched_dataset(source, cfg: PipelineConfig, tokenizer, *, batch_size: int, seed: int = 0,
+                    num_epochs: int | None = None, shard_index: int | None = None, shard_count: int | None = None,
+                    drop_shard_remainder: bool = True):
+  """A grain MapDataset whose element k is host batch k (see the module docstring for the contract).
+
+  source: a `Source`, a `SyntheticSource`, or a path (comma-separated paths) of built datasets.
+  tokenizer: a tokenizer or its path (loaded in each worker). Sharding defaults to this JAX
+  process among all; with `drop_shard_remainder` every shard has the same length (hosts run the
+  same number of steps per epoch); False keeps every sample (disjoint shards whose union is all).
+  num_epochs None repeats forever, reshuffled each epoch.
+  """
+  import grain
+
+  if isinstance(source, str):
+    source = Source(source)
+  kind = getattr(source, "kind", "asr")
+  if shard_index is None or shard_count is None:
+    shard = grain.sharding.ShardByJaxProcess(drop_remainder=drop_shard_remainder)
+    shard_index, shard_count = shard.shard_index, shard.shard_count
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} outside 0..{shard_count - 1}")
+  tok = load_tokenizer(tokenizer)
+  pad_id = cfg.pad_id
+  if pad_id is None:
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+  ds = grain.MapDataset.source(source)
+  n = len(ds)
+  if drop_shard_remainder:
+    n -= n % shard_count
+  ds = ds[shard_index:n:shard_count]
+  if len(ds) < batch_size:
+    raise ValueError(f"shard {shard_index}/{shard_count} holds {len(ds)} samples, fewer than one batch of "
+                     f"{batch_size}; use a smaller batch or a bigger dataset")
+  ds = ds.shuffle(seed=seed).repeat(num_epochs)
+  ds = ds.random_map(Featurize(cfg, tokenizer, kind), seed=seed + 1)
+  return ds.batch(batch_size, drop_remainder=True, batch_fn=Collate(cfg, int(pad_id)))
+
+
+class BatchIterator:
+  """Host batches from worker processes, with a checkpointable position.
+
+  Batch k is a pure function of (data, seed, shard, k), so the state is just k (plus what it
+  was computed from, to catch a resume on other data): it is JSON-serializable and does not
+  depend on the number of workers, so a job may resume on hosts with another CPU count.
+  Call `close()` (or use `with`) to stop the workers.
+  """
+
+  def __init__(self, batches, *, workers: int = 0, threads: int = 2, worker_buffer: int = 2,
+               fingerprint: dict[str, Any] | None = None):
+    self.batches, self.workers, self.threads, self.worker_buffer = batches, workers, threads, worker_buffer
+    self.fingerprint = fingerprint or {}
+    self.step = 0
+    self._it = None
+
+  def _start(self):
+    import grain
+
+    ds = self.batches[self.step:].to_iter_dataset(
+        grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=max(2, 2 * self.threads)))
+    if self.workers > 0:
+      from absl import flags
+
+      # grain reads its absl flags in mp_prefetch; outside an absl app nobody parsed them.
+      if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
+                                                       per_worker_buffer_size=self.worker_buffer))
+    self._it = iter(ds)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self.step >= len(self.batches):
+      raise StopIteration
+    if self._it is None:
+      self._start()
+    batch = next(self._it)
+    self.step += 1
+    if self.workers > 0:
+      # Worker output lives in shared memory that grain frees when the array dies; plain copies
+      # (a few ms) keep its lifetime out of the caller's hands (no leaks at interpreter exit).
+      batch = {k: np.array(v) for k, v in batch.items()}
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {"step": self.step, **self.fingerprint}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    changed = {k: (state.get(k), v) for k, v in self.fingerprint.items() if k in state and state[k] != v}
+    if changed:
+      log.warning("resuming the data iterator on other data or sharding (saved vs now: %s); batches from "
+                  "here on differ from the interrupted run", changed)
+    self.close()
+    self.step = int(state["step"])
+
+  def close(self) -> None:
+    if self._it is not None:
+      close = getattr(self._it, "close", None)
+      if close is not None:
+        close()
+      self._it = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # interpreter shutdown: nothing left to clean up with
+      pass
+
+
+def make_iterator(source, cfg: PipelineConfig, tokenizer, *, batch_size: int, seed: int = 0,
+                  num_epochs: int | None = None, shard_index: int | None = None, shard_count: int | None = None,
+                  drop_shard_remainder: bool = True, workers: int = 0, threads: int = 2,
+                  worker_buffer: int = 2) -> BatchIterator:
+  """`batched_dataset(...)` read by `workers` processes (0: this process) of `threads` threads."""
+  if isinstance(source, str):
+    source = Source(source)
+  batches = batched_dataset(source, cfg, tokenizer, batch_size=batch_size, seed=seed, num_epochs=num_epochs,
+                            shard_index=shard_index, shard_count=shard_count,
+                            drop_shard_remainder=drop_shard_remainder)
+  import grain
+
+  if shard_index is None or shard_count is None:
+    shard = grain.sharding.ShardByJaxProcess(drop_remainder=drop_shard_remainder)
+    shard_index, shard_count = shard.shard_index, shard.shard_count
+  fingerprint = {"seed": seed, "shard": [shard_index, shard_count], "samples": len(source),
+                 "batch_size": batch_size, "seq_len": cfg.seq_len, "mode": cfg.mode}
+  return BatchIterator(batches, workers=workers, threads=threads, worker_buffer=worker_buffer,
+                       fingerprint=fingerprint)
+
+
+def train_iterator(config, cfg: LlasmConfig, *, host_batch: int):
+  """The iterator `llasm_jax/train` asks for: `config.data.dir` (comma-separated datasets) with
+  `config.data.{seq_len, max_audios, mel_frames, seed}`, and optionally `tokenizer` (default:
+  `config.train.init_from`, whose model folder holds the tokenizer), `template`
+  ("llasm-cllama2"), `buckets` (default: none, every batch seq_len long: the same shape on every
+  host), `workers` (default min(8, CPUs)) and `threads`."""
+  data = config.data
+  tokenizer = data.get("tokenizer") or config.get("train", {}).get("init_from")
+  if not data.get("dir"):
+    raise ValueError("config.data.dir is empty; set it to the folder(s) `llasm-jax data build` wrote")
+  if not tokenizer:
+    raise ValueError("no tokenizer: set config.data.tokenizer or config.train.init_from (a model folder)")
+  buckets = data.get("buckets")
+  pcfg = PipelineConfig.from_model(
+      cfg, seq_len=data.seq_len, max_audios=data.max_audios, mel_frames=data.get("mel_frames", features.MAX_FRAMES),
+      buckets=tuple(buckets) if buckets else None, template=data.get("template", "llasm-cllama2"))
+  return make_iterator(data.dir, pcfg, tokenizer, batch_size=host_batch, seed=data.get("seed", 0),
+                       workers=data.get("workers", min(8, os.cpu_count() or 1)), threads=data.get("threads", 2))
+
+
+def check_batch(batch: dict[str, np.ndarray], cfg: LlasmConfig) -> None:
+  """Raises if a host batch breaks the contract or its audio markers disagree with its slots."""
+  b, t = batch["input_ids"].shape
+  for k, dtype in [("input_ids", np.int32), ("labels", np.int32), ("attention_mask", np.int32),
+                   ("positions", np.int32), ("mel", np.float32), ("mel_lengths", np.int32)]:
+    if batch[k].dtype != dtype or batch[k].shape[0] != b:
+      raise ValueError(f"batch[{k!r}]: {batch[k].dtype}{list(batch[k].shape)}, expected {np.dtype(dtype)}[{b}, ...]")
+  lengths = batch["mel_lengths"]
+  tokens = np.where(lengths > 0, np.vectorize(cfg.audio_tokens)(np.maximum(lengths, 1)), 0)
+  check_audio_markers(cfg, batch["input_ids"], tokens)
+
+
+def to_global(batch: dict[str, np.ndarray], mesh, rules, pad_id: int = 0) -> dict:
+  """Host batch -> global jax.Arrays split over the mesh's batch axes (logical name "batch").
+
+  With length buckets, hosts may pick different T for the same step; the hosts agree on the
+  largest first (one tiny all-gather) and pad to it, since every host must pass the same shape.
+  """
+  import jax
+  from jax.sharding import NamedSharding
+
+  from llasm_jax import sharding
+
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    t = int(np.max(multihost_utils.process_allgather(np.int32(batch["input_ids"].shape[1]))))
+    batch = pad_length(batch, t, pad_id)
+  out = {}
+  for name in BATCH_KEYS:
+    spec = sharding.logical_spec(BATCH_AXES[name], rules)
+    out[name] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), batch[name])
+  return out
+
+
+def pad_length(batch: dict[str, np.ndarray], t: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+  """The batch right-padded to T = t (masked positions: `pad_id`, labels -100)."""
+  cur = batch["input_ids"].shape[1]
+  if t < cur:
+    raise ValueError(f"cannot pad a batch of length {cur} to {t}")
+  if t == cur:
+    return batch
+  widths = ((0, 0), (0, t - cur))
+  out = dict(batch)
+  out["input_ids"] = np.pad(batch["input_ids"], widths, constant_values=pad_id)
+  out["labels"] = np.pad(batch["labels"], widths, constant_values=IGNORE)
+  out["attention_mask"] = np.pad(batch["attention_mask"], widths)
+  out["positions"] = np.broadcast_to(np.arange(t, dtype=np.int32), (len(batch["positions"]), t)).copy()
+  return out
