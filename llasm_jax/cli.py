@@ -258,6 +258,56 @@ def maybe_initialize_distributed(args: argparse.Namespace) -> None:
     jax.distributed.initialize()
 
 
+def data_build(args: argparse.Namespace) -> None:
+  from llasm_jax.data import builders
+
+  if args.max_text_tokens and not args.tokenizer:
+    raise ValueError("--max-text-tokens needs --tokenizer (a tokenizer folder or hub name) to count tokens")
+  options = builders.Options(
+      min_seconds=args.min_seconds, max_seconds=args.max_seconds or None, silence_peak=args.silence_peak,
+      max_text_chars=args.max_text_chars, max_text_tokens=args.max_text_tokens, tokenizer=args.tokenizer)
+  if args.kind == "asr":
+    rows = builders.asr_rows(args.manifest, args.librispeech, args.aishell, args.audio_root, args.language)
+  else:
+    rows = builders.instruction_rows(args.json, args.audio_root)
+  result = builders.build(args.kind, rows, args.out, options=options, workers=args.workers,
+                          max_skip_share=args.max_skip_share, overwrite=args.overwrite)
+  print(builders.summary(result))
+
+
+def _data_parser(sub) -> None:
+  data = sub.add_parser("data", help="training datasets (TFDS ArrayRecord) from local audio and text")
+  build = data.add_subparsers(dest="data_command", required=True).add_parser(
+      "build", help="build a dataset; bad rows are skipped and listed in build_report.json")
+  kinds = build.add_subparsers(dest="kind", required=True)
+  for kind, help_text in (("asr", "(audio, transcript, language) rows for stage 1"),
+                          ("instructions", "conversations with spoken human turns for stage 2")):
+    p = kinds.add_parser(kind, help=help_text)
+    if kind == "asr":
+      p.add_argument("--manifest", help='JSONL of {"audio": path, "text": ..., "language": "en"|"zh"}')
+      p.add_argument("--librispeech", help="LibriSpeech folder (*/*/*.trans.txt next to .flac files)")
+      p.add_argument("--aishell", help="AISHELL folder holding transcript/ and wav/")
+      p.add_argument("--language", default="en", help="language of manifest rows without one (default: %(default)s)")
+    else:
+      p.add_argument("--json", required=True, help="LLaSM-Audio-Instructions-style JSON array or JSONL")
+    p.add_argument("--audio-root", help="folder relative audio paths start from (default: the manifest's folder)")
+    p.add_argument("--out", required=True, help="output folder; the dataset goes to OUT/<name>/<version>")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="decoding processes (default: %(default)s; 0 = in this process)")
+    p.add_argument("--min-seconds", type=float, default=0.1, help="shortest audio kept (default: %(default)s)")
+    p.add_argument("--max-seconds", type=float, default=30.0,
+                   help="longest audio kept, 0 = no limit (default: %(default)s, all that llasm mode sees)")
+    p.add_argument("--silence-peak", type=float, default=1e-4, help="audio whose peak is below this is silent")
+    p.add_argument("--max-text-chars", type=int, default=4000 if kind == "asr" else 32000,
+                   help="text budget per row in characters (default: %(default)s)")
+    p.add_argument("--tokenizer", help="tokenizer folder or hub name for --max-text-tokens")
+    p.add_argument("--max-text-tokens", type=int, help="text budget per row in tokens (needs --tokenizer)")
+    p.add_argument("--max-skip-share", type=float, default=0.5,
+                   help="fail if more than this share of the rows is skipped (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    p.set_defaults(func=data_build)
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="llasm-jax", description=__doc__)
   parser.add_argument("--distributed", action="store_true",
@@ -323,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="run config whose mesh and logical_axis_rules shard the model")
     p.add_argument("--mesh", type=_parse_mesh, help="shard on this mesh, e.g. fsdp=2,tensor=4 (DEFAULT_RULES)")
     p.set_defaults(func=generate if name == "generate" else chat)
+
+  _data_parser(sub)
   return parser
 
 

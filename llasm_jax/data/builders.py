@@ -209,6 +209,23 @@ def aishell_rows(root: str) -> list[Row]:
   return rows
 
 
+def asr_rows(manifest: str | None = None, librispeech: str | None = None, aishell: str | None = None,
+             audio_root: str | None = None, language: str = "en") -> list[Row]:
+  """The rows of every given ASR source, one numbering."""
+  if not (manifest or librispeech or aishell):
+    raise BuildError("no ASR source: pass --manifest FILE, --librispeech DIR and/or --aishell DIR")
+  rows = []
+  if manifest:
+    rows += manifest_rows(manifest, audio_root, language)
+  if librispeech:
+    rows += librispeech_rows(librispeech)
+  if aishell:
+    rows += aishell_rows(aishell)
+  for i, row in enumerate(rows):
+    row.index = i
+  return rows
+
+
 def _as_list(value: Any, what: str) -> list[str]:
   if isinstance(value, str):
     return [value]
