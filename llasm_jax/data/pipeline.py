@@ -30,6 +30,7 @@ import dataclasses
 import glob
 import logging
 import os
+import threading
 from typing import Any, Sequence
 
 import numpy as np
@@ -206,17 +207,20 @@ def _str(x) -> str:
 
 
 _TOKENIZERS: dict[str, Any] = {}
+# grain's reader threads call the first sample together; transformers' lazy imports are not thread-safe.
+_LOAD_LOCK = threading.Lock()
 
 
 def load_tokenizer(tokenizer):
   """A tokenizer object, or one loaded (once per process) from a path / hub name."""
   if not isinstance(tokenizer, str):
     return tokenizer
-  if tokenizer not in _TOKENIZERS:
-    from transformers import AutoTokenizer
+  with _LOAD_LOCK:
+    if tokenizer not in _TOKENIZERS:
+      from transformers import AutoTokenizer
 
-    _TOKENIZERS[tokenizer] = AutoTokenizer.from_pretrained(tokenizer)
-  return _TOKENIZERS[tokenizer]
+      _TOKENIZERS[tokenizer] = AutoTokenizer.from_pretrained(tokenizer)
+    return _TOKENIZERS[tokenizer]
 
 
 class Featurize:
@@ -236,10 +240,11 @@ class Featurize:
   def template(self) -> templates.Template:
     if self._template is None:
       tok = load_tokenizer(self.tokenizer)
-      templates.check_tokenizer_markers(tok, {templates.AU_PATCH: self.cfg.audio_patch_id,
-                                              templates.AU_START: self.cfg.audio_start_id,
-                                              templates.AU_END: self.cfg.audio_end_id})
-      self._template = templates.get_template(self.cfg.template, tok, self.cfg.system)
+      with _LOAD_LOCK:
+        templates.check_tokenizer_markers(tok, {templates.AU_PATCH: self.cfg.audio_patch_id,
+                                                templates.AU_START: self.cfg.audio_start_id,
+                                                templates.AU_END: self.cfg.audio_end_id})
+        self._template = templates.get_template(self.cfg.template, tok, self.cfg.system)
     return self._template
 
   def messages(self, record: dict[str, Any], rng: np.random.Generator) -> tuple[list[dict], list[np.ndarray]]:
