@@ -24,13 +24,23 @@ KV_HEADS = {"mha": 4, "gqa": 2}
 LENGTHS = (5, 13, 8)  # different prompt lengths in one batch: left padding
 
 
+def build(name, folder):
+  torch.manual_seed(len(name))
+  hf = tf.LlamaForCausalLM(tf.LlamaConfig(**BASE, num_key_value_heads=KV_HEADS[name])).eval()
+  model = LlamaForCausalLM(llama_config_from_hf(hf.config.to_dict()), rngs=nnx.Rngs(0))
+  load_tensors(model, hf_tensors(hf, folder).items(), keymaps("llama"))
+  return hf, model
+
+
 @pytest.fixture(scope="module", params=sorted(KV_HEADS))
 def pair(request, tmp_path_factory):
-  torch.manual_seed(len(request.param))
-  hf = tf.LlamaForCausalLM(tf.LlamaConfig(**BASE, num_key_value_heads=KV_HEADS[request.param])).eval()
-  model = LlamaForCausalLM(llama_config_from_hf(hf.config.to_dict()), rngs=nnx.Rngs(0))
-  load_tensors(model, hf_tensors(hf, tmp_path_factory.mktemp("llm")).items(), keymaps("llama"))
-  return hf, model
+  return build(request.param, tmp_path_factory.mktemp("llm"))
+
+
+@pytest.fixture(scope="module")
+def gqa(tmp_path_factory):
+  """The model of the engine-only tests (one is enough: they do not depend on the head layout)."""
+  return build("gqa", tmp_path_factory.mktemp("gqa"))[1]
 
 
 def prompts(seed=0, lengths=LENGTHS):
@@ -83,8 +93,8 @@ def count_compiles():
     jax.monitoring.unregister_event_duration_listener(listener)
 
 
-def test_compilations_do_not_grow_with_generated_tokens(pair):
-  _, model = pair
+def test_compilations_do_not_grow_with_generated_tokens(gqa):
+  model = gqa
   engine = Engine(model, eos_ids=[])
   batch = prompts(1)
   engine.generate(batch, max_new_tokens=2)  # compiles prefill and decode for this bucket
@@ -98,8 +108,8 @@ def test_compilations_do_not_grow_with_generated_tokens(pair):
   assert [o.token_ids for o in streamed] == [o.token_ids for o in long] == [o.token_ids for o in chunked]
 
 
-def test_callback_streams_and_stops_rows(pair):
-  _, model = pair
+def test_callback_streams_and_stops_rows(gqa):
+  model = gqa
   engine = Engine(model, eos_ids=[])
   batch = prompts(2)
   full, _ = engine.generate(batch, max_new_tokens=10)
@@ -115,8 +125,8 @@ def test_callback_streams_and_stops_rows(pair):
   assert outs[0].token_ids == full[0].token_ids and outs[0].finish_reason == "length"
 
 
-def test_sampling_is_seeded_and_filters_reduce_to_greedy(pair):
-  _, model = pair
+def test_sampling_is_seeded_and_filters_reduce_to_greedy(gqa):
+  model = gqa
   engine = Engine(model, eos_ids=[])
   batch = prompts(3)
   greedy = [o.token_ids for o in engine.generate(batch, max_new_tokens=12)[0]]
@@ -152,8 +162,8 @@ def test_sample_keeps_exactly_the_filtered_tokens():
   assert np.asarray(greedy).tolist() == [0, 3]
 
 
-def test_input_errors_name_the_problem(pair):
-  _, model = pair
+def test_input_errors_name_the_problem(gqa):
+  model = gqa
   engine = Engine(model)
   with pytest.raises(ValueError, match="prompt 1 is empty"):
     engine.generate([[1, 2], []])

@@ -40,7 +40,10 @@ SCRIPT = textwrap.dedent("""
                 for f in fs:
                     p += [cfg.audio_start_id] + [cfg.audio_patch_id] * cfg.audio_tokens(f) + [cfg.audio_end_id, 5]
         engines = [Engine(single, eos_ids=[]), Engine(sharded, mesh=mesh, rules=DEFAULT_RULES, eos_ids=[])]
-        for sampling in (SamplingParams(), SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=1)):
+        samplings = [SamplingParams()]
+        if meta["kind"] == "llama":  # the sampler is the same code after any prefill
+            samplings.append(SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=1))
+        for sampling in samplings:
             ref, out = [[o.token_ids for o in e.generate(prompts, mels, max_new_tokens=10, sampling=sampling)[0]]
                         for e in engines]
             assert out == ref, (folder, sampling, out, ref)
@@ -48,7 +51,7 @@ SCRIPT = textwrap.dedent("""
             streamed = engines[1].generate(prompts, mels, max_new_tokens=10, sampling=sampling,
                                            callback=lambda rows: None)[0]
             assert [o.token_ids for o in streamed] == ref
-        assert engines[1].traces["decode"] == 2, engines[1].traces  # greedy + sampling
+        assert engines[1].traces["decode"] == len(samplings), engines[1].traces
         print("OK", meta["kind"], ref[1])
 """)
 
