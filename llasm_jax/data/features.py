@@ -74,18 +74,15 @@ def num_frames(num_samples: int, mode: str) -> int:
   return MAX_FRAMES if mode == "llasm" else num_samples // HOP
 
 
-def _supports(num_mel_bins: int) -> list[tuple[int, int, np.ndarray]]:
-  """Per mel bin, the contiguous FFT-bin range where its filter is non-zero and the weights there."""
-  filters = mel_filters(num_mel_bins)
-  out = []
-  for m in range(num_mel_bins):
-    nz = np.flatnonzero(filters[:, m])
-    lo, hi = (int(nz[0]), int(nz[-1]) + 1) if len(nz) else (0, 0)
-    out.append((lo, hi, filters[lo:hi, m]))
-  return out
+@functools.lru_cache(maxsize=None)
+def _sparse_filters(num_mel_bins: int):
+  """The filters as a CSR matrix [M, bins]: each triangle covers a few FFT bins, so the product
+  does ~40x fewer operations than the dense [bins, M] matmul."""
+  import scipy.sparse  # a dependency of librosa
+
+  return scipy.sparse.csr_matrix(mel_filters(num_mel_bins).T)
 
 
-_SUPPORTS: dict[int, list] = {}
 CHUNK = 512  # frames per FFT block: keeps the temporaries in cache instead of fresh pages
 
 
@@ -119,22 +116,24 @@ def log_mel(audio: np.ndarray, num_mel_bins: int = 80, mode: str = "llasm") -> n
   x = np.pad(signal, (N_FFT // 2, max(0, need - N_FFT // 2 - signal_len)), mode="reflect")
   frames = np.lib.stride_tricks.sliding_window_view(x, N_FFT)[::HOP][:live]  # [live, N_FFT]
 
-  if num_mel_bins not in _SUPPORTS:
-    _SUPPORTS[num_mel_bins] = _supports(num_mel_bins)
-  supports = _SUPPORTS[num_mel_bins]
-  # float64 through the FFT and the log keeps us far inside 1e-4 of HF's float32 torch result.
-  mel = np.empty((frames_total, num_mel_bins), np.float64)
-  mel[live:] = 0.0
+  filters = _sparse_filters(num_mel_bins)
+  # float64 through the FFT keeps us far inside 1e-4 of HF's float32 torch result.
+  mel = np.empty((num_mel_bins, live), np.float64)
   window = _window()
   for s in range(0, live, CHUNK):
     spec = np.fft.rfft(frames[s:s + CHUNK] * window, axis=-1)
     power = np.square(spec.real)
     power += np.square(spec.imag)  # [chunk, bins]
-    # Each triangular filter covers a few FFT bins: a sparse product, ~40x fewer operations
-    # than the dense [bins, M] matmul.
-    block = mel[s:s + len(power)]
-    for m, (lo, hi, w) in enumerate(supports):
-      block[:, m] = power[:, lo:hi] @ w
-  logs = np.log10(np.maximum(mel, 1e-10))
-  logs = np.maximum(logs, logs.max() - 8.0)
-  return ((logs + 4.0) / 4.0).T.astype(np.float32)
+    mel[:, s:s + len(power)] = filters @ power.T
+  # float32 log10 is ~3x faster and off by < 1e-6 here.
+  logs = np.log10(np.maximum(mel, 1e-10).astype(np.float32))
+  peak = float(logs.max())
+  if live < frames_total:
+    peak = max(peak, -10.0)  # the silent frames' log10(1e-10)
+  floor = np.float32(peak - 8.0)
+  out = np.empty((num_mel_bins, frames_total), np.float32)
+  np.maximum(logs, floor, out=out[:, :live])
+  out[:, live:] = max(np.float32(-10.0), floor)
+  out += np.float32(4.0)
+  out /= np.float32(4.0)
+  return out
