@@ -174,3 +174,15 @@ def test_cli_build_prints_summary(tmp_path, capsys):
   assert "exists; pass --overwrite" in capsys.readouterr().err
   assert cli.main(["data", "build", "instructions", "--json", str(tmp_path / "none.json"), "--out", str(out)]) == 2
   assert "not found" in capsys.readouterr().err
+
+
+def test_token_budget(tmp_path, tokenizer_dir):
+  weather = os.path.join(ASSETS, "speech_en", "weather.flac")
+  lines = [json.dumps({"audio": weather, "text": "hello world"}),
+           json.dumps({"audio": weather, "text": " ".join(["hello world"] * 20)})]
+  (tmp_path / "m.jsonl").write_text("\n".join(lines))
+  options = builders.Options(max_text_tokens=12, tokenizer=tokenizer_dir)
+  result = builders.build("asr", builders.manifest_rows(str(tmp_path / "m.jsonl")), str(tmp_path / "out"),
+                          options=options, quiet=True)
+  assert result.report["kept"] == 1 and result.report["skipped"] == {"text_too_long": 1}
+  assert "more than --max-text-tokens 12" in result.report["skipped_rows"][0]["message"]
