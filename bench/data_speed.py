@@ -17,7 +17,6 @@ import argparse
 import glob
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time

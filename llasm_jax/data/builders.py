@@ -43,7 +43,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
