@@ -144,7 +144,14 @@ def training_sections(stage: int) -> dict[str, ml_collections.ConfigDict]:
   ))
   data = ml_collections.ConfigDict(dict(
       source="synthetic",  # or "tfds": the datasets of `llasm-jax data build`
-      dir="", seq_len=512, max_audios=1, mel_frames=3000, num_examples=10_000, seed=0,
+      dir="",  # "tfds": comma-separated folders written by `llasm-jax data build`
+      tokenizer="",  # "tfds": tokenizer folder; default: config.train.init_from (a model folder)
+      template="llasm-cllama2",  # "tfds": llasm-cllama2 | llasm-baichuan | chat-template
+      workers=0,  # "tfds": grain worker processes; 0 = min(8, CPUs)
+      threads=2,
+      seq_len=512, max_audios=1, mel_frames=3000,
+      num_examples=10_000,  # "synthetic" only
+      seed=0,
   ))
   return dict(train=train, optim=optim, data=data)
 

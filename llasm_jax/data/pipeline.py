@@ -491,7 +491,7 @@ def train_iterator(config, cfg: LlasmConfig, *, host_batch: int):
       cfg, seq_len=data.seq_len, max_audios=data.max_audios, mel_frames=data.get("mel_frames", features.MAX_FRAMES),
       buckets=tuple(buckets) if buckets else None, template=data.get("template", "llasm-cllama2"))
   return make_iterator(data.dir, pcfg, tokenizer, batch_size=host_batch, seed=data.get("seed", 0),
-                       workers=data.get("workers", min(8, os.cpu_count() or 1)), threads=data.get("threads", 2))
+                       workers=data.get("workers") or min(8, os.cpu_count() or 1), threads=data.get("threads", 2))
 
 
 def check_batch(batch: dict[str, np.ndarray], cfg: LlasmConfig) -> None:

@@ -216,6 +216,9 @@ class Metrics:
         line += f" | MFU {100 * row['mfu']:.1f}%"
     if row["nonfinite_steps"]:
       line += f" | skipped non-finite {row['nonfinite_steps']}"
+    empty = sum(v["target_tokens"] == 0 for v in values)
+    if empty:
+      line += (f" | {empty} steps without target tokens (texts cut at config.data.seq_len? raise it)")
     log(line)
     self.history.append(row)
     if self.writer is not None:
@@ -392,6 +395,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     preempt.restore_handlers()
     metrics_out.close()
     ckpts.close()
+    if hasattr(data, "close"):
+      data.close()  # stops the grain worker processes
   log(stop_reason)
   if stop_reason == "finished":
     save_model(os.path.join(workdir, "model"), cfg, state, config)

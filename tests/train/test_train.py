@@ -193,3 +193,24 @@ def test_stage2_starts_from_the_stage1_model(tmp_path):
   stage2 = _final_params(tmp_path / "stage2")
   for path in stage1:
     np.testing.assert_array_equal(stage2[path], stage1[path], err_msg=path)
+
+
+def test_stage1_on_a_built_asr_dataset(tmp_path):
+  """End to end: HF folders -> convert -> `data build asr` on the shared assets -> train."""
+  from llasm_jax.data import builders
+  from llasm_jax.train.trainer import train
+  from tests.infer.conftest import make_checkpoints
+
+  ckpt = make_checkpoints(tmp_path, mode="encoder")["llasm"]
+  assets = os.path.join(os.path.dirname(ROOT), "shared", "assets")
+  data = builders.build("asr", builders.manifest_rows(os.path.join(assets, "manifest.jsonl")),
+                        str(tmp_path / "asr"), quiet=True)
+  config = tiny_config(stage=1, steps=2)
+  config.model = {"preset": "tiny_encoder"}  # the architecture comes from init_from
+  config.train.init_from = ckpt
+  config.train.batch_size = 2
+  config.data.update(dict(source="tfds", dir=str(tmp_path / "asr"), seq_len=640, mel_frames=1000, workers=1))
+  summary = train(config, str(tmp_path / "work"))
+  assert summary["stop_reason"] == "finished" and summary["step"] == 2
+  assert all(np.isfinite(h["loss"]) and h["loss"] > 0 for h in summary["history"])
+  assert data.path
