@@ -21,11 +21,13 @@ SCRIPT = textwrap.dedent("""
     from llasm_jax import checkpoint, sharding
     from llasm_jax.config import DEFAULT_RULES
     from llasm_jax.infer import Engine, SamplingParams
+    from llasm_jax.infer.generator import Generator
 
     mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
     rng = np.random.RandomState(0)
     for folder in sys.argv[1:]:
-        sharded, meta = checkpoint.load_model(folder, mesh=mesh, rules=DEFAULT_RULES)
+        gen = Generator.load(folder, mesh=mesh, rules=DEFAULT_RULES)  # restored into its shards
+        sharded, meta = gen.engine.model, checkpoint.read_meta(folder)
         single, _ = checkpoint.load_model(folder)
         llm = sharded.llm if meta["kind"] == "llasm" else sharded
         q = llm.model.layers.layers.self_attn.q_proj.kernel[...]
@@ -39,7 +41,7 @@ SCRIPT = textwrap.dedent("""
             for p, fs in zip(prompts, frames):
                 for f in fs:
                     p += [cfg.audio_start_id] + [cfg.audio_patch_id] * cfg.audio_tokens(f) + [cfg.audio_end_id, 5]
-        engines = [Engine(single, eos_ids=[]), Engine(sharded, mesh=mesh, rules=DEFAULT_RULES, eos_ids=[])]
+        engines = [Engine(single, eos_ids=gen.engine.eos_ids), gen.engine]
         samplings = [SamplingParams()]
         if meta["kind"] == "llama":  # the sampler is the same code after any prefill
             samplings.append(SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=1))
@@ -52,6 +54,10 @@ SCRIPT = textwrap.dedent("""
                                            callback=lambda rows: None)[0]
             assert [o.token_ids for o in streamed] == ref
         assert engines[1].traces["decode"] == len(samplings), engines[1].traces
+        # The API on top: same tokens (the prompts are token ids, the audios mel features).
+        api = gen.generate(prompts, mels, max_new_tokens=10, temperature=sampling.temperature, top_k=sampling.top_k,
+                           top_p=sampling.top_p, seed=sampling.seed)  # the last sampling of the loop
+        assert [r.token_ids for r in api] == ref
         print("OK", meta["kind"], ref[1])
 """)
 
