@@ -305,6 +305,41 @@ class Engine:
     with self._tracing_context():
       return fn(self.state, self._put(mel, in_sh[1]), self._put(lengths, in_sh[2]))
 
+  def _pad_prompts(self, prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Left-padded input_ids int32[B, T], attention mask bool[B, T] and active rows bool[B], with B
+    and T bucketed and B a multiple of the devices the batch is split over."""
+    real = len(prompts)
+    rows = -(-bucket(real, minimum=1) // self.batch_multiple) * self.batch_multiple
+    t = bucket(max(map(len, prompts)))
+    input_ids = np.full((rows, t), self.pad_id, np.int32)
+    mask = np.zeros((rows, t), bool)
+    for b in range(rows):
+      p = prompts[b] if b < real else [self.pad_id]  # batch padding: one token, never read
+      input_ids[b, t - len(p):] = p
+      mask[b, t - len(p):] = True
+    return input_ids, mask, np.arange(rows) < real
+
+  def _functions(self, max_len: int, greedy: bool, with_audio: bool):
+    """The jitted prefill and decode of a cache of `max_len` slots, and the shardings of their
+    host inputs ("table" [B, T], "rows" [B], "slots" [B, A], "scalar"; all None on one device)."""
+    if self.mesh is None:
+      sh = dict(table=None, rows=None, scalar=None, slots=None)
+      prefill_in = decode_in = ds_sh = None
+    else:
+      sh = dict(table=self._sh(("batch", "length")), rows=self._sh(("batch",)), scalar=self._replicated())
+      llm_sh = self._state_shardings(self.llm_state)
+      ds_sh = self._decode_state_shardings()
+      sh["slots"] = self._sh(("batch", None))
+      audio_sh = (self._sh(("batch", None, "act_embed")), sh["slots"], sh["slots"]) if with_audio else None
+      sampling_sh = (sh["scalar"],) * 3
+      prefill_in = (llm_sh, sh["table"], sh["table"], sh["rows"], audio_sh, sh["scalar"], *sampling_sh)
+      decode_in = (llm_sh, ds_sh, sh["scalar"], sh["rows"], *sampling_sh)
+    # With and without audio the inputs differ in structure, hence in shardings: two functions.
+    prefill = self._jit("prefill_audio" if with_audio else "prefill", self._prefill_fn, prefill_in, ds_sh,
+                        max_len=max_len, greedy=greedy)
+    decode = self._jit("decode", self._decode_fn, decode_in, ds_sh, donate=(1,), greedy=greedy)
+    return prefill, decode, sh
+
   def generate(
       self,
       prompts: Sequence[Sequence[int]],
@@ -336,18 +371,11 @@ class Engine:
       bad = [t for t in p if not 0 <= t < cfg.vocab_size]
       if bad:
         raise ValueError(f"prompt {i}: token id {bad[0]} is outside the vocab (size {cfg.vocab_size})")
-    timings = Timings(batch=len(prompts))
     real = len(prompts)
-    rows = -(-bucket(real, minimum=1) // self.batch_multiple) * self.batch_multiple
-    t = bucket(max(map(len, prompts)))
+    timings = Timings(batch=real)
+    input_ids, mask, active = self._pad_prompts(prompts)
+    rows, t = input_ids.shape
     max_len = bucket(t + max_new_tokens)
-    input_ids = np.full((rows, t), self.pad_id, np.int32)
-    mask = np.zeros((rows, t), bool)
-    for b in range(rows):
-      p = prompts[b] if b < real else [self.pad_id]  # batch padding: one token, never read
-      input_ids[b, t - len(p):] = p
-      mask[b, t - len(p):] = True
-    active = np.arange(rows) < real
 
     audio = None
     if mels is not None and any(len(m) for m in mels):
@@ -357,32 +385,19 @@ class Engine:
       audio = (embeds, valid, slots)
       timings.audio_s = time.perf_counter() - t0
     elif self.audio_cfg is not None:
-      for i, p in enumerate(prompts):  # markers without audio are an input error too
+      for p in prompts:  # markers without audio are an input error too
         check_audio_markers(self.audio_cfg, np.asarray([p]), np.zeros((1, 1), np.int32))
 
-    m = self.mesh is not None
-    rows_sh, table_sh = (self._sh(("batch",)), self._sh(("batch", "length"))) if m else (None, None)
-    rep = self._replicated() if m else None
-    llm_sh = self._state_shardings(self.llm_state) if m else None
-    ds_sh = self._decode_state_shardings() if m else None
+    prefill, decode, sh = self._functions(max_len, sampling.greedy, audio is not None)
     params = sampling.arrays()
     rng = jax.random.key(sampling.seed)
-    greedy = sampling.greedy
-
-    audio_sh = None
-    if audio is not None and m:
-      audio_sh = (self._sh(("batch", None, "act_embed")), self._sh(("batch", None)), self._sh(("batch", None)))
-    prefill = self._jit("prefill", self._prefill_fn, (llm_sh, table_sh, table_sh, rows_sh, audio_sh, rep, rep, rep, rep),
-                        ds_sh, max_len=max_len, greedy=greedy)
-    decode = self._jit("decode", self._decode_fn, (llm_sh, ds_sh, rep, rows_sh, rep, rep, rep), ds_sh,
-                       donate=(1,), greedy=greedy)
 
     with self._tracing_context():
       t0 = time.perf_counter()
       if audio is not None:
-        audio = (audio[0], audio[1], self._put(audio[2], audio_sh[2] if m else None))
-      ds = prefill(self.llm_state, self._put(input_ids, table_sh), self._put(mask, table_sh), self._put(active, rows_sh),
-                   audio, rng, *params)
+        audio = (audio[0], audio[1], self._put(audio[2], sh["slots"]))
+      ds = prefill(self.llm_state, self._put(input_ids, sh["table"]), self._put(mask, sh["table"]),
+                   self._put(active, sh["rows"]), audio, rng, *params)
       length, done, tokens = self._get(ds.length), self._get(ds.done), self._get(ds.tokens)
       timings.prefill_s = time.perf_counter() - t0
 
@@ -401,7 +416,7 @@ class Engine:
         if int(length) >= max_new_tokens or np.all(done | stopped):
           break
         until = min(int(length) + chunk, max_new_tokens)
-        ds = decode(self.llm_state, ds, self._put(np.int32(until), rep), self._put(stopped, rows_sh), *params)
+        ds = decode(self.llm_state, ds, self._put(np.int32(until), sh["scalar"]), self._put(stopped, sh["rows"]), *params)
         length, done, tokens = self._get(ds.length), self._get(ds.done), self._get(ds.tokens)
       timings.decode_s = time.perf_counter() - t0
       timings.decode_steps = int(length) - 1

@@ -58,6 +58,10 @@ SCRIPT = textwrap.dedent("""
         api = gen.generate(prompts, mels, max_new_tokens=10, temperature=sampling.temperature, top_k=sampling.top_k,
                            top_p=sampling.top_p, seed=sampling.seed)  # the last sampling of the loop
         assert [r.token_ids for r in api] == ref
+        if mels is not None:  # text only on the same engine: the prefill without audio inputs
+            text = [[1, 5, 6, 7, 8], [1, 9]]
+            ref, out = [[o.token_ids for o in e.generate(text, max_new_tokens=10)[0]] for e in engines]
+            assert out == ref, (out, ref)
         print("OK", meta["kind"], ref[1])
 """)
 
