@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -20,28 +20,9 @@ from tqdm import tqdm
 from llasm_jax import checkpoint
 from llasm_jax.convert.configs import llama_config_to_hf, whisper_config_to_hf
 from llasm_jax.convert.convert import AUDIO_TOKENS, FEATURE_FILES, HF_LLM_CONFIG, HF_WHISPER_CONFIG, TOKENIZER_FILES
-from llasm_jax.convert.hf import _stacked, keymaps
-from llasm_jax.convert.keymap import to_hf_layout
+from llasm_jax.convert.hf import iter_hf_tensors, keymaps
 
 DEFAULT_SHARD_BYTES = 4 << 30
-
-
-def iter_hf_tensors(params: dict[str, np.ndarray], maps, prefix: str) -> Iterator[tuple[str, np.ndarray]]:
-  """(HF name, torch-layout array) for the parameters under `prefix`, produced lazily."""
-  for path, array in params.items():
-    if not path.startswith(prefix):
-      continue
-    layers = array.shape[0] if _stacked(path) else None
-    for km in maps:
-      try:
-        names = list(km.hf_names(path, layers))
-        break
-      except KeyError:
-        continue
-    else:
-      raise ValueError(f"parameter {path!r} has no Hugging Face name in the key maps")
-    for name, layer, hook in names:
-      yield name, np.ascontiguousarray(to_hf_layout(array if layer is None else array[layer], hook))
 
 
 def write_safetensors(folder: str, tensors: Iterable[tuple[str, np.ndarray]], shard_bytes: int) -> int:

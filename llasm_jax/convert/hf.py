@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 from flax import nnx, traverse_util
@@ -108,12 +108,12 @@ def _stacked(path: str) -> bool:
   return "/layers/layers/" in path
 
 
-def export_tensors(params: nnx.Module | Mapping[str, np.ndarray], maps: list[KeyMap]) -> dict[str, np.ndarray]:
-  """HF name -> array (torch layout) for every parameter of a model or flat parameter dict."""
-  out = {}
-  if isinstance(params, nnx.Module):
-    params = flat_params(params)
+def iter_hf_tensors(params: Mapping[str, np.ndarray], maps: list[KeyMap],
+                    prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
+  """(HF name, torch-layout array) for the parameters under `prefix`, produced lazily."""
   for path, array in params.items():
+    if not path.startswith(prefix):
+      continue
     array = np.asarray(array)
     layers = array.shape[0] if _stacked(path) else None
     for km in maps:
@@ -125,5 +125,9 @@ def export_tensors(params: nnx.Module | Mapping[str, np.ndarray], maps: list[Key
     else:
       raise ValueError(f"parameter {path!r} has no Hugging Face name in the key maps")
     for name, layer, hook in names:
-      out[name] = np.ascontiguousarray(to_hf_layout(array if layer is None else array[layer], hook))
-  return out
+      yield name, np.ascontiguousarray(to_hf_layout(array if layer is None else array[layer], hook))
+
+
+def export_tensors(params: nnx.Module | Mapping[str, np.ndarray], maps: list[KeyMap]) -> dict[str, np.ndarray]:
+  """HF name -> array (torch layout) for every parameter of a model or flat parameter dict."""
+  return dict(iter_hf_tensors(flat_params(params) if isinstance(params, nnx.Module) else params, maps))
