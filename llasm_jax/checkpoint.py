@@ -34,6 +34,17 @@ META_FILE = "llasm_jax.json"
 PARAMS_DIR = "params"
 FORMAT_VERSION = 1
 KINDS = ("llasm", "llama", "whisper")
+# What travels with the parameters so that one folder is enough to load and run a model.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
+FEATURE_FILES = ("preprocessor_config.json",)
+
+def copy_files(src: str, dst: str, names) -> None:
+  """Copies the files of `names` that `src` has and `dst` lacks."""
+  for n in names:
+    if os.path.exists(os.path.join(src, n)) and not os.path.exists(os.path.join(dst, n)):
+      shutil.copy2(os.path.join(src, n), os.path.join(dst, n))
+
 
 def config_to_dict(cfg) -> dict[str, Any]:
   return dataclasses.asdict(cfg)

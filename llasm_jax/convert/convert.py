@@ -31,9 +31,6 @@ from llasm_jax.models.llasm import LlasmConfig
 from llasm_jax.models.whisper import sinusoids
 
 AUDIO_TOKENS = ("<au_patch>", "<au_start>", "<au_end>")
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
-FEATURE_FILES = ("preprocessor_config.json",)
 HF_LLM_CONFIG = "hf_llm_config.json"
 HF_WHISPER_CONFIG = "hf_whisper_config.json"
 EMBED_ROWS = ("model.embed_tokens.weight", "lm_head.weight")
@@ -86,12 +83,6 @@ def _with_mean_rows(tensors: Iterator[tuple[str, np.ndarray]], vocab: int) -> It
       mean = np.asarray(array, np.float64).mean(axis=0, keepdims=True).astype(array.dtype)
       array = np.concatenate([array, np.repeat(mean, vocab - array.shape[0], axis=0)])
     yield name, array
-
-
-def _copy_files(src: str, dst: str, names) -> None:
-  for n in names:
-    if os.path.exists(os.path.join(src, n)) and not os.path.exists(os.path.join(dst, n)):
-      shutil.copy2(os.path.join(src, n), os.path.join(dst, n))
 
 
 def _fresh_adaptor(cfg: LlasmConfig, seed: int) -> dict[str, np.ndarray]:
@@ -187,10 +178,10 @@ def convert(llm_dir: str | None = None, whisper_dir: str | None = None, *, out: 
     del dest
     # The source configs travel along, so `export` keeps the fields llasm_jax does not model.
     if llm_dir:
-      _copy_files(llm_dir, tmp, TOKENIZER_FILES)
+      checkpoint.copy_files(llm_dir, tmp, checkpoint.TOKENIZER_FILES)
       shutil.copy2(os.path.join(llm_dir, "config.json"), os.path.join(tmp, HF_LLM_CONFIG))
     if whisper_dir:
-      _copy_files(whisper_dir, tmp, FEATURE_FILES)
+      checkpoint.copy_files(whisper_dir, tmp, checkpoint.FEATURE_FILES)
       shutil.copy2(os.path.join(whisper_dir, "config.json"), os.path.join(tmp, HF_WHISPER_CONFIG))
   summary.seconds = time.perf_counter() - start
   return summary

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Iterable
 
 import numpy as np
@@ -19,7 +18,8 @@ from tqdm import tqdm
 
 from llasm_jax import checkpoint
 from llasm_jax.convert.configs import llama_config_to_hf, whisper_config_to_hf
-from llasm_jax.convert.convert import AUDIO_TOKENS, FEATURE_FILES, HF_LLM_CONFIG, HF_WHISPER_CONFIG, TOKENIZER_FILES
+from llasm_jax.checkpoint import FEATURE_FILES, TOKENIZER_FILES
+from llasm_jax.convert.convert import AUDIO_TOKENS, HF_LLM_CONFIG, HF_WHISPER_CONFIG
 from llasm_jax.convert.hf import iter_hf_tensors, keymaps
 
 DEFAULT_SHARD_BYTES = 4 << 30
@@ -73,13 +73,6 @@ def _write_json(path: str, obj) -> None:
     json.dump(obj, f, indent=2)
 
 
-def _copy(src: str, dst: str, names) -> None:
-  os.makedirs(dst, exist_ok=True)
-  for n in names:
-    if os.path.exists(os.path.join(src, n)):
-      shutil.copy2(os.path.join(src, n), os.path.join(dst, n))
-
-
 def export(ckpt: str, out: str, *, shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
            progress: bool = True) -> dict[str, int]:
   """Writes the HF folders of the model in `ckpt` under `out`; returns bytes per folder."""
@@ -104,7 +97,7 @@ def export(ckpt: str, out: str, *, shard_bytes: int = DEFAULT_SHARD_BYTES, overw
       folder = os.path.join(tmp, "llm")
       written["llm"] = write_safetensors(folder, counted(iter_hf_tensors(params, maps, prefix)), shard_bytes)
       _write_json(os.path.join(folder, "config.json"), _hf_config(ckpt, HF_LLM_CONFIG, llama_config_to_hf(lcfg)))
-      _copy(ckpt, folder, TOKENIZER_FILES)
+      checkpoint.copy_files(ckpt, folder, TOKENIZER_FILES)
     if kind in ("whisper", "llasm"):
       wcfg = cfg if kind == "whisper" else cfg.audio
       maps = keymaps("whisper") if kind == "whisper" else keymaps("llasm", cfg.mode)
@@ -114,7 +107,7 @@ def export(ckpt: str, out: str, *, shard_bytes: int = DEFAULT_SHARD_BYTES, overw
       written["whisper"] = write_safetensors(folder, counted(stream), shard_bytes)
       _write_json(os.path.join(folder, "config.json"),
                   _hf_config(ckpt, HF_WHISPER_CONFIG, whisper_config_to_hf(wcfg)))
-      _copy(ckpt, folder, FEATURE_FILES)
+      checkpoint.copy_files(ckpt, folder, FEATURE_FILES)
     if kind == "llasm":
       folder = os.path.join(tmp, "llasm")
       maps = keymaps("llasm", cfg.mode)
@@ -126,7 +119,7 @@ def export(ckpt: str, out: str, *, shard_bytes: int = DEFAULT_SHARD_BYTES, overw
                 llasm_jax_mode=cfg.mode, llasm_jax_stack_factor=cfg.stack_factor,
                 llasm_jax_adaptor_hidden=cfg.adaptor_hidden)
       _write_json(os.path.join(folder, "config.json"), hf)
-      _copy(ckpt, folder, TOKENIZER_FILES)
+      checkpoint.copy_files(ckpt, folder, TOKENIZER_FILES)
       ids = (cfg.audio_patch_id, cfg.audio_start_id, cfg.audio_end_id)
       added_path = os.path.join(folder, "added_tokens.json")
       added = json.load(open(added_path)) if os.path.exists(added_path) else {}

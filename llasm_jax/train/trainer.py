@@ -414,7 +414,5 @@ def save_model(folder: str, cfg: LlasmConfig, state: TrainState, config) -> None
     checkpoint.save_params(tmp, "llasm", cfg, flat, stored_dtype=cfg.llm.param_dtype)
     init_from = config.train.get("init_from")
     if init_from:
-      from llasm_jax.convert.convert import FEATURE_FILES, TOKENIZER_FILES, _copy_files
-
-      _copy_files(init_from, tmp, TOKENIZER_FILES + FEATURE_FILES)
+      checkpoint.copy_files(init_from, tmp, checkpoint.TOKENIZER_FILES + checkpoint.FEATURE_FILES)
   log(f"model written to {folder}")
