@@ -7,7 +7,8 @@ For each model (the `tiny` and `llama_100m` presets of models/llama.py, random f
 the same weights in both frameworks) and batch size: the prefill time of the prompts and the
 decode tokens/s (over all rows, the tokens after the first), greedy, a fixed number of new
 tokens (no EOS). The PyTorch prefill is one forward over the prompts with the cache on; its
-decode rate is (generate(N) - generate(1)) over N - 1 steps. Best of --repeats runs (the CPU
+decode rate is timed inside one generate(N) call (a streamer clocks each token): the N - 1
+steps after the first token. Best of --repeats runs (the CPU
 may be shared: the best run is the least disturbed one), after a warm-up run (which compiles
 the JAX buckets). Ratios > 1 mean llasm_jax is faster.
 """
@@ -58,24 +59,39 @@ def bench_jax(model, prompts, new_tokens, repeats):
 
 def bench_torch(hf, prompts, new_tokens, repeats):
   import torch
+  from transformers.generation.streamers import BaseStreamer
+
+  class Clock(BaseStreamer):
+    """Time of each `put`: the prompt, then every generated token (the whole batch's)."""
+
+    def __init__(self):
+      self.times = []
+
+    def put(self, value):
+      self.times.append(time.perf_counter())
+
+    def end(self):
+      pass
 
   ids = torch.tensor(prompts)
 
-  def generate(n):
-    # min_new_tokens = n: exactly n tokens, whatever the random model predicts.
-    return lambda: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+  def decode_rate():
+    clock = Clock()
+    with torch.no_grad():
+      # min_new_tokens = N: exactly N tokens, whatever the random model predicts.
+      hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                  streamer=clock)
+    assert len(clock.times) == new_tokens + 1
+    return len(prompts) * (new_tokens - 1) / (clock.times[-1] - clock.times[1])
 
-  def timed(fn):
+  def prefill_s():
     t0 = time.perf_counter()
     with torch.no_grad():
-      fn()
+      hf(ids, use_cache=True, logits_to_keep=1)  # as generate's prefill: the last position's logits
     return time.perf_counter() - t0
 
-  timed(generate(new_tokens))  # warm-up
-  prefill = min(timed(lambda: hf(ids, use_cache=True)) for _ in range(repeats))
-  one = min(timed(generate(1)) for _ in range(repeats))
-  full = min(timed(generate(new_tokens)) for _ in range(repeats))
-  return prefill, len(prompts) * (new_tokens - 1) / max(full - one, 1e-9)
+  decode_rate()  # warm-up
+  return min(prefill_s() for _ in range(repeats)), max(decode_rate() for _ in range(repeats))
 
 
 def main():
