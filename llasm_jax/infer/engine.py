@@ -19,6 +19,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import time
 from typing import Callable, Sequence
 
@@ -125,6 +126,8 @@ class Engine:
     self.graphdef, self.state = nnx.split(model)
     self.llm_graphdef, self.llm_state = nnx.split(self.llm)
     self.traces: collections.Counter[str] = collections.Counter()
+    self._audio_memo: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
+    self.audio_memo_size = 64  # audios whose embeddings are remembered
     self._jitted: dict[tuple, Callable] = {}
     # Rows are padded to a multiple of the devices the batch is split over.
     self.batch_multiple = 1
@@ -256,18 +259,16 @@ class Engine:
 
   # ---- host side -------------------------------------------------------------------------
 
-  def _pack_audio(self, prompts: list[list[int]], mels: list[list[np.ndarray]], rows: int):
-    """Checks the markers and packs the audios: mel float32[N, M, F], lengths int32[N], slots int32[B, A]."""
+  def _check_audio(self, prompts: list[list[int]], mels: list[list[np.ndarray]]) -> None:
+    """Raises if a mel has the wrong shape or the markers of a prompt disagree with its audios."""
     cfg = self.audio_cfg
     if cfg is None:
       raise ValueError("this checkpoint is a text-only LLM; it cannot take audio (pass audios=None)")
     if len(mels) != len(prompts):
       raise ValueError(f"{len(mels)} audio lists for {len(prompts)} prompts; pass one list (maybe empty) per prompt")
     m, f_max = cfg.audio.num_mel_bins, cfg.audio.max_mel_frames
-    flat: list[np.ndarray] = []
     for b, (ids, row) in enumerate(zip(prompts, mels)):
       for j, mel in enumerate(row):
-        mel = np.asarray(mel)
         if mel.ndim != 2 or mel.shape[0] != m:
           raise ValueError(f"prompt {b} audio {j}: mel shape {mel.shape}, expected [{m}, frames] "
                            f"(this Whisper has num_mel_bins={m})")
@@ -277,23 +278,64 @@ class Engine:
         if cfg.mode == "llasm" and mel.shape[1] != f_max:
           raise ValueError(f"prompt {b} audio {j}: {mel.shape[1]} mel frames; 'llasm' mode reads features "
                            f"padded to 30 s ({f_max} frames), as Whisper's feature extractor makes them")
-      counts = [cfg.audio_tokens(np.shape(x)[1]) for x in row]
+      counts = [cfg.audio_tokens(x.shape[1]) for x in row]
       check_audio_markers(cfg, np.asarray([ids]), np.asarray([counts or [0]]))
-      flat += row
-    n = max(bucket(max(len(flat), 1), minimum=1), self.batch_multiple)
-    n = -(-n // self.batch_multiple) * self.batch_multiple
-    frames = f_max if cfg.mode == "llasm" else min(f_max, -(-max(x.shape[1] for x in flat) // 256) * 256)
-    mel = np.zeros((n, m, frames), np.float32)
-    lengths = np.zeros((n,), np.int32)
-    for i, x in enumerate(flat):
-      mel[i, :, :x.shape[1]] = x
-      lengths[i] = x.shape[1]
+
+  def _audio_rows(self, n: int) -> int:
+    """Audios in a packed batch: a power of two, a multiple of the devices the batch is split over."""
+    n = max(bucket(max(n, 1), minimum=1), self.batch_multiple)
+    return -(-n // self.batch_multiple) * self.batch_multiple
+
+  def _frames_bucket(self, mels: list[np.ndarray]) -> int:
+    f_max = self.audio_cfg.audio.max_mel_frames
+    if self.audio_cfg.mode == "llasm":
+      return f_max
+    return min(f_max, -(-max(x.shape[1] for x in mels) // 256) * 256)
+
+  def _audio_embeddings(self, mels: list[np.ndarray], timings: "Timings") -> list[np.ndarray]:
+    """Each audio's embeddings float[P_i, D] (its valid tokens only). Whisper runs once per
+    distinct audio: results are remembered (a chat sends its earlier audios again every turn)."""
+    keys = [hashlib.sha1(x.tobytes()).digest() + str(x.shape).encode() for x in mels]
+    todo = list(dict.fromkeys(k for k in keys if k not in self._audio_memo))
+    if todo:
+      t0 = time.perf_counter()
+      new = [mels[keys.index(k)] for k in todo]
+      m = self.audio_cfg.audio.num_mel_bins
+      mel = np.zeros((self._audio_rows(len(new)), m, self._frames_bucket(new)), np.float32)
+      lengths = np.zeros((mel.shape[0],), np.int32)
+      for i, x in enumerate(new):
+        mel[i, :, :x.shape[1]] = x
+        lengths[i] = x.shape[1]
+      embeds, valid = (self._get(a) for a in self.encode_audio(mel, lengths))
+      for i, k in enumerate(todo):
+        self._audio_memo[k] = embeds[i, :int(valid[i].sum())]
+      timings.audio_s = time.perf_counter() - t0
+    out = []
+    for k in keys:
+      self._audio_memo.move_to_end(k)
+      out.append(self._audio_memo[k])
+    while len(self._audio_memo) > self.audio_memo_size:
+      self._audio_memo.popitem(last=False)
+    return out
+
+  def _pack_audio(self, mels: list[list[np.ndarray]], rows: int, timings: "Timings"):
+    """Audio embeddings of every prompt, packed: float[N, P, D], valid bool[N, P] and slots
+    int32[B, A] (row b's a-th audio is number slots[b, a] of N; -1 = none)."""
+    flat = [x for row in mels for x in row]
+    per_audio = self._audio_embeddings(flat, timings)
+    # P of the batch's frame bucket, so the prefill compiles once per bucket.
+    p = self.audio_cfg.audio_tokens(self._frames_bucket(flat))
+    embeds = np.zeros((self._audio_rows(len(flat)), p, per_audio[0].shape[-1]), per_audio[0].dtype)
+    valid = np.zeros(embeds.shape[:2], bool)
+    for i, e in enumerate(per_audio):
+      embeds[i, :len(e)] = e
+      valid[i, :len(e)] = True
     slots = np.full((rows, bucket(max(len(r) for r in mels), minimum=1)), -1, np.int32)
     i = 0
     for b, row in enumerate(mels):
       slots[b, :len(row)] = np.arange(i, i + len(row))
       i += len(row)
-    return mel, lengths, slots
+    return embeds, valid, slots
 
   def encode_audio(self, mel: np.ndarray, lengths: np.ndarray) -> tuple[jax.Array, jax.Array]:
     """Whisper + adaptor over packed audios: float32[N, M, F], int32[N] -> float[N, P, D], bool[N, P]."""
@@ -321,16 +363,16 @@ class Engine:
 
   def _functions(self, max_len: int, greedy: bool, with_audio: bool):
     """The jitted prefill and decode of a cache of `max_len` slots, and the shardings of their
-    host inputs ("table" [B, T], "rows" [B], "slots" [B, A], "scalar"; all None on one device)."""
+    host inputs ("table" [B, T], "rows" [B], "scalar", "audio": embeds, valid, slots; None on one device)."""
     if self.mesh is None:
-      sh = dict(table=None, rows=None, scalar=None, slots=None)
+      sh = dict(table=None, rows=None, scalar=None, audio=(None, None, None))
       prefill_in = decode_in = ds_sh = None
     else:
       sh = dict(table=self._sh(("batch", "length")), rows=self._sh(("batch",)), scalar=self._replicated())
       llm_sh = self._state_shardings(self.llm_state)
       ds_sh = self._decode_state_shardings()
-      sh["slots"] = self._sh(("batch", None))
-      audio_sh = (self._sh(("batch", None, "act_embed")), sh["slots"], sh["slots"]) if with_audio else None
+      sh["audio"] = (self._sh(("batch", None, "act_embed")), self._sh(("batch", None)), self._sh(("batch", None)))
+      audio_sh = sh["audio"] if with_audio else None
       sampling_sh = (sh["scalar"],) * 3
       prefill_in = (llm_sh, sh["table"], sh["table"], sh["rows"], audio_sh, sh["scalar"], *sampling_sh)
       decode_in = (llm_sh, ds_sh, sh["scalar"], sh["rows"], *sampling_sh)
@@ -379,11 +421,9 @@ class Engine:
 
     audio = None
     if mels is not None and any(len(m) for m in mels):
-      t0 = time.perf_counter()
-      mel, lengths, slots = self._pack_audio(prompts, [list(m) for m in mels], rows)
-      embeds, valid = jax.block_until_ready(self.encode_audio(mel, lengths))
-      audio = (embeds, valid, slots)
-      timings.audio_s = time.perf_counter() - t0
+      mels = [[np.asarray(x, np.float32) for x in row] for row in mels]
+      self._check_audio(prompts, mels)
+      audio = self._pack_audio(mels, rows, timings)
     elif self.audio_cfg is not None:
       for p in prompts:  # markers without audio are an input error too
         check_audio_markers(self.audio_cfg, np.asarray([p]), np.zeros((1, 1), np.int32))
@@ -395,7 +435,7 @@ class Engine:
     with self._tracing_context():
       t0 = time.perf_counter()
       if audio is not None:
-        audio = (audio[0], audio[1], self._put(audio[2], sh["slots"]))
+        audio = tuple(self._put(a, s) for a, s in zip(audio, sh["audio"]))
       ds = prefill(self.llm_state, self._put(input_ids, sh["table"]), self._put(mask, sh["table"]),
                    self._put(active, sh["rows"]), audio, rng, *params)
       length, done, tokens = self._get(ds.length), self._get(ds.done), self._get(ds.tokens)

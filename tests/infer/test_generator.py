@@ -60,10 +60,11 @@ def test_long_audio_is_split_into_30s_windows_in_encoder_mode(gen, tmp_path):
   assert [e - s - 2 for s, e in spans] == [gen.cfg.audio_tokens(3000), gen.cfg.audio_tokens(100)]
 
 
-def test_chat_keeps_the_conversation(gen, ckpts):
+def test_chat_keeps_the_conversation(gen, tmp_path):
   chat = Chat(gen)
-  first = chat.send(audio=ckpts["wav"], max_new_tokens=4)
+  first = chat.send(audio=write_wav(tmp_path / "new.wav", 1.5, seed=5), max_new_tokens=4)
   second = chat.send("what is said in this audio?", max_new_tokens=4)
+  assert first.timings["audio_s"] > 0 and second.timings["audio_s"] == 0  # Whisper once per audio
   assert second.prompt_token_ids[:len(first.prompt_token_ids)] == first.prompt_token_ids
   assert second.prompt_token_ids.count(gen.cfg.audio_patch_id) == first.prompt_token_ids.count(gen.cfg.audio_patch_id)
   assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]
