@@ -269,8 +269,8 @@ class _Texts:
 
 class Chat:
   """A multi-turn conversation: each `send` adds a user turn (text and/or one audio), generates
-  the reply and keeps it. Audio features are computed once and kept for later turns; each turn
-  prefills the whole conversation again."""
+  the reply and keeps it. Features are computed once per audio and Whisper runs once per audio
+  (the engine remembers its embeddings); the LLM prefills the whole conversation each turn."""
 
   def __init__(self, generator: Generator, *, template: str | None = None):
     self.gen, self.template = generator, template
