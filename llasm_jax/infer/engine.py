@@ -123,6 +123,7 @@ class Engine:
     self.pad_id = int(pad_id if pad_id is not None else cfg.pad_token_id if cfg.pad_token_id is not None
                       else (self.eos_ids or (0,))[0])
     self.mesh, self.rules = mesh, None if rules is None else tuple(tuple(r) for r in rules)
+    self._place(model)
     self.graphdef, self.state = nnx.split(model)
     self.llm_graphdef, self.llm_state = nnx.split(self.llm)
     self.traces: collections.Counter[str] = collections.Counter()
@@ -135,6 +136,19 @@ class Engine:
       names = sharding.logical_spec(("batch",), self.rules)[0]
       names = () if names is None else (names,) if isinstance(names, str) else names
       self.batch_multiple = int(np.prod([mesh.shape[n] for n in names]))
+
+  def _place(self, model: nnx.Module) -> None:
+    """Puts parameters that are not yet where they belong onto the device (or into their shards
+    on the mesh), once. Host (numpy) parameters, as `convert.hf.load_tensors` leaves them, would
+    otherwise be copied to the device at every call."""
+    state = nnx.state(model)
+    leaves = jax.tree.leaves(state)
+    if self.mesh is None:
+      if any(not isinstance(x, jax.Array) for x in leaves):
+        nnx.update(model, jax.tree.map(jnp.asarray, state))
+    elif any(not isinstance(x, jax.Array) or getattr(x.sharding, "mesh", None) != self.mesh for x in leaves):
+      # `checkpoint.load_model(mesh=, rules=)` restores straight into the shards; this is the fallback.
+      nnx.update(model, jax.device_put(state, sharding.state_shardings(state, self.mesh, self.rules)))
 
   # ---- shardings -------------------------------------------------------------------------
 
