@@ -23,8 +23,6 @@ from llasm_jax import checkpoint
 from llasm_jax.infer.engine import Engine
 from llasm_jax.infer.sampling import SamplingParams
 
-AudioInput = "str | os.PathLike | np.ndarray"
-Prompt = "str | Sequence[dict[str, str]] | Sequence[int]"
 RAW = "none"  # no chat template: BOS + the prompt text
 
 
@@ -114,6 +112,9 @@ class Generator:
     if cfg is None:
       raise ValueError("this checkpoint is a text-only LLM; it cannot take audio")
     if isinstance(audio, np.ndarray) and audio.ndim == 2:
+      if audio.shape[0] != cfg.audio.num_mel_bins:
+        raise ValueError(f"a 2-D audio array {audio.shape} is taken as log-mel features and needs "
+                         f"{cfg.audio.num_mel_bins} mel bins first; pass mono 16 kHz samples float32[N] instead")
       return [audio.astype(np.float32)]
     if isinstance(audio, (str, os.PathLike)):
       samples = audio_io.load_audio(audio)
@@ -158,7 +159,8 @@ class Generator:
       m["content"] = out
       m.pop("value", None)
     if name == RAW:
-      text = "".join(m["content"] for m in messages if m.get("role", m.get("from")) in ("user", "human"))
+      # No template: the turns' texts one after the other (a plain language model continues them).
+      text = "\n".join(m["content"] for m in messages if m["content"])
       templates.check_text(text, "prompt")
       pieces = text.split(templates.AUDIO)
       if len(pieces) - 1 != len(counts):

@@ -80,6 +80,11 @@ def test_text_only_llm(ckpts):
   assert res.prompt_token_ids[0] == gen.tokenizer.bos_token_id
   with pytest.raises(ValueError, match="text-only"):
     gen.generate(["hello"], [[ckpts["wav"]]])
+  chat = Chat(gen)  # no template: the turns' texts one after the other
+  first = chat.send("hello world", max_new_tokens=3)
+  second = chat.send("the quick brown fox", max_new_tokens=3)
+  assert second.prompt_token_ids == gen.tokenizer.encode(
+      "\n".join(t for t in ["hello world", first.text, "the quick brown fox"] if t))
 
 
 def test_errors_name_the_input_and_the_fix(gen, ckpts, tmp_path):
@@ -95,6 +100,8 @@ def test_errors_name_the_input_and_the_fix(gen, ckpts, tmp_path):
     Generator.load(str(tmp_path))
   with pytest.raises(FileNotFoundError, match="no such folder"):
     Generator.load(str(tmp_path / "nope"))
+  with pytest.raises(ValueError, match="taken as log-mel features"):
+    gen.generate(["hi"], [[np.zeros((16000, 2), np.float32)]])
   with pytest.raises(ValueError, match="template 'nope'"):
     gen.generate(["hi"], template="nope", max_new_tokens=1)
   # A tokenizer from another model: its audio markers disagree with the checkpoint.
