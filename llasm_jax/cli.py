@@ -145,11 +145,14 @@ def demo(args: argparse.Namespace) -> None:
 
 def train(args: argparse.Namespace) -> None:
   from llasm_jax.config import apply_overrides
-  from llasm_jax.train.trainer import train as run
+  from llasm_jax.train import trainer
 
   config = load_config_file(_find_config(args.config))
   apply_overrides(config, args.overrides)
-  run(config, args.workdir or os.path.join("workdir", pathlib.Path(args.config).stem))
+  if args.compile_only:
+    trainer.compile_only(config)
+    return
+  trainer.train(config, args.workdir or os.path.join("workdir", pathlib.Path(args.config).stem))
 
 
 def convert(args: argparse.Namespace) -> None:
@@ -333,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="ml_collections config file (default: %(default)s, a tiny model on synthetic data)")
   p.add_argument("--workdir", default=None,
                  help="checkpoints, logs, TensorBoard events, the final model/ (default: workdir/<config name>)")
+  p.add_argument("--compile-only", action="store_true",
+                 help="compile the train step for the config's mesh and print per-device memory, then exit "
+                      "(nothing is allocated: check a 7B config fits before it reaches the hardware)")
   p.set_defaults(func=train)
 
   p = sub.add_parser("convert", help="Hugging Face / PyTorch checkpoint folders -> a llasm_jax model folder")

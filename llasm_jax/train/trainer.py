@@ -287,9 +287,32 @@ class Preemption:
 # The loop
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains until `config.train.steps`, resuming from the latest checkpoint in `workdir`."""
-  workdir = os.path.abspath(workdir)
+@dataclasses.dataclass
+class Setup:
+  """Everything about a run that follows from its config alone (nothing allocated)."""
+
+  cfg: LlasmConfig
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  graphdef: Any
+  labels: Any
+  tx: optax.GradientTransformation
+  state_sharding: TrainState
+  abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
+  batch_sharding: dict[str, jax.sharding.NamedSharding]
+  step: Any  # the jitted train step
+
+  @property
+  def replicated(self) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+  def compile(self, batch):
+    # The rules and mesh must be active while tracing: `constrain` reads them then.
+    with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+      return self.step.lower(self.abstract_state, batch).compile()
+
+
+def prepare(config: ml_collections.ConfigDict) -> Setup:
   cfg = model_config(config)
   rules = tuple(tuple(r) for r in config.logical_axis_rules)
   mesh = sharding.make_mesh(config.mesh.shape)
@@ -297,18 +320,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if tc.batch_size % (tc.grad_accum * mesh.shape["data"] * mesh.shape["fsdp"]):
     raise ValueError(f"config.train.batch_size {tc.batch_size} must divide by grad_accum ({tc.grad_accum}) x "
                      f"data x fsdp ({mesh.shape['data'] * mesh.shape['fsdp']})")
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    with open(os.path.join(workdir, "run.json"), "w") as f:
-      json.dump({"git_revision": git_revision(), "model": checkpoint.config_to_dict(cfg),
-                 "processes": jax.process_count(), "devices": jax.device_count(),
-                 "mesh": dict(mesh.shape)}, f, indent=2)
-  log(f"model: mode {cfg.mode!r}, LLM {cfg.llm.num_hidden_layers}x{cfg.llm.hidden_size}, compute {cfg.llm.dtype}; "
-      f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} processes")
-
-  # Shapes and shardings of everything, without allocating anything.
   graphdef, abs_params, abs_rest = nnx.split(nnx.eval_shape(lambda: Llasm(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
   labels = param_labels(abs_params, tc.trainable)
   tx = make_optimizer(config.optim, labels, tc.steps)
@@ -320,6 +331,67 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                  transform_non_params=lambda _: replicated,
                                  is_leaf=lambda x: isinstance(x, nnx.Variable))
   state_sh = TrainState(step=replicated, params=param_sh, rest=rest_sh, opt_state=opt_sh, rng=replicated)
+  abs_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abs_params, rest=abs_rest,
+                         opt_state=abs_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+  # The shardings tree is a prefix of the state (optax's MaskedNode subtrees hold no arrays).
+  abs_state = jax.tree.map(
+      lambda s, sub: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), sub),
+      state_sh, abs_state, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  first_new_row = None
+  if tc.get("new_token_rows_only"):
+    first_new_row = min(cfg.audio_patch_id, cfg.audio_start_id, cfg.audio_end_id)
+  step_fn = make_train_step(graphdef, tx, labels, grad_accum=tc.grad_accum, first_new_row=first_new_row)
+  batch_sh = {k: jax.sharding.NamedSharding(mesh, sharding.logical_spec(v, rules)) for k, v in BATCH_AXES.items()}
+  jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+                   donate_argnums=(0,))
+  return Setup(cfg, mesh, rules, graphdef, labels, tx, state_sh, abs_state, batch_sh, jitted)
+
+
+def abstract_batch(config, setup: Setup) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes of one global batch, with their shardings."""
+  cfg, data = setup.cfg, config.data
+  b, t, a = config.train.batch_size, data.seq_len, data.max_audios
+  frames = 3000 if cfg.mode == "llasm" else data.mel_frames
+  shapes = {"input_ids": ((b, t), jnp.int32), "labels": ((b, t), jnp.int32), "attention_mask": ((b, t), jnp.int32),
+            "positions": ((b, t), jnp.int32), "mel": ((b, a, cfg.audio.num_mel_bins, frames), jnp.float32),
+            "mel_lengths": ((b, a), jnp.int32)}
+  return {k: jax.ShapeDtypeStruct(s, d, sharding=setup.batch_sharding[k]) for k, (s, d) in shapes.items()}
+
+
+def compile_only(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Compiles the train step for the config's mesh without allocating the model: per-device
+  memory and FLOPs before a job reaches the hardware (run with the target's device count,
+  e.g. XLA_FLAGS=--xla_force_host_platform_device_count=N on a CPU host)."""
+  setup = prepare(config)
+  t0 = time.perf_counter()
+  compiled = setup.compile(abstract_batch(config, setup))
+  seconds = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  out = {"compile_s": round(seconds, 1), "devices": jax.device_count(), "mesh": dict(setup.mesh.shape)}
+  if mem is not None:
+    for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "generated_code_size_in_bytes"):
+      out[k.replace("_in_bytes", "_gib")] = round(getattr(mem, k, 0) / 2**30, 3)
+  log(json.dumps(out, indent=1))
+  return out
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains until `config.train.steps`, resuming from the latest checkpoint in `workdir`."""
+  workdir = os.path.abspath(workdir)
+  setup = prepare(config)
+  cfg, mesh, rules, tc = setup.cfg, setup.mesh, setup.rules, config.train
+  replicated = setup.replicated
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    with open(os.path.join(workdir, "run.json"), "w") as f:
+      json.dump({"git_revision": git_revision(), "model": checkpoint.config_to_dict(cfg),
+                 "processes": jax.process_count(), "devices": jax.device_count(),
+                 "mesh": dict(mesh.shape)}, f, indent=2)
+  log(f"model: mode {cfg.mode!r}, LLM {cfg.llm.num_hidden_layers}x{cfg.llm.hidden_size}, compute {cfg.llm.dtype}; "
+      f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} processes")
+  abs_params, labels = setup.abstract_state.params, setup.labels
   n_train = sum(int(np.prod(x.shape)) for x, lab in zip(jax.tree.leaves(abs_params), jax.tree.leaves(labels))
                 if lab != FROZEN)
   n_all = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abs_params))
@@ -329,31 +401,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   data, host_batch = make_data(config, cfg)
   start = ckpts.latest_step()
   if start is not None:
-    abs_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abs_params, rest=abs_rest,
-                           opt_state=abs_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
-    # The shardings tree is a prefix of the state (optax's MaskedNode subtrees hold no arrays).
-    abs_state = jax.tree.map(
-        lambda s, sub: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), sub),
-        state_sh, abs_state, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-    state, data_state = ckpts.restore(start, abs_state)
+    state, data_state = ckpts.restore(start, setup.abstract_state)
     data.set_state(data_state)
     log(f"resumed from step {start} ({ckpts.dir})")
   else:
-    params, rest = initial_params(config, cfg, mesh, rules, param_sh, rest_sh)
+    sh = setup.state_sharding
+    params, rest = initial_params(config, cfg, mesh, rules, sh.params, sh.rest)
     with jax.set_mesh(mesh):
-      opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+      opt_state = jax.jit(setup.tx.init, out_shardings=sh.opt_state)(params)
     state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params, rest=rest,
                        opt_state=opt_state, rng=jax.device_put(jax.random.key_data(jax.random.key(tc.seed)),
                                                                replicated))
     start = 0
 
-  first_new_row = None
-  if tc.get("new_token_rows_only"):
-    first_new_row = min(cfg.audio_patch_id, cfg.audio_start_id, cfg.audio_end_id)
-  step_fn = make_train_step(graphdef, tx, labels, grad_accum=tc.grad_accum, first_new_row=first_new_row)
-  batch_sh = {k: jax.sharding.NamedSharding(mesh, sharding.logical_spec(v, rules)) for k, v in BATCH_AXES.items()}
-  jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
-                   donate_argnums=(0,))
   trainable_llm = any(lab != FROZEN for lab, p in zip(jax.tree.leaves(labels),
                                                       jax.tree_util.tree_leaves_with_path(abs_params))
                       if path_str(p[0]).startswith("llm/"))
@@ -368,11 +428,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       host = next(data)
       batch = global_batch(host, mesh, rules)
       if compiled is None:
-        # The rules and mesh must be active while tracing: `constrain` reads them then.
-        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-          t0 = time.perf_counter()
-          compiled = jitted.lower(state, batch).compile()
-          log(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
+        t0 = time.perf_counter()
+        compiled = setup.compile(batch)
+        log(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
       state, last_metrics = compiled(state, batch)
       tokens = int(np.sum(host["attention_mask"])) * jax.process_count()
       metrics_out.step(step + 1, last_metrics, tokens, float(lr(step)))

@@ -214,3 +214,11 @@ def test_stage1_on_a_built_asr_dataset(tmp_path):
   assert summary["stop_reason"] == "finished" and summary["step"] == 2
   assert all(np.isfinite(h["loss"]) and h["loss"] > 0 for h in summary["history"])
   assert data.path
+
+
+def test_compile_only_reports_memory_without_allocating(tmp_path):
+  from llasm_jax.train.trainer import compile_only
+
+  out = compile_only(tiny_config())
+  assert out["argument_size_gib"] > 0 and out["temp_size_gib"] >= 0
+  assert not os.listdir(tmp_path)
