@@ -66,6 +66,21 @@ def write_kv(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array,
   return cache_k, cache_v
 
 
+def write_kv_stacked(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array, layer, index):
+  """Writes k, v float[B, T, K, H] into layer `layer` of the stacked caches float[L, B, S, K, H] at
+  slot `index`: returns the updated stacks and that layer's k, v float[B, S, K, H].
+
+  The write goes into the whole stack (a scan carry, so XLA updates it in place) and the
+  layer's slice is read after it, so nothing but the T new slots is written.
+  """
+  start = (layer, 0, index, 0, 0)
+  cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
+  cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
+  layer_kv = (jax.lax.dynamic_index_in_dim(cache_k, layer, keepdims=False),
+              jax.lax.dynamic_index_in_dim(cache_v, layer, keepdims=False))
+  return (cache_k, cache_v), layer_kv
+
+
 def attend(
     q: jax.Array,
     k: jax.Array,

@@ -42,16 +42,24 @@ class LayerStack(nnx.Module):
       method: str = "__call__",
       scan: bool = True,
       remat_policy: str = "none",
+      carry_per_layer: bool = False,
       **shared,
   ) -> tuple[Any, Any]:
     """Threads `x` through the layers: `x, out_l = layer.method(x, per_layer[l], **shared)`.
 
     `per_layer` is a pytree with a leading layer axis (a KV cache slice, say) or None; the
     per-layer outputs come back stacked along a new leading axis.
+
+    With `carry_per_layer`, `per_layer` travels whole in the carry instead:
+    `x, per_layer = layer.method(x, (per_layer, l), **shared)`, and the final `per_layer` comes
+    back. A layer that updates only its own part (one cache slot) then updates it in place;
+    scanning it as xs -> ys copies the whole pytree at every call (a KV cache at every step).
     """
     if remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy {remat_policy!r}: expected one of {sorted(REMAT_POLICIES)}")
     graphdef, params = nnx.split(self.layers)
+    if carry_per_layer:
+      return self._carried(graphdef, params, x, per_layer, method, scan, remat_policy, shared)
 
     def body(carry, xs):
       layer_params, layer_in = xs
@@ -67,3 +75,19 @@ class LayerStack(nnx.Module):
       x, out = body(x, jax.tree.map(lambda a: a[i], (params, per_layer)))
       outs.append(out)
     return x, jax.tree.map(lambda *a: jax.numpy.stack(a), *outs)
+
+  def _carried(self, graphdef, params, x, state, method, scan, remat_policy, shared):
+    def body(carry, xs):
+      x, state = carry
+      layer_params, l = xs
+      layer = nnx.merge(graphdef, layer_params)
+      return getattr(layer, method)(x, (state, l), **shared), None
+
+    if remat_policy != "none":
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan)
+    if scan:
+      (x, state), _ = jax.lax.scan(body, (x, state), (params, jax.numpy.arange(self.num_layers)))
+      return x, state
+    for i in range(self.num_layers):
+      (x, state), _ = body((x, state), (jax.tree.map(lambda a: a[i], params), i))
+    return x, state

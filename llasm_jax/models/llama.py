@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llasm_jax.layers import KVCache, LayerStack, RMSNorm, attend, cached_mask, causal_mask, constrain, dense, param_init
-from llasm_jax.layers.attention import write_kv
+from llasm_jax.layers.attention import write_kv_stacked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,8 +156,8 @@ class LlamaAttention(nnx.Module):
     k = constrain(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", "head_dim"))
     v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
     if cache_kv is not None:
-      cache_kv = write_kv(*cache_kv, k, v, cache_index)
-      k, v = cache_kv
+      (cache_k, cache_v), layer = cache_kv  # the whole stack and this layer's index
+      cache_kv, (k, v) = write_kv_stacked(cache_k, cache_v, k, v, layer, cache_index)
     out = attend(q, k, v, mask, implementation=cfg.attention_impl)
     out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
     return self.o_proj(out.reshape(b, t, -1)), cache_kv
@@ -213,7 +213,7 @@ class LlamaModel(nnx.Module):
       mask, slot_mask = cached_mask(cache, attention_mask)
       per_layer, index = (cache.k, cache.v), cache.index
     x, new_kv = self.layers(
-        x, per_layer, scan=cfg.scan_layers, remat_policy=cfg.remat_policy,
+        x, per_layer, scan=cfg.scan_layers, remat_policy=cfg.remat_policy, carry_per_layer=cache is not None,
         cos=cos, sin=sin, mask=mask, cache_index=index)
     if cache is not None:
       cache = KVCache(k=new_kv[0], v=new_kv[1], mask=slot_mask, index=cache.index + x.shape[1])
