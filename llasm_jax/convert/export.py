@@ -65,7 +65,11 @@ def _hf_config(ckpt: str, source_name: str, ours: dict) -> dict:
   for key in ("model_type", "architectures", "mm_audio_tower", "mm_hidden_size", "audio_token_len", "use_mm_proj",
               "rope_scaling", "rope_parameters", "attention_bias", "llasm_jax_mode"):
     base.pop(key, None)
-  return {**base, **ours}
+  out = {**base, **ours}
+  # LlamaConfig keeps one EOS id; a source listing several (Llama 3) keeps its list.
+  if isinstance(base.get("eos_token_id"), list) and ours.get("eos_token_id") in base["eos_token_id"]:
+    out["eos_token_id"] = base["eos_token_id"]
+  return out
 
 
 def _write_json(path: str, obj) -> None:

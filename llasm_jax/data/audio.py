@@ -64,7 +64,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
 
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise AudioError(path, "missing", "file not found; check the path or --audio-root")
+    raise AudioError(path, "missing", "file not found; check the path (relative paths are resolved from the current folder, or from --audio-root when building datasets)")
   if os.path.getsize(path) == 0:
     raise AudioError(path, "empty", "file is empty (0 bytes)")
   data, rate = _decode(path)

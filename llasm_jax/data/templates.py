@@ -121,7 +121,7 @@ class Template:
   def __init__(self, tokenizer, system: str | None = None):
     self.tokenizer = tokenizer
     self.system = LLASM_SYSTEM if system is None else system
-    check_tokenizer_markers(tokenizer)
+    self._markers_checked = False  # text-only LLMs have no audio tokens: checked once audio shows up
 
   def _enc(self, text: str) -> list[int]:
     return self.tokenizer.encode(text, add_special_tokens=False)
@@ -129,6 +129,9 @@ class Template:
   def encode(self, messages: Sequence[dict[str, Any]], audio_tokens: Sequence[int] = (),
              ) -> tuple[np.ndarray, np.ndarray]:
     turns = _normalise(messages)
+    if len(audio_tokens) and not self._markers_checked:
+      check_tokenizer_markers(self.tokenizer)
+      self._markers_checked = True
     ids, labels = self._encode(turns, list(audio_tokens))
     return np.asarray(ids, np.int32), np.asarray(labels, np.int32)
 
