@@ -43,7 +43,6 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
 
 def jax_step(name: str, steps: int) -> dict:
   from flax import nnx
-  from llasm_jax import sharding
   from llasm_jax.config import llasm_config
   from llasm_jax.models.llasm import Llasm
   from llasm_jax.train.optim import make_optimizer, param_labels

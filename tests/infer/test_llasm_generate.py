@@ -3,11 +3,9 @@
 import numpy as np
 import pytest
 import torch
-import transformers as tf
 
 from llasm_jax.infer import Engine
-from tests.models.test_llasm import PATCH, START, END, build, sample_ids
-from tests.models.test_whisper import tiny_whisper_config
+from tests.models.test_llasm import PATCH, START, END, build, sample_ids, torch_audio_embeds
 
 NEW_TOKENS = 8
 # Per prompt: the mel frames of each of its audios (2, 1 and no audio) and the text around them.
@@ -20,25 +18,6 @@ def inputs(cfg, mode):
   mels = [[rng.uniform(-1, 1, (80, f)).astype(np.float32) for f in frames] for frames in FRAMES[mode]]
   prompts = [sample_ids(rng, LAYOUTS[b], [cfg.audio_tokens(f) for f in frames]) for b, frames in enumerate(FRAMES[mode])]
   return prompts, mels
-
-
-def torch_audio_embeds(mode, whisper, projector, tensors, mel):
-  """The reference audio path of tests/models/test_llasm.py, for one mel float[80, F]."""
-  if mode == "llasm":
-    start = torch.full((1, 64), whisper.config.decoder_start_token_id)
-    return projector(whisper(input_features=torch.tensor(mel[None]), decoder_input_ids=start).last_hidden_state[0])
-  # HF Whisper only takes 30 s: same weights, max_source_positions = frames / 2.
-  short = tf.WhisperModel(tiny_whisper_config(max_source_positions=mel.shape[-1] // 2)).eval()
-  state = dict(whisper.state_dict())
-  state["encoder.embed_positions.weight"] = state["encoder.embed_positions.weight"][:mel.shape[-1] // 2]
-  short.load_state_dict(state)
-  states = short.encoder(torch.tensor(mel[None])).last_hidden_state[0]
-  states = torch.nn.functional.pad(states, (0, 0, 0, -states.shape[0] % 4)).reshape(-1, 4 * 64)
-  lin1, lin2 = torch.nn.Linear(4 * 64, 48), torch.nn.Linear(48, 48)
-  for name, lin in (("linear_1", lin1), ("linear_2", lin2)):
-    lin.weight.data = torch.tensor(tensors[f"model.audio_adaptor.{name}.weight"])
-    lin.bias.data = torch.tensor(tensors[f"model.audio_adaptor.{name}.bias"])
-  return lin2(torch.nn.functional.gelu(lin1(states)))
 
 
 def torch_greedy(llm, prompt, audio_embeds, steps):

@@ -70,6 +70,25 @@ def batch(cfg, mel_frames_per_sample, pad_to):
   return ids, mels, lengths, mask
 
 
+def torch_audio_embeds(mode, whisper, projector, tensors, mel):
+  """The PyTorch audio path for one mel float[80, F]: (decoder queries +) adaptor -> float[P, 48]."""
+  if mode == "llasm":
+    start = torch.full((1, 64), whisper.config.decoder_start_token_id)
+    return projector(whisper(input_features=torch.tensor(mel[None]), decoder_input_ids=start).last_hidden_state[0])
+  # HF Whisper only takes 30 s: same weights, max_source_positions = frames / 2.
+  short = tf.WhisperModel(tiny_whisper_config(max_source_positions=mel.shape[-1] // 2)).eval()
+  state = dict(whisper.state_dict())
+  state["encoder.embed_positions.weight"] = state["encoder.embed_positions.weight"][:mel.shape[-1] // 2]
+  short.load_state_dict(state)
+  states = short.encoder(torch.tensor(mel[None])).last_hidden_state[0]
+  states = torch.nn.functional.pad(states, (0, 0, 0, -states.shape[0] % 4)).reshape(-1, 4 * 64)
+  lin1, lin2 = torch.nn.Linear(4 * 64, 48), torch.nn.Linear(48, 48)
+  for name, lin in (("linear_1", lin1), ("linear_2", lin2)):
+    lin.weight.data = torch.tensor(tensors[f"model.audio_adaptor.{name}.weight"])
+    lin.bias.data = torch.tensor(tensors[f"model.audio_adaptor.{name}.bias"])
+  return lin2(torch.nn.functional.gelu(lin1(states)))
+
+
 def torch_reference(llm, audio_embeds, ids, mask):
   """Splices per-sample audio embeddings (lists of [P, D]) over the patch tokens, runs the LLM."""
   with torch.no_grad():
@@ -84,10 +103,8 @@ def test_llasm_mode_matches_pytorch_reference(tmp_path):
   model, whisper, llm, projector, _ = build("llasm", tmp_path)
   ids, mels, lengths, mask = batch(model.cfg, [[3000, 3000], [3000]], 3000)
   check_audio_markers(model.cfg, ids, np.where(lengths > 0, 64, 0))
-  start = model.cfg.audio.decoder_start_token_id
   with torch.no_grad():
-    audio = [[projector(whisper(input_features=torch.tensor(mels[b, a][None]),
-                                decoder_input_ids=torch.full((1, 64), start)).last_hidden_state[0])
+    audio = [[torch_audio_embeds("llasm", whisper, projector, {}, mels[b, a])
               for a in range(int((lengths[b] > 0).sum()))] for b in range(2)]
   ref = torch_reference(llm, audio, ids, mask)
   out = np.asarray(model(jnp.asarray(ids), jnp.asarray(mels), jnp.asarray(lengths),
@@ -101,22 +118,9 @@ def test_encoder_mode_matches_pytorch_reference(tmp_path):
   frames = [[400, 560], [240]]
   ids, mels, lengths, mask = batch(model.cfg, frames, 600)
   check_audio_markers(model.cfg, ids, [[model.cfg.audio_tokens(f) for f in s] + [0] * (2 - len(s)) for s in frames])
-  lin1, lin2 = torch.nn.Linear(4 * 64, 48), torch.nn.Linear(48, 48)
-  for n, lin in (("linear_1", lin1), ("linear_2", lin2)):
-    lin.weight.data = torch.tensor(tensors[f"model.audio_adaptor.{n}.weight"])
-    lin.bias.data = torch.tensor(tensors[f"model.audio_adaptor.{n}.bias"])
-
-  def encode(mel):  # HF Whisper only takes 30 s: same weights, max_source_positions = frames
-    short = tf.WhisperModel(tiny_whisper_config(max_source_positions=mel.shape[-1] // 2)).eval()
-    state = dict(whisper.state_dict())
-    state["encoder.embed_positions.weight"] = state["encoder.embed_positions.weight"][:mel.shape[-1] // 2]
-    short.load_state_dict(state)
-    states = short.encoder(torch.tensor(mel[None])).last_hidden_state[0]
-    states = torch.nn.functional.pad(states, (0, 0, 0, -states.shape[0] % 4)).reshape(-1, 4 * 64)
-    return lin2(torch.nn.functional.gelu(lin1(states)))
-
   with torch.no_grad():
-    audio = [[encode(mels[b, a, :, :f]) for a, f in enumerate(fs)] for b, fs in enumerate(frames)]
+    audio = [[torch_audio_embeds("encoder", whisper, None, tensors, mels[b, a, :, :f]) for a, f in enumerate(fs)]
+             for b, fs in enumerate(frames)]
   ref = torch_reference(llm, audio, ids, mask)
   out = np.asarray(model(jnp.asarray(ids), jnp.asarray(mels), jnp.asarray(lengths),
                          attention_mask=jnp.asarray(mask))[0])
