@@ -506,18 +506,19 @@ def check_batch(batch: dict[str, np.ndarray], cfg: LlasmConfig) -> None:
   check_audio_markers(cfg, batch["input_ids"], tokens)
 
 
-def to_global(batch: dict[str, np.ndarray], mesh, rules, pad_id: int = 0) -> dict:
+def to_global(batch: dict[str, np.ndarray], mesh, rules, pad_id: int = 0, *, same_shape: bool = False) -> dict:
   """Host batch -> global jax.Arrays split over the mesh's batch axes (logical name "batch").
 
   With length buckets, hosts may pick different T for the same step; the hosts agree on the
   largest first (one tiny all-gather) and pad to it, since every host must pass the same shape.
+  `same_shape=True` (fixed shapes, as the trainer's compiled step needs) skips that exchange.
   """
   import jax
   from jax.sharding import NamedSharding
 
   from llasm_jax import sharding
 
-  if jax.process_count() > 1:
+  if jax.process_count() > 1 and not same_shape:
     from jax.experimental import multihost_utils
 
     t = int(np.max(multihost_utils.process_allgather(np.int32(batch["input_ids"].shape[1]))))

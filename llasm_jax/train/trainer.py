@@ -26,13 +26,10 @@ from tqdm import tqdm
 
 from llasm_jax import checkpoint, sharding
 from llasm_jax.config import llasm_config
+from llasm_jax.data import pipeline
 from llasm_jax.models.llasm import Llasm, LlasmConfig
 from llasm_jax.train.optim import FROZEN, learning_rate, make_optimizer, param_labels, path_str
 from llasm_jax.train.step import TrainState, make_train_step
-
-BATCH_AXES = {"input_ids": ("batch", "length"), "labels": ("batch", "length"),
-              "attention_mask": ("batch", "length"), "positions": ("batch", "length"),
-              "mel": ("batch", None, None, None), "mel_lengths": ("batch", None)}
 
 
 def log(*args) -> None:
@@ -106,18 +103,7 @@ def make_data(config, cfg: LlasmConfig):
     ds = synthetic_dataset(cfg, config.data, seed=config.data.seed, host_batch=host_batch,
                            process_index=jax.process_index(), process_count=jax.process_count())
     return iter(ds), host_batch
-  from llasm_jax.data import pipeline  # the TFDS / ArrayRecord datasets of `llasm-jax data build`
-
   return pipeline.train_iterator(config, cfg, host_batch=host_batch), host_batch
-
-
-def global_batch(host_batch: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
-  """Host-local batch -> global arrays split over the batch axes of the mesh."""
-  out = {}
-  for name, axes in BATCH_AXES.items():
-    spec = sharding.logical_spec(axes, rules)
-    out[name] = jax.make_array_from_process_local_data(jax.sharding.NamedSharding(mesh, spec), host_batch[name])
-  return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,8 +124,8 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, state: TrainState, data_state: dict, *, force: bool = False) -> bool:
-    step = int(state.step)
+  def save(self, step: int, state: TrainState, data_state: dict, *, force: bool = False) -> bool:
+    """`step` is the host's count (reading `state.step` would wait for the device)."""
     if force and step in self.manager.all_steps():
       return False  # the interval save already took this step
     return self.manager.save(step, force=force, args=ocp.args.Composite(
@@ -195,12 +181,13 @@ class Metrics:
     self.t0 = time.perf_counter()
     self.history: list[dict] = []
 
-  def step(self, step: int, metrics: dict[str, jax.Array], tokens: int, lr: float) -> None:
+  def step(self, step: int, metrics: dict[str, jax.Array], tokens: int, schedule) -> None:
     self.bar.update(1)
     self.window.append(dict(metrics=metrics, tokens=tokens))
     if step % self.every:
       return
     values = [{k: float(v) for k, v in w["metrics"].items()} for w in self.window]  # syncs once per interval
+    lr = float(schedule(step - 1))  # the rate the last step used
     seconds = (time.perf_counter() - self.t0) / len(self.window)
     tokens_s = sum(w["tokens"] for w in self.window) / (seconds * len(self.window))
     row = dict(step=step, loss=float(np.mean([v["loss"] for v in values])), grad_norm=values[-1]["grad_norm"],
@@ -341,7 +328,7 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
   if tc.get("new_token_rows_only"):
     first_new_row = min(cfg.audio_patch_id, cfg.audio_start_id, cfg.audio_end_id)
   step_fn = make_train_step(graphdef, tx, labels, grad_accum=tc.grad_accum, first_new_row=first_new_row)
-  batch_sh = {k: jax.sharding.NamedSharding(mesh, sharding.logical_spec(v, rules)) for k, v in BATCH_AXES.items()}
+  batch_sh = {k: jax.sharding.NamedSharding(mesh, sharding.logical_spec(v, rules)) for k, v in pipeline.BATCH_AXES.items()}
   jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
                    donate_argnums=(0,))
   return Setup(cfg, mesh, rules, graphdef, labels, tx, state_sh, abs_state, batch_sh, jitted)
@@ -426,28 +413,31 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   try:
     for step in range(start, tc.steps):
       host = next(data)
-      batch = global_batch(host, mesh, rules)
+      batch = pipeline.to_global(host, mesh, rules, same_shape=True)
       if compiled is None:
         t0 = time.perf_counter()
         compiled = setup.compile(batch)
         log(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
       state, last_metrics = compiled(state, batch)
       tokens = int(np.sum(host["attention_mask"])) * jax.process_count()
-      metrics_out.step(step + 1, last_metrics, tokens, float(lr(step)))
+      metrics_out.step(step + 1, last_metrics, tokens, lr)
       if tc.get("debug_sigterm_at_step") == step + 1:
         os.kill(os.getpid(), signal.SIGTERM)  # tests: a real signal through the real handler
-      ckpts.save(state, data.get_state())
-      if int(last_metrics["nonfinite_steps"]) > tc.max_nonfinite_steps:
+      ckpts.save(step + 1, state, data.get_state())
+      # Reading device values waits for the step: only at logging intervals, so that the
+      # host runs ahead (next batch, next dispatch) the rest of the time.
+      at_interval = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps
+      if at_interval and int(last_metrics["nonfinite_steps"]) > tc.max_nonfinite_steps:
         stop_reason = (f"stopped: {int(last_metrics['nonfinite_steps'])} steps had non-finite loss or gradients "
                        f"(limit config.train.max_nonfinite_steps={tc.max_nonfinite_steps}); lower the learning rate "
                        "or check the data")
         break
-      if preempt.check():
-        ckpts.save(state, data.get_state(), force=True)
+      if (at_interval or jax.process_count() == 1) and preempt.check():
+        ckpts.save(step + 1, state, data.get_state(), force=True)
         stop_reason = f"preempted: saved step {step + 1}, resume with the same command"
         break
     else:
-      ckpts.save(state, data.get_state(), force=True)
+      ckpts.save(int(state.step), state, data.get_state(), force=True)
     ckpts.wait()
   finally:
     preempt.restore_handlers()
