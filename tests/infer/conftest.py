@@ -7,7 +7,7 @@ import torch
 import transformers as tf
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from llasm_jax.cli import synth_speech
+from llasm_jax.data.audio import synth_speech
 from llasm_jax.convert.convert import convert
 from tests.models.test_whisper import randomize_biases, tiny_whisper_config
 
