@@ -222,3 +222,15 @@ def test_compile_only_reports_memory_without_allocating(tmp_path):
   out = compile_only(tiny_config())
   assert out["argument_size_gib"] > 0 and out["temp_size_gib"] >= 0
   assert not os.listdir(tmp_path)
+
+
+def test_bfloat16_compute_keeps_float32_master_weights(tmp_path):
+  from llasm_jax.train.trainer import train
+
+  config = tiny_config(stage=2, steps=2)
+  config.model = {"preset": "tiny_encoder", "llm": {"dtype": "bfloat16"}, "audio": {"dtype": "bfloat16"}}
+  bf16 = train(config, str(tmp_path / "bf16"))
+  f32 = train(tiny_config(stage=2, steps=2), str(tmp_path / "f32"))
+  params = _final_params(tmp_path / "bf16")
+  assert all(a.dtype == np.float32 for a in params.values())
+  np.testing.assert_allclose([h["loss"] for h in bf16["history"]], [h["loss"] for h in f32["history"]], rtol=2e-2)
