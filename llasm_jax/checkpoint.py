@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 from typing import Any, Callable, Iterator
@@ -126,7 +127,13 @@ def save_params(folder: str, kind: str, cfg, params: dict[str, Any], *, stored_d
   ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(
       save_concurrent_gb=1, type_handler_registry=registry, use_ocdbt=False))
   save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=64 << 20), tree)
-  ckptr.save(os.path.join(folder, PARAMS_DIR), args=ocp.args.PyTreeSave(tree, save_args=save_args))
+  absl_log = logging.getLogger("absl")
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)  # without OCDBT, Orbax warns at every save that it has nothing to merge
+  try:
+    ckptr.save(os.path.join(folder, PARAMS_DIR), args=ocp.args.PyTreeSave(tree, save_args=save_args))
+  finally:
+    absl_log.setLevel(level)
   meta = dict(format=FORMAT_VERSION, kind=kind, config=config_to_dict(cfg), stored_dtype=stored_dtype,
               **(extra or {}))
   if jax.process_index() == 0:
