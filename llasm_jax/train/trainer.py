@@ -449,9 +449,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if stop_reason == "finished":
     save_model(os.path.join(workdir, "model"), cfg, state, config)
   summary = dict(stop_reason=stop_reason, step=int(state.step), history=metrics_out.history)
+  line = f"summary: at step {summary['step']} of {tc.steps} ({summary['step'] - start} this run)"
+  if last_metrics is not None:
+    line += f", last loss {float(last_metrics['loss']):.4f}"
   if metrics_out.history:
-    h = metrics_out.history[-1]
-    log(f"summary: {summary['step']} steps, last loss {h['loss']:.4f}, {h['tokens_per_s']:,.0f} tok/s")
+    line += f", {metrics_out.history[-1]['tokens_per_s']:,.0f} tok/s"
+  log(line + f"; checkpoints in {ckpts.dir}")
   return summary
 
 
