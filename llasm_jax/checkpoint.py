@@ -18,10 +18,9 @@ import json
 import logging
 import os
 import shutil
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
@@ -151,15 +150,17 @@ def read_meta(folder: str) -> dict[str, Any]:
     raise ValueError(f"{path}: format {meta.get('format')}, this llasm_jax reads format {FORMAT_VERSION}")
   return meta
 
-def load_model(folder: str, *, mesh: jax.sharding.Mesh | None = None, rules=None,
+def load_model(folder: str, *, mesh: jax.sharding.Mesh | None = None, rules=None, cfg=None,
                **run) -> tuple[nnx.Module, dict[str, Any]]:
   """Restores a model from `folder`, each array placed directly in its target sharding.
 
   With a mesh and logical axis rules the parameters land sharded; without, on the default
   device. Parameters are cast to the config's `param_dtype` (or the `param_dtype` given).
+  `cfg` replaces the stored config whole (same architecture, other run options per part).
   """
   meta = read_meta(folder)
-  cfg = with_run_options(meta["kind"], config_from_dict(meta["kind"], meta["config"]), **run)
+  if cfg is None:
+    cfg = with_run_options(meta["kind"], config_from_dict(meta["kind"], meta["config"]), **run)
   abstract = nnx.eval_shape(lambda: build_model(meta["kind"], cfg, nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   if mesh is not None:
@@ -172,15 +173,6 @@ def load_model(folder: str, *, mesh: jax.sharding.Mesh | None = None, rules=None
       os.path.join(os.path.abspath(folder), PARAMS_DIR), nnx.to_pure_dict(target))
   nnx.replace_by_pure_dict(state, restored)
   return nnx.merge(graphdef, state), meta
-
-def model_params(model: nnx.Module, dtype: str | None = None) -> dict[str, np.ndarray]:
-  """Slash-joined path -> host array of every variable (gathered), optionally cast."""
-  flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model)), sep="/")
-  cast = (lambda a: a) if dtype is None else (lambda a: a.astype(jnp.dtype(dtype)))
-  return {k: cast(np.asarray(jax.device_get(v))) for k, v in flat.items()}
-
-ParamsFn = Callable[[], dict[str, Any]]
-
 
 def load_params_numpy(folder: str) -> dict[str, np.ndarray]:
   """Slash-joined path -> host numpy array, as stored (no devices involved)."""

@@ -50,6 +50,9 @@ def git_revision() -> str:
 # Model config and initial parameters
 
 
+RUN_OPTIONS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
+
+
 def model_config(config: ml_collections.ConfigDict) -> LlasmConfig:
   """From `config.model`, or from the model folder / stage-1 workdir in `config.train.init_from`
   (its architecture wins; `config.model.llm`/`audio` still set run options such as dtype)."""
@@ -61,11 +64,11 @@ def model_config(config: ml_collections.ConfigDict) -> LlasmConfig:
     raise ValueError(f"config.train.init_from {init_from!r} holds a {meta['kind']!r} model; training needs a "
                      "LLaSM model: `llasm-jax convert --llm LLM --whisper WHISPER --out DIR`")
   cfg = checkpoint.config_from_dict("llasm", meta["config"])
-  run = {k: v for k, v in config.model.get("llm", {}).items()
-         if k in ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")}
-  audio_run = {k: v for k, v in config.model.get("audio", {}).items()
-               if k in ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")}
-  return cfg.replace(llm=cfg.llm.replace(**run), audio=cfg.audio.replace(**audio_run))
+
+  def run_options(part: str) -> dict:
+    return {k: v for k, v in config.model.get(part, {}).items() if k in RUN_OPTIONS}
+
+  return cfg.replace(llm=cfg.llm.replace(**run_options("llm")), audio=cfg.audio.replace(**run_options("audio")))
 
 
 def initial_params(config, cfg: LlasmConfig, mesh, rules, param_sharding, rest_sharding):
@@ -78,9 +81,7 @@ def initial_params(config, cfg: LlasmConfig, mesh, rules, param_sharding, rest_s
 
     with jax.set_mesh(mesh):
       return jax.jit(init, out_shardings=(param_sharding, rest_sharding))()
-  model, _ = checkpoint.load_model(init_from, mesh=mesh, rules=rules, **dict(
-      dtype=cfg.llm.dtype, param_dtype=cfg.llm.param_dtype, scan_layers=cfg.llm.scan_layers,
-      remat_policy=cfg.llm.remat_policy))
+  model, _ = checkpoint.load_model(init_from, mesh=mesh, rules=rules, cfg=cfg)
   _, params, rest = nnx.split(model, nnx.Param, ...)
   log(f"initialised from {init_from}")
   return params, rest
