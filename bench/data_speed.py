@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from llasm_jax.data import features, pipeline, templates  # noqa: E402
 from llasm_jax.data.audio import load_audio  # noqa: E402
 
-ASSETS = "/work/shared/assets"
+# The shared assets sit beside the checkout: <checkout>/../shared/assets.
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "assets")
 
 
 def make_tokenizer(folder: str) -> str:
