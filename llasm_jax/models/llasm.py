@@ -144,9 +144,14 @@ class Llasm(nnx.Module):
                                        cfg.adaptor_hidden, **kw)
     self.llm = LlamaForCausalLM(cfg.llm, rngs=rngs)
 
-  def embed_audio(self, mel: jax.Array, mel_lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """mel float[B, A, M, F], mel_lengths int[B, A] (0 = empty slot) ->
-    audio embeddings float[B, A, P, D] and their validity bool[B, A, P]."""
+  def encode_audio(self, mel: jax.Array, mel_lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The frozen Whisper part: mel float[B, A, M, F], mel_lengths int[B, A] (0 = empty slot) ->
+    what the adaptor reads, features float[B, A, S, E], and their valid lengths int[B, A].
+
+    "llasm" mode: the decoder states over the `audio_token_len` queries (S = audio_token_len);
+    "encoder" mode: the encoder frames of the unpadded audio (S = ceil(F / 2)). These are what
+    `data encode` caches: Whisper is frozen in every training stage, so it can run once.
+    """
     cfg = self.cfg
     b, a, m, f = mel.shape
     mel = mel.reshape(b * a, m, f)
@@ -159,19 +164,34 @@ class Llasm(nnx.Module):
       frames = jnp.full((b * a,), cfg.audio_token_len, jnp.int32)
     else:
       states, frames = self.audio.encoder(mel, lengths)
+    frames = jnp.where(lengths > 0, frames, 0)
     # Whisper is frozen in every training stage.
     states = jax.lax.stop_gradient(states)
-    embeds, tokens = self.adaptor(states, frames)
-    tokens = jnp.where(lengths > 0, tokens, 0)
+    return states.reshape(b, a, *states.shape[1:]), frames.reshape(b, a)
+
+  def adapt(self, features: jax.Array, feature_lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The adaptor part: features float[B, A, S, E], feature_lengths int[B, A] (0 = empty slot) ->
+    audio embeddings float[B, A, P, D] and their validity bool[B, A, P]."""
+    b, a, s, e = features.shape
+    embeds, tokens = self.adaptor(features.reshape(b * a, s, e), feature_lengths.reshape(b * a))
     valid = jnp.arange(embeds.shape[1])[None, :] < tokens[:, None]
     return embeds.reshape(b, a, *embeds.shape[1:]), valid.reshape(b, a, -1)
 
-  def embed(self, input_ids, mel=None, mel_lengths=None):
-    """Text embeddings with the audio spliced in: float[B, T, D]."""
+  def embed_audio(self, mel: jax.Array, mel_lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """mel float[B, A, M, F], mel_lengths int[B, A] (0 = empty slot) ->
+    audio embeddings float[B, A, P, D] and their validity bool[B, A, P]."""
+    return self.adapt(*self.encode_audio(mel, mel_lengths))
+
+  def embed(self, input_ids, mel=None, mel_lengths=None, *, audio_features=None, audio_feature_lengths=None):
+    """Text embeddings with the audio spliced in: float[B, T, D]. The audio comes as mel
+    features (Whisper runs here) or as cached `encode_audio` outputs (Whisper skipped)."""
     text = self.llm.embed(input_ids)
-    if mel is None:
+    if audio_features is not None:
+      audio, valid = self.adapt(audio_features, audio_feature_lengths)
+    elif mel is not None:
+      audio, valid = self.embed_audio(mel, mel_lengths)
+    else:
       return text
-    audio, valid = self.embed_audio(mel, mel_lengths)
     return splice(text, input_ids, audio, valid, self.cfg.audio_patch_id)
 
   def __call__(
@@ -180,14 +200,18 @@ class Llasm(nnx.Module):
       mel: jax.Array | None = None,
       mel_lengths: jax.Array | None = None,
       *,
+      audio_features: jax.Array | None = None,
+      audio_feature_lengths: jax.Array | None = None,
       attention_mask: jax.Array | None = None,
       positions: jax.Array | None = None,
       cache: KVCache | None = None,
       return_hidden: bool = False,
   ) -> tuple[jax.Array, KVCache | None]:
     """input_ids int[B, T] with audio markers, mel float[B, A, M, F], mel_lengths int[B, A]
+    (or cached audio_features float[B, A, S, E], audio_feature_lengths int[B, A] instead of mel)
     -> logits float32[B, T, V] and the updated cache. Check the markers on the host first
     with `check_audio_markers`."""
-    embeds = self.embed(input_ids, mel, mel_lengths)
+    embeds = self.embed(input_ids, mel, mel_lengths, audio_features=audio_features,
+                        audio_feature_lengths=audio_feature_lengths)
     return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, positions=positions,
                     cache=cache, return_hidden=return_hidden)
