@@ -174,10 +174,17 @@ def data_build(args: argparse.Namespace) -> None:
   print(builders.summary(result))
 
 
+def data_respond(args: argparse.Namespace) -> None:
+  from llasm_jax.infer.respond import respond_file
+
+  print(respond_file(_generator(args), args.input, args.out, template=args.template, system=args.system,
+                     max_new_tokens=args.max_new_tokens, batch_size=args.batch))
+
+
 def _data_parser(sub) -> None:
   data = sub.add_parser("data", help="training datasets (TFDS ArrayRecord) from local audio and text")
-  build = data.add_subparsers(dest="data_command", required=True).add_parser(
-      "build", help="build a dataset; bad rows are skipped and listed in build_report.json")
+  data_sub = data.add_subparsers(dest="data_command", required=True)
+  build = data_sub.add_parser("build", help="build a dataset; bad rows are skipped and listed in build_report.json")
   kinds = build.add_subparsers(dest="kind", required=True)
   for kind, help_text in (("asr", "(audio, transcript, language) rows for stage 1"),
                           ("instructions", "conversations with spoken human turns for stage 2")):
@@ -205,6 +212,21 @@ def _data_parser(sub) -> None:
                    help="fail if more than this share of the rows is skipped (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
     p.set_defaults(func=data_build)
+
+  p = data_sub.add_parser("respond", help="a model's own greedy answers to text conversations or questions "
+                                          "(behavior-alignment targets), batched")
+  p.add_argument("--ckpt", required=True, help="model folder (a text LLM, or a LLaSM model) from `llasm-jax convert`")
+  p.add_argument("--input", required=True, help="conversations (JSON array or JSONL, ShareGPT shape) or a text "
+                                                "file with one question per line")
+  p.add_argument("--out", required=True, help="output JSONL: the conversations with every assistant turn written")
+  p.add_argument("--template", help="prompt template (default: the model's; see `generate --help`)")
+  p.add_argument("--system", help="system prompt ('' = the template's own default)")
+  p.add_argument("--max-new-tokens", type=int, default=128)
+  p.add_argument("--batch", type=int, default=16, help="conversations generated together (default: %(default)s)")
+  p.add_argument("--mesh", type=_parse_mesh, help="shard on this mesh, e.g. fsdp=2,tensor=4 (DEFAULT_RULES)")
+  p.add_argument("--config", help="run config whose mesh and logical_axis_rules shard the model")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's config)")
+  p.set_defaults(func=data_respond)
 
 
 def build_parser() -> argparse.ArgumentParser:
