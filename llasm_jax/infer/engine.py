@@ -100,35 +100,19 @@ def bucket(n: int, minimum: int = 16) -> int:
 StepCallback = Callable[[list[list[int]]], Sequence[bool] | None]
 
 
-class Engine:
-  """Generation for a `LlamaForCausalLM` or a `Llasm`, on one device or on `mesh`.
+class MeshFunctions:
+  """Jitted pure functions of one model's parameters, on one device or sharded on `mesh`.
 
-  The model's parameters are split once (`nnx.split`); pure functions merge them inside jit.
+  Shared by `Engine` and `transcribe.Transcriber`: parameter placement, the shardings of host
+  inputs, host <-> device transfers, and one `jax.jit` per (function, static arguments).
   `traces` counts how often each function was traced, i.e. compiled (the tests read it).
   """
 
-  def __init__(self, model: LlamaForCausalLM | Llasm, *, mesh: jax.sharding.Mesh | None = None,
-               rules: Sequence[tuple[str, object]] | None = None, eos_ids: Sequence[int] | None = None,
-               pad_id: int | None = None):
-    if not isinstance(model, (LlamaForCausalLM, Llasm)):
-      raise ValueError(f"cannot generate with a {type(model).__name__}; pass a LlamaForCausalLM or a Llasm "
-                       "(a Whisper-only checkpoint has no LLM)")
+  def __init__(self, mesh: jax.sharding.Mesh | None, rules: Sequence[tuple[str, object]] | None):
     if (mesh is None) != (rules is None):
       raise ValueError("pass both mesh and rules (e.g. config.DEFAULT_RULES), or neither")
-    self.model = model
-    self.llm = model.llm if isinstance(model, Llasm) else model
-    self.audio_cfg = model.cfg if isinstance(model, Llasm) else None
-    cfg = self.llm.cfg
-    self.eos_ids = tuple(int(e) for e in ([cfg.eos_token_id] if eos_ids is None else eos_ids))
-    self.pad_id = int(pad_id if pad_id is not None else cfg.pad_token_id if cfg.pad_token_id is not None
-                      else (self.eos_ids or (0,))[0])
     self.mesh, self.rules = mesh, None if rules is None else tuple(tuple(r) for r in rules)
-    self._place(model)
-    self.graphdef, self.state = nnx.split(model)
-    self.llm_graphdef, self.llm_state = nnx.split(self.llm)
     self.traces: collections.Counter[str] = collections.Counter()
-    self._audio_memo: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
-    self.audio_memo_size = 64  # audios whose embeddings are remembered
     self._jitted: dict[tuple, Callable] = {}
     # Rows are padded to a multiple of the devices the batch is split over.
     self.batch_multiple = 1
@@ -136,6 +120,10 @@ class Engine:
       names = sharding.logical_spec(("batch",), self.rules)[0]
       names = () if names is None else (names,) if isinstance(names, str) else names
       self.batch_multiple = int(np.prod([mesh.shape[n] for n in names]))
+
+  def _rows(self, n: int) -> int:
+    """Rows of a batch of `n` real rows: a power of two, a multiple of the batch devices."""
+    return -(-bucket(max(n, 1), minimum=1) // self.batch_multiple) * self.batch_multiple
 
   def _place(self, model: nnx.Module) -> None:
     """Puts parameters that are not yet where they belong onto the device (or into their shards
@@ -161,17 +149,6 @@ class Engine:
 
   def _replicated(self):
     return NamedSharding(self.mesh, PartitionSpec())
-
-  def _cache_shardings(self) -> KVCache:
-    c = self.llm.cfg
-    kv = self._sh(("layers", "batch", "length", "act_kv_heads", "head_dim"),
-                  (c.num_hidden_layers, self.batch_multiple, 1, c.num_key_value_heads, c.kv_head_dim))
-    return KVCache(k=kv, v=kv, mask=self._sh(("batch", "length")), index=self._replicated())
-
-  def _decode_state_shardings(self) -> DecodeState:
-    rows = self._sh(("batch",))
-    return DecodeState(cache=self._cache_shardings(), tokens=self._sh(("batch", "length")),
-                       length=self._replicated(), last=rows, positions=rows, done=rows, rng=self._replicated())
 
   @staticmethod
   def _state_shardings(state):
@@ -209,6 +186,44 @@ class Engine:
       else:
         self._jitted[key] = jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=donate)
     return self._jitted[key]
+
+
+class Engine(MeshFunctions):
+  """Generation for a `LlamaForCausalLM` or a `Llasm`, on one device or on `mesh`.
+
+  The model's parameters are split once (`nnx.split`); pure functions merge them inside jit.
+  """
+
+  def __init__(self, model: LlamaForCausalLM | Llasm, *, mesh: jax.sharding.Mesh | None = None,
+               rules: Sequence[tuple[str, object]] | None = None, eos_ids: Sequence[int] | None = None,
+               pad_id: int | None = None):
+    if not isinstance(model, (LlamaForCausalLM, Llasm)):
+      raise ValueError(f"cannot generate with a {type(model).__name__}; pass a LlamaForCausalLM or a Llasm "
+                       "(a Whisper-only checkpoint has no LLM)")
+    super().__init__(mesh, rules)
+    self.model = model
+    self.llm = model.llm if isinstance(model, Llasm) else model
+    self.audio_cfg = model.cfg if isinstance(model, Llasm) else None
+    cfg = self.llm.cfg
+    self.eos_ids = tuple(int(e) for e in ([cfg.eos_token_id] if eos_ids is None else eos_ids))
+    self.pad_id = int(pad_id if pad_id is not None else cfg.pad_token_id if cfg.pad_token_id is not None
+                      else (self.eos_ids or (0,))[0])
+    self._place(model)
+    self.graphdef, self.state = nnx.split(model)
+    self.llm_graphdef, self.llm_state = nnx.split(self.llm)
+    self._audio_memo: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
+    self.audio_memo_size = 64  # audios whose embeddings are remembered
+
+  def _cache_shardings(self) -> KVCache:
+    c = self.llm.cfg
+    kv = self._sh(("layers", "batch", "length", "act_kv_heads", "head_dim"),
+                  (c.num_hidden_layers, self.batch_multiple, 1, c.num_key_value_heads, c.kv_head_dim))
+    return KVCache(k=kv, v=kv, mask=self._sh(("batch", "length")), index=self._replicated())
+
+  def _decode_state_shardings(self) -> DecodeState:
+    rows = self._sh(("batch",))
+    return DecodeState(cache=self._cache_shardings(), tokens=self._sh(("batch", "length")),
+                       length=self._replicated(), last=rows, positions=rows, done=rows, rng=self._replicated())
 
   # ---- pure functions (traced) -----------------------------------------------------------
 
@@ -295,11 +310,6 @@ class Engine:
       counts = [cfg.audio_tokens(x.shape[1]) for x in row]
       check_audio_markers(cfg, np.asarray([ids]), np.asarray([counts or [0]]))
 
-  def _audio_rows(self, n: int) -> int:
-    """Audios in a packed batch: a power of two, a multiple of the devices the batch is split over."""
-    n = max(bucket(max(n, 1), minimum=1), self.batch_multiple)
-    return -(-n // self.batch_multiple) * self.batch_multiple
-
   def _frames_bucket(self, mels: list[np.ndarray]) -> int:
     f_max = self.audio_cfg.audio.max_mel_frames
     if self.audio_cfg.mode == "llasm":
@@ -315,7 +325,7 @@ class Engine:
       t0 = time.perf_counter()
       new = [mels[keys.index(k)] for k in todo]
       m = self.audio_cfg.audio.num_mel_bins
-      mel = np.zeros((self._audio_rows(len(new)), m, self._frames_bucket(new)), np.float32)
+      mel = np.zeros((self._rows(len(new)), m, self._frames_bucket(new)), np.float32)
       lengths = np.zeros((mel.shape[0],), np.int32)
       for i, x in enumerate(new):
         mel[i, :, :x.shape[1]] = x
@@ -339,7 +349,7 @@ class Engine:
     per_audio = self._audio_embeddings(flat, timings)
     # P of the batch's frame bucket, so the prefill compiles once per bucket.
     p = self.audio_cfg.audio_tokens(self._frames_bucket(flat))
-    embeds = np.zeros((self._audio_rows(len(flat)), p, per_audio[0].shape[-1]), per_audio[0].dtype)
+    embeds = np.zeros((self._rows(len(flat)), p, per_audio[0].shape[-1]), per_audio[0].dtype)
     valid = np.zeros(embeds.shape[:2], bool)
     for i, e in enumerate(per_audio):
       embeds[i, :len(e)] = e
@@ -365,7 +375,7 @@ class Engine:
     """Left-padded input_ids int32[B, T], attention mask bool[B, T] and active rows bool[B], with B
     and T bucketed and B a multiple of the devices the batch is split over."""
     real = len(prompts)
-    rows = -(-bucket(real, minimum=1) // self.batch_multiple) * self.batch_multiple
+    rows = self._rows(real)
     t = bucket(max(map(len, prompts)))
     input_ids = np.full((rows, t), self.pad_id, np.int32)
     mask = np.zeros((rows, t), bool)
