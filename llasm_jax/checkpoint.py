@@ -4,6 +4,7 @@ Layout of a folder (what `convert` writes and `generate`, `train` and `export` r
   llasm_jax.json   kind ("llasm", "llama" or "whisper"), the model config, stored dtype
   params/          Orbax checkpoint of the parameter tree
   tokenizer files, preprocessor_config.json (next to them, so one path loads everything)
+  whisper/         Whisper's own tokenizer and generation_config.json (for transcription)
 
 Folders are written under a temporary name and renamed at the end, so an interrupted write
 never leaves a folder that looks complete. Loading restores every array straight into its
@@ -38,6 +39,10 @@ KINDS = ("llasm", "llama", "whisper")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
 FEATURE_FILES = ("preprocessor_config.json",)
+# Whisper's own tokenizer and generation config (special tokens, suppressed tokens), which
+# transcription needs, in a subfolder: a LLaSM folder's top level holds the LLM's tokenizer.
+WHISPER_DIR = "whisper"
+WHISPER_FILES = TOKENIZER_FILES + ("normalizer.json",)
 
 def copy_files(src: str, dst: str, names) -> None:
   """Copies the files of `names` that `src` has and `dst` lacks."""
@@ -173,6 +178,34 @@ def load_model(folder: str, *, mesh: jax.sharding.Mesh | None = None, rules=None
       os.path.join(os.path.abspath(folder), PARAMS_DIR), nnx.to_pure_dict(target))
   nnx.replace_by_pure_dict(state, restored)
   return nnx.merge(graphdef, state), meta
+
+def load_whisper(folder: str, *, mesh: jax.sharding.Mesh | None = None, rules=None,
+                 **run) -> tuple[WhisperModel, dict[str, Any]]:
+  """The Whisper of a "whisper" folder, or the `audio` part of a "llasm" folder restored alone
+  (the LLM's arrays are never read), placed as `load_model` places them."""
+  meta = read_meta(folder)
+  if meta["kind"] == "whisper":
+    return load_model(folder, mesh=mesh, rules=rules, **run)
+  if meta["kind"] != "llasm":
+    raise ValueError(f"{folder}: a {meta['kind']!r} model holds no Whisper; pass a 'whisper' or 'llasm' model folder")
+  cfg = config_from_dict("llasm", meta["config"])
+  wcfg = cfg.audio.replace(**run)
+  with_decoder = cfg.mode == "llasm"  # "encoder" mode folders store the encoder alone
+  abstract = nnx.eval_shape(lambda: WhisperModel(wcfg, rngs=nnx.Rngs(0), with_decoder=with_decoder))
+  graphdef, state = nnx.split(abstract)
+  if mesh is not None:
+    shardings = sharding.state_shardings(state, mesh, rules)
+  else:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, state)
+  target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state, shardings)
+  item = {"audio": nnx.to_pure_dict(target)}
+  args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), item)
+  restored = ocp.PyTreeCheckpointer().restore(
+      os.path.join(os.path.abspath(folder), PARAMS_DIR),
+      args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
+  nnx.replace_by_pure_dict(state, restored["audio"])
+  return nnx.merge(graphdef, state), {**meta, "kind": "whisper", "config": config_to_dict(wcfg), "part": "audio"}
 
 def load_params_numpy(folder: str) -> dict[str, np.ndarray]:
   """Slash-joined path -> host numpy array, as stored (no devices involved)."""

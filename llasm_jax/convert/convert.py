@@ -182,6 +182,8 @@ def convert(llm_dir: str | None = None, whisper_dir: str | None = None, *, out: 
       shutil.copy2(os.path.join(llm_dir, "config.json"), os.path.join(tmp, HF_LLM_CONFIG))
     if whisper_dir:
       checkpoint.copy_files(whisper_dir, tmp, checkpoint.FEATURE_FILES)
+      os.makedirs(os.path.join(tmp, checkpoint.WHISPER_DIR), exist_ok=True)
+      checkpoint.copy_files(whisper_dir, os.path.join(tmp, checkpoint.WHISPER_DIR), checkpoint.WHISPER_FILES)
       shutil.copy2(os.path.join(whisper_dir, "config.json"), os.path.join(tmp, HF_WHISPER_CONFIG))
   summary.seconds = time.perf_counter() - start
   return summary
