@@ -150,6 +150,11 @@ def training_sections(stage: int) -> dict[str, ml_collections.ConfigDict]:
       workers=0,  # "tfds": grain worker processes; 0 = min(8, CPUs)
       threads=2,
       seq_len=512, max_audios=1, mel_frames=3000,
+      buckets=(),  # "tfds": allowed sequence lengths T, ascending, ending at seq_len; () = always seq_len
+      # "tfds": "mel" (raw audio), "cached" (a `llasm-jax data encode` dataset: no Whisper in the
+      # step), or "auto": what config.data.dir holds.
+      features="auto",
+      feature_buckets=(),  # "cached", encoder mode: allowed feature frame counts S; () = quarters of a window
       num_examples=10_000,  # "synthetic" only
       seed=0,
   ))

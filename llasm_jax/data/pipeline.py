@@ -1,16 +1,26 @@
 """grain input pipeline: built datasets (or synthetic ones) -> host batches in the training contract.
 
 Legend: B per-host batch, T tokens (a length bucket), A audio slots per sample, M mel bins,
-F mel frames (3000 in "llasm" mode, `mel_frames` in "encoder" mode).
+F mel frames (3000 in "llasm" mode, `mel_frames` in "encoder" mode), S cached feature frames
+(a feature bucket), E Whisper width.
 
 The batch contract (what llasm_jax/train consumes; names and dtypes are fixed):
   input_ids      int32[B, T]        right-padded with `pad_id`
   labels         int32[B, T]        -100 where there is no loss (unshifted, HF convention)
   attention_mask int32[B, T]        1 = real token
   positions      int32[B, T]        0..T-1 (right padding: positions of real tokens are 0..n-1)
+and the audio, as log-mel from a built dataset (`features="mel"`):
   mel            float32[B, A, M, F] Whisper log-mel per audio slot, zero-padded, empty slots zero
   mel_lengths    int32[B, A]        valid mel frames per slot (3000 in "llasm" mode), 0 = empty
                                     slot; filled slots first
+or as frozen-Whisper outputs from a dataset of `llasm-jax data encode` (`features="cached"`,
+see llasm_jax/data/encode.py; no mel and no Whisper work in the step):
+  audio_features        float32|bfloat16[B, A, S, E]  `Llasm.encode_audio` outputs per slot, in
+                        the cache's dtype, zero past each length; S = audio_token_len ("llasm"
+                        mode) or the smallest feature bucket holding the batch ("encoder" mode)
+  audio_feature_lengths int32[B, A]  valid frames per slot, 0 = empty slot; filled slots first
+In both, the audio token counts of the text come from `audio_tokens(mel frames)`; a cached
+dataset stores each slot's mel frame count for that.
 
 Order of the pipeline: source -> this host's shard -> seeded shuffle -> repeat -> per-sample
 featurize + tokenize (seeded `random_map`: the stage-1 instruction and its side) -> batch with
@@ -33,18 +43,31 @@ import os
 import threading
 from typing import Any, Sequence
 
+import ml_dtypes
 import numpy as np
 
 from llasm_jax.data import features, templates
 from llasm_jax.data.audio import SAMPLE_RATE, from_int16, split_windows
+from llasm_jax.data.features import MAX_FRAMES
 from llasm_jax.models.llasm import LlasmConfig, check_audio_markers
 from llasm_jax.models.whisper import encoder_frames
 
 IGNORE = templates.IGNORE
-BATCH_KEYS = ("input_ids", "labels", "attention_mask", "positions", "mel", "mel_lengths")
+FEATURES = ("mel", "cached")  # what a batch carries of the audio (see the contract above)
+AUDIO_KEYS = {"mel": ("mel", "mel_lengths"), "cached": ("audio_features", "audio_feature_lengths")}
+TEXT_KEYS = ("input_ids", "labels", "attention_mask", "positions")
+BATCH_KEYS = TEXT_KEYS + AUDIO_KEYS["mel"]
 BATCH_AXES = {"input_ids": ("batch", "length"), "labels": ("batch", "length"),
               "attention_mask": ("batch", "length"), "positions": ("batch", "length"),
-              "mel": ("batch", None, None, None), "mel_lengths": ("batch", None)}
+              "mel": ("batch", None, None, None), "mel_lengths": ("batch", None),
+              "audio_features": ("batch", None, None, None), "audio_feature_lengths": ("batch", None)}
+
+
+def batch_keys(features: str = "mel") -> tuple[str, ...]:
+  """The keys of a batch whose audio comes as `features` ("mel" or "cached")."""
+  if features not in FEATURES:
+    raise ValueError(f"features {features!r}: expected one of {FEATURES}")
+  return TEXT_KEYS + AUDIO_KEYS[features]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +90,9 @@ class PipelineConfig:
   template: str = "llasm-cllama2"
   system: str | None = None
   pad_id: int | None = None  # None: the tokenizer's pad, else its eos
+  features: str = "mel"  # "mel": log-mel of raw audio; "cached": a `data encode` dataset's features
+  # "cached", "encoder" mode: allowed S values (ascending, ending at `feature_frames`); None = quarters.
+  feature_buckets: tuple[int, ...] | None = None
 
   @classmethod
   def from_model(cls, cfg: LlasmConfig, **kw) -> "PipelineConfig":
@@ -85,11 +111,38 @@ class PipelineConfig:
         raise ValueError(f"buckets {b}: expected ascending lengths ending at seq_len {self.seq_len}")
     if self.max_audios < 1:
       raise ValueError(f"max_audios {self.max_audios}: need at least one audio slot")
+    if self.features not in FEATURES:
+      raise ValueError(f"features {self.features!r}: expected one of {FEATURES}")
+    if self.feature_buckets is not None:
+      b = tuple(self.feature_buckets)
+      if not b or list(b) != sorted(set(b)) or b[0] < 1 or b[-1] != self.feature_frames:
+        raise ValueError(f"feature_buckets {b}: expected ascending frame counts ending at {self.feature_frames} "
+                         f"(the encoder frames of a {self.mel_frames}-frame window)")
 
   @property
   def frames(self) -> int:
     """F of the batch."""
     return features.MAX_FRAMES if self.mode == "llasm" else self.mel_frames
+
+  @property
+  def feature_frames(self) -> int:
+    """The largest S of a cached batch: the decoder queries, or the encoder frames of one window."""
+    return self.audio_token_len if self.mode == "llasm" else int(encoder_frames(self.mel_frames))
+
+  def feature_bucket(self, frames: int) -> int:
+    """S of a cached batch whose longest slot has `frames` feature frames."""
+    if self.mode == "llasm":
+      return self.audio_token_len
+    for b in self.feature_buckets or default_feature_buckets(self.feature_frames):
+      if frames <= b:
+        return b
+    raise ValueError(f"a cached audio slot of {frames} feature frames is longer than one {self.mel_frames}-frame "
+                     "window; the dataset was encoded with longer windows than config.data.mel_frames")
+
+  @property
+  def fixed_shapes(self) -> bool:
+    """Whether every batch has the same shapes (else a step compiles once per bucket combination)."""
+    return self.buckets is None and (self.features == "mel" or self.mode == "llasm")
 
   def audio_tokens(self, mel_frames: int) -> int:
     """P of one slot: the same rule as `LlasmConfig.audio_tokens`."""
@@ -103,6 +156,12 @@ class PipelineConfig:
         return b
     return self.seq_len
 
+
+def default_feature_buckets(frames: int) -> tuple[int, ...]:
+  """Quarters of a window's feature frames, rounded up to multiples of 8 (stack factors divide
+  them): few shapes to compile, and a 5 s clip in 30 s windows pays for 7.5 s, not 30."""
+  out = sorted({min(frames, -(-frames * q // 4 // 8) * 8) for q in (1, 2, 3, 4)})
+  return tuple(out)
 
 # ---------------------------------------------------------------------------------------------
 # Sources: random access to records as the builders store them.
@@ -130,15 +189,22 @@ class Source:
     if isinstance(paths, str):
       paths = [p for p in paths.split(",") if p]
     self.paths = [find_dataset(p) for p in paths]
-    self.parts, kinds = [], set()
+    self.parts, kinds, caches = [], set(), []
     for p in self.paths:
       builder = tfds.builder_from_directory(p)
-      kinds.add(builder.info.metadata.get("kind") if builder.info.metadata else None)
+      metadata = builder.info.metadata or {}
+      kinds.add(metadata.get("kind"))
+      caches.append(metadata.get("cache"))
       self.parts.append(builder.as_data_source("train"))
     if len(kinds) != 1 or None in kinds:
       raise ValueError(f"datasets {self.paths}: mixed or unknown kinds {sorted(map(str, kinds))}; "
                        "give datasets of one kind (asr or instructions) per pipeline")
     self.kind = kinds.pop()
+    # The `data encode` marker (what made the cached features), None for raw audio datasets.
+    self.cache = caches[0]
+    if any(c != self.cache for c in caches):
+      raise ValueError(f"datasets {self.paths}: some hold raw audio and some cached features, or features of "
+                       "different Whisper models; encode every dataset with the same `llasm-jax data encode --ckpt`")
     self.offsets = np.cumsum([0] + [len(s) for s in self.parts])
 
   def __len__(self) -> int:
@@ -223,8 +289,33 @@ def load_tokenizer(tokenizer):
     return _TOKENIZERS[tokenizer]
 
 
+def record_audios(record: dict[str, Any], kind: str) -> list[np.ndarray]:
+  """The audios of a built record ("asr": one; "instructions": one per `<audio>`), float32[N] each."""
+  audio = from_int16(record["audio"])
+  if kind == "asr":
+    return [audio]
+  bounds = np.cumsum([0] + [int(n) for n in record["audio_lengths"]])
+  return [audio[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def audio_slots(audios: Sequence[np.ndarray], cfg: PipelineConfig) -> tuple[list[int], list[np.ndarray]]:
+  """Audios -> slots: windows per audio and the log-mel float32[M, F_j] of each slot.
+
+  One slot per audio in "llasm" mode (the features trim it to 30 s), one per `mel_frames`
+  window in "encoder" mode. `data encode` calls this too, so cached slots are these slots.
+  """
+  slots_per_audio, mels = [], []
+  for audio in audios:
+    windows = [audio] if cfg.mode == "llasm" else split_windows(audio, cfg.mel_frames * features.HOP)
+    slots_per_audio.append(len(windows))
+    mels += [features.log_mel(w, cfg.num_mel_bins, cfg.mode) for w in windows]
+  return slots_per_audio, mels
+
+
 class Featurize:
-  """record (+ rng) -> one sample: input_ids/labels int32[n], mel float32[a, M, F], mel_lengths int32[a]."""
+  """record (+ rng) -> one sample: input_ids/labels int32[n] and the audio slots kept, as
+  mel float32[a, M, F] + mel_lengths int32[a], or (cached datasets) audio_features [sum of S_j, E]
+  + audio_feature_lengths int32[a] (the slots' features back to back, unpadded)."""
 
   def __init__(self, cfg: PipelineConfig, tokenizer, kind: str):
     self.cfg, self.tokenizer, self.kind = cfg, tokenizer, kind
@@ -247,32 +338,30 @@ class Featurize:
         self._template = templates.get_template(self.cfg.template, tok, self.cfg.system)
     return self._template
 
-  def messages(self, record: dict[str, Any], rng: np.random.Generator) -> tuple[list[dict], list[np.ndarray]]:
-    """The conversation (with `<audio>` placeholders) and its audios, float32[N] each."""
+  def messages(self, record: dict[str, Any], rng: np.random.Generator) -> list[dict]:
+    """The conversation, with `<audio>` placeholders."""
     if self.kind == "asr":
-      return (templates.asr_messages(_str(record["text"]), _str(record["language"]), rng),
-              [from_int16(record["audio"])])
-    audio = from_int16(record["audio"])
-    bounds = np.cumsum([0] + [int(n) for n in record["audio_lengths"]])
-    audios = [audio[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+      return templates.asr_messages(_str(record["text"]), _str(record["language"]), rng)
     roles = ("user", "assistant")
-    msgs = [{"role": roles[int(r)], "content": _str(v)} for r, v in zip(record["roles"], record["values"])]
-    return msgs, audios
+    return [{"role": roles[int(r)], "content": _str(v)} for r, v in zip(record["roles"], record["values"])]
 
   def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     cfg = self.cfg
-    msgs, audios = self.messages(record, rng)
-    # Slots: one per audio ("llasm": trimmed to 30 s by the features) or per window ("encoder").
-    slots_per_audio, mels = [], []
-    for audio in audios:
-      windows = [audio] if cfg.mode == "llasm" else split_windows(audio, cfg.mel_frames * features.HOP)
-      slots_per_audio.append(len(windows))
-      mels += [features.log_mel(w, cfg.num_mel_bins, cfg.mode) for w in windows]
+    msgs = self.messages(record, rng)
+    if cfg.features == "cached":
+      # What `audio_slots` gave when the dataset was encoded: windows per audio, mel frames per slot.
+      slots_per_audio, frames = record["slots"].tolist(), record["mel_lengths"].tolist()
+    else:
+      slots_per_audio, mels = audio_slots(record_audios(record, self.kind), cfg)
+      frames = [m.shape[1] for m in mels]
     if cfg.mode == "encoder" and any(n > 1 for n in slots_per_audio):
       msgs = _repeat_placeholders(msgs, slots_per_audio)
-    frames = [m.shape[1] for m in mels]
     ids, labels = self.template.encode(msgs, [cfg.audio_tokens(f) for f in frames])
     ids, labels, kept = self._fit(ids, labels)
+    if cfg.features == "cached":
+      lengths = record["feature_lengths"][:kept].astype(np.int32)
+      return {"input_ids": ids, "labels": labels, "audio_features": record["features"][:int(lengths.sum())],
+              "audio_feature_lengths": lengths}
     mel = np.zeros((kept, cfg.num_mel_bins, cfg.frames), np.float32)
     for j in range(kept):
       mel[j, :, :frames[j]] = mels[j]
@@ -319,17 +408,36 @@ class Collate:
     t = cfg.bucket(max(len(s["input_ids"]) for s in samples))
     out = {"input_ids": np.full((b, t), self.pad_id, np.int32), "labels": np.full((b, t), IGNORE, np.int32),
            "attention_mask": np.zeros((b, t), np.int32),
-           "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-           "mel": np.zeros((b, cfg.max_audios, cfg.num_mel_bins, cfg.frames), np.float32),
-           "mel_lengths": np.zeros((b, cfg.max_audios), np.int32)}
+           "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()}
     for i, s in enumerate(samples):
-      n, a = len(s["input_ids"]), len(s["mel_lengths"])
+      n = len(s["input_ids"])
       out["input_ids"][i, :n] = s["input_ids"]
       out["labels"][i, :n] = s["labels"]
       out["attention_mask"][i, :n] = 1
+    if cfg.features == "cached":
+      out.update(self._features(samples))
+      return out
+    out["mel"] = np.zeros((b, cfg.max_audios, cfg.num_mel_bins, cfg.frames), np.float32)
+    out["mel_lengths"] = np.zeros((b, cfg.max_audios), np.int32)
+    for i, s in enumerate(samples):
+      a = len(s["mel_lengths"])
       out["mel"][i, :a] = s["mel"]
       out["mel_lengths"][i, :a] = s["mel_lengths"]
     return out
+
+  def _features(self, samples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Cached slots back to back per sample -> float[B, A, S, E] (S: the feature bucket)."""
+    cfg = self.cfg
+    longest = max((int(n) for s in samples for n in s["audio_feature_lengths"]), default=0)
+    first = samples[0]["audio_features"]
+    feats = np.zeros((len(samples), cfg.max_audios, cfg.feature_bucket(longest), first.shape[-1]), first.dtype)
+    lengths = np.zeros((len(samples), cfg.max_audios), np.int32)
+    for i, s in enumerate(samples):
+      bounds = np.cumsum([0] + s["audio_feature_lengths"].tolist())
+      for j, (a, z) in enumerate(zip(bounds[:-1], bounds[1:])):
+        feats[i, j, :z - a] = s["audio_features"][a:z]
+      lengths[i, :len(bounds) - 1] = s["audio_feature_lengths"]
+    return {"audio_features": feats, "audio_feature_lengths": lengths}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,6 +460,7 @@ def batched_dataset(source, cfg: PipelineConfig, tokenizer, *, batch_size: int, 
   if isinstance(source, str):
     source = Source(source)
   kind = getattr(source, "kind", "asr")
+  resolve_features(cfg.features, source)  # raw audio for "mel", a cache for "cached"
   if shard_index is None or shard_count is None:
     shard = grain.sharding.ShardByJaxProcess(drop_remainder=drop_shard_remainder)
     shard_index, shard_count = shard.shard_index, shard.shard_count
@@ -383,6 +492,8 @@ class BatchIterator:
   depend on the number of workers, so a job may resume on hosts with another CPU count.
   Call `close()` (or use `with`) to stop the workers.
   """
+
+  fixed_shapes = True  # False: batches come in several shapes (length or feature buckets)
 
   def __init__(self, batches, *, workers: int = 0, threads: int = 2, worker_buffer: int = 2,
                fingerprint: dict[str, Any] | None = None):
@@ -469,9 +580,97 @@ def make_iterator(source, cfg: PipelineConfig, tokenizer, *, batch_size: int, se
     shard = grain.sharding.ShardByJaxProcess(drop_remainder=drop_shard_remainder)
     shard_index, shard_count = shard.shard_index, shard.shard_count
   fingerprint = {"seed": seed, "shard": [shard_index, shard_count], "samples": len(source),
-                 "batch_size": batch_size, "seq_len": cfg.seq_len, "mode": cfg.mode}
-  return BatchIterator(batches, workers=workers, threads=threads, worker_buffer=worker_buffer,
-                       fingerprint=fingerprint)
+                 "batch_size": batch_size, "seq_len": cfg.seq_len, "mode": cfg.mode, "features": cfg.features}
+  it = BatchIterator(batches, workers=workers, threads=threads, worker_buffer=worker_buffer,
+                     fingerprint=fingerprint)
+  it.fixed_shapes = cfg.fixed_shapes  # the trainer pads across hosts and compiles per shape otherwise
+  return it
+
+
+def resolve_features(features: str, source) -> str:
+  """config.data.features ("auto", "mel" or "cached") -> what `source` can give ("mel" or "cached")."""
+  cached = getattr(source, "cache", None) is not None
+  if features == "auto":
+    return "cached" if cached else "mel"
+  if features not in FEATURES:
+    raise ValueError(f"config.data.features {features!r}: expected 'auto', 'mel' or 'cached'")
+  if features == "cached" and not cached:
+    raise ValueError(f"config.data.features is 'cached' but {source} holds raw audio; cache its Whisper outputs "
+                     "first (llasm-jax data encode --ckpt MODEL --data RAW --out DIR) and train on DIR")
+  if features == "mel" and cached:
+    raise ValueError(f"config.data.features is 'mel' but {source} holds cached Whisper features and no audio; "
+                     "set config.data.features to 'cached' (or 'auto'), or train on the raw dataset")
+  return features
+
+
+def data_features(config) -> tuple[str, dict[str, Any] | None]:
+  """What the batches of `config.data` carry: ("mel", None) or ("cached", the cache marker)."""
+  data = config.data
+  if data.get("source", "tfds") != "tfds" or not data.get("dir"):
+    if data.get("features", "auto") == "cached":
+      raise ValueError("config.data.features is 'cached' but config.data.source is not 'tfds'; cached features "
+                       "come from a dataset of `llasm-jax data encode` (config.data.source=tfds, config.data.dir=DIR)")
+    return "mel", None
+  source = Source(data.dir)
+  return resolve_features(data.get("features", "auto"), source), source.cache
+
+
+def pipeline_config(config, cfg: LlasmConfig, features: str = "mel") -> PipelineConfig:
+  """The PipelineConfig of `config.data` for the model `cfg`."""
+  data = config.data
+  buckets, feature_buckets = data.get("buckets"), data.get("feature_buckets")
+  return PipelineConfig.from_model(
+      cfg, seq_len=data.seq_len, max_audios=data.max_audios, mel_frames=data.get("mel_frames", MAX_FRAMES),
+      buckets=tuple(buckets) if buckets else None, template=data.get("template", "llasm-cllama2"),
+      features=features, feature_buckets=tuple(feature_buckets) if feature_buckets else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cached features: the marker a `data encode` dataset carries in its metadata, and its check.
+
+
+CACHE_FORMAT = 1
+
+
+def cache_marker(cfg: LlasmConfig, *, mel_frames: int, dtype: str, whisper_fingerprint: str,
+                 **info) -> dict[str, Any]:
+  """What made a cache, as `data encode` stores it: everything the features depend on."""
+  w = cfg.audio
+  marker = {"format": CACHE_FORMAT, "mode": cfg.mode, "num_mel_bins": w.num_mel_bins, "feature_dim": w.d_model,
+            "mel_frames": MAX_FRAMES if cfg.mode == "llasm" else int(mel_frames), "dtype": dtype,
+            "whisper": {"fingerprint": whisper_fingerprint, "d_model": w.d_model,
+                        "encoder_layers": w.encoder_layers, "compute_dtype": w.dtype}}
+  if cfg.mode == "llasm":
+    marker.update(audio_token_len=cfg.audio_token_len, decoder_start_token_id=w.decoder_start_token_id)
+    marker["whisper"]["decoder_layers"] = w.decoder_layers
+  return {**marker, **info}
+
+
+def check_cache(marker: dict[str, Any], cfg: LlasmConfig, *, mel_frames: int, whisper_fingerprint: str | None = None,
+                where: str = "the cached dataset") -> None:
+  """Raises if the features of `marker` are not what the model `cfg` (with `mel_frames` windows,
+  and Whisper weights of `whisper_fingerprint`, when given) would compute itself."""
+  fix = ("encode the raw dataset again with the model you train: "
+         "llasm-jax data encode --ckpt MODEL --data RAW_DATASET --out DIR")
+  if marker.get("format") != CACHE_FORMAT:
+    raise ValueError(f"{where}: cache format {marker.get('format')}, this llasm_jax reads format {CACHE_FORMAT}; {fix}")
+  if marker["mode"] != cfg.mode:
+    raise ValueError(f"{where}: features cached in {marker['mode']!r} mode, but the model runs in {cfg.mode!r} "
+                     f"mode; {fix}")
+  facts = {"num_mel_bins": cfg.audio.num_mel_bins, "feature_dim": cfg.audio.d_model}
+  if cfg.mode == "llasm":
+    facts.update(audio_token_len=cfg.audio_token_len, decoder_start_token_id=cfg.audio.decoder_start_token_id)
+  for key, want in facts.items():
+    if marker.get(key) != want:
+      raise ValueError(f"{where}: features cached with {key}={marker.get(key)}, the model has {key}={want} "
+                       f"(another Whisper); {fix}")
+  if cfg.mode == "encoder" and marker["mel_frames"] != mel_frames:
+    raise ValueError(f"{where}: features cached in {marker['mel_frames']}-frame windows but config.data.mel_frames "
+                     f"is {mel_frames}; set --config.data.mel_frames={marker['mel_frames']}, or encode again with "
+                     f"--mel-frames {mel_frames}")
+  if whisper_fingerprint is not None and marker["whisper"]["fingerprint"] != whisper_fingerprint:
+    raise ValueError(f"{where}: features cached by another Whisper (weights {marker['whisper']['fingerprint']}, "
+                     f"the model's {whisper_fingerprint}); {fix}")
 
 
 def train_iterator(config, cfg: LlasmConfig, *, host_batch: int):
@@ -486,22 +685,30 @@ def train_iterator(config, cfg: LlasmConfig, *, host_batch: int):
     raise ValueError("config.data.dir is empty; set it to the folder(s) `llasm-jax data build` wrote")
   if not tokenizer:
     raise ValueError("no tokenizer: set config.data.tokenizer or config.train.init_from (a model folder)")
-  buckets = data.get("buckets")
-  pcfg = PipelineConfig.from_model(
-      cfg, seq_len=data.seq_len, max_audios=data.max_audios, mel_frames=data.get("mel_frames", features.MAX_FRAMES),
-      buckets=tuple(buckets) if buckets else None, template=data.get("template", "llasm-cllama2"))
-  return make_iterator(data.dir, pcfg, tokenizer, batch_size=host_batch, seed=data.get("seed", 0),
+  source = Source(data.dir)
+  pcfg = pipeline_config(config, cfg, resolve_features(data.get("features", "auto"), source))
+  if pcfg.features == "cached":
+    check_cache(source.cache, cfg, mel_frames=pcfg.mel_frames, where=f"config.data.dir {data.dir!r}")
+  return make_iterator(source, pcfg, tokenizer, batch_size=host_batch, seed=data.get("seed", 0),
                        workers=data.get("workers") or min(8, os.cpu_count() or 1), threads=data.get("threads", 2))
 
 
 def check_batch(batch: dict[str, np.ndarray], cfg: LlasmConfig) -> None:
   """Raises if a host batch breaks the contract or its audio markers disagree with its slots."""
   b, t = batch["input_ids"].shape
-  for k, dtype in [("input_ids", np.int32), ("labels", np.int32), ("attention_mask", np.int32),
-                   ("positions", np.int32), ("mel", np.float32), ("mel_lengths", np.int32)]:
-    if batch[k].dtype != dtype or batch[k].shape[0] != b:
-      raise ValueError(f"batch[{k!r}]: {batch[k].dtype}{list(batch[k].shape)}, expected {np.dtype(dtype)}[{b}, ...]")
-  lengths = batch["mel_lengths"]
+  cached = "audio_features" in batch
+  audio = ([("audio_features", (np.float32, ml_dtypes.bfloat16)), ("audio_feature_lengths", (np.int32,))] if cached
+           else [("mel", (np.float32,)), ("mel_lengths", (np.int32,))])
+  for k, dtypes in [(k, (np.int32,)) for k in TEXT_KEYS] + audio:
+    if batch[k].dtype not in dtypes or batch[k].shape[0] != b:
+      raise ValueError(f"batch[{k!r}]: {batch[k].dtype}{list(batch[k].shape)}, expected "
+                       f"{'|'.join(np.dtype(d).name for d in dtypes)}[{b}, ...]")
+  if cached:
+    # Encoder frames S come from 2S mel frames (encoder_frames(2S) = S), so the owner of the
+    # token count, `audio_tokens`, is asked with a mel length that gives S.
+    lengths = 2 * batch["audio_feature_lengths"]
+  else:
+    lengths = batch["mel_lengths"]
   tokens = np.where(lengths > 0, np.vectorize(cfg.audio_tokens)(np.maximum(lengths, 1)), 0)
   check_audio_markers(cfg, batch["input_ids"], tokens)
 
@@ -518,16 +725,31 @@ def to_global(batch: dict[str, np.ndarray], mesh, rules, pad_id: int = 0, *, sam
 
   from llasm_jax import sharding
 
+  cached = "audio_features" in batch
   if jax.process_count() > 1 and not same_shape:
     from jax.experimental import multihost_utils
 
-    t = int(np.max(multihost_utils.process_allgather(np.int32(batch["input_ids"].shape[1]))))
-    batch = pad_length(batch, t, pad_id)
+    # T, and S of cached features: every host pads to the largest.
+    sizes = [batch["input_ids"].shape[1], batch["audio_features"].shape[2] if cached else 0]
+    t, s = np.max(multihost_utils.process_allgather(np.int32(sizes)).reshape(-1, 2), axis=0)
+    batch = pad_length(batch, int(t), pad_id)
+    if cached:
+      batch = pad_features(batch, int(s))
   out = {}
-  for name in BATCH_KEYS:
+  for name in batch_keys("cached" if cached else "mel"):
     spec = sharding.logical_spec(BATCH_AXES[name], rules)
     out[name] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), batch[name])
   return out
+
+
+def pad_features(batch: dict[str, np.ndarray], s: int) -> dict[str, np.ndarray]:
+  """A cached batch's audio_features zero-padded to S = s frames."""
+  cur = batch["audio_features"].shape[2]
+  if s < cur:
+    raise ValueError(f"cannot pad cached features of {cur} frames to {s}")
+  if s == cur:
+    return batch
+  return {**batch, "audio_features": np.pad(batch["audio_features"], ((0, 0), (0, 0), (0, s - cur), (0, 0)))}
 
 
 def pad_length(batch: dict[str, np.ndarray], t: int, pad_id: int = 0) -> dict[str, np.ndarray]:
