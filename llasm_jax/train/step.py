@@ -2,7 +2,10 @@
 
 Batch (global arrays, B = global batch, G = gradient-accumulation microbatches):
   input_ids int32[B, T], labels int32[B, T] (-100: no loss; HF convention, shifted here),
-  attention_mask int32[B, T], positions int32[B, T], mel float32[B, A, M, F], mel_lengths int32[B, A]
+  attention_mask int32[B, T], positions int32[B, T], and the audio as
+  mel float32[B, A, M, F], mel_lengths int32[B, A] (Whisper runs in the step), or as cached
+  Whisper outputs audio_features float32|bfloat16[B, A, S, E], audio_feature_lengths int32[B, A]
+  (from `llasm-jax data encode`: the step runs the adaptor and the LLM only).
 The loss is the mean over target tokens of the whole global batch, accumulation included.
 """
 
@@ -61,8 +64,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
   def summed_loss(train_leaves, frozen_leaves, treedef, rest, batch):
     params = join(treedef, train_leaves, jax.lax.stop_gradient(frozen_leaves))
     model = nnx.merge(graphdef, params, rest)
-    logits, _ = model(batch["input_ids"], batch["mel"], batch["mel_lengths"],
-                      attention_mask=batch["attention_mask"], positions=batch["positions"])
+    if "audio_features" in batch:  # which audio input is fixed by the batch's keys at trace time
+      audio = dict(audio_features=batch["audio_features"], audio_feature_lengths=batch["audio_feature_lengths"])
+    else:
+      audio = dict(mel=batch["mel"], mel_lengths=batch["mel_lengths"])
+    logits, _ = model(batch["input_ids"], **audio, attention_mask=batch["attention_mask"],
+                      positions=batch["positions"])
     loss, tokens = token_loss(logits, batch["labels"])
     return loss, tokens
 
