@@ -1,4 +1,4 @@
-"""`llasm-jax convert`: Hugging Face folders -> a llasm_jax model folder, one tensor at a time.
+"""`llasm-jax convert`: checkpoints -> a llasm_jax model folder, one tensor at a time.
 
 Sources (see LLASM.md for the released layout):
   --llm LLASM --whisper W   a released LLaSM checkpoint (`model_type: "llaaa"`): everything
@@ -6,15 +6,22 @@ Sources (see LLASM.md for the released layout):
                             new embedding rows = mean of the old rows, adaptor initialised)
   --whisper W               Whisper alone
   --llm BASE                a text-only LLM
+
+BASE is a Hugging Face folder or a GGUF file (`gguf.py`); W is a Hugging Face folder or a
+CTranslate2 Whisper folder (`ct2.py`); each is recognised by what it holds (`sources.py`).
+Next to the parameters the folder gets the LLM's tokenizer and generation config, Whisper's
+preprocessor_config.json, Whisper's own tokenizer and generation config in `whisper/`, and
+the sources' HF configs (read or synthesized) for `export`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-import shutil
 import time
-from typing import Any, Iterator
+from types import MappingProxyType
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +32,9 @@ from tqdm import tqdm
 from llasm_jax import checkpoint
 from llasm_jax.convert.configs import llama_config_from_hf, whisper_config_from_hf
 from llasm_jax.convert.hf import check_complete, fill_params, flat_params, keymaps, whisper_name
-from llasm_jax.convert.reader import CheckpointError, HFCheckpoint, read_json
+from llasm_jax.convert.keymap import KeyMap
+from llasm_jax.convert.reader import CheckpointError, read_json
+from llasm_jax.convert.sources import open_source
 from llasm_jax.models.adaptor import LinearAdaptor, StackedMLPAdaptor
 from llasm_jax.models.llasm import LlasmConfig
 from llasm_jax.models.whisper import sinusoids
@@ -50,7 +59,7 @@ class Summary:
             f"{self.seconds:.1f} s ({mb / max(self.seconds, 1e-9):.1f} MiB/s)")
 
 
-def _audio_token_ids(llm: HFCheckpoint) -> tuple[int, int, int]:
+def _audio_token_ids(llm) -> tuple[int, int, int]:
   """The ids of <au_patch>, <au_start>, <au_end> in a released LLaSM folder."""
   added = os.path.join(llm.folder, "added_tokens.json")
   table = read_json(added) if os.path.exists(added) else {}
@@ -60,20 +69,15 @@ def _audio_token_ids(llm: HFCheckpoint) -> tuple[int, int, int]:
   return v - 3, v - 2, v - 1
 
 
-def _append_audio_tokens(llm_dir: str, out: str, vocab_size: int) -> tuple[tuple[int, int, int], int]:
-  """Adds the audio tokens to the LLM's tokenizer (saved into `out`); returns ids and new vocab."""
-  has_tokenizer = any(os.path.exists(os.path.join(llm_dir, f)) for f in ("tokenizer.model", "tokenizer.json"))
-  if not has_tokenizer:
+def _with_audio_tokens(tokenizer, vocab_size: int, source: str):
+  """The LLM tokenizer with the audio tokens added (None without one), their ids and the new vocab size."""
+  if tokenizer is None:
     ids = (vocab_size, vocab_size + 1, vocab_size + 2)
-    print(f"note: {llm_dir} has no tokenizer; audio tokens take ids {ids} and no tokenizer is written")
-    return ids, vocab_size + 3
-  from transformers import AutoTokenizer
-
-  tok = AutoTokenizer.from_pretrained(llm_dir)
-  tok.add_tokens(list(AUDIO_TOKENS), special_tokens=True)
-  tok.save_pretrained(out)
-  ids = tuple(tok.convert_tokens_to_ids(t) for t in AUDIO_TOKENS)
-  return ids, max(vocab_size, max(ids) + 1)
+    print(f"note: {source} has no tokenizer; audio tokens take ids {ids} and no tokenizer is written")
+    return None, ids, vocab_size + 3
+  tokenizer.add_tokens(list(AUDIO_TOKENS), special_tokens=True)
+  ids = tuple(tokenizer.convert_tokens_to_ids(t) for t in AUDIO_TOKENS)
+  return tokenizer, ids, max(vocab_size, max(ids) + 1)
 
 
 def _with_mean_rows(tensors: Iterator[tuple[str, np.ndarray]], vocab: int) -> Iterator[tuple[str, np.ndarray]]:
@@ -94,67 +98,111 @@ def _fresh_adaptor(cfg: LlasmConfig, seed: int) -> dict[str, np.ndarray]:
   return {f"adaptor/{k}": np.asarray(v) for k, v in flat_params(adaptor).items()}
 
 
-def plan(llm_dir: str | None, whisper_dir: str | None, mode: str, out_tmp: str):
-  """Works out the model kind and config; returns (kind, cfg, sources, extra params, meta)."""
-  llm = HFCheckpoint(llm_dir) if llm_dir else None
-  whisper = HFCheckpoint(whisper_dir) if whisper_dir else None
-  if llm is None and whisper is None:
-    raise CheckpointError("nothing to convert: pass --llm DIR, --whisper DIR, or both")
-  sources: list[tuple[HFCheckpoint, Any]] = []
-  extra: dict[str, np.ndarray] = {}
-  meta: dict[str, Any] = {"sources": {"llm": llm_dir, "whisper": whisper_dir}}
+def _whisper_stream(tensors):
+  return ((whisper_name(n), a) for n, a in tensors)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What a conversion will write, worked out from the sources without writing anything.
+
+  sources: (role, source, wrap) triples; `wrap` turns the source's tensor stream into the one
+  to store (renamed, rows appended) or is None. extra: parameters made here rather than read
+  (a fresh adaptor). tokenizer: the LLM tokenizer with the audio tokens added, to save, or None
+  (the source's own tokenizer files are then copied as they are).
+  """
+
+  kind: str
+  cfg: Any
+  sources: tuple[tuple[str, Any, Callable | None], ...]
+  extra: Mapping[str, np.ndarray]
+  meta: Mapping[str, Any]
+  keymaps: tuple[KeyMap, ...]
+  tokenizer: Any = None
+
+
+def plan(llm_path: str | None, whisper_path: str | None, mode: str = "llasm") -> Plan:
+  """Works out the model kind, its config and where each parameter comes from; reads only."""
+  if llm_path is None and whisper_path is None:
+    raise CheckpointError("nothing to convert: pass --llm PATH, --whisper PATH, or both")
+  llm = open_source(llm_path, "llm") if llm_path else None
+  whisper = open_source(whisper_path, "whisper") if whisper_path else None
+  meta: dict[str, Any] = {"sources": {"llm": llm_path, "whisper": whisper_path},
+                          "source_formats": {r: s.format for r, s in (("llm", llm), ("whisper", whisper)) if s}}
+
+  def done(kind, cfg, sources, maps, extra=None, tokenizer=None):
+    return Plan(kind, cfg, tuple(sources), MappingProxyType(extra or {}), MappingProxyType(meta), tuple(maps),
+                tokenizer)
+
   if whisper is not None:
     wcfg = whisper_config_from_hf(whisper.config)
   if llm is None:
-    sources.append((whisper, lambda t: ((whisper_name(n), a) for n, a in t)))
-    return "whisper", wcfg, sources, extra, meta, keymaps("whisper")
+    return done("whisper", wcfg, [("whisper", whisper, _whisper_stream)], keymaps("whisper"))
   released = llm.config.get("model_type") == "llaaa"
   lcfg = llama_config_from_hf(llm.config)
   if whisper is None:
     if released:
-      raise CheckpointError(f"{llm_dir} is a LLaSM checkpoint; pass its Whisper folder with --whisper "
+      raise CheckpointError(f"{llm_path} is a LLaSM checkpoint; pass its Whisper folder with --whisper "
                             f"(its config names {llm.config.get('mm_audio_tower')!r})")
-    sources.append((llm, None))
-    return "llama", lcfg, sources, extra, meta, keymaps("llama")
+    return done("llama", lcfg, [("llm", llm, None)], keymaps("llama"))
   if released:
     saved_mode = llm.config.get("llasm_jax_mode", "llasm")
     if mode != saved_mode:
-      raise CheckpointError(f"{llm_dir} holds a {saved_mode!r}-mode adaptor; convert it with --mode {saved_mode}")
+      raise CheckpointError(f"{llm_path} holds a {saved_mode!r}-mode adaptor; convert it with --mode {saved_mode}")
     ids = _audio_token_ids(llm)
     cfg = LlasmConfig(audio=wcfg, llm=lcfg, mode=mode, audio_token_len=llm.config.get("audio_token_len", 64),
                       stack_factor=llm.config.get("llasm_jax_stack_factor", 8),
                       adaptor_hidden=llm.config.get("llasm_jax_adaptor_hidden"),
                       audio_patch_id=ids[0], audio_start_id=ids[1], audio_end_id=ids[2])
-    sources.append((llm, None))
-  else:
-    ids, vocab = _append_audio_tokens(llm.folder, out_tmp, lcfg.vocab_size)
-    lcfg = lcfg.replace(vocab_size=vocab)
-    cfg = LlasmConfig(audio=wcfg, llm=lcfg, mode=mode, audio_patch_id=ids[0], audio_start_id=ids[1],
-                      audio_end_id=ids[2])
-    sources.append((llm, lambda t: _with_mean_rows(t, vocab)))
-    extra = _fresh_adaptor(cfg, seed=0)
-    meta["fresh"] = "audio token rows = mean of existing rows; adaptor randomly initialised"
-  sources.append((whisper, lambda t: ((whisper_name(n), a) for n, a in t)))
-  return "llasm", cfg, sources, extra, meta, keymaps("llasm", mode)
+    return done("llasm", cfg, [("llm", llm, None), ("whisper", whisper, _whisper_stream)], keymaps("llasm", mode))
+  tokenizer, ids, vocab = _with_audio_tokens(llm.tokenizer(), lcfg.vocab_size, llm_path)
+  lcfg = lcfg.replace(vocab_size=vocab)
+  cfg = LlasmConfig(audio=wcfg, llm=lcfg, mode=mode, audio_patch_id=ids[0], audio_start_id=ids[1],
+                    audio_end_id=ids[2])
+  meta["fresh"] = "audio token rows = mean of existing rows; adaptor randomly initialised"
+  return done("llasm", cfg, [("llm", llm, lambda t: _with_mean_rows(t, vocab)), ("whisper", whisper, _whisper_stream)],
+              keymaps("llasm", mode), extra=_fresh_adaptor(cfg, seed=0), tokenizer=tokenizer)
+
+
+def _write_json(path: str, obj) -> None:
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2)
+
+
+def _save_files(p: Plan, folder: str) -> None:
+  """The files that travel with the parameters (see the module docstring)."""
+  if p.tokenizer is not None:
+    p.tokenizer.save_pretrained(folder)
+  for role, src, _ in p.sources:
+    # The source configs travel along, so `export` keeps the fields llasm_jax does not model.
+    if role == "llm":
+      src.save_tokenizer_files(folder)
+      _write_json(os.path.join(folder, HF_LLM_CONFIG), src.config)
+    else:
+      src.save_feature_files(folder)
+      os.makedirs(os.path.join(folder, checkpoint.WHISPER_DIR), exist_ok=True)
+      src.save_tokenizer_files(os.path.join(folder, checkpoint.WHISPER_DIR))
+      _write_json(os.path.join(folder, HF_WHISPER_CONFIG), src.config)
 
 
 def convert(llm_dir: str | None = None, whisper_dir: str | None = None, *, out: str, dtype: str = "float32",
             mode: str = "llasm", overwrite: bool = False, progress: bool = True, _on_tensor=None) -> Summary:
-  """Converts HF folders into a llasm_jax model folder at `out` (see the module docstring).
+  """Converts the checkpoints at `llm_dir` / `whisper_dir` (folders, or a GGUF file) into a llasm_jax model folder at `out` (see
+  the module docstring for the accepted combinations and formats).
 
   `_on_tensor(name)` is a test hook, called before each tensor is placed.
   """
   if dtype not in ("float32", "bfloat16"):
     raise ValueError(f"--dtype {dtype!r}: expected float32 or bfloat16")
   start = time.perf_counter()
+  p = plan(llm_dir, whisper_dir, mode)
   with checkpoint.atomic_dir(out, overwrite=overwrite) as tmp:
-    kind, cfg, sources, extra, meta, maps = plan(llm_dir, whisper_dir, mode, tmp)
-    abstract = nnx.eval_shape(lambda: checkpoint.build_model(kind, cfg, nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: checkpoint.build_model(p.kind, p.cfg, nnx.Rngs(0)))
     shapes = jax.tree.map(lambda v: v.shape, flat_params(abstract))
     np_dtype = jnp.dtype(dtype)
-    dest = {p: np.empty(s, np_dtype) for p, s in shapes.items() if p not in extra}
-    summary = Summary(out=os.path.abspath(out), kind=kind)
-    total = sum(src.nbytes for src, _ in sources)
+    dest = {k: np.empty(s, np_dtype) for k, s in shapes.items() if k not in p.extra}
+    summary = Summary(out=os.path.abspath(out), kind=p.kind)
+    total = sum(src.nbytes for _, src, _ in p.sources)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress)
 
     def count(name, array):
@@ -165,25 +213,17 @@ def convert(llm_dir: str | None = None, whisper_dir: str | None = None, *, out: 
       bar.update(array.nbytes)
 
     filled: dict[str, int] = {}
-    for src, wrap in sources:
+    for _, src, wrap in p.sources:
       stream = src.tensors() if wrap is None else wrap(src.tensors())
-      filled.update(fill_params(dest, stream, maps, on_tensor=count))
+      filled.update(fill_params(dest, stream, list(p.keymaps), on_tensor=count))
     bar.close()
-    positions = [p for p in dest if p.endswith("encoder/embed_positions") and p not in filled]
-    for p in positions:
-      dest[p][...] = sinusoids(*dest[p].shape)
+    positions = [k for k in dest if k.endswith("encoder/embed_positions") and k not in filled]
+    for k in positions:
+      dest[k][...] = sinusoids(*dest[k].shape)
     check_complete(dest, filled, optional=positions)
-    dest.update({k: v.astype(np_dtype) for k, v in extra.items()})
-    checkpoint.save_params(tmp, kind, cfg, dest, stored_dtype=dtype, extra=meta)
+    dest.update({k: v.astype(np_dtype) for k, v in p.extra.items()})
+    checkpoint.save_params(tmp, p.kind, p.cfg, dest, stored_dtype=dtype, extra=dict(p.meta))
     del dest
-    # The source configs travel along, so `export` keeps the fields llasm_jax does not model.
-    if llm_dir:
-      checkpoint.copy_files(llm_dir, tmp, checkpoint.TOKENIZER_FILES)
-      shutil.copy2(os.path.join(llm_dir, "config.json"), os.path.join(tmp, HF_LLM_CONFIG))
-    if whisper_dir:
-      checkpoint.copy_files(whisper_dir, tmp, checkpoint.FEATURE_FILES)
-      os.makedirs(os.path.join(tmp, checkpoint.WHISPER_DIR), exist_ok=True)
-      checkpoint.copy_files(whisper_dir, os.path.join(tmp, checkpoint.WHISPER_DIR), checkpoint.WHISPER_FILES)
-      shutil.copy2(os.path.join(whisper_dir, "config.json"), os.path.join(tmp, HF_WHISPER_CONFIG))
+    _save_files(p, tmp)
   summary.seconds = time.perf_counter() - start
   return summary

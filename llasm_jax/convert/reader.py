@@ -13,6 +13,8 @@ from typing import Iterator
 
 import numpy as np
 
+from llasm_jax.checkpoint import FEATURE_FILES, WHISPER_FILES, copy_files
+
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -33,7 +35,10 @@ def read_json(path: str) -> dict:
 class HFCheckpoint:
   """A Hugging Face model folder: `config.json` plus single or sharded weight files."""
 
+  format = "huggingface"
+
   def __init__(self, folder: str):
+    self.path = folder
     self.folder = os.path.abspath(folder)
     if not os.path.isdir(self.folder):
       raise CheckpointError(f"{folder}: not a directory")
@@ -70,6 +75,22 @@ class HFCheckpoint:
         yield from _safetensors(path)
       else:
         yield from _torch_bin(path)
+
+  def tokenizer(self):
+    """The folder's transformers tokenizer, or None when it has no tokenizer files."""
+    if not any(os.path.exists(os.path.join(self.folder, f)) for f in ("tokenizer.model", "tokenizer.json",
+                                                                       "vocab.json")):
+      return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(self.folder)
+
+  def save_tokenizer_files(self, dst: str) -> None:
+    """Copies the tokenizer files and generation_config.json that `dst` lacks."""
+    copy_files(self.folder, dst, WHISPER_FILES)
+
+  def save_feature_files(self, dst: str) -> None:
+    copy_files(self.folder, dst, FEATURE_FILES)
 
 
 def _safetensors(path: str):
