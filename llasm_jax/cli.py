@@ -174,6 +174,20 @@ def data_build(args: argparse.Namespace) -> None:
   print(builders.summary(result))
 
 
+def data_synth(args: argparse.Namespace) -> None:
+  from llasm_jax.data import synth
+
+  if args.limit is not None and args.limit < 1:
+    raise ValueError(f"--limit {args.limit}: expected a positive number of rows")
+  options = synth.Options(engine=args.engine, seed=args.seed, fmt=args.format, max_seconds=args.max_seconds or None)
+  if args.text:
+    plan = synth.plan_text(args.text, args.format, args.language, args.limit)
+  else:
+    plan = synth.plan_instructions(args.instructions, args.format, args.language, args.limit)
+  result = synth.synthesize(plan, args.out, options=options, workers=args.workers, source=args.text or args.instructions)
+  print(synth.summary(result))
+
+
 def data_respond(args: argparse.Namespace) -> None:
   from llasm_jax.infer.respond import respond_file
 
@@ -227,6 +241,27 @@ def _data_parser(sub) -> None:
   p.add_argument("--config", help="run config whose mesh and logical_axis_rules shard the model")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's config)")
   p.set_defaults(func=data_respond)
+
+  p = data_sub.add_parser("synth", help="speech from text with a TTS engine: audio files + the manifest / "
+                                        "instructions JSONL that `data build` reads (resumable)")
+  source = p.add_mutually_exclusive_group(required=True)
+  source.add_argument("--text", help="sentences to speak: one per line, or JSONL of {\"text\", \"id\"?, \"language\"?}")
+  source.add_argument("--instructions", help="conversations (JSON array or JSONL, LLaSM / ShareGPT shape) whose "
+                                             "human turns are spoken")
+  p.add_argument("--out", required=True, help="output folder: audio/, manifest.jsonl or instructions.jsonl, "
+                                              "synth_report.json (a rerun keeps the audio already there)")
+  p.add_argument("--engine", default="espeak", help="TTS engine: a registered name or 'package.module:factory' "
+                                                    "(default: %(default)s)")
+  p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                 help="synthesis processes, one engine each (default: %(default)s; 0 = in this process)")
+  p.add_argument("--seed", type=int, default=0, help="voices are drawn from (seed, utterance id) (default: %(default)s)")
+  p.add_argument("--format", choices=("flac", "wav"), default="flac", help="16 kHz 16-bit audio files (default: %(default)s)")
+  p.add_argument("--limit", type=int, help="only the first N sentences / conversations")
+  p.add_argument("--language", default="auto",
+                 help="language of rows without one: en, zh, ... or auto (CJK text -> zh, else en; default)")
+  p.add_argument("--max-seconds", type=float, default=30.0,
+                 help="longer utterances fail, 0 = no limit (default: %(default)s, what `data build` keeps)")
+  p.set_defaults(func=data_synth)
 
 
 def build_parser() -> argparse.ArgumentParser:
