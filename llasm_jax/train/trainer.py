@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from llasm_jax import checkpoint, sharding
 from llasm_jax.config import llasm_config
-from llasm_jax.data import pipeline
+from llasm_jax.data import encode, pipeline
 from llasm_jax.models.llasm import Llasm, LlasmConfig
 from llasm_jax.train.optim import FROZEN, learning_rate, make_optimizer, param_labels, path_str
 from llasm_jax.train.step import TrainState, make_train_step
@@ -105,6 +105,15 @@ def make_data(config, cfg: LlasmConfig):
                            process_index=jax.process_index(), process_count=jax.process_count())
     return iter(ds), host_batch
   return pipeline.train_iterator(config, cfg, host_batch=host_batch), host_batch
+
+
+def check_cached_features(config, setup: "Setup", state: TrainState) -> None:
+  """Cached features must be what this model's own Whisper would compute: same mode, sizes,
+  windows (checked when the data opened) and the same Whisper weights (checked here)."""
+  audio = nnx.to_pure_dict(nnx.merge_state(state.params, state.rest))["audio"]
+  pipeline.check_cache(setup.cache, setup.cfg, mel_frames=config.data.get("mel_frames", 3000),
+                       whisper_fingerprint=encode.whisper_fingerprint(audio),
+                       where=f"config.data.dir {config.data.dir!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,10 +231,11 @@ class Metrics:
       self.writer.close()
 
 
-def model_flops_per_step(cfg: LlasmConfig, config, trainable_llm: bool) -> float:
+def model_flops_per_step(cfg: LlasmConfig, config, trainable_llm: bool, whisper: bool = True) -> float:
   """Model FLOPs of one step (the MFU numerator): 2 per weight per token forward, 2 more for
   activation gradients (the adaptor's gradients flow through the LLM), 2 more for weight
-  gradients of trainable weights; attention scores as in the PaLM appendix; Whisper forward."""
+  gradients of trainable weights; attention scores as in the PaLM appendix; Whisper forward
+  (`whisper=False`: cached features, no Whisper in the step)."""
   llm, w = cfg.llm, cfg.audio
   t = config.data.seq_len
   tokens = config.train.batch_size * t
@@ -238,11 +248,11 @@ def model_flops_per_step(cfg: LlasmConfig, config, trainable_llm: bool) -> float
   frames = w.max_source_positions if cfg.mode == "llasm" else config.data.get("mel_frames", 3000) // 2
   enc = w.encoder_layers * (4 * w.d_model ** 2 + 2 * w.d_model * w.encoder_ffn_dim)
   audios = config.train.batch_size * config.data.max_audios
-  whisper = 2 * audios * frames * enc
+  whisper_flops = 2 * audios * frames * enc
   if cfg.mode == "llasm":
     dec = w.decoder_layers * (8 * w.d_model ** 2 + 2 * w.d_model * w.decoder_ffn_dim)
-    whisper += 2 * audios * cfg.audio_token_len * dec
-  return float(llm_flops + whisper)
+    whisper_flops += 2 * audios * cfg.audio_token_len * dec
+  return float(llm_flops + (whisper_flops if whisper else 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,6 +299,8 @@ class Setup:
   abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
   batch_sharding: dict[str, jax.sharding.NamedSharding]
   step: Any  # the jitted train step
+  features: str = "mel"  # the batches' audio: "mel", or "cached" Whisper outputs (no Whisper in the step)
+  cache: dict | None = None  # the cached dataset's marker (what made its features)
 
   @property
   def replicated(self) -> jax.sharding.NamedSharding:
@@ -329,20 +341,28 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
   if tc.get("new_token_rows_only"):
     first_new_row = min(cfg.audio_patch_id, cfg.audio_start_id, cfg.audio_end_id)
   step_fn = make_train_step(graphdef, tx, labels, grad_accum=tc.grad_accum, first_new_row=first_new_row)
-  batch_sh = {k: jax.sharding.NamedSharding(mesh, sharding.logical_spec(v, rules)) for k, v in pipeline.BATCH_AXES.items()}
+  features, cache = pipeline.data_features(config)
+  batch_sh = {k: jax.sharding.NamedSharding(mesh, sharding.logical_spec(pipeline.BATCH_AXES[k], rules))
+              for k in pipeline.batch_keys(features)}
   jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
                    donate_argnums=(0,))
-  return Setup(cfg, mesh, rules, graphdef, labels, tx, state_sh, abs_state, batch_sh, jitted)
+  return Setup(cfg, mesh, rules, graphdef, labels, tx, state_sh, abs_state, batch_sh, jitted, features, cache)
 
 
 def abstract_batch(config, setup: Setup) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes of one global batch, with their shardings."""
+  """Shapes of one global batch (the largest buckets), with their shardings."""
   cfg, data = setup.cfg, config.data
   b, t, a = config.train.batch_size, data.seq_len, data.max_audios
   frames = 3000 if cfg.mode == "llasm" else data.mel_frames
   shapes = {"input_ids": ((b, t), jnp.int32), "labels": ((b, t), jnp.int32), "attention_mask": ((b, t), jnp.int32),
-            "positions": ((b, t), jnp.int32), "mel": ((b, a, cfg.audio.num_mel_bins, frames), jnp.float32),
-            "mel_lengths": ((b, a), jnp.int32)}
+            "positions": ((b, t), jnp.int32)}
+  if setup.features == "cached":
+    s = pipeline.pipeline_config(config, cfg, "cached").feature_frames
+    shapes["audio_features"] = ((b, a, s, cfg.audio.d_model), jnp.dtype(setup.cache["dtype"]))
+    shapes["audio_feature_lengths"] = ((b, a), jnp.int32)
+  else:
+    shapes["mel"] = ((b, a, cfg.audio.num_mel_bins, frames), jnp.float32)
+    shapes["mel_lengths"] = ((b, a), jnp.int32)
   return {k: jax.ShapeDtypeStruct(s, d, sharding=setup.batch_sharding[k]) for k, (s, d) in shapes.items()}
 
 
@@ -405,21 +425,34 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   trainable_llm = any(lab != FROZEN for lab, p in zip(jax.tree.leaves(labels),
                                                       jax.tree_util.tree_leaves_with_path(abs_params))
                       if path_str(p[0]).startswith("llm/"))
-  metrics_out = Metrics(workdir, config, tc.steps, start, model_flops_per_step(cfg, config, trainable_llm))
+  if setup.features == "cached":
+    try:
+      check_cached_features(config, setup, state)
+    except ValueError:
+      ckpts.close()
+      data.close()
+      raise
+  metrics_out = Metrics(workdir, config, tc.steps, start,
+                        model_flops_per_step(cfg, config, trainable_llm, whisper=setup.features == "mel"))
   lr = learning_rate(config.optim, tc.steps)
   preempt = Preemption()
-  compiled = None
+  compiled = {}  # one executable per batch shape (length / feature buckets)
+  fixed_shapes = getattr(data, "fixed_shapes", True)
   last_metrics = None
   stop_reason = "finished"
   try:
     for step in range(start, tc.steps):
       host = next(data)
-      batch = pipeline.to_global(host, mesh, rules, same_shape=True)
-      if compiled is None:
+      batch = pipeline.to_global(host, mesh, rules, same_shape=fixed_shapes)
+      shapes = tuple((k, v.shape) for k, v in batch.items())
+      if shapes not in compiled:
         t0 = time.perf_counter()
-        compiled = setup.compile(batch)
-        log(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
-      state, last_metrics = compiled(state, batch)
+        compiled[shapes] = setup.compile(batch)
+        seconds = time.perf_counter() - t0
+        metrics_out.t0 += seconds  # compiling is not training time
+        log(f"compiled the train step in {seconds:.1f} s" + (
+            "" if len(compiled) == 1 else f" (shape {len(compiled)}: {dict((k, list(s)) for k, s in shapes)})"))
+      state, last_metrics = compiled[shapes](state, batch)
       tokens = int(np.sum(host["attention_mask"])) * jax.process_count()
       metrics_out.step(step + 1, last_metrics, tokens, lr)
       if tc.get("debug_sigterm_at_step") == step + 1:
