@@ -212,7 +212,8 @@ class CT2Whisper:
       raise CheckpointError(f"{self.path}: decoder/projection/bias is not zero; Whisper's output projection has no bias")
 
   def _hf_config(self) -> dict[str, Any]:
-    """A `WhisperConfig` dict: sizes from the shapes, heads from the spec's scalars."""
+    """A `WhisperConfig` dict: sizes from the shapes, heads from the spec's scalars (suppressed
+    tokens go to the generation config only: transformers warns when a model config has them)."""
     f = self.file
     d_model, mels, _ = f.raw("encoder/conv1/weight").shape
     vocab = f.raw("decoder/embeddings/weight").shape[0]
@@ -231,9 +232,7 @@ class CT2Whisper:
         max_target_positions=int(f.raw("decoder/position_encodings/encodings").shape[0]),
         scale_embedding=bool(f.scalar("decoder/scale_embeddings", 0)), tie_word_embeddings=True,
         decoder_start_token_id=ids["<|startoftranscript|>"], bos_token_id=ids["<|startoftranscript|>"],
-        eos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
-        suppress_tokens=self.ct2_config.get("suppress_ids"),
-        begin_suppress_tokens=self.ct2_config.get("suppress_ids_begin"))
+        eos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"])
 
   # ---- tensors ---------------------------------------------------------------------------
 

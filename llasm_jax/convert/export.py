@@ -112,6 +112,8 @@ def export(ckpt: str, out: str, *, shard_bytes: int = DEFAULT_SHARD_BYTES, overw
       _write_json(os.path.join(folder, "config.json"),
                   _hf_config(ckpt, HF_WHISPER_CONFIG, whisper_config_to_hf(wcfg)))
       checkpoint.copy_files(ckpt, folder, FEATURE_FILES)
+      # Whisper's own tokenizer and generation config, so the folder transcribes as it is.
+      checkpoint.copy_files(os.path.join(ckpt, checkpoint.WHISPER_DIR), folder, checkpoint.WHISPER_FILES)
     if kind == "llasm":
       folder = os.path.join(tmp, "llasm")
       maps = keymaps("llasm", cfg.mode)
