@@ -174,6 +174,15 @@ def data_build(args: argparse.Namespace) -> None:
   print(builders.summary(result))
 
 
+def data_encode(args: argparse.Namespace) -> None:
+  from llasm_jax.data import encode
+
+  result = encode.encode(args.ckpt, args.data, args.out, dtype=args.dtype, batch_size=args.batch,
+                         mel_frames=args.mel_frames, mesh_shape=args.mesh, overwrite=args.overwrite)
+  if jax.process_index() == 0:
+    print(encode.summary(result))
+
+
 def data_synth(args: argparse.Namespace) -> None:
   from llasm_jax.data import synth
 
@@ -262,6 +271,20 @@ def _data_parser(sub) -> None:
   p.add_argument("--max-seconds", type=float, default=30.0,
                  help="longer utterances fail, 0 = no limit (default: %(default)s, what `data build` keeps)")
   p.set_defaults(func=data_synth)
+
+  p = data_sub.add_parser("encode", help="run the frozen Whisper once over a built dataset and store its outputs "
+                                         "(training then reads them: no Whisper in the step)")
+  p.add_argument("--ckpt", required=True, help="LLaSM model folder whose Whisper and mode make the features")
+  p.add_argument("--data", required=True, help="built dataset(s) (`data build` --out; comma-separated)")
+  p.add_argument("--out", required=True, help="output folder; the dataset goes to OUT/llasm_<kind>_features/<version>")
+  p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                 help="stored feature dtype (default: %(default)s)")
+  p.add_argument("--batch", type=int, default=16, help="audio slots per Whisper call (default: %(default)s)")
+  p.add_argument("--mel-frames", type=int, default=3000,
+                 help="encoder mode: window in mel frames, as config.data.mel_frames (default: %(default)s = 30 s)")
+  p.add_argument("--mesh", type=_parse_mesh, help="mesh over this process's devices, e.g. data=8 (default: all data)")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+  p.set_defaults(func=data_encode)
 
 
 def build_parser() -> argparse.ArgumentParser:

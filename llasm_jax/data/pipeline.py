@@ -678,7 +678,8 @@ def train_iterator(config, cfg: LlasmConfig, *, host_batch: int):
   `config.data.{seq_len, max_audios, mel_frames, seed}`, and optionally `tokenizer` (default:
   `config.train.init_from`, whose model folder holds the tokenizer), `template`
   ("llasm-cllama2"), `buckets` (default: none, every batch seq_len long: the same shape on every
-  host), `workers` (default min(8, CPUs)) and `threads`."""
+  host), `features` ("auto": what the data holds, "mel" or "cached"), `feature_buckets`, `workers`
+  (default min(8, CPUs); -1: none, the batches are made in this process) and `threads`."""
   data = config.data
   tokenizer = data.get("tokenizer") or config.get("train", {}).get("init_from")
   if not data.get("dir"):

@@ -10,6 +10,7 @@ import transformers as tf
 from llasm_jax import checkpoint
 from llasm_jax.convert.convert import convert
 from llasm_jax.data import builders, encode
+from tests.conftest import assert_close
 from tests.data.conftest import ASSETS
 from tests.infer.conftest import tiny_tokenizer
 from tests.models.test_whisper import randomize_biases, tiny_whisper_config
@@ -56,7 +57,7 @@ def stage1(ckpt, data, **data_kw):
   config.train.batch_size = 2
   # Two audio slots: each clip is two 3 s windows in encoder mode; the doubled system prompt of
   # the llasm-cllama2 template takes ~300 tokens of this tokenizer.
-  config.data.update(dict(source="tfds", dir=data, seq_len=448, max_audios=2, mel_frames=WINDOW, workers=1,
+  config.data.update(dict(source="tfds", dir=data, seq_len=448, max_audios=2, mel_frames=WINDOW, workers=-1,
                           **data_kw))
   return config
 
@@ -77,12 +78,12 @@ def test_cached_features_train_like_the_audio(setup, mode):
   losses, params = run(setup, f"audio_{mode}", ckpt, setup["raw"])
   cached_losses, cached_params = run(setup, f"cached_{mode}", ckpt, setup["caches"][mode, "float32"])
   assert all(np.isfinite(losses)) and len(set(losses)) == 3, losses  # three different batches, all with targets
-  np.testing.assert_allclose(cached_losses, losses, atol=1e-5, rtol=0)
+  assert_close(cached_losses, losses, atol=1e-5)
   start = checkpoint.load_params_numpy(ckpt)
   for path, value in params.items():
     if path.startswith("adaptor/"):
       assert np.abs(value - start[path]).max() > 1e-4, path  # it trained
-      np.testing.assert_allclose(cached_params[path], value, atol=1e-6, rtol=0, err_msg=path)
+      assert_close(cached_params[path], value, atol=1e-6)
     else:
       np.testing.assert_array_equal(cached_params[path], value, err_msg=path)
   if mode == "encoder":  # bfloat16 features: the same run within bfloat16 rounding
