@@ -201,8 +201,7 @@ class Transcriber(MeshFunctions):
 
   # ---- the jitted function ---------------------------------------------------------------
 
-  def _transcribe_fn(self, state, mel, prompt, active, detect, until, suppress, begin, languages, *,
-                     slots: int, detecting: bool):
+  def _transcribe_fn(self, state, mel, prompt, active, detect, until, suppress, begin, languages, *, slots: int):
     """mel float[B, M, F], prompt int32[B, P], active bool[B] (False: batch padding), detect bool[B]
     (rows whose language slot 1 is to be detected), until int32[] (tokens to generate at most),
     suppress / begin / languages bool[V] -> generated tokens int32[B, slots] (EOS after each
@@ -213,8 +212,9 @@ class Transcriber(MeshFunctions):
     eos = self.tokens.eos
     b, p = prompt.shape
     states, frames = model.encoder(mel)
-    if detecting:
-      # detect_language: the logits after <|startoftranscript|>, language tokens only.
+    if self.tokens.multilingual:
+      # detect_language: the logits after <|startoftranscript|>, language tokens only. One decoder
+      # step, always run: a second executable for batches without detection would cost more.
       hidden, _ = model.decoder(prompt[:, :1], states, frames)
       logits = jnp.where(languages, model.logits(hidden)[:, 0], -jnp.inf)
       prompt = prompt.at[:, 1].set(jnp.where(detect, jnp.argmax(logits, -1).astype(jnp.int32), prompt[:, 1]))
@@ -241,14 +241,14 @@ class Transcriber(MeshFunctions):
     carry = jax.lax.while_loop(lambda c: (c[2] < until) & ~jnp.all(c[4]), step, carry)
     return carry[1], prompt
 
-  def _function(self, slots: int, detecting: bool):
+  def _function(self, slots: int):
     in_sh = out_sh = None
     if self.mesh is not None:
       rows, table, rep = self._sh(("batch",)), self._sh(("batch", None)), self._replicated()
       in_sh = (self._state_shardings(self.state), self._sh(("batch", None, None)), table, rows, rows, rep, rep, rep,
                rep)
       out_sh = (table, table)
-    return self._jit("transcribe", self._transcribe_fn, in_sh, out_sh, slots=slots, detecting=detecting)
+    return self._jit("transcribe", self._transcribe_fn, in_sh, out_sh, slots=slots)
 
   # ---- host side -------------------------------------------------------------------------
 
@@ -278,7 +278,7 @@ class Transcriber(MeshFunctions):
     active = np.arange(rows) < len(mels)
     detect = np.array([self.tokens.multilingual and i < len(langs) and langs[i] is None for i in range(rows)])
     # Bucketed, so that other max_new_tokens reuse the executable, but within the decoder's positions.
-    fn = self._function(min(bucket(max_new), limit), bool(detect.any()))
+    fn = self._function(min(bucket(max_new), limit))
     rep = None if self.mesh is None else self._replicated()
     with self._tracing_context():
       tokens, prompt_out = fn(

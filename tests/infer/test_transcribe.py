@@ -25,6 +25,7 @@ EOT, SOT, EN, ZH, DE, TRANSLATE, TRANSCRIBE, NO_TS = 99, 100, 101, 102, 103, 104
 # Tokens the random model likes (found by running it without suppression): masking them matters.
 SUPPRESS = [5, 17, 70, TRANSLATE]
 BEGIN_SUPPRESS = [21, 51, EOT]
+N = 32  # new tokens in every call
 SPECIAL = {EOT: "<|endoftext|>", SOT: "<|startoftranscript|>", EN: "<|en|>", ZH: "<|zh|>", DE: "<|de|>",
            TRANSLATE: "<|translate|>", TRANSCRIBE: "<|transcribe|>", NO_TS: "<|notimestamps|>"}
 
@@ -62,21 +63,26 @@ def tiny_whisper(multilingual: bool) -> tf.WhisperForConditionalGeneration:
   return model
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["multilingual", "english"])
-def whisper(request, tmp_path_factory):
-  root = tmp_path_factory.mktemp("whisper")
-  model = tiny_whisper(request.param)
+def whisper_folder(root, multilingual: bool):
+  model = tiny_whisper(multilingual)
   model.save_pretrained(root / "hf")
   tiny_tokenizer().save_pretrained(root / "hf")
   convert(whisper_dir=str(root / "hf"), out=str(root / "ck"), progress=False)
-  return model, Transcriber.load(str(root / "ck")), root
+  return model, Transcriber.load(str(root / "ck"))
 
 
-def clips(seconds=(1.0, 2.5, 4.0, 0.6, 3.2)):
+@pytest.fixture(scope="module")
+def whisper(tmp_path_factory):
+  """The multilingual tiny Whisper: transformers' model, ours converted from its folder, the root."""
+  root = tmp_path_factory.mktemp("whisper")
+  return (*whisper_folder(root, True), root)
+
+
+def clips(seconds=(1.0, 2.5, 4.0, 3.2)):
   return [synth_speech(s, seed=i) for i, s in enumerate(seconds)]
 
 
-def hf_generate(model, audios, max_new_tokens, **kw) -> list[list[int]]:
+def hf_generate(model, audios, max_new_tokens=N, **kw) -> list[list[int]]:
   """transformers' greedy tokens, cut before <|endoftext|>."""
   mel = torch.tensor(np.stack([log_mel(a) for a in audios]))
   with torch.no_grad():
@@ -85,73 +91,72 @@ def hf_generate(model, audios, max_new_tokens, **kw) -> list[list[int]]:
 
 
 def test_tokens_equal_transformers_generate(whisper):
+  # Every call here has 4 rows and N new tokens: one executable.
   model, tr, _ = whisper
   audios = clips()
   mels = [log_mel(a) for a in audios]
-  multilingual = tr.tokens.multilingual
-  runs = [dict(language=None)]
-  if multilingual:
-    runs += [dict(language="en"), dict(language="de")]
-  refs = []
-  for kw in runs:
-    hf_kw = dict(task="transcribe", **kw) if multilingual else {}
-    ref = hf_generate(model, audios, 32, **hf_kw)
-    ids, langs = tr.generate_ids(mels, [kw["language"]] * len(mels), max_new_tokens=32)
-    assert ids == ref, (kw, ids, ref)
-    if multilingual and kw["language"] is None:
+  refs = {}
+  for language in (None, "en", "zh"):
+    ref = hf_generate(model, audios, task="transcribe", language=language)
+    ids, langs = tr.generate_ids(mels, [language] * len(mels), max_new_tokens=N)
+    assert ids == ref, (language, ids, ref)
+    if language is None:
       with torch.no_grad():
         detected = model.detect_language(torch.tensor(np.stack(mels))).tolist()
       assert langs == detected and len(set(detected)) > 1
-    refs += ref
+    refs[language] = ref
   # The check has teeth: rows differ, some end early, others run to the limit, and the
   # suppression changes the tokens.
-  assert len({tuple(r) for r in refs}) > len(refs) // 2
-  assert min(map(len, refs)) < 32 and max(map(len, refs)) == 32
-  assert not any(t in SUPPRESS for r in refs for t in r) and not any(r[0] in BEGIN_SUPPRESS for r in refs if r)
-  free = hf_generate(model, audios, 32, suppress_tokens=None, begin_suppress_tokens=None,
-                     **(dict(task="transcribe") if multilingual else {}))
+  rows = [r for ref in refs.values() for r in ref]
+  assert all(len(set(map(tuple, ref))) >= 3 for ref in refs.values())
+  assert min(map(len, rows)) < N and max(map(len, rows)) == N
+  assert not any(t in SUPPRESS for r in rows for t in r) and not any(r[0] in BEGIN_SUPPRESS for r in rows if r)
+  free = hf_generate(model, audios, task="transcribe", language="zh", suppress_tokens=None,
+                     begin_suppress_tokens=None)
   assert free != ref
-
-
-def test_per_audio_languages_and_batching(whisper):
-  model, tr, _ = whisper
-  if not tr.tokens.multilingual:
-    with pytest.raises(ValueError, match="English-only"):
-      tr.generate_ids([log_mel(clips()[0])], ["zh"])
-    return
-  audios = clips()
-  langs = ["en", None, "zh", "german", "<|en|>"]
-  ref = []
-  for a, lang in zip(audios, langs):  # one at a time: HF takes one language per call
-    code = {"german": "de", "<|en|>": "en"}.get(lang, lang)
-    ref += hf_generate(model, [a], 24, task="transcribe", language=code)
-  # batch_size 2: three calls, the last one padded with an inactive row.
-  for batch in (2, 8):
-    ids = []
-    for s in range(0, len(audios), batch):
-      ids += tr.generate_ids([log_mel(a) for a in audios[s:s + batch]], langs[s:s + batch], max_new_tokens=24)[0]
-    assert ids == ref, batch
+  # Per-row languages (given and detected in one batch), 3 rows padded to 4: each row as in the
+  # batch of its language (a row's tokens do not depend on the other rows).
+  ref = [refs["en"][0], refs[None][1], refs["zh"][2]]
+  assert tr.generate_ids(mels[:3], ["english", None, "<|zh|>"], max_new_tokens=N)[0] == ref
+  assert tr.traces["transcribe"] == 1
   with pytest.raises(ValueError, match="not one of this Whisper's 3 languages"):
     tr.language_id("fr")
+
+
+def test_english_only_facts(whisper):
+  _, tr, _ = whisper
+  gen = tiny_whisper(False).generation_config.to_dict()
+  tokens = WhisperTokens.from_generation_config(gen, tr.cfg)
+  assert tokens.prompt(None) == [SOT, NO_TS] and not tokens.multilingual and tokens.languages == {}
+  english = Transcriber(tr.model, tokens)
+  assert english.language_id("en") is None
+  with pytest.raises(ValueError, match="English-only"):
+    english.language_id("zh")
+
+
+@pytest.mark.slow
+def test_english_only_model(tmp_path):
+  model, tr = whisper_folder(tmp_path, False)
+  audios = clips()[:2]
+  ref = hf_generate(model, audios)
+  assert tr.generate_ids([log_mel(a) for a in audios], max_new_tokens=N)[0] == ref
+  assert min(map(len, ref)) < N and len(set(map(tuple, ref))) == 2
 
 
 def test_text_and_long_audio_windows(whisper):
   model, tr, root = whisper
   tok = tf.AutoTokenizer.from_pretrained(root / "hf")
-  audios = clips((1.5, 35.0))
-  long_windows = [audios[1][:480000], audios[1][480000:]]
-  ref_ids = hf_generate(model, [audios[0], *long_windows], 16,
-                        **(dict(task="transcribe", language="en") if tr.tokens.multilingual else {}))
-  ref = [tok.decode(r, skip_special_tokens=True).strip() for r in ref_ids]
-  lang = "en" if tr.tokens.multilingual else None
-  texts = tr.transcribe(audios, language=lang, batch_size=2, max_new_tokens=16)
-  assert texts == [ref[0], f"{ref[1]} {ref[2]}"]
-  assert all(t.startswith("w") for t in texts) and tr.timings.windows == 3
-  # A file path goes through the package's audio loader, to the same features.
   import soundfile as sf
 
+  audios = clips((1.5, 35.0))
+  long_windows = [audios[1][:480000], audios[1][480000:]]
+  ref_ids = hf_generate(model, [audios[0], *long_windows], task="transcribe", language="en")
+  ref = [tok.decode(r, skip_special_tokens=True).strip() for r in ref_ids]
+  # A file path goes through the package's audio loader, to the same samples.
   sf.write(root / "clip.wav", audios[0], 16000, subtype="FLOAT")
-  assert tr.transcribe([str(root / "clip.wav")], language=lang, max_new_tokens=16) == [ref[0]]
+  texts = tr.transcribe([str(root / "clip.wav"), audios[1]], language="en", batch_size=4, max_new_tokens=N)
+  assert texts == [ref[0], f"{ref[1]} {ref[2]}"]
+  assert all(t.startswith("w") for t in texts) and tr.timings.windows == 3
 
 
 def test_facts_and_errors(whisper, tmp_path):
@@ -159,70 +164,69 @@ def test_facts_and_errors(whisper, tmp_path):
   gen = json.loads((root / "ck" / "whisper" / "generation_config.json").read_text())
   tokens = WhisperTokens.from_generation_config(gen, tr.cfg)
   assert tokens == tr.tokens and tokens.suppress == tuple(SUPPRESS) and tokens.eos == EOT
-  assert tokens.prompt(EN) == ([SOT, EN, TRANSCRIBE, NO_TS] if tokens.multilingual else [SOT, NO_TS])
+  assert tokens.prompt(EN) == [SOT, EN, TRANSCRIBE, NO_TS]
   with pytest.raises(ValueError, match="max_new_tokens 99"):
     tr.generate_ids([log_mel(clips()[0])], max_new_tokens=99)
   with pytest.raises(FileNotFoundError, match="no such folder"):
     Transcriber.load(str(tmp_path / "missing"))
 
 
-@pytest.fixture(scope="module")
-def llasm_folders(tmp_path_factory):
-  """A "llasm"-mode and an "encoder"-mode LLaSM folder around the multilingual tiny Whisper."""
+def test_the_whisper_inside_a_llasm_folder(whisper, tmp_path):
+  """A "llasm"-mode LLaSM folder's Whisper transcribes (its LLM is never read); other kinds say why not."""
   from tests.infer.conftest import tiny_tokenizer as llm_tokenizer
 
-  root = tmp_path_factory.mktemp("llasm")
-  tiny_whisper(True).save_pretrained(root / "hf_whisper")
-  tiny_tokenizer().save_pretrained(root / "hf_whisper")
+  model, _, root = whisper
   tok = llm_tokenizer()
   llm = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                            num_hidden_layers=1, num_attention_heads=2))
-  llm.save_pretrained(root / "hf_llm")
-  tok.save_pretrained(root / "hf_llm")
-  out = {}
-  for mode in ("llasm", "encoder"):
-    out[mode] = str(root / mode)
-    convert(str(root / "hf_llm"), str(root / "hf_whisper"), out=out[mode], mode=mode, progress=False)
-  convert(str(root / "hf_llm"), out=str(root / "llama"), progress=False)
-  convert(whisper_dir=str(root / "hf_whisper"), out=str(root / "whisper"), progress=False)
-  out.update(llama=str(root / "llama"), whisper=str(root / "whisper"))
-  return out
-
-
-def test_the_whisper_inside_a_llasm_folder(llasm_folders):
-  audios = clips()[:3]
-  inner = Transcriber.load(llasm_folders["llasm"])
-  assert inner.transcribe(audios, max_new_tokens=12) == Transcriber.load(llasm_folders["whisper"]).transcribe(
-      audios, max_new_tokens=12)
+  llm.save_pretrained(tmp_path / "hf_llm")
+  tok.save_pretrained(tmp_path / "hf_llm")
+  convert(str(tmp_path / "hf_llm"), str(root / "hf"), out=str(tmp_path / "llasm"), progress=False)
+  inner = Transcriber.load(str(tmp_path / "llasm"))
   assert inner.tokenizer.convert_ids_to_tokens(SOT) == "<|startoftranscript|>"  # Whisper's, not the LLM's
-  with pytest.raises(ValueError, match="'encoder'-mode LLaSM, whose Whisper has no decoder"):
-    Transcriber.load(llasm_folders["encoder"])
-  with pytest.raises(ValueError, match="text-only LLM"):
-    Transcriber.load(llasm_folders["llama"])
+  audios = clips()
+  ref = hf_generate(model, audios, task="transcribe", language="en")
+  assert inner.generate_ids([log_mel(a) for a in audios], "en en en en".split(), max_new_tokens=N)[0] == ref
+  # Folders of other kinds are refused from their meta file alone.
+  meta = json.loads((tmp_path / "llasm" / "llasm_jax.json").read_text())
+  for name, change, error in (("encoder", {"config": {**meta["config"], "mode": "encoder"}},
+                               "'encoder'-mode LLaSM, whose Whisper has no decoder"),
+                              ("llama", {"kind": "llama"}, "text-only LLM")):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "llasm_jax.json").write_text(json.dumps({**meta, **change}))
+    with pytest.raises(ValueError, match=error):
+      Transcriber.load(str(tmp_path / name))
 
 
 SHARDED = textwrap.dedent("""
-    import os, sys
+    import json, os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    import numpy as np
     from llasm_jax import sharding
     from llasm_jax.config import DEFAULT_RULES
     from llasm_jax.data.audio import synth_speech
+    from llasm_jax.data.features import log_mel
     from llasm_jax.infer.transcribe import Transcriber
-    audios = [synth_speech(s, seed=i) for i, s in enumerate((1.0, 2.5, 4.0))]
-    one = Transcriber.load(sys.argv[1]).transcribe(audios, max_new_tokens=12)
+    mels = [log_mel(synth_speech(s, seed=i)) for i, s in enumerate((1.0, 2.5, 4.0))]
     mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 2})
-    sharded = Transcriber.load(sys.argv[1], mesh=mesh, rules=DEFAULT_RULES)
-    assert sharded.transcribe(audios, max_new_tokens=12) == one, one
-    print("OK", one)
+    tr = Transcriber.load(sys.argv[1], mesh=mesh, rules=DEFAULT_RULES)
+    assert tr.model.decoder.layers.layers.fc1.kernel[...].sharding.spec[-1] == "tensor"
+    ids, langs = tr.generate_ids(mels, max_new_tokens=int(sys.argv[2]))
+    print("IDS " + json.dumps([ids, langs]))
 """)
 
 
-def test_sharded_transcription_equals_one_device(llasm_folders, tmp_path):
+def test_sharded_transcription_equals_transformers(whisper, tmp_path):
+  """data 2 x tensor 2 on 4 simulated CPU devices: 3 rows padded to 4, languages detected."""
+  model, _, root = whisper
+  audios = clips()[:3]
+  ref = hf_generate(model, audios, task="transcribe")
+  with torch.no_grad():
+    langs = model.detect_language(torch.tensor(np.stack([log_mel(a) for a in audios]))).tolist()
   script = tmp_path / "sharded.py"
   script.write_text(SHARDED)
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  res = subprocess.run([sys.executable, str(script), llasm_folders["whisper"]], cwd=ROOT, env=env,
+  res = subprocess.run([sys.executable, str(script), str(root / "ck"), str(N)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
   assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-  assert "OK" in res.stdout
+  line = next(l for l in res.stdout.splitlines() if l.startswith("IDS "))
+  assert json.loads(line[4:]) == [ref, langs]
