@@ -35,6 +35,7 @@ from llasm_jax.infer.sampling import SamplingParams, sample
 from llasm_jax.layers import KVCache
 from llasm_jax.models.llama import LlamaForCausalLM
 from llasm_jax.models.llasm import Llasm, check_audio_markers, splice
+from llasm_jax.models.whisper import encoder_frames
 
 
 @flax.struct.dataclass
@@ -66,6 +67,25 @@ class EngineOutput:
   token_ids: list[int]
   prompt_token_ids: list[int]
   finish_reason: str  # "eos", "stop" (the callback asked) or "length"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AudioFeatures:
+  """One audio slot as cached frozen-Whisper outputs (`Llasm.encode_audio`, what `llasm-jax data
+  encode` stores) instead of a log-mel: the engine runs only the adaptor on them.
+
+  features:   float[S, E] the slot's valid feature frames (S = audio_token_len in "llasm" mode,
+              ceil(F / 2) in "encoder" mode; E = Whisper width)
+  mel_frames: F, the mel frames the slot had; its audio token count follows from them
+  """
+
+  features: np.ndarray
+  mel_frames: int
+
+
+def mel_frames(audio: "np.ndarray | AudioFeatures") -> int:
+  """F of an audio slot given as log-mel float[M, F] or as `AudioFeatures`."""
+  return audio.mel_frames if isinstance(audio, AudioFeatures) else audio.shape[1]
 
 
 @dataclasses.dataclass
@@ -214,6 +234,19 @@ class Engine(MeshFunctions):
     self._audio_memo: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
     self.audio_memo_size = 64  # audios whose embeddings are remembered
 
+  def update_params(self, model: LlamaForCausalLM | Llasm) -> None:
+    """Takes the parameters of `model`, the same architecture with new values (a training run
+    evaluating as it goes): same shapes and shardings, so nothing compiles again. Remembered
+    audio embeddings are dropped, since the adaptor changed."""
+    if nnx.graphdef(model) != self.graphdef:
+      raise ValueError("update_params needs a model of the same architecture as the engine's")
+    self._place(model)
+    self.model = model
+    self.llm = model.llm if isinstance(model, Llasm) else model
+    self.graphdef, self.state = nnx.split(model)
+    self.llm_graphdef, self.llm_state = nnx.split(self.llm)
+    self._audio_memo.clear()
+
   def _cache_shardings(self) -> KVCache:
     c = self.llm.cfg
     kv = self._sh(("layers", "batch", "length", "act_kv_heads", "head_dim"),
@@ -232,6 +265,13 @@ class Engine(MeshFunctions):
     self.traces["encode_audio"] += 1
     model = nnx.merge(self.graphdef, state)
     embeds, valid = model.embed_audio(mel[:, None], mel_lengths[:, None])
+    return embeds[:, 0], valid[:, 0]
+
+  def _adapt_fn(self, state, features, lengths):
+    """Cached Whisper outputs float[N, S, E], lengths int32[N] -> float[N, P, D], valid bool[N, P]."""
+    self.traces["adapt"] += 1
+    model = nnx.merge(self.graphdef, state)
+    embeds, valid = model.adapt(features[:, None], lengths[:, None])
     return embeds[:, 0], valid[:, 0]
 
   def _prefill_fn(self, llm_state, input_ids, attention_mask, active, audio, rng, temperature, top_k, top_p,
@@ -288,51 +328,64 @@ class Engine(MeshFunctions):
 
   # ---- host side -------------------------------------------------------------------------
 
-  def _check_audio(self, prompts: list[list[int]], mels: list[list[np.ndarray]]) -> None:
-    """Raises if a mel has the wrong shape or the markers of a prompt disagree with its audios."""
+  def _check_audio(self, prompts: list[list[int]], mels: list[list[np.ndarray | AudioFeatures]]) -> None:
+    """Raises if a mel (or cached features) has the wrong shape or the markers of a prompt
+    disagree with its audios."""
     cfg = self.audio_cfg
     if cfg is None:
       raise ValueError("this checkpoint is a text-only LLM; it cannot take audio (pass audios=None)")
     if len(mels) != len(prompts):
       raise ValueError(f"{len(mels)} audio lists for {len(prompts)} prompts; pass one list (maybe empty) per prompt")
-    m, f_max = cfg.audio.num_mel_bins, cfg.audio.max_mel_frames
+    m, f_max, e = cfg.audio.num_mel_bins, cfg.audio.max_mel_frames, cfg.audio.d_model
     for b, (ids, row) in enumerate(zip(prompts, mels)):
       for j, mel in enumerate(row):
-        if mel.ndim != 2 or mel.shape[0] != m:
+        f = mel_frames(mel)
+        if isinstance(mel, AudioFeatures):
+          s = cfg.audio_token_len if cfg.mode == "llasm" else int(encoder_frames(f))
+          if mel.features.ndim != 2 or mel.features.shape != (s, e):
+            raise ValueError(f"prompt {b} audio {j}: cached features of shape {mel.features.shape}, expected "
+                             f"[{s}, {e}] ({cfg.mode!r} mode, {f} mel frames, Whisper width {e}); were they "
+                             "encoded by this model's Whisper?")
+        elif mel.ndim != 2 or mel.shape[0] != m:
           raise ValueError(f"prompt {b} audio {j}: mel shape {mel.shape}, expected [{m}, frames] "
                            f"(this Whisper has num_mel_bins={m})")
-        if mel.shape[1] > f_max:
-          raise ValueError(f"prompt {b} audio {j}: {mel.shape[1]} mel frames exceed 30 s ({f_max}); "
+        if f > f_max:
+          raise ValueError(f"prompt {b} audio {j}: {f} mel frames exceed 30 s ({f_max}); "
                            "split long audio into 30 s windows, one audio each")
-        if cfg.mode == "llasm" and mel.shape[1] != f_max:
-          raise ValueError(f"prompt {b} audio {j}: {mel.shape[1]} mel frames; 'llasm' mode reads features "
+        if cfg.mode == "llasm" and f != f_max:
+          raise ValueError(f"prompt {b} audio {j}: {f} mel frames; 'llasm' mode reads features "
                            f"padded to 30 s ({f_max} frames), as Whisper's feature extractor makes them")
-      counts = [cfg.audio_tokens(x.shape[1]) for x in row]
+      counts = [cfg.audio_tokens(mel_frames(x)) for x in row]
       check_audio_markers(cfg, np.asarray([ids]), np.asarray([counts or [0]]))
 
-  def _frames_bucket(self, mels: list[np.ndarray]) -> int:
+  def _frames_bucket(self, mels: list[np.ndarray | AudioFeatures]) -> int:
     f_max = self.audio_cfg.audio.max_mel_frames
     if self.audio_cfg.mode == "llasm":
       return f_max
-    return min(f_max, -(-max(x.shape[1] for x in mels) // 256) * 256)
+    return min(f_max, -(-max(mel_frames(x) for x in mels) // 256) * 256)
 
-  def _audio_embeddings(self, mels: list[np.ndarray], timings: "Timings") -> list[np.ndarray]:
-    """Each audio's embeddings float[P_i, D] (its valid tokens only). Whisper runs once per
-    distinct audio: results are remembered (a chat sends its earlier audios again every turn)."""
-    keys = [hashlib.sha1(x.tobytes()).digest() + str(x.shape).encode() for x in mels]
+  def _audio_embeddings(self, mels: list[np.ndarray | AudioFeatures], timings: "Timings") -> list[np.ndarray]:
+    """Each audio's embeddings float[P_i, D] (its valid tokens only). Whisper (or, for cached
+    features, the adaptor) runs once per distinct audio: results are remembered (a chat sends
+    its earlier audios again every turn)."""
+    def key(x):
+      if isinstance(x, AudioFeatures):
+        return b"cached" + hashlib.sha1(np.ascontiguousarray(x.features).tobytes()).digest() + str(
+            (x.features.shape, str(x.features.dtype), x.mel_frames)).encode()
+      return hashlib.sha1(x.tobytes()).digest() + str(x.shape).encode()
+
+    keys = [key(x) for x in mels]
     todo = list(dict.fromkeys(k for k in keys if k not in self._audio_memo))
     if todo:
       t0 = time.perf_counter()
-      new = [mels[keys.index(k)] for k in todo]
-      m = self.audio_cfg.audio.num_mel_bins
-      mel = np.zeros((self._rows(len(new)), m, self._frames_bucket(new)), np.float32)
-      lengths = np.zeros((mel.shape[0],), np.int32)
-      for i, x in enumerate(new):
-        mel[i, :, :x.shape[1]] = x
-        lengths[i] = x.shape[1]
-      embeds, valid = (self._get(a) for a in self.encode_audio(mel, lengths))
-      for i, k in enumerate(todo):
-        self._audio_memo[k] = embeds[i, :int(valid[i].sum())]
+      new = {k: mels[keys.index(k)] for k in todo}
+      for cached in (False, True):
+        group = [k for k in todo if isinstance(new[k], AudioFeatures) == cached]
+        if not group:
+          continue
+        embeds, valid = self._run_audio([new[k] for k in group], cached)
+        for i, k in enumerate(group):
+          self._audio_memo[k] = embeds[i, :int(valid[i].sum())]
       timings.audio_s = time.perf_counter() - t0
     out = []
     for k in keys:
@@ -342,14 +395,36 @@ class Engine(MeshFunctions):
       self._audio_memo.popitem(last=False)
     return out
 
-  def _pack_audio(self, mels: list[list[np.ndarray]], rows: int, timings: "Timings"):
+  def _run_audio(self, new: list, cached: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Packed audios through Whisper + adaptor (log-mels) or the adaptor alone (cached features)."""
+    rows = self._rows(len(new))
+    if cached:
+      # S of the batch: the decoder queries ("llasm"), or the encoder frames of the frame bucket.
+      s = (self.audio_cfg.audio_token_len if self.audio_cfg.mode == "llasm"
+           else int(encoder_frames(self._frames_bucket(new))))
+      feats = np.zeros((rows, s, new[0].features.shape[1]), new[0].features.dtype)
+      lengths = np.zeros((rows,), np.int32)
+      for i, x in enumerate(new):
+        feats[i, :len(x.features)] = x.features
+        lengths[i] = len(x.features)
+      return tuple(self._get(a) for a in self.adapt_features(feats, lengths))
+    m = self.audio_cfg.audio.num_mel_bins
+    mel = np.zeros((rows, m, self._frames_bucket(new)), np.float32)
+    lengths = np.zeros((rows,), np.int32)
+    for i, x in enumerate(new):
+      mel[i, :, :x.shape[1]] = x
+      lengths[i] = x.shape[1]
+    return tuple(self._get(a) for a in self.encode_audio(mel, lengths))
+
+  def _pack_audio(self, mels: list[list[np.ndarray | AudioFeatures]], rows: int, timings: "Timings"):
     """Audio embeddings of every prompt, packed: float[N, P, D], valid bool[N, P] and slots
     int32[B, A] (row b's a-th audio is number slots[b, a] of N; -1 = none)."""
     flat = [x for row in mels for x in row]
     per_audio = self._audio_embeddings(flat, timings)
     # P of the batch's frame bucket, so the prefill compiles once per bucket.
     p = self.audio_cfg.audio_tokens(self._frames_bucket(flat))
-    embeds = np.zeros((self._rows(len(flat)), p, per_audio[0].shape[-1]), per_audio[0].dtype)
+    dtype = np.result_type(*[e.dtype for e in per_audio])
+    embeds = np.zeros((self._rows(len(flat)), p, per_audio[0].shape[-1]), dtype)
     valid = np.zeros(embeds.shape[:2], bool)
     for i, e in enumerate(per_audio):
       embeds[i, :len(e)] = e
@@ -363,13 +438,20 @@ class Engine(MeshFunctions):
 
   def encode_audio(self, mel: np.ndarray, lengths: np.ndarray) -> tuple[jax.Array, jax.Array]:
     """Whisper + adaptor over packed audios: float32[N, M, F], int32[N] -> float[N, P, D], bool[N, P]."""
+    return self._audio_call("encode_audio", self._encode_audio_fn, mel, lengths)
+
+  def adapt_features(self, features: np.ndarray, lengths: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """The adaptor over packed cached Whisper outputs: float[N, S, E], int32[N] -> float[N, P, D], bool[N, P]."""
+    return self._audio_call("adapt", self._adapt_fn, features, lengths)
+
+  def _audio_call(self, name: str, fn, x: np.ndarray, lengths: np.ndarray):
     in_sh = out_sh = (None, None, None)
     if self.mesh is not None:
       in_sh = (self._state_shardings(self.state), self._sh(("batch", None, None)), self._sh(("batch",)))
       out_sh = (self._sh(("batch", None, "act_embed")), self._sh(("batch", None)))
-    fn = self._jit("encode_audio", self._encode_audio_fn, in_sh, out_sh)
+    fn = self._jit(name, fn, in_sh, out_sh)
     with self._tracing_context():
-      return fn(self.state, self._put(mel, in_sh[1]), self._put(lengths, in_sh[2]))
+      return fn(self.state, self._put(x, in_sh[1]), self._put(lengths, in_sh[2]))
 
   def _pad_prompts(self, prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Left-padded input_ids int32[B, T], attention mask bool[B, T] and active rows bool[B], with B
@@ -419,8 +501,8 @@ class Engine(MeshFunctions):
     """Generates up to `max_new_tokens` tokens after each prompt.
 
     prompts: token ids per prompt (audio markers included for a Llasm), any lengths.
-    mels: per prompt, a list of Whisper log-mel features float[M, F_i] (one per `<au_start>`
-      span, in order), or None for text only.
+    mels: per prompt, a list of Whisper log-mel features float[M, F_i] or cached Whisper outputs
+      (`AudioFeatures`), one per `<au_start>` span, in order; or None for text only.
     callback: called after prefill and after every `chunk_tokens` decode steps (default: 1
       step with a callback, else all at once) with each row's tokens so far; rows it returns
       True for stop there ("stop"). Chunks reuse one compiled loop.
@@ -445,7 +527,7 @@ class Engine(MeshFunctions):
 
     audio = None
     if mels is not None and any(len(m) for m in mels):
-      mels = [[np.asarray(x, np.float32) for x in row] for row in mels]
+      mels = [[x if isinstance(x, AudioFeatures) else np.asarray(x, np.float32) for x in row] for row in mels]
       self._check_audio(prompts, mels)
       audio = self._pack_audio(mels, rows, timings)
     elif self.audio_cfg is not None:
