@@ -317,9 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "(nothing is allocated: check a 7B config fits before it reaches the hardware)")
   p.set_defaults(func=train)
 
-  p = sub.add_parser("convert", help="Hugging Face / PyTorch checkpoint folders -> a llasm_jax model folder")
-  p.add_argument("--llm", help="LLaMA-family LLM folder, or a released LLaSM checkpoint (model_type llaaa)")
-  p.add_argument("--whisper", help="Whisper folder (e.g. openai/whisper-large-v2)")
+  p = sub.add_parser("convert", help="Hugging Face / CTranslate2 / GGUF checkpoints -> a llasm_jax model folder")
+  p.add_argument("--llm", help="LLaMA-family LLM: a Hugging Face folder, a released LLaSM checkpoint (model_type "
+                               "llaaa), or a GGUF file (llama.cpp; or a folder holding one .gguf)")
+  p.add_argument("--whisper", help="Whisper: a Hugging Face folder (e.g. openai/whisper-large-v2) or a CTranslate2 "
+                                   "folder (model.bin, as faster-whisper uses)")
   p.add_argument("--out", required=True, help="output folder (written atomically)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="stored dtype")
   p.add_argument("--mode", choices=("llasm", "encoder"), default="llasm",
