@@ -68,16 +68,22 @@ def export(args: argparse.Namespace) -> None:
 AUDIO_EXTENSIONS = (".wav", ".mp3", ".flac", ".ogg", ".opus", ".m4a", ".aac", ".webm")
 
 
+def _mesh_and_rules(args: argparse.Namespace):
+  """(mesh, rules) of --config / --mesh, or (None, None): one device."""
+  from llasm_jax.config import DEFAULT_RULES
+
+  if not (args.config or args.mesh):
+    return None, None
+  run_cfg = load_config_file(_find_config(args.config)) if args.config else None
+  rules = tuple(tuple(r) for r in run_cfg.logical_axis_rules) if run_cfg else DEFAULT_RULES
+  return sharding.make_mesh(args.mesh or run_cfg.mesh.shape), rules
+
+
 def _generator(args: argparse.Namespace):
   """Loads --ckpt once: on one device, or sharded on the mesh of --config / --mesh."""
-  from llasm_jax.config import DEFAULT_RULES
   from llasm_jax.infer.generator import Generator
 
-  mesh = rules = None
-  if args.config or args.mesh:
-    run_cfg = load_config_file(_find_config(args.config)) if args.config else None
-    rules = tuple(tuple(r) for r in run_cfg.logical_axis_rules) if run_cfg else DEFAULT_RULES
-    mesh = sharding.make_mesh(args.mesh or run_cfg.mesh.shape)
+  mesh, rules = _mesh_and_rules(args)
   run = {"dtype": args.dtype} if args.dtype else {}
   return Generator.load(args.ckpt, mesh=mesh, rules=rules, template=args.template, **run)
 
@@ -104,6 +110,21 @@ def generate(args: argparse.Namespace) -> None:
     print(json.dumps(res.as_dict(), ensure_ascii=False))
   else:
     print("" if stream else res.text)
+
+
+def evaluate(args: argparse.Namespace) -> None:
+  from llasm_jax.infer.evaluate import evaluate as run
+
+  mesh, rules = _mesh_and_rules(args)
+  run_options = {"dtype": args.dtype} if args.dtype else {}
+  report = run(args.ckpt, args.data, limit=args.limit, batch=args.batch, max_new_tokens=args.max_new_tokens,
+               mesh=mesh, rules=rules, template=args.template, mel_frames=args.mel_frames, **run_options)
+  if jax.process_index() == 0:
+    print(report.table(worst=args.worst))
+    print(report.summary())
+    if args.out:
+      report.write(args.out)
+      print(f"report written to {args.out}")
 
 
 def _audio_line(line: str) -> tuple[str | None, str]:
@@ -357,6 +378,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="run config whose mesh and logical_axis_rules shard the model")
     p.add_argument("--mesh", type=_parse_mesh, help="shard on this mesh, e.g. fsdp=2,tensor=4 (DEFAULT_RULES)")
     p.set_defaults(func=generate if name == "generate" else chat)
+
+  p = sub.add_parser("eval", help="greedy answers over a built dataset, scored: WER / CER (asr rows), answer F1 "
+                                  "(instructions); a Whisper folder transcribes (the baseline)")
+  p.add_argument("--ckpt", required=True, help="llasm_jax model folder: a LLaSM, or a Whisper (asr datasets)")
+  p.add_argument("--data", required=True, help="dataset folder(s) of `llasm-jax data build` or `data encode`")
+  p.add_argument("--limit", type=int, help="evaluate the first N rows (default: all)")
+  p.add_argument("--batch", type=int, default=8, help="rows per generate call (default: %(default)s)")
+  p.add_argument("--max-new-tokens", type=int, default=128, help="per answer (default: %(default)s)")
+  p.add_argument("--out", help="write the JSON report here (per-row answers and scores, totals, timings)")
+  p.add_argument("--worst", type=int, default=5, help="rows of each metric to print, worst first")
+  p.add_argument("--template", help="prompt template training used (default: llasm-cllama2)")
+  p.add_argument("--mel-frames", type=int, help="'encoder' mode: the audio window training used, in mel frames "
+                                                "(default: 3000, or the cached dataset's)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's config)")
+  p.add_argument("--config", help="run config whose mesh and logical_axis_rules shard the model")
+  p.add_argument("--mesh", type=_parse_mesh, help="shard on this mesh, e.g. data=2,tensor=4 (DEFAULT_RULES)")
+  p.set_defaults(func=evaluate)
 
   _data_parser(sub)
   return parser

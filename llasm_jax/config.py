@@ -114,7 +114,7 @@ def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
 
 
 def training_sections(stage: int) -> dict[str, ml_collections.ConfigDict]:
-  """Default `train`, `optim` and `data` sections of a training config for LLaSM stage 1 or 2.
+  """Default `train`, `optim`, `data` and `eval` sections of a training config for LLaSM stage 1 or 2.
 
   Stage 1 (modality adaptation): Whisper and the LLM frozen, only the adaptor trains.
   Stage 2 (instruction tuning): the adaptor and the LLM train; Whisper stays frozen.
@@ -158,7 +158,16 @@ def training_sections(stage: int) -> dict[str, ml_collections.ConfigDict]:
       num_examples=10_000,  # "synthetic" only
       seed=0,
   ))
-  return dict(train=train, optim=optim, data=data)
+  # Greedy answers of the current parameters on a held-out dataset, scored (eval/wer, eval/cer,
+  # eval/f1 in TensorBoard and the step log) every `every` steps and at the end; 0 = off.
+  evaluation = ml_collections.ConfigDict(dict(
+      every=0,
+      data="",  # a dataset of `llasm-jax data build` (or `data encode`), asr or instructions
+      limit=64,  # its first rows
+      max_new_tokens=64,
+      batch=8,  # rows per generate call (a multiple of the data x fsdp devices wastes nothing)
+  ))
+  return dict(train=train, optim=optim, data=data, eval=evaluation)
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:

@@ -41,7 +41,7 @@ class Result:
     return dataclasses.asdict(self)
 
 
-def _eos_ids(folder: str, llm_cfg, tokenizer) -> list[int]:
+def checkpoint_eos_ids(folder: str, llm_cfg, tokenizer) -> list[int]:
   """Every end id the checkpoint names: Llama 3 lists several in its generation config."""
   ids = [llm_cfg.eos_token_id]
   for name, key in (("generation_config.json", "eos_token_id"), ("hf_llm_config.json", "eos_token_id")):
@@ -91,7 +91,7 @@ class Generator:
       tokenizer = AutoTokenizer.from_pretrained(folder)
     model, _ = checkpoint.load_model(folder, mesh=mesh, rules=rules, **run)
     llm_cfg = model.llm.cfg if meta["kind"] == "llasm" else model.cfg
-    engine = Engine(model, mesh=mesh, rules=rules, eos_ids=_eos_ids(folder, llm_cfg, tokenizer),
+    engine = Engine(model, mesh=mesh, rules=rules, eos_ids=checkpoint_eos_ids(folder, llm_cfg, tokenizer),
                     pad_id=None if tokenizer is None or tokenizer.pad_token_id is None else tokenizer.pad_token_id)
     return cls(engine, tokenizer, template=template, folder=folder)
 

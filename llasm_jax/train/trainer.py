@@ -440,7 +440,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   fixed_shapes = getattr(data, "fixed_shapes", True)
   last_metrics = None
   stop_reason = "finished"
+  evals: list[dict] = []
   try:
+    evaluator = make_evaluator(config, setup)
     for step in range(start, tc.steps):
       host = next(data)
       batch = pipeline.to_global(host, mesh, rules, same_shape=fixed_shapes)
@@ -458,6 +460,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if tc.get("debug_sigterm_at_step") == step + 1:
         os.kill(os.getpid(), signal.SIGTERM)  # tests: a real signal through the real handler
       ckpts.save(step + 1, state, data.get_state())
+      if evaluator is not None and evaluator.due(step + 1):
+        evals.append(run_eval(evaluator, setup, state, step + 1, metrics_out, workdir))
       # Reading device values waits for the step: only at logging intervals, so that the
       # host runs ahead (next batch, next dispatch) the rest of the time.
       at_interval = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps
@@ -472,6 +476,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         break
     else:
       ckpts.save(int(state.step), state, data.get_state(), force=True)
+      if evaluator is not None and not (evals and evals[-1]["step"] == int(state.step)):
+        evals.append(run_eval(evaluator, setup, state, int(state.step), metrics_out, workdir))
     ckpts.wait()
   finally:
     preempt.restore_handlers()
@@ -482,7 +488,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   log(stop_reason)
   if stop_reason == "finished":
     save_model(os.path.join(workdir, "model"), cfg, state, config)
-  summary = dict(stop_reason=stop_reason, step=int(state.step), history=metrics_out.history)
+  summary = dict(stop_reason=stop_reason, step=int(state.step), history=metrics_out.history, eval=evals)
   line = f"summary: at step {summary['step']} of {tc.steps} ({summary['step'] - start} this run)"
   if last_metrics is not None:
     line += f", last loss {float(last_metrics['loss']):.4f}"
@@ -490,6 +496,37 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     line += f", {metrics_out.history[-1]['tokens_per_s']:,.0f} tok/s"
   log(line + f"; checkpoints in {ckpts.dir}")
   return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation during training (config.eval)
+
+
+def make_evaluator(config, setup: Setup):
+  """The `config.eval` evaluator (llasm_jax/infer/evaluate.py), or None: `config.eval.every` 0 (default)."""
+  ev = config.get("eval")
+  if not ev or not ev.get("every"):
+    return None
+  from llasm_jax.infer.evaluate import TrainingEval
+
+  return TrainingEval(config, setup.cfg, setup.mesh, setup.rules)
+
+
+def run_eval(evaluator, setup: Setup, state: TrainState, step: int, metrics: Metrics, workdir: str) -> dict:
+  """Greedy answers of the current parameters (the arrays of `state`, where they are), scored:
+  one log line, TensorBoard eval/wer|cer|f1, and workdir/eval/step_<step>.json."""
+  t0 = time.perf_counter()
+  report = evaluator(nnx.merge(setup.graphdef, state.params, state.rest), step)
+  log(f"eval step {step:>6} | {report.summary()}")
+  if metrics.writer is not None:
+    for k in ("wer", "cer", "f1"):
+      if k in report.totals:
+        metrics.writer.add_scalar(f"eval/{k}", report.totals[k], step)
+    metrics.writer.flush()
+  if jax.process_index() == 0:
+    report.write(os.path.join(workdir, "eval", f"step_{step}.json"))
+  metrics.t0 += time.perf_counter() - t0  # evaluating is not training time
+  return {"step": step, **report.totals}
 
 
 def save_model(folder: str, cfg: LlasmConfig, state: TrainState, config) -> None:
