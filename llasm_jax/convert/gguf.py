@@ -60,7 +60,14 @@ class GGUFCheckpoint:
     except ImportError as e:
       raise CheckpointError(f"{path}: reading GGUF needs the gguf package and PyTorch ({e}); "
                             "pip install gguf 'llasm_jax[torch]'") from None
-    self.reader = GGUFReader(self.file)
+    reader = GGUFReader(self.file)
+    # The few metadata values used later; the reader itself is dropped at the end of __init__:
+    # its parsed fields (a Python object per vocabulary token and merge) weigh ~150 MiB for a
+    # 49k vocabulary, and only the tensor views (into the memory-mapped file) are needed.
+    self._fields = {k: reader.fields[k].contents() for k in reader.fields
+                    if not k.startswith("tokenizer.ggml.") or k.endswith("_token_id")}
+    self._tensors = list(reader.tensors)
+    del reader
     arch = self._field("general.architecture")
     if arch not in SUPPORTED:
       raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
@@ -71,11 +78,7 @@ class GGUFCheckpoint:
     self._tokenizer = None
 
   def _field(self, key: str, default=None):
-    field = self.reader.fields.get(key)
-    if field is None:
-      return default
-    value = field.contents()
-    return value
+    return self._fields.get(key, default)
 
   def _hf_config(self, parsed: dict) -> dict[str, Any]:
     config = {k: v for k, v in parsed["config"].items() if not k.startswith("_")}
@@ -101,7 +104,7 @@ class GGUFCheckpoint:
       if kind != "linear":
         raise CheckpointError(f"{self.path}: RoPE scaling {kind!r} is not supported (only linear and llama3)")
       return {"rope_type": "linear", "factor": float(factor)}
-    tensors = {t.name: t for t in self.reader.tensors}
+    tensors = {t.name: t for t in self._tensors}
     if "rope_freqs.weight" not in tensors:
       return None
     divisors = np.asarray(tensors["rope_freqs.weight"].data, np.float32)
@@ -128,7 +131,7 @@ class GGUFCheckpoint:
 
     processor = TENSOR_PROCESSORS.get(self.arch, TensorProcessor)(config=self.config)
     names = self._name_map(processor)
-    for tensor in self.reader.tensors:
+    for tensor in self._tensors:
       if tensor.name == "rope_freqs.weight":  # read into the config's rope scaling
         continue
       array = dequantize(tensor.data, tensor.tensor_type)
