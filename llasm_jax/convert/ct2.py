@@ -238,7 +238,8 @@ class CT2Whisper:
 
   @property
   def nbytes(self) -> int:
-    return os.path.getsize(self.model_file)
+    """About the bytes `tensors()` yields (float32), which a progress bar counts."""
+    return sum(4 * int(np.prod(shape)) for shape, _, _ in self.file.variables.values() if shape)
 
   def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
     """(`WhisperForConditionalGeneration` name, float32 array) pairs, one at a time; every

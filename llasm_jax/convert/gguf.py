@@ -122,7 +122,8 @@ class GGUFCheckpoint:
 
   @property
   def nbytes(self) -> int:
-    return os.path.getsize(self.file)
+    """Bytes `tensors()` yields (float32), which a progress bar counts."""
+    return sum(4 * int(np.prod(t.shape)) for t in self._tensors if t.name != "rope_freqs.weight")
 
   def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
     """(HF `LlamaForCausalLM` / `Qwen2ForCausalLM` name, float32 array), dequantized one at a time."""
