@@ -125,28 +125,30 @@ def test_llasm_prompts_and_answers_equal_generate(ckpts, gen, datasets, tmp_path
   for name in ("asr", "inst"):
     source = pipeline.Source(datasets[name])
     answers = LlasmAnswers.for_source(gen, source, max_new_tokens=5)
-    rows = read_rows(source, limit=3)
-    report = run(rows, answers, batch=2)
-    refs = []
+    rows = read_rows(source, limit=4)  # 3 Chinese rows and an English one; 2 conversations
+    report = run(rows, answers, batch=4)
+    conversations, audios = [], []
     for row in rows:
-      audios = pipeline.record_audios(row.record, source.kind)
+      audios.append(pipeline.record_audios(row.record, source.kind))
       if name == "asr":
         pool = templates.TRANSCRIBE_ZH if row.language == "zh" else templates.TRANSCRIBE_EN
-        messages = [{"role": "user", "content": f"{templates.AUDIO}\n{pool[0]}"}]
+        conversations.append([{"role": "user", "content": f"{templates.AUDIO}\n{pool[0]}"}])
       else:
         turns = list(zip(row.record["roles"].tolist(), [v.decode() for v in row.record["values"]]))[:-1]
-        messages = [{"role": ("user", "assistant")[r], "content": v} for r, v in turns]
-      [ref] = gen.generate([messages], [audios], max_new_tokens=5)
-      assert answers.prompt(row.record)[0] == ref.prompt_token_ids, row.id
-      refs.append(ref.text.strip())
-    assert [r.hypothesis for r in report.rows] == refs
-    assert tok.decode(answers.prompt(rows[-1].record)[0][-4:]).endswith("[/INST] ".strip()), "generation slot"
+        conversations.append([{"role": ("user", "assistant")[r], "content": v} for r, v in turns])
+    # One batch as eval runs it (the same executable), its prompts built from the messages.
+    refs = gen.generate(conversations, audios, max_new_tokens=5)
+    assert [answers.prompt(r.record)[0] for r in rows] == [ref.prompt_token_ids for ref in refs]
+    assert [r.hypothesis for r in report.rows] == [ref.text.strip() for ref in refs]
+    # The generation slot: the prompt ends where the llasm-cllama2 template's answer starts.
+    assert tok.decode(answers.prompt(rows[-1].record)[0]).endswith("[/INST] ")
     if name == "asr":
       cached = encode(ckpts["llasm"], datasets["asr"], str(tmp_path / "cached"), dtype="float32", batch_size=4,
                       quiet=True)
       source = pipeline.Source(cached.path)
       answers = LlasmAnswers.for_source(gen, source, max_new_tokens=5)
-      assert [r.hypothesis for r in run(read_rows(source, limit=3), answers, batch=2).rows] == refs
+      assert [r.hypothesis for r in run(read_rows(source, limit=4), answers, batch=4).rows] == [
+          ref.text.strip() for ref in refs]
       assert gen.engine.traces["adapt"] >= 1
 
 
@@ -158,32 +160,34 @@ def run_cli(capsys, *argv):
 
 def test_cli_eval_on_a_converted_llasm(ckpts, datasets, capsys, tmp_path):
   out = tmp_path / "report.json"
-  code, stdout, err = run_cli(capsys, "eval", "--ckpt", ckpts["llasm"], "--data", datasets["asr"], "--limit", "3",
+  code, stdout, err = run_cli(capsys, "eval", "--ckpt", ckpts["llasm"], "--data", datasets["asr"], "--limit", "4",
                               "--batch", "2", "--max-new-tokens", "4", "--out", str(out))
   assert code == 0, err
   report = json.loads(out.read_text())
-  assert report["model_kind"] == "llasm" and len(report["rows"]) == 3 and report["totals"]["wer_rows"] == 3
+  assert report["model_kind"] == "llasm" and len(report["rows"]) == 4
+  assert (report["totals"]["cer_rows"], report["totals"]["wer_rows"]) == (3, 1)
   assert {"audio_s", "prefill_s", "decode_s", "total_s"} <= set(report["timings"])
-  refs = [r["normalized_reference"] for r in report["rows"]]
-  hyps = [r["normalized_hypothesis"] for r in report["rows"]]
-  assert report["totals"]["wer"] == pytest.approx(jiwer.wer(refs, hyps))
-  assert "worst 3 of 3 by wer" in stdout and stdout.strip().splitlines()[-2].startswith("wer ")
+  zh = [r for r in report["rows"] if r["language"] == "zh"]
+  assert report["totals"]["cer"] == pytest.approx(jiwer.cer([r["normalized_reference"] for r in zh],
+                                                            [r["normalized_hypothesis"] for r in zh]))
+  assert "worst 3 of 3 by cer" in stdout and stdout.strip().splitlines()[-2].startswith("wer ")
 
 
 def test_cli_eval_on_a_whisper_folder_transcribes(datasets, capsys, tmp_path):
   """The baseline: a Whisper folder's transcripts, each in its row's language, as transformers gives them."""
+  import transformers
+
   from tests.infer.test_transcribe import hf_generate, whisper_folder
-  from llasm_jax.infer.transcribe import Transcriber  # noqa: F401  (the model under test, through the CLI)
 
   model, _ = whisper_folder(tmp_path, True)
   out = tmp_path / "report.json"
   code, stdout, err = run_cli(capsys, "eval", "--ckpt", str(tmp_path / "ck"), "--data", datasets["asr"],
-                              "--max-new-tokens", "8", "--out", str(out))
+                              "--limit", "4", "--max-new-tokens", "8", "--out", str(out))
   assert code == 0, err
   report = json.loads(out.read_text())
-  assert report["model_kind"] == "whisper" and len(report["rows"]) == 7
+  assert report["model_kind"] == "whisper" and len(report["rows"]) == 4
   source = pipeline.Source(datasets["asr"])
-  tok = __import__("transformers").AutoTokenizer.from_pretrained(tmp_path / "hf")
+  tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
   for row in report["rows"]:
     audio = from_int16(source[row["index"]]["audio"])
     [ids] = hf_generate(model, [audio], 8, task="transcribe", language=row["language"])
@@ -224,7 +228,7 @@ def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_training_evaluates_its_parameters(ckpts, datasets, tmp_path):
-  """config.eval every step of a 2-step stage-1 run: eval/wer in TensorBoard and the summary; the
+  """config.eval every step of a 2-step stage-1 run: eval/cer in TensorBoard and the summary; the
   last evaluation (in-memory parameters) equals `eval` of the model folder the run wrote."""
   from llasm_jax.train.trainer import train
   from tests.train.test_train import tiny_config
@@ -236,10 +240,11 @@ def test_training_evaluates_its_parameters(ckpts, datasets, tmp_path):
   config.data.update(dict(source="tfds", dir=datasets["asr"], seq_len=640, mel_frames=3000, workers=-1))
   config.eval.update(dict(every=1, data=datasets["asr"], limit=2, max_new_tokens=3, batch=2))
   summary = train(config, str(tmp_path / "work"))
-  assert [e["step"] for e in summary["eval"]] == [1, 2] and all(0 <= e["wer"] for e in summary["eval"])
+  # The dataset's first two rows are Chinese: CER.
+  assert [e["step"] for e in summary["eval"]] == [1, 2] and all(0 <= e["cer"] for e in summary["eval"])
   scalars = tensorboard_scalars(tmp_path / "work" / "tensorboard")
-  assert [s for s, _ in scalars["eval/wer"]] == [1, 2]
-  assert [v for _, v in scalars["eval/wer"]] == pytest.approx([e["wer"] for e in summary["eval"]])
+  assert [s for s, _ in scalars["eval/cer"]] == [1, 2] and "eval/wer" not in scalars
+  assert [v for _, v in scalars["eval/cer"]] == pytest.approx([e["cer"] for e in summary["eval"]])
   last = json.loads((tmp_path / "work" / "eval" / "step_2.json").read_text())
   again = evaluate(str(tmp_path / "work" / "model"), datasets["asr"], limit=2, batch=2, max_new_tokens=3,
                    mel_frames=3000)
