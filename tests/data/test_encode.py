@@ -133,3 +133,45 @@ def cli_model(ckpt):
   from llasm_jax import checkpoint
 
   return checkpoint.config_from_dict("llasm", checkpoint.read_meta(ckpt)["config"])
+
+
+TWO_PROCESSES = """
+import os, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize("127.0.0.1:" + os.environ["PORT"], num_processes=2, process_id=int(os.environ["PROC"]))
+sys.path.insert(0, os.environ["ROOT"])
+from llasm_jax.data import encode
+encode.encode(os.environ["CKPT"], os.environ["DATA"], os.environ["OUT"], dtype="float32", batch_size=2,
+              mel_frames=int(os.environ["WINDOW"]), quiet=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_encode_their_shares_into_one_dataset(data, tmp_path):
+  import subprocess
+  import sys
+
+  from tests.train.test_train import ROOT, _free_port
+
+  ckpt, raw = data["ckpts"]["encoder"], data["raw"]["asr"]
+  script = tmp_path / "encode.py"
+  script.write_text(TWO_PROCESSES)
+  env = dict(os.environ, ROOT=ROOT, PORT=str(_free_port()), CKPT=ckpt, DATA=raw, OUT=str(tmp_path / "two"),
+             WINDOW=str(WINDOW), JAX_PLATFORMS="cpu")
+  runs = [subprocess.Popen([sys.executable, str(script)], env=dict(env, PROC=str(i)), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for r in runs:
+    _, err = r.communicate(timeout=600)
+    assert r.returncode == 0, err[-4000:]
+  one = encode.encode(ckpt, raw, str(tmp_path / "one"), dtype="float32", batch_size=2, mel_frames=WINDOW, quiet=True)
+  two, ref = pipeline.Source(str(tmp_path / "two")), pipeline.Source(one.path)
+  files = sorted(f for f in os.listdir(two.paths[0]) if ".array_record-" in f)
+  assert len(files) == 2 and len(two) == len(ref) == 7 and two.cache == {**ref.cache, "checkpoint": two.cache["checkpoint"]}
+  want = {(ref[i]["id"], ref[i]["source"]): ref[i] for i in range(len(ref))}
+  for i in range(len(two)):
+    row = two[i]
+    expected = want.pop((row["id"], row["source"]))
+    np.testing.assert_array_equal(row["mel_lengths"], expected["mel_lengths"])
+    assert_close(row["features"], expected["features"], atol=1e-6)
+  assert not want
