@@ -223,12 +223,14 @@ def encode(ckpt: str, data: str, out: str, *, dtype: str = "bfloat16", batch_siz
   source = pipeline.Source(data)
   if source.cache is not None:
     raise ValueError(f"--data {data!r} already holds cached features; pass the raw dataset `llasm-jax data build` wrote")
-  runner = WhisperRunner(ckpt, batch_size=batch_size, dtype=dtype, mel_frames=mel_frames, mesh_shape=mesh_shape,
-                         rules=rules)
-  cfg, pcfg = runner.cfg, runner.pcfg
   name = f"llasm_{source.kind}_features"
   home = os.path.join(os.path.abspath(out), name)
   path = os.path.join(home, VERSION)
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f"dataset {path!r} exists; pass --overwrite or choose another --out")
+  runner = WhisperRunner(ckpt, batch_size=batch_size, dtype=dtype, mel_frames=mel_frames, mesh_shape=mesh_shape,
+                         rules=rules)
+  cfg, pcfg = runner.cfg, runner.pcfg
   main = jax.process_index() == 0
   count = jax.process_count()
   spec = _features_dict(source, cfg.audio.d_model, dtype)
