@@ -61,6 +61,16 @@ def ckpts(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def whisper(tmp_path_factory):
+  """The multilingual tiny random Whisper of test_transcribe.py: transformers' model, our
+  `Transcriber` of the folder converted from it (its executables shared by the tests), the root."""
+  from tests.infer.test_transcribe import whisper_folder
+
+  root = tmp_path_factory.mktemp("whisper")
+  return (*whisper_folder(root, True), root)
+
+
+@pytest.fixture(scope="session")
 def gen(ckpts):
   """The LLaSM checkpoint loaded once (its compiled buckets serve every test that uses it)."""
   from llasm_jax.infer.generator import Generator

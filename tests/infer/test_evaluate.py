@@ -173,26 +173,28 @@ def test_cli_eval_on_a_converted_llasm(ckpts, datasets, capsys, tmp_path):
   assert "worst 3 of 3 by cer" in stdout and stdout.strip().splitlines()[-2].startswith("wer ")
 
 
-def test_cli_eval_on_a_whisper_folder_transcribes(datasets, capsys, tmp_path):
+def test_a_whisper_folder_transcribes(whisper, datasets):
   """The baseline: a Whisper folder's transcripts, each in its row's language, as transformers gives them."""
   import transformers
 
-  from tests.infer.test_transcribe import hf_generate, whisper_folder
+  from llasm_jax.infer.evaluate import WhisperAnswers, load_answers
+  from tests.infer.test_transcribe import N, hf_generate
 
-  model, _ = whisper_folder(tmp_path, True)
-  out = tmp_path / "report.json"
-  code, stdout, err = run_cli(capsys, "eval", "--ckpt", str(tmp_path / "ck"), "--data", datasets["asr"],
-                              "--limit", "4", "--max-new-tokens", "8", "--out", str(out))
-  assert code == 0, err
-  report = json.loads(out.read_text())
-  assert report["model_kind"] == "whisper" and len(report["rows"]) == 4
+  model, tr, root = whisper
   source = pipeline.Source(datasets["asr"])
-  tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-  for row in report["rows"]:
-    audio = from_int16(source[row["index"]]["audio"])
-    [ids] = hf_generate(model, [audio], 8, task="transcribe", language=row["language"])
-    assert row["hypothesis"] == tok.decode(ids, skip_special_tokens=True).strip(), row["id"]
-  assert {"wer", "cer"} <= set(report["totals"])
+  answers, kind = load_answers(str(root / "ck"), source, batch=4, max_new_tokens=N)
+  assert kind == "whisper" and isinstance(answers, WhisperAnswers)
+  # The fixture's transcriber (the same folder) runs them: its executable is compiled already.
+  report = run(read_rows(source, limit=4), WhisperAnswers(tr, N, batch_size=4), batch=4)
+  tok = transformers.AutoTokenizer.from_pretrained(root / "hf")
+  audios = [from_int16(r.record["audio"]) for r in report.rows]
+  refs = []
+  for lang in ("zh", "en"):
+    chosen = [i for i, r in enumerate(report.rows) if r.language == lang]
+    ids = hf_generate(model, [audios[i] for i in chosen], task="transcribe", language=lang)
+    refs += [(i, tok.decode(x, skip_special_tokens=True).strip()) for i, x in zip(chosen, ids)]
+  assert [r.hypothesis for r in report.rows] == [text for _, text in sorted(refs)]
+  assert report.totals["cer_rows"] == 3 and report.totals["wer_rows"] == 1 and report.timings["windows"] == 4
 
 
 @pytest.mark.parametrize("which, data, message", [

@@ -1,13 +1,20 @@
-"""Generation on 8 simulated CPU devices (tensor 4 x fsdp 2) gives the tokens of one device."""
+"""Generation on 8 simulated CPU devices (tensor 4 x fsdp 2) gives the tokens of one device; Whisper
+transcription there gives transformers' tokens."""
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
+import torch
 import transformers as tf
 
 from llasm_jax.convert.convert import convert
+from llasm_jax.data.audio import synth_speech
+from llasm_jax.data.features import log_mel
+from tests.infer.test_transcribe import N, hf_generate
 from tests.models.test_whisper import randomize_biases, tiny_whisper_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -63,26 +70,48 @@ SCRIPT = textwrap.dedent("""
             ref, out = [[o.token_ids for o in e.generate(text, max_new_tokens=10)[0]] for e in engines]
             assert out == ref, (out, ref)
         print("OK", meta["kind"], ref[1])
+
+    if os.environ.get("TRANSCRIBE"):  # one process start for both checks
+        import json
+        from llasm_jax.data.audio import synth_speech
+        from llasm_jax.data.features import log_mel
+        from llasm_jax.infer.transcribe import Transcriber
+        want = json.loads(os.environ["TRANSCRIBE_WANT"])
+        tr = Transcriber.load(os.environ["TRANSCRIBE"], mesh=mesh, rules=DEFAULT_RULES)
+        fc1 = tr.model.decoder.layers.layers.fc1.kernel[...]
+        assert fc1.sharding.spec == P(None, "fsdp", "tensor"), fc1.sharding.spec
+        mels = [log_mel(synth_speech(s, seed=i)) for i, s in enumerate(want["seconds"])]
+        ids, langs = tr.generate_ids(mels, max_new_tokens=want["n"])  # 3 rows padded to 4, languages detected
+        assert [ids, langs] == [want["ids"], want["langs"]], (ids, langs, want)
+        print("OK transcribe")
 """)
 
 
-def test_sharded_generation_equals_single_device(tmp_path):
+def test_sharded_generation_equals_single_device(tmp_path, whisper):
   # Heads (4), kv heads (4), MLP (128) and vocab (96) divide over tensor=4; the LLaSM vocab of
   # 99 does not, so its embedding rows stay whole on that axis while the rest is split.
   llm = tf.LlamaForCausalLM(tf.LlamaConfig(
       vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
       num_key_value_heads=4, initializer_range=0.1))
   llm.save_pretrained(tmp_path / "llm")
-  whisper = tf.WhisperModel(tiny_whisper_config())
-  randomize_biases(whisper)
-  whisper.save_pretrained(tmp_path / "whisper")
+  hf_whisper = tf.WhisperModel(tiny_whisper_config())
+  randomize_biases(hf_whisper)
+  hf_whisper.save_pretrained(tmp_path / "whisper")
   convert(str(tmp_path / "llm"), out=str(tmp_path / "llama_ck"), progress=False)
   convert(str(tmp_path / "llm"), str(tmp_path / "whisper"), out=str(tmp_path / "llasm_ck"), mode="encoder",
           progress=False)
+  # Transcription: the tiny multilingual Whisper's greedy tokens and languages in transformers.
+  model, _, root = whisper
+  seconds = (1.0, 2.5, 4.0)
+  audios = [synth_speech(s, seed=i) for i, s in enumerate(seconds)]
+  with torch.no_grad():
+    langs = model.detect_language(torch.tensor(np.stack([log_mel(a) for a in audios]))).tolist()
+  want = dict(seconds=seconds, n=N, ids=hf_generate(model, audios, task="transcribe"), langs=langs)
   script = tmp_path / "sharded.py"
   script.write_text(SCRIPT)
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, TRANSCRIBE=str(root / "ck"),
+             TRANSCRIBE_WANT=json.dumps(want))
   res = subprocess.run([sys.executable, str(script), str(tmp_path / "llama_ck"), str(tmp_path / "llasm_ck")],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-  assert "OK llama" in res.stdout and "OK llasm" in res.stdout, res.stdout
+  assert "OK llama" in res.stdout and "OK llasm" in res.stdout and "OK transcribe" in res.stdout, res.stdout
