@@ -209,7 +209,7 @@ def data_synth(args: argparse.Namespace) -> None:
 
   if args.limit is not None and args.limit < 1:
     raise ValueError(f"--limit {args.limit}: expected a positive number of rows")
-  options = synth.Options(engine=args.engine, seed=args.seed, fmt=args.format, max_seconds=args.max_seconds or None)
+  options = synth.Options(engine=args.engine, seed=args.seed, max_seconds=args.max_seconds or None)
   if args.text:
     plan = synth.plan_text(args.text, args.format, args.language, args.limit)
   else:

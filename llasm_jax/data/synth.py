@@ -188,6 +188,7 @@ class Utterance:
   text: str
   language: str
   where: str
+  audio: str  # where its audio goes, relative to the output folder (audio_path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +208,7 @@ class Plan:
   """
 
   kind: str  # "asr" | "instructions"
+  fmt: str  # audio file format, "flac" | "wav"
   utterances: list[Utterance]
   rows: list[dict[str, Any]]
   needs: list[list[str]]
@@ -245,8 +247,14 @@ def _given_id(item: dict[str, Any]) -> str:
   return "" if uid is None else str(uid).strip()
 
 
+def _check_format(fmt: str) -> None:
+  if fmt not in FORMATS:
+    raise SynthError(f"--format {fmt!r}: expected one of {FORMATS}")
+
+
 def plan_text(path: str, fmt: str = "flac", language: str | None = None, limit: int | None = None) -> Plan:
   """The plan of an ASR sentence list: a text file (one sentence a line) or JSONL {"text", "id"?, "language"?}."""
+  _check_format(fmt)
   raw = _read_lines(path)
   name = os.path.basename(path)
   if _is_jsonl(path, raw):
@@ -254,7 +262,7 @@ def plan_text(path: str, fmt: str = "flac", language: str | None = None, limit: 
   else:
     rows = [builders.Row(i, f"{name}:{n}", {"text": line.strip()})
             for i, (n, line) in enumerate((n, l) for n, l in enumerate(raw.splitlines(), 1) if l.strip())]
-  plan = Plan("asr", [], [], [], [])
+  plan = Plan("asr", fmt, [], [], [], [])
   seen: set[str] = set()
   for row in rows[:limit]:
     item = row.data or {}
@@ -275,7 +283,7 @@ def plan_text(path: str, fmt: str = "flac", language: str | None = None, limit: 
       continue
     seen.add(uid)
     text = text.strip()
-    plan.utterances.append(Utterance(uid, text, lang, row.where))
+    plan.utterances.append(Utterance(uid, text, lang, row.where, audio_path(uid, fmt)))
     plan.rows.append({**item, "id": uid, "audio": audio_path(uid, fmt), "text": text, "language": lang})
     plan.needs.append([uid])
     plan.wheres.append(row.where)
@@ -284,11 +292,12 @@ def plan_text(path: str, fmt: str = "flac", language: str | None = None, limit: 
 
 def plan_instructions(path: str, fmt: str = "flac", language: str | None = None, limit: int | None = None) -> Plan:
   """The plan of LLaSM / ShareGPT conversations: every human turn becomes an utterance."""
+  _check_format(fmt)
   try:
     rows = builders._json_rows(path, "--instructions file")
   except builders.BuildError as e:
     raise SynthError(str(e)) from None
-  plan = Plan("instructions", [], [], [], [])
+  plan = Plan("instructions", fmt, [], [], [], [])
   seen: set[str] = set()
   for row in rows[:limit]:
     item = row.data or {}
@@ -306,8 +315,8 @@ def plan_instructions(path: str, fmt: str = "flac", language: str | None = None,
         if isinstance(turn, dict) and str(turn.get("from", "")).lower() in ("human", "user"):
           uid = f"{cid}_{k}"
           turn["audio"] = audio_path(uid, fmt)
-          turns.append((uid, k, turn.get("value")))
-      if any(isinstance(text, str) and builders.AUDIO in text for _, _, text in turns):
+          turns.append((uid, k, turn.get("value"), turn["audio"]))
+      if any(isinstance(text, str) and builders.AUDIO in text for _, _, text, _ in turns):
         raise builders.Skip("has_audio", f"a human turn holds the {builders.AUDIO} placeholder; give text-only turns")
       # The instructions builder's own parser: what it rejects is not worth synthesizing.
       builders.parse_conversation(out, os.path.dirname(os.path.abspath(path)))
@@ -317,7 +326,7 @@ def plan_instructions(path: str, fmt: str = "flac", language: str | None = None,
     given = item.get("language", language)
     given = given if isinstance(given, str) else None
     needs = []
-    for uid, k, text in turns:
+    for uid, k, text, audio in turns:
       where = f"{row.where} turn {k}"
       try:
         if uid in seen:
@@ -329,10 +338,10 @@ def plan_instructions(path: str, fmt: str = "flac", language: str | None = None,
         needs.append(uid)  # never made: the conversation is not written
         continue
       seen.add(uid)
-      plan.utterances.append(Utterance(uid, text.strip(), normalize_language(given, text), where))
+      plan.utterances.append(Utterance(uid, text.strip(), normalize_language(given, text), where, audio))
       needs.append(uid)
     if "language" not in out:
-      out["language"] = normalize_language(given, " ".join(t for _, _, t in turns))
+      out["language"] = normalize_language(given, " ".join(t for _, _, t, _ in turns))
     plan.rows.append(out)
     plan.needs.append(needs)
     plan.wheres.append(row.where)
@@ -357,7 +366,6 @@ class Options:
 
   engine: str = "espeak"
   seed: int = 0
-  fmt: str = "flac"
   min_seconds: float = 0.1
   max_seconds: float | None = 30.0  # what the builders keep by default (llasm mode sees 30 s)
   silence_peak: float = 1e-4
@@ -377,16 +385,17 @@ def _engine(name: str) -> Engine:
   return _ENGINE[name]
 
 
-def write_audio(path: str, audio: np.ndarray, fmt: str) -> None:
-  """float32[N] at 16 kHz -> a 16-bit `fmt` file at `path`, written under a temporary name and
-  renamed, so a file that exists is whole (what resuming relies on)."""
+def write_audio(path: str, audio: np.ndarray) -> None:
+  """float32[N] at 16 kHz -> a 16-bit file at `path` (flac or wav, by its extension), written under
+  a temporary name and renamed, so a file that exists is whole (what resuming relies on)."""
   import soundfile as sf
 
   folder, name = os.path.split(path)
   os.makedirs(folder or ".", exist_ok=True)
   tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+  fmt = os.path.splitext(name)[1].lstrip(".").upper()
   try:
-    sf.write(tmp, to_int16(audio), SAMPLE_RATE, format=fmt.upper(), subtype="PCM_16")
+    sf.write(tmp, to_int16(audio), SAMPLE_RATE, format=fmt, subtype="PCM_16")
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -404,7 +413,7 @@ def render(job: Job, options: Options) -> tuple[str, float, str, str]:
       raise UtteranceError("engine_error", "engine gave NaN or Inf samples")
     check_audio(audio, job.uid, min_seconds=options.min_seconds, max_seconds=options.max_seconds,
                 silence_peak=options.silence_peak)
-    write_audio(job.path, audio, options.fmt)
+    write_audio(job.path, audio)
     return job.uid, len(audio) / SAMPLE_RATE, "", ""
   except SynthError:
     raise  # the engine cannot start: the whole run stops
@@ -493,9 +502,8 @@ def synthesize(plan: Plan, out: str, *, options: Options = Options(), workers: i
   the manifest / instructions JSONL of the rows whose audio all exists, and the report."""
   from tqdm import tqdm
 
-  if options.fmt not in FORMATS:
-    raise SynthError(f"--format {options.fmt!r}: expected one of {FORMATS}")
-  engine_factory(options.engine)  # an unknown name fails here, before any work
+  # Workers get the factory path: a name registered in this process means nothing to a spawned one.
+  run_options = dataclasses.replace(options, engine=engine_factory(options.engine))
   t0 = time.time()
   os.makedirs(out, exist_ok=True)
   for stale in glob.glob(os.path.join(out, AUDIO_DIR, "*", ".*.tmp")):  # left by a killed run
@@ -506,7 +514,7 @@ def synthesize(plan: Plan, out: str, *, options: Options = Options(), workers: i
   seconds: dict[str, float] = {}
   jobs, kept_s = [], 0.0
   for u in plan.utterances:
-    path = os.path.join(out, audio_path(u.id, options.fmt))
+    path = os.path.join(out, u.audio)
     existing = _existing_seconds(path)
     if existing is None:
       jobs.append(Job(u.id, u.text, u.language, path))
@@ -519,7 +527,7 @@ def synthesize(plan: Plan, out: str, *, options: Options = Options(), workers: i
   bar = tqdm(total=len(plan.utterances), initial=kept, desc=f"synthesizing ({options.engine})", unit="utt",
              disable=quiet, dynamic_ncols=True)
   try:
-    for uid, secs, reason, message in _render_all(jobs, options, workers):
+    for uid, secs, reason, message in _render_all(jobs, run_options, workers):
       bar.update()
       if reason:
         failures.append(Failure(uid, where[uid], reason, message))
@@ -545,7 +553,7 @@ def synthesize(plan: Plan, out: str, *, options: Options = Options(), workers: i
   _write_jsonl(manifest, rows)
   report = {
       "kind": plan.kind, "source": source, "out": out, "engine": options.engine, "seed": options.seed,
-      "format": options.fmt, "workers": workers, "utterances": len(plan.utterances) + len(plan.failures),
+      "format": plan.fmt, "workers": workers, "utterances": len(plan.utterances) + len(plan.failures),
       "made": made, "kept": kept, "failed": len(failures),
       "failed_by_reason": dict(sorted(collections.Counter(f.reason for f in failures).items())),
       "rows_written": len(rows), "audio_hours": round(sum(seconds.values()) / 3600, 5),
