@@ -193,28 +193,34 @@ class Utterance:
 
 @dataclasses.dataclass(frozen=True)
 class Failure:
+  """An utterance (or conversation) that was not made, counted under `reason`."""
+
   id: str
   where: str
   reason: str
   message: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Output:
+  """One line of the output JSONL (its audio paths filled in), written once every utterance it
+  `needs` (ids) exists."""
+
+  row: dict[str, Any]
+  needs: list[str]
+  where: str
+
+
 @dataclasses.dataclass
 class Plan:
-  """What an input asks for: the utterances to speak and the rows to write once they exist.
-
-  `rows[i]` is the JSON object of the i-th output line with its audio paths filled in, and
-  `needs[i]` the utterance ids it needs (all must be made or kept for the row to be written).
-  """
+  """What an input asks for: the utterances to speak and the lines to write once they exist."""
 
   kind: str  # "asr" | "instructions"
   fmt: str  # audio file format, "flac" | "wav"
-  utterances: list[Utterance]
-  rows: list[dict[str, Any]]
-  needs: list[list[str]]
-  failures: list[Failure]  # found while reading: bad rows, empty text, duplicate ids
-  wheres: list[str] = dataclasses.field(default_factory=list)  # where each row came from
-  conversation_failures: list[Failure] = dataclasses.field(default_factory=list)
+  utterances: list[Utterance] = dataclasses.field(default_factory=list)
+  outputs: list[Output] = dataclasses.field(default_factory=list)
+  failures: list[Failure] = dataclasses.field(default_factory=list)  # utterances found bad while reading
+  conversation_failures: list[Failure] = dataclasses.field(default_factory=list)  # bad conversations
 
 
 def _read_lines(path: str) -> str:
@@ -234,7 +240,7 @@ def _is_jsonl(path: str, text: str) -> bool:
   return first.lstrip().startswith("{")
 
 
-def _check_text(uid: str, text: str) -> None:
+def _check_text(text: str) -> None:
   if not text.strip():
     raise UtteranceError("empty_text", "empty text: nothing to speak")
   for marker in builders.MARKERS + (builders.AUDIO,):
@@ -262,7 +268,7 @@ def plan_text(path: str, fmt: str = "flac", language: str | None = None, limit: 
   else:
     rows = [builders.Row(i, f"{name}:{n}", {"text": line.strip()})
             for i, (n, line) in enumerate((n, l) for n, l in enumerate(raw.splitlines(), 1) if l.strip())]
-  plan = Plan("asr", fmt, [], [], [], [])
+  plan = Plan("asr", fmt)
   seen: set[str] = set()
   for row in rows[:limit]:
     item = row.data or {}
@@ -275,7 +281,7 @@ def plan_text(path: str, fmt: str = "flac", language: str | None = None, limit: 
         raise UtteranceError("bad_row", "field 'text' missing or not a string")
       if uid in seen:
         raise UtteranceError("duplicate_id", f"id {uid!r} is used by an earlier row; ids name the audio files")
-      _check_text(uid, text)
+      _check_text(text)
       lang = item.get("language", language)
       lang = normalize_language(lang if isinstance(lang, str) else None, text)
     except UtteranceError as e:
@@ -284,9 +290,8 @@ def plan_text(path: str, fmt: str = "flac", language: str | None = None, limit: 
     seen.add(uid)
     text = text.strip()
     plan.utterances.append(Utterance(uid, text, lang, row.where, audio_path(uid, fmt)))
-    plan.rows.append({**item, "id": uid, "audio": audio_path(uid, fmt), "text": text, "language": lang})
-    plan.needs.append([uid])
-    plan.wheres.append(row.where)
+    plan.outputs.append(Output({**item, "id": uid, "audio": audio_path(uid, fmt), "text": text, "language": lang},
+                               [uid], row.where))
   return plan
 
 
@@ -297,7 +302,7 @@ def plan_instructions(path: str, fmt: str = "flac", language: str | None = None,
     rows = builders._json_rows(path, "--instructions file")
   except builders.BuildError as e:
     raise SynthError(str(e)) from None
-  plan = Plan("instructions", fmt, [], [], [], [])
+  plan = Plan("instructions", fmt)
   seen: set[str] = set()
   for row in rows[:limit]:
     item = row.data or {}
@@ -332,7 +337,7 @@ def plan_instructions(path: str, fmt: str = "flac", language: str | None = None,
         if uid in seen:
           raise UtteranceError("duplicate_id", f"utterance id {uid!r} is used by an earlier conversation "
                                "(conversation ids must be unique)")
-        _check_text(uid, text)
+        _check_text(text)
       except UtteranceError as e:
         plan.failures.append(Failure(uid, where, e.reason, str(e)))
         needs.append(uid)  # never made: the conversation is not written
@@ -342,22 +347,12 @@ def plan_instructions(path: str, fmt: str = "flac", language: str | None = None,
       needs.append(uid)
     if "language" not in out:
       out["language"] = normalize_language(given, " ".join(t for _, _, t, _ in turns))
-    plan.rows.append(out)
-    plan.needs.append(needs)
-    plan.wheres.append(row.where)
+    plan.outputs.append(Output(out, needs, row.where))
   return plan
 
 
 # ---------------------------------------------------------------------------------------------
 # Rendering (in worker processes: one engine each, since espeak-ng is process-global state).
-
-
-@dataclasses.dataclass(frozen=True)
-class Job:
-  uid: str
-  text: str
-  language: str
-  path: str  # where the audio goes (absolute or relative to the current folder)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,46 +397,49 @@ def write_audio(path: str, audio: np.ndarray) -> None:
       os.remove(tmp)
 
 
-def render(job: Job, options: Options) -> tuple[str, float, str, str]:
-  """Speaks one job into its file: (uid, seconds, "", "") or (uid, 0, reason, message)."""
+def render(utt: Utterance, out: str, options: Options) -> tuple[str, float, str, str]:
+  """Speaks one utterance into its file under `out`: (id, seconds, "", "") or (id, 0, reason, message)."""
+  path = os.path.join(out, utt.audio)
   try:
-    audio = _engine(options.engine).synthesize(job.text, job.language, utterance_rng(options.seed, job.uid))
+    audio = _engine(options.engine).synthesize(utt.text, utt.language, utterance_rng(options.seed, utt.id))
     audio = np.asarray(audio, np.float32)
     if audio.ndim != 1:
       raise UtteranceError("engine_error", f"engine gave samples of shape {audio.shape}; expected float32[N] mono")
     if not np.all(np.isfinite(audio)):
       raise UtteranceError("engine_error", "engine gave NaN or Inf samples")
-    check_audio(audio, job.uid, min_seconds=options.min_seconds, max_seconds=options.max_seconds,
+    check_audio(audio, utt.id, min_seconds=options.min_seconds, max_seconds=options.max_seconds,
                 silence_peak=options.silence_peak)
-    write_audio(job.path, audio)
-    return job.uid, len(audio) / SAMPLE_RATE, "", ""
+    write_audio(path, audio)
+    return utt.id, len(audio) / SAMPLE_RATE, "", ""
   except SynthError:
     raise  # the engine cannot start: the whole run stops
   except AudioError as e:
-    return job.uid, 0.0, e.reason, f"{e.detail} (text: {job.text[:60]!r})"
+    return utt.id, 0.0, e.reason, f"{e.detail} (text: {utt.text[:60]!r})"
   except OSError as e:
-    return job.uid, 0.0, "write_error", f"cannot write {job.path!r}: {e}"
+    return utt.id, 0.0, "write_error", f"cannot write {path!r}: {e}"
   except Exception as e:  # one odd text must not end a run of a million utterances; it is reported
-    return job.uid, 0.0, getattr(e, "reason", "engine_error"), f"{type(e).__name__}: {e}"
+    return utt.id, 0.0, getattr(e, "reason", "engine_error"), f"{type(e).__name__}: {e}"
 
 
-def _render_batch(jobs: list[Job], options: Options) -> list[tuple[str, float, str, str]]:
-  return [render(job, options) for job in jobs]
+def _render_batch(utts: list[Utterance], out: str, options: Options) -> list[tuple[str, float, str, str]]:
+  return [render(u, out, options) for u in utts]
 
 
-def _render_all(jobs: list[Job], options: Options, workers: int) -> Iterator[tuple[str, float, str, str]]:
+def _render_all(jobs: list[Utterance], out: str, options: Options,
+                workers: int) -> Iterator[tuple[str, float, str, str]]:
   """`render` over jobs, in this process (workers <= 0) or in `workers` spawned processes, in
   batches (IPC per utterance would cost as much as espeak itself) with a bounded number in flight."""
   if workers <= 0 or not jobs:
     for job in jobs:
-      yield render(job, options)
+      yield render(job, out, options)
     return
   size = max(1, min(16, len(jobs) // (8 * workers)))
   batches = iter([jobs[i:i + size] for i in range(0, len(jobs), size)])
   # spawn: the CLI process has imported JAX, whose threads do not survive fork().
   ctx = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-    pending = {pool.submit(_render_batch, b, options) for b in (next(batches, None) for _ in range(4 * workers)) if b}
+    pending = {pool.submit(_render_batch, b, out, options)
+               for b in (next(batches, None) for _ in range(4 * workers)) if b}
     try:
       while pending:
         done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
@@ -449,7 +447,7 @@ def _render_all(jobs: list[Job], options: Options, workers: int) -> Iterator[tup
           yield from future.result()
           batch = next(batches, None)
           if batch:
-            pending.add(pool.submit(_render_batch, batch, options))
+            pending.add(pool.submit(_render_batch, batch, out, options))
     except BaseException:
       for future in pending:
         future.cancel()
@@ -517,7 +515,7 @@ def synthesize(plan: Plan, out: str, *, options: Options = Options(), workers: i
     path = os.path.join(out, u.audio)
     existing = _existing_seconds(path)
     if existing is None:
-      jobs.append(Job(u.id, u.text, u.language, path))
+      jobs.append(u)
     else:
       seconds[u.id] = existing
       kept_s += existing
@@ -527,7 +525,7 @@ def synthesize(plan: Plan, out: str, *, options: Options = Options(), workers: i
   bar = tqdm(total=len(plan.utterances), initial=kept, desc=f"synthesizing ({options.engine})", unit="utt",
              disable=quiet, dynamic_ncols=True)
   try:
-    for uid, secs, reason, message in _render_all(jobs, run_options, workers):
+    for uid, secs, reason, message in _render_all(jobs, out, run_options, workers):
       bar.update()
       if reason:
         failures.append(Failure(uid, where[uid], reason, message))
@@ -542,13 +540,13 @@ def synthesize(plan: Plan, out: str, *, options: Options = Options(), workers: i
   wall = time.time() - t0
 
   rows, row_failures = [], list(plan.conversation_failures)
-  for row, needs, row_where in zip(plan.rows, plan.needs, plan.wheres):
-    missing = [uid for uid in needs if uid not in seconds]
+  for o in plan.outputs:
+    missing = [uid for uid in o.needs if uid not in seconds]
     if not missing:
-      rows.append(row)
+      rows.append(o.row)
     elif plan.kind == "instructions":
-      row_failures.append(Failure(row["id"], row_where, "utterance_failed",
-                                  f"{len(missing)} of its {len(needs)} human turns not made ({missing[0]}, ...)"))
+      row_failures.append(Failure(o.row["id"], o.where, "utterance_failed",
+                                  f"{len(missing)} of its {len(o.needs)} human turns not made ({missing[0]}, ...)"))
   manifest = os.path.join(out, MANIFEST[plan.kind])
   _write_jsonl(manifest, rows)
   report = {
@@ -561,7 +559,7 @@ def synthesize(plan: Plan, out: str, *, options: Options = Options(), workers: i
       "audio_s_per_s": round(made_s / wall, 2) if wall > 0 else 0.0,
       "failures": [dataclasses.asdict(f) for f in failures]}
   if plan.kind == "instructions":
-    report["conversations"] = len(plan.rows) + len(plan.conversation_failures)
+    report["conversations"] = len(plan.outputs) + len(plan.conversation_failures)
     report["conversations_failed_by_reason"] = dict(sorted(collections.Counter(f.reason for f in row_failures).items()))
     report["conversation_failures"] = [dataclasses.asdict(f) for f in row_failures]
     for f in row_failures[:PRINT_FAILURES]:
