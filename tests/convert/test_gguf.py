@@ -131,21 +131,22 @@ def our_llm_logits(ckpt, ids):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+  """A tiny untied GQA LLaMA written as GGUF (one tensor float16), converted; our logits on `ids`."""
   root = tmp_path_factory.mktemp("gguf")
   tok = tiny_tokenizer()
   model = tiny_llama(tok, tie_word_embeddings=False)
   path = write_gguf(root / "tiny.gguf", model, tok, f16=("model.layers.1.mlp.up_proj.weight",))
-  convert(path, out=str(root / "ck"), progress=False)
-  return model, tok, path, str(root / "ck"), root
-
-
-def test_tiny_gguf_matches_the_pytorch_model_it_was_written_from(tiny):
-  model, tok, _, ck, _ = tiny
   with torch.no_grad():  # the reference holds the float16 tensor's rounded values, as the file does
     up = model.model.layers[1].mlp.up_proj.weight
     up.copy_(up.to(torch.float16).float())
+  convert(path, out=str(root / "ck"), progress=False)
   ids = np.random.RandomState(0).randint(3, len(tok), (2, 12))
-  assert_close(our_llm_logits(ck, ids), torch_logits(model, ids), atol=TOL)
+  return model, tok, path, str(root / "ck"), root, ids, our_llm_logits(str(root / "ck"), ids)
+
+
+def test_tiny_gguf_matches_the_pytorch_model_it_was_written_from(tiny):
+  model, tok, _, ck, _, ids, ours = tiny
+  assert_close(ours, torch_logits(model, ids), atol=TOL)
   meta = checkpoint.read_meta(ck)
   assert meta["kind"] == "llama" and meta["source_formats"] == {"llm": "gguf"}
   c = meta["config"]
@@ -153,7 +154,7 @@ def test_tiny_gguf_matches_the_pytorch_model_it_was_written_from(tiny):
 
 
 def test_tiny_gguf_keeps_the_tokenizer_and_chat_template(tiny):
-  _, tok, _, ck, root = tiny
+  _, tok, _, ck, root, ids, ours = tiny
   saved = tf.AutoTokenizer.from_pretrained(ck)
   for text in ("the quick brown fox", "hello world, what is said?", "please transcribe  the speech"):
     assert saved.decode(saved.encode(text, add_special_tokens=False)) == text
@@ -163,8 +164,7 @@ def test_tiny_gguf_keeps_the_tokenizer_and_chat_template(tiny):
   # export: an ordinary folder that transformers loads, with equal logits.
   export(ck, str(root / "hf"), progress=False)
   hf = tf.AutoModelForCausalLM.from_pretrained(root / "hf" / "llm").eval()
-  ids = np.random.RandomState(1).randint(3, len(tok), (1, 9))
-  assert_close(torch_logits(hf, ids), our_llm_logits(ck, ids), atol=TOL)
+  assert_close(torch_logits(hf, ids), ours, atol=TOL)
   assert tf.AutoTokenizer.from_pretrained(root / "hf" / "llm").chat_template == CHAT
 
 
@@ -191,7 +191,7 @@ def test_llama3_rope_freqs_become_llama3_scaling(tmp_path):
 
 
 def test_errors_name_the_problem(tiny, tmp_path):
-  _, tok, path, _, _ = tiny
+  path = tiny[2]
   w = gguf.GGUFWriter(str(tmp_path / "g.gguf"), "gemma")
   w.add_block_count(1)
   w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
@@ -214,8 +214,8 @@ def test_errors_name_the_problem(tiny, tmp_path):
   assert not os.path.exists(tmp_path / "o")
 
 
-def test_plan_is_pure(tiny, tmp_path):
-  _, tok, path, _, _ = tiny
+def test_plan_is_pure(tiny):
+  path = tiny[2]
   before = sorted(os.listdir(os.path.dirname(path)))
   p = plan(path, None, "llasm")
   assert p.kind == "llama" and p.tokenizer is None and not p.extra
