@@ -241,13 +241,18 @@ class Transcriber(MeshFunctions):
     carry = jax.lax.while_loop(lambda c: (c[2] < until) & ~jnp.all(c[4]), step, carry)
     return carry[1], prompt
 
+  def _input_shardings(self) -> tuple:
+    """Shardings of the host inputs of `_transcribe_fn` after the parameters (None on one device)."""
+    if self.mesh is None:
+      return (None,) * 8
+    rows, rep = self._sh(("batch",)), self._replicated()
+    return (self._sh(("batch", None, None)), self._sh(("batch", None)), rows, rows, rep, rep, rep, rep)
+
   def _function(self, slots: int):
     in_sh = out_sh = None
     if self.mesh is not None:
-      rows, table, rep = self._sh(("batch",)), self._sh(("batch", None)), self._replicated()
-      in_sh = (self._state_shardings(self.state), self._sh(("batch", None, None)), table, rows, rows, rep, rep, rep,
-               rep)
-      out_sh = (table, table)
+      in_sh = (self._state_shardings(self.state), *self._input_shardings())
+      out_sh = (self._sh(("batch", None)),) * 2
     return self._jit("transcribe", self._transcribe_fn, in_sh, out_sh, slots=slots)
 
   # ---- host side -------------------------------------------------------------------------
@@ -268,26 +273,19 @@ class Transcriber(MeshFunctions):
       raise ValueError(f"max_new_tokens {max_new}: expected 1..{limit} (Whisper reads {self.tokens.max_length} "
                        f"tokens, {p} of them the prompt)")
     rows = self._rows(len(mels))
-    m = self.cfg.num_mel_bins
-    mel = np.zeros((rows, m, self.cfg.max_mel_frames), np.float32)
-    prompt = np.zeros((rows, p), np.int32)
+    mel = np.zeros((rows, self.cfg.num_mel_bins, self.cfg.max_mel_frames), np.float32)
+    prompt = np.tile(np.int32(self.tokens.prompt(None)), (rows, 1))  # batch padding rows: inactive
     for i, x in enumerate(mels):
       mel[i] = x
       prompt[i] = self.tokens.prompt(langs[i])
-    prompt[len(mels):] = self.tokens.prompt(None)
     active = np.arange(rows) < len(mels)
-    detect = np.array([self.tokens.multilingual and i < len(langs) and langs[i] is None for i in range(rows)])
-    # Bucketed, so that other max_new_tokens reuse the executable, but within the decoder's positions.
+    detect = active & np.array([self.tokens.multilingual and (i >= len(langs) or langs[i] is None)
+                                for i in range(rows)])
+    # Bucketed, so that other max_new_tokens reuse the executable, within the decoder's positions.
     fn = self._function(min(bucket(max_new), limit))
-    rep = None if self.mesh is None else self._replicated()
+    inputs = (mel, prompt, active, detect, np.int32(max_new), self._suppress, self._begin, self._languages)
     with self._tracing_context():
-      tokens, prompt_out = fn(
-          self.state, self._put(mel, None if self.mesh is None else self._sh(("batch", None, None))),
-          self._put(prompt, None if self.mesh is None else self._sh(("batch", None))),
-          self._put(active, None if self.mesh is None else self._sh(("batch",))),
-          self._put(detect, None if self.mesh is None else self._sh(("batch",))),
-          self._put(np.int32(max_new), rep), self._put(self._suppress, rep), self._put(self._begin, rep),
-          self._put(self._languages, rep))
+      tokens, prompt_out = fn(self.state, *(self._put(x, sh) for x, sh in zip(inputs, self._input_shardings())))
       tokens, prompt_out = self._get(tokens), self._get(prompt_out)
     out = []
     for row in tokens[:len(mels), :max_new].tolist():
