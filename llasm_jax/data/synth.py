@@ -84,11 +84,13 @@ class UtteranceError(RuntimeError):
 
 
 class Engine(Protocol):
-  """A text-to-speech engine; one instance per process."""
+  """A text-to-speech engine; one instance per process, built by a no-argument factory."""
 
   def synthesize(self, text: str, language: str, rng: np.random.Generator) -> np.ndarray:
     """float32[N] samples in [-1, 1] at 16 kHz of `text` read in `language` ("en", "zh", ...),
-    in a voice drawn from `rng` (the same rng state must give the same samples)."""
+    in a voice drawn from `rng` (the same rng state must give the same samples). An exception
+    fails this utterance only; one with a `reason` attribute (UtteranceError) is counted under
+    it, any other under "engine_error"."""
     ...
 
 
@@ -139,8 +141,8 @@ _LANGUAGES = {"zh": "zh", "cmn": "zh", "chinese": "zh", "mandarin": "zh", "en": 
 
 
 def detect_language(text: str) -> str:
-  """"zh" when `text` holds at least as many CJK ideographs as Latin words (one ideograph is about
-  one word), else "en"; so Chinese with an English name in it stays Chinese."""
+  """The language of `text`: "zh" when it holds at least as many CJK ideographs as Latin words (an
+  ideograph is about a word), else "en"; so Chinese with an English name in it stays Chinese."""
   n_cjk = len(_CJK.findall(text))
   return "zh" if n_cjk and n_cjk >= len(_LATIN_WORD.findall(text)) else "en"
 

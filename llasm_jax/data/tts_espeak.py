@@ -8,9 +8,9 @@ Synthesis runs in espeak's synchronous mode: `espeak_Synth` returns once the who
 spoken, and the samples (int16 at 22050 Hz) come through the synth callback, are collected,
 then resampled to 16 kHz with soxr.
 
-Determinism: libespeak-ng keeps static state across utterances (the pitch flutter phase and
-waveform generator counters), so the same text after different predecessors comes out a few
-samples apart, and `espeak_Terminate` + `espeak_Initialize` do not reset it. Each utterance
+Determinism: libespeak-ng keeps static state across utterances (its waveform generator's), so
+the same text after different predecessors comes out a few samples apart, and
+`espeak_Terminate` + `espeak_Initialize` do not reset it. Each utterance
 therefore runs on a freshly loaded library (dlopen ~0.6 ms, initialize ~0.3 ms): the output
 depends only on (text, voice), whichever worker renders it in whatever order. The library is
 loaded from a private copy so that no other user of the same file in this process (another
@@ -39,7 +39,6 @@ _POS_CHARACTER = 1
 _CHARS_UTF8 = 1
 _ENDPAUSE = 0x1000  # the sentence-final pause: speech does not stop dead at the last sample
 _RATE, _VOLUME, _PITCH, _RANGE, _WORDGAP = 1, 2, 3, 4, 7
-_EE_NOT_FOUND = 2
 
 # Voices chosen for intelligibility by Whisper tiny.en (10 sentences read at 140 and 180 wpm in
 # each of 28 voices, then the pool as drawn): the standard American and British voices, in their
@@ -119,8 +118,8 @@ _close_library = getattr(_ctypes, "dlclose", None) or getattr(_ctypes, "FreeLibr
 class EspeakEngine:
   """espeak-ng voices for English and Mandarin (and any other language espeak has a voice for).
 
-  `synthesize(text, language, rng)` draws a voice from `rng` (variant, rate, pitch, range)
-  and returns float32[N] speech at 16 kHz. One instance per process (espeak is global state).
+  `synthesize(text, language, rng)` draws a voice from `rng` (variant, rate, pitch, intonation
+  range, volume, word gap, silence around) and returns float32[N] speech at 16 kHz. One instance per process (espeak is global state).
   """
 
   name = "espeak"
@@ -180,9 +179,8 @@ class EspeakEngine:
     pick = lambda lo_hi: int(rng.integers(lo_hi[0], lo_hi[1] + 1))
     seconds = lambda lo_hi: round(float(rng.uniform(*lo_hi)), 3)
     return EspeakVoice(name=pool.names[int(rng.integers(len(pool.names)))], rate=pick(pool.rate),
-                       pitch=pick(pool.pitch), range=pick(pool.range), volume=pick(pool.volume), gap=pick(pool.gap),
-                       lead=seconds(pool.lead),
-                       tail=seconds(pool.tail))
+                       pitch=pick(pool.pitch), range=pick(pool.range), volume=pick(pool.volume),
+                       gap=pick(pool.gap), lead=seconds(pool.lead), tail=seconds(pool.tail))
 
   def render(self, text: str, voice: EspeakVoice) -> np.ndarray:
     """float32[N] speech at 16 kHz of `text` in `voice`; the same inputs give the same samples."""
@@ -190,7 +188,7 @@ class EspeakEngine:
 
     lib = self._load()
     try:
-      if lib.espeak_SetVoiceByName(voice.name.encode()) == _EE_NOT_FOUND:
+      if lib.espeak_SetVoiceByName(voice.name.encode()) != 0:  # EE_NOT_FOUND: it would keep the last voice
         raise EspeakError("unsupported_language", f"espeak-ng has no voice {voice.name!r}; see "
                           "`espeak-ng --voices` for the names (language codes such as en, cmn, fr)")
       for param, value in ((_RATE, voice.rate), (_PITCH, voice.pitch), (_RANGE, voice.range), (_VOLUME, voice.volume),
