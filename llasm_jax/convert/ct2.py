@@ -100,6 +100,8 @@ class CT2File:
         dtype = _DTYPES[type_id]
       else:
         item, count = self._take("B"), self._take("I")
+        if item not in _ITEM_SIZE_DTYPES:
+          raise CheckpointError(f"{self.path}: variable {name!r} has item size {item}, which CTranslate2 never wrote")
         dtype, nbytes = _ITEM_SIZE_DTYPES[item], count * item
       if nbytes != int(np.prod(shape, dtype=np.int64)) * _itemsize(dtype):
         raise CheckpointError(f"{self.path}: variable {name!r} holds {nbytes} bytes, not the {dtype}{list(shape)} "

@@ -1,7 +1,8 @@
 """`llasm-jax export`: a llasm_jax model folder -> Hugging Face folders.
 
   llm/      a standard `LlamaForCausalLM` (or Qwen2) folder, loadable by AutoModelForCausalLM
-  whisper/  a `WhisperForConditionalGeneration` folder (encoder only for "encoder"-mode models)
+  whisper/  a `WhisperForConditionalGeneration` folder (encoder only for "encoder"-mode models),
+            with Whisper's tokenizer and generation config when the model folder has them
   llasm/    LLaSM models only: the released layout (`model_type: "llaaa"`, `model.mm_projector.*`
             in the LLM checkpoint), which `llasm-jax convert --llm llasm/ --whisper whisper/` reads back
 """

@@ -220,6 +220,17 @@ def test_export_gives_a_transformers_whisper_folder_with_equal_outputs(tiny):
   assert tf.GenerationConfig.from_pretrained(root / "hf" / "whisper").no_timestamps_token_id == back.config.vocab_size - 4
 
 
+def test_cli_converts_a_ct2_folder_and_names_what_it_cannot(tiny, tmp_path, capsys):
+  from llasm_jax.cli import main
+
+  assert main(["convert", "--whisper", tiny["folder"], "--out", str(tmp_path / "ck")]) == 0
+  assert "[whisper]" in capsys.readouterr().out
+  np.testing.assert_array_equal(checkpoint.load_params_numpy(str(tmp_path / "ck"))["encoder/conv1/kernel"],
+                                checkpoint.load_params_numpy(tiny["ck"])["encoder/conv1/kernel"])
+  assert main(["convert", "--llm", tiny["folder"], "--out", str(tmp_path / "x")]) == 2
+  assert "pass it with --whisper" in capsys.readouterr().err
+
+
 def test_int8_weights_are_scaled_back(tmp_path):
   model = tiny_hf_whisper()
   variables = ct2_variables(model, dtype=np.float32)
