@@ -62,6 +62,9 @@ MANIFEST = {"asr": "manifest.jsonl", "instructions": "instructions.jsonl"}
 REPORT = "synth_report.json"
 AUDIO_DIR = "audio"
 PRINT_FAILURES = 20
+# No voice speaks this many characters a second (fast English is ~20, Mandarin ~6): a longer text
+# cannot fit --max-seconds, and is failed before it costs a synthesis (chat turns can be pages).
+MAX_CHARS_PER_SECOND = 40
 
 
 class SynthError(ValueError):
@@ -403,6 +406,9 @@ def render(utt: Utterance, out: str, options: Options) -> tuple[str, float, str,
   """Speaks one utterance into its file under `out`: (id, seconds, "", "") or (id, 0, reason, message)."""
   path = os.path.join(out, utt.audio)
   try:
+    if options.max_seconds and len(utt.text) > MAX_CHARS_PER_SECOND * options.max_seconds:
+      raise AudioError(utt.id, "too_long", f"{len(utt.text)} characters of text cannot be spoken within the "
+                       f"{options.max_seconds:g} s maximum (raise --max-seconds, 0 = no limit)")
     audio = _engine(options.engine).synthesize(utt.text, utt.language, utterance_rng(options.seed, utt.id))
     audio = np.asarray(audio, np.float32)
     if audio.ndim != 1:

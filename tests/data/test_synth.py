@@ -237,6 +237,7 @@ def test_bad_utterances_are_counted_not_fatal(tmp_path, capsys):
           {"id": "long", "text": "this sentence is much too long for the four second limit that this test run sets, "
                                  "since it goes on and on for more than twenty words"},
           {"id": "marker", "text": "say <au_patch> now"},
+          {"id": "page", "text": "a whole page of text " * 20},
           {"id": "ok1", "text": "a duplicate id"},
           {"text": "  the second good sentence  ", "language": "en-GB"}]
   src = write_jsonl(tmp_path / "rows.jsonl", rows)
@@ -246,9 +247,10 @@ def test_bad_utterances_are_counted_not_fatal(tmp_path, capsys):
                          quiet=True)
   r = res.report
   assert r["failed_by_reason"] == {"bad_row": 1, "bad_text": 1, "duplicate_id": 1, "empty_text": 1, "silent": 1,
-                                   "too_long": 1, "unsupported_language": 1}
-  assert (r["utterances"], r["made"], r["failed"]) == (9, 2, 7)
+                                   "too_long": 2, "unsupported_language": 1}
+  assert (r["utterances"], r["made"], r["failed"]) == (10, 2, 8)
   by_id = {f["id"]: f for f in r["failures"]}
+  assert "419 characters" in by_id["page"]["message"] and "longer than the 4 s maximum" in by_id["long"]["message"]
   assert "xx" in by_id["xx"]["message"] and by_id["long"]["where"] == "rows.jsonl:5"
   written = [json.loads(line) for line in open(res.manifest, encoding="utf-8")]
   assert [w["text"] for w in written] == ["the first good sentence", "the second good sentence"]
