@@ -187,8 +187,8 @@ def _save_files(p: Plan, folder: str) -> None:
 
 def convert(llm_dir: str | None = None, whisper_dir: str | None = None, *, out: str, dtype: str = "float32",
             mode: str = "llasm", overwrite: bool = False, progress: bool = True, _on_tensor=None) -> Summary:
-  """Converts the checkpoints at `llm_dir` / `whisper_dir` (folders, or a GGUF file) into a llasm_jax model folder at `out` (see
-  the module docstring for the accepted combinations and formats).
+  """Converts the checkpoints at `llm_dir` / `whisper_dir` (folders, or a GGUF file) into a
+  llasm_jax model folder at `out` (see the module docstring for the combinations and formats).
 
   `_on_tensor(name)` is a test hook, called before each tensor is placed.
   """

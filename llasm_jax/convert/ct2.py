@@ -211,7 +211,8 @@ class CT2Whisper:
       raise CheckpointError(f"{self.path}: {proj} differs from {emb}; Whisper ties its output projection to the "
                             "token embedding, and an untied one is not supported")
     if "decoder/projection/bias" in f and np.any(f.raw("decoder/projection/bias")):
-      raise CheckpointError(f"{self.path}: decoder/projection/bias is not zero; Whisper's output projection has no bias")
+      raise CheckpointError(f"{self.path}: decoder/projection/bias is not zero; Whisper's output projection "
+                            "has no bias")
 
   def _hf_config(self) -> dict[str, Any]:
     """A `WhisperConfig` dict: sizes from the shapes, heads from the spec's scalars (suppressed

@@ -60,7 +60,8 @@ def ct2_variables(model: tf.WhisperForConditionalGeneration, dtype=np.float16) -
   """The variables CTranslate2's Whisper converter stores for `model`, weights cast to `dtype`."""
   sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
   c = model.config
-  out = {"encoder/num_heads": np.int16(c.encoder_attention_heads), "decoder/num_heads": np.int16(c.decoder_attention_heads),
+  out = {"encoder/num_heads": np.int16(c.encoder_attention_heads),
+         "decoder/num_heads": np.int16(c.decoder_attention_heads),
          "decoder/activation": np.int8(3), "decoder/pre_norm": np.int8(1), "decoder/alibi": np.int8(0),
          "decoder/scale_embeddings": np.int8(0), "decoder/start_from_zero_embedding": np.int8(0),
          "decoder/alignment_layer": np.int16(-1), "decoder/alignment_heads": np.int16(1)}
@@ -217,7 +218,8 @@ def test_export_gives_a_transformers_whisper_folder_with_equal_outputs(tiny):
   enc, logits = hf_outputs(back, x, ids)
   assert_close(enc, ref_enc, atol=TOL)
   assert_close(logits, ref_logits, atol=TOL)
-  assert tf.GenerationConfig.from_pretrained(root / "hf" / "whisper").no_timestamps_token_id == back.config.vocab_size - 4
+  gen = tf.GenerationConfig.from_pretrained(root / "hf" / "whisper")
+  assert gen.no_timestamps_token_id == back.config.vocab_size - 4
 
 
 def test_cli_converts_a_ct2_folder_and_names_what_it_cannot(tiny, tmp_path, capsys):
@@ -296,7 +298,8 @@ def test_ctranslate2_runtime_and_converter_agree(tiny, tmp_path):
   assert_close(tiny["ours"][0], theirs, atol=1e-4)
 
   model.save_pretrained(tmp_path / "hf")
-  ctranslate2.converters.TransformersConverter(str(tmp_path / "hf")).convert(str(tmp_path / "conv"), quantization="float16")
+  converter = ctranslate2.converters.TransformersConverter(str(tmp_path / "hf"))
+  converter.convert(str(tmp_path / "conv"), quantization="float16")
   # The tiny model has no tokenizer to convert: give the folder the test's Whisper vocabulary.
   os.remove(tmp_path / "conv" / "vocabulary.json")
   shutil.copy(os.path.join(folder, "vocabulary.txt"), tmp_path / "conv")
@@ -341,7 +344,8 @@ def ct2_input(x):
 @needs_tiny_en
 def test_tiny_en_matches_transformers_and_the_ct2_runtime(tiny_en):
   ck, _, hf, x, runtime = tiny_en
-  ids = np.array([[50257, 50362, 18435, 995, 11, 428, 318, 257]])  # <|startoftranscript|><|notimestamps|> Hello world, this is a
+  # <|startoftranscript|><|notimestamps|> Hello world, this is a
+  ids = np.array([[50257, 50362, 18435, 995, 11, 428, 318, 257]])
   ref_enc, ref_logits = hf_outputs(hf, x, ids)
   enc, logits = our_outputs(ck, x, ids)
   assert_close(enc, ref_enc, atol=TOL)
