@@ -9,7 +9,6 @@ import struct
 import jiwer
 import numpy as np
 import pytest
-import torch
 
 from llasm_jax import cli
 from llasm_jax.data import builders, pipeline, templates
