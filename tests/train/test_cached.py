@@ -88,7 +88,7 @@ def test_cached_features_train_like_the_audio(setup, mode):
       np.testing.assert_array_equal(cached_params[path], value, err_msg=path)
   if mode == "encoder":  # bfloat16 features: the same run within bfloat16 rounding
     bf16_losses, bf16_params = run(setup, "cached_bf16", ckpt, setup["caches"][mode, "bfloat16"])
-    np.testing.assert_allclose(bf16_losses, losses, rtol=5e-3, atol=0)
+    assert_close(bf16_losses, losses, atol=3e-2)  # losses ~6: 5e-3 relative
     for path in params:
       if path.startswith("adaptor/"):
         np.testing.assert_allclose(bf16_params[path], params[path], atol=2e-3, rtol=0, err_msg=path)
