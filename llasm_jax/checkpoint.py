@@ -39,6 +39,8 @@ KINDS = ("llasm", "llama", "whisper")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
 FEATURE_FILES = ("preprocessor_config.json",)
+# The sources' own config.json files: `export` keeps the fields llasm_jax does not model.
+HF_LLM_CONFIG, HF_WHISPER_CONFIG = "hf_llm_config.json", "hf_whisper_config.json"
 # Whisper's own tokenizer and generation config (special tokens, suppressed tokens), which
 # transcription needs, in a subfolder: a LLaSM folder's top level holds the LLM's tokenizer.
 WHISPER_DIR = "whisper"
@@ -49,6 +51,16 @@ def copy_files(src: str, dst: str, names) -> None:
   for n in names:
     if os.path.exists(os.path.join(src, n)) and not os.path.exists(os.path.join(dst, n)):
       shutil.copy2(os.path.join(src, n), os.path.join(dst, n))
+
+
+def copy_companions(src: str, dst: str) -> None:
+  """Copies a model folder's companion files (tokenizer, feature extractor, the sources' HF
+  configs, and Whisper's own tokenizer and generation config in whisper/) from `src` to `dst`,
+  keeping what `dst` has."""
+  copy_files(src, dst, TOKENIZER_FILES + FEATURE_FILES + (HF_LLM_CONFIG, HF_WHISPER_CONFIG))
+  if os.path.isdir(os.path.join(src, WHISPER_DIR)):
+    os.makedirs(os.path.join(dst, WHISPER_DIR), exist_ok=True)
+    copy_files(os.path.join(src, WHISPER_DIR), os.path.join(dst, WHISPER_DIR), WHISPER_FILES)
 
 
 def config_to_dict(cfg) -> dict[str, Any]:
@@ -168,16 +180,21 @@ def load_model(folder: str, *, mesh: jax.sharding.Mesh | None = None, rules=None
     cfg = with_run_options(meta["kind"], config_from_dict(meta["kind"], meta["config"]), **run)
   abstract = nnx.eval_shape(lambda: build_model(meta["kind"], cfg, nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
+  target = _restore_target(state, mesh, rules)
+  restored = ocp.StandardCheckpointer().restore(
+      os.path.join(os.path.abspath(folder), PARAMS_DIR), nnx.to_pure_dict(target))
+  nnx.replace_by_pure_dict(state, restored)
+  return nnx.merge(graphdef, state), meta
+
+def _restore_target(state, mesh: jax.sharding.Mesh | None, rules):
+  """ShapeDtypeStructs of `state` in their shardings: from the rules on `mesh`, else the default device."""
   if mesh is not None:
     shardings = sharding.state_shardings(state, mesh, rules)
   else:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, state)
-  target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state, shardings)
-  restored = ocp.StandardCheckpointer().restore(
-      os.path.join(os.path.abspath(folder), PARAMS_DIR), nnx.to_pure_dict(target))
-  nnx.replace_by_pure_dict(state, restored)
-  return nnx.merge(graphdef, state), meta
+  return jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state, shardings)
+
 
 def load_whisper(folder: str, *, mesh: jax.sharding.Mesh | None = None, rules=None,
                  **run) -> tuple[WhisperModel, dict[str, Any]]:
@@ -193,12 +210,7 @@ def load_whisper(folder: str, *, mesh: jax.sharding.Mesh | None = None, rules=No
   with_decoder = cfg.mode == "llasm"  # "encoder" mode folders store the encoder alone
   abstract = nnx.eval_shape(lambda: WhisperModel(wcfg, rngs=nnx.Rngs(0), with_decoder=with_decoder))
   graphdef, state = nnx.split(abstract)
-  if mesh is not None:
-    shardings = sharding.state_shardings(state, mesh, rules)
-  else:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: device, state)
-  target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state, shardings)
+  target = _restore_target(state, mesh, rules)
   item = {"audio": nnx.to_pure_dict(target)}
   args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), item)
   restored = ocp.PyTreeCheckpointer().restore(

@@ -40,8 +40,6 @@ from llasm_jax.models.llasm import LlasmConfig
 from llasm_jax.models.whisper import sinusoids
 
 AUDIO_TOKENS = ("<au_patch>", "<au_start>", "<au_end>")
-HF_LLM_CONFIG = "hf_llm_config.json"
-HF_WHISPER_CONFIG = "hf_whisper_config.json"
 EMBED_ROWS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
@@ -177,12 +175,12 @@ def _save_files(p: Plan, folder: str) -> None:
     # The source configs travel along, so `export` keeps the fields llasm_jax does not model.
     if role == "llm":
       src.save_tokenizer_files(folder)
-      _write_json(os.path.join(folder, HF_LLM_CONFIG), src.config)
+      _write_json(os.path.join(folder, checkpoint.HF_LLM_CONFIG), src.config)
     else:
       src.save_feature_files(folder)
       os.makedirs(os.path.join(folder, checkpoint.WHISPER_DIR), exist_ok=True)
       src.save_tokenizer_files(os.path.join(folder, checkpoint.WHISPER_DIR))
-      _write_json(os.path.join(folder, HF_WHISPER_CONFIG), src.config)
+      _write_json(os.path.join(folder, checkpoint.HF_WHISPER_CONFIG), src.config)
 
 
 def convert(llm_dir: str | None = None, whisper_dir: str | None = None, *, out: str, dtype: str = "float32",

@@ -18,7 +18,6 @@ back (their rounding stays). Nothing needs the `ctranslate2` package.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import struct
@@ -26,7 +25,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from llasm_jax.convert.reader import CheckpointError, read_json
+from llasm_jax.convert.reader import CheckpointError, MadeTokenizerFiles, read_json
 
 MODEL_FILE = "model.bin"
 MAX_BINARY_VERSION = 6
@@ -170,7 +169,7 @@ def _layers(f: CT2File, scope: str) -> int:
   return len(found)
 
 
-class CT2Whisper:
+class CT2Whisper(MadeTokenizerFiles):
   """A CTranslate2 Whisper folder as a conversion source (see the module docstring)."""
 
   format = "ctranslate2"
@@ -393,16 +392,6 @@ class CT2Whisper:
       out["lang_to_id"] = {t: i for t, i in ids.items() if t not in _NON_LANGUAGE}
       out["task_to_id"] = {task: ids[f"<|{task}|>"] for task in ("transcribe", "translate") if f"<|{task}|>" in ids}
     return out
-
-  def save_tokenizer_files(self, dst: str) -> None:
-    """Writes the tokenizer and `generation_config.json` into `dst`, keeping files it has."""
-    os.makedirs(dst, exist_ok=True)
-    if not os.path.exists(os.path.join(dst, "tokenizer_config.json")):
-      self.tokenizer().save_pretrained(dst)
-    gen = os.path.join(dst, "generation_config.json")
-    if not os.path.exists(gen):
-      with open(gen, "w") as fh:
-        json.dump(self.generation_config(), fh, indent=2)
 
   def save_feature_files(self, dst: str) -> None:
     """Writes `preprocessor_config.json`: `WhisperFeatureExtractor` for this model's mel bins."""

@@ -20,7 +20,8 @@ from tqdm import tqdm
 from llasm_jax import checkpoint
 from llasm_jax.convert.configs import llama_config_to_hf, whisper_config_to_hf
 from llasm_jax.checkpoint import FEATURE_FILES, TOKENIZER_FILES
-from llasm_jax.convert.convert import AUDIO_TOKENS, HF_LLM_CONFIG, HF_WHISPER_CONFIG
+from llasm_jax.checkpoint import HF_LLM_CONFIG, HF_WHISPER_CONFIG
+from llasm_jax.convert.convert import AUDIO_TOKENS
 from llasm_jax.convert.hf import iter_hf_tensors, keymaps
 
 DEFAULT_SHARD_BYTES = 4 << 30

@@ -11,14 +11,13 @@ conversion holds the float32 model once (the output) plus one tensor.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any, Iterator
 
 import numpy as np
 
-from llasm_jax.convert.reader import CheckpointError
+from llasm_jax.convert.reader import CheckpointError, MadeTokenizerFiles
 
 # GGUF `general.architecture` -> what it holds; llama.cpp stores Mistral as "llama".
 SUPPORTED = {"llama": "LLaMA-1/2/3, Mistral", "qwen2": "Qwen2"}
@@ -42,7 +41,7 @@ def is_gguf_file(path: str) -> bool:
     return False
 
 
-class GGUFCheckpoint:
+class GGUFCheckpoint(MadeTokenizerFiles):
   """A GGUF LLaMA-family LLM as a conversion source: `config` is its HF config.json dict."""
 
   format = "gguf"
@@ -182,17 +181,6 @@ class GGUFCheckpoint:
     if self.config.get("pad_token_id") is not None:
       out["pad_token_id"] = self.config["pad_token_id"]
     return out
-
-  def save_tokenizer_files(self, dst: str) -> None:
-    """Writes the tokenizer (with its chat template) and `generation_config.json` into `dst`,
-    keeping the files `dst` already has (e.g. a tokenizer with the audio tokens added)."""
-    os.makedirs(dst, exist_ok=True)
-    if not os.path.exists(os.path.join(dst, "tokenizer_config.json")):
-      self.tokenizer().save_pretrained(dst)
-    gen = os.path.join(dst, "generation_config.json")
-    if not os.path.exists(gen):
-      with open(gen, "w") as f:
-        json.dump(self.generation_config(), f, indent=2)
 
 
 def _llama3_divisors(inv_freq: np.ndarray, rope: dict) -> np.ndarray:

@@ -124,3 +124,19 @@ def _torch_bin(path: str):
     else:
       yield name, t.numpy()
     del t
+
+
+class MadeTokenizerFiles:
+  """For sources whose tokenizer and generation config are built from the file (CT2, GGUF), not
+  copied: they need `tokenizer()` and `generation_config()`."""
+
+  def save_tokenizer_files(self, dst: str) -> None:
+    """Writes the tokenizer (with its chat template) and `generation_config.json` into `dst`,
+    keeping the files `dst` already has (e.g. a tokenizer with the audio tokens added)."""
+    os.makedirs(dst, exist_ok=True)
+    if not os.path.exists(os.path.join(dst, "tokenizer_config.json")):
+      self.tokenizer().save_pretrained(dst)
+    gen = os.path.join(dst, "generation_config.json")
+    if not os.path.exists(gen):
+      with open(gen, "w") as f:
+        json.dump(self.generation_config(), f, indent=2)

@@ -536,5 +536,5 @@ def save_model(folder: str, cfg: LlasmConfig, state: TrainState, config) -> None
     checkpoint.save_params(tmp, "llasm", cfg, flat, stored_dtype=cfg.llm.param_dtype)
     init_from = config.train.get("init_from")
     if init_from:
-      checkpoint.copy_files(init_from, tmp, checkpoint.TOKENIZER_FILES + checkpoint.FEATURE_FILES)
+      checkpoint.copy_companions(init_from, tmp)
   log(f"model written to {folder}")

@@ -250,3 +250,10 @@ def test_training_evaluates_its_parameters(ckpts, datasets, tmp_path):
   again = evaluate(str(tmp_path / "work" / "model"), datasets["asr"], limit=2, batch=2, max_new_tokens=3,
                    mel_frames=3000)
   assert [r["hypothesis"] for r in last["rows"]] == [r.hypothesis for r in again.rows]
+  # The trained model folder keeps the companion files of the one it started from, whisper/ included.
+  companions = [n for n in os.listdir(ckpts["llasm"]) if n.endswith((".json", ".jinja", ".model"))
+                and n != "llasm_jax.json"]
+  companions += [f"whisper/{n}" for n in os.listdir(os.path.join(ckpts["llasm"], "whisper"))]
+  assert "tokenizer.json" in companions and "hf_llm_config.json" in companions
+  for name in companions:
+    assert (tmp_path / "work" / "model" / name).exists(), name
