@@ -26,11 +26,10 @@ def tiny_tokenizer(vocab_size=300) -> tf.PreTrainedTokenizerFast:
   return tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def make_checkpoints(root, mode="encoder") -> dict[str, str]:
-  """Converted folders: "llasm" (LLM + Whisper, tokenizer with audio markers), "llama" (text
-  only), "whisper" (Whisper alone)."""
+def save_hf_pair(root, seed=0) -> None:
+  """A tiny random HF LLaMA (with the tokenizer) in root/hf_llm and Whisper in root/hf_whisper."""
   tok = tiny_tokenizer()
-  torch.manual_seed(0)
+  torch.manual_seed(seed)
   llm = tf.LlamaForCausalLM(tf.LlamaConfig(
       vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
       num_key_value_heads=2, initializer_range=0.1, bos_token_id=1, eos_token_id=2))
@@ -39,6 +38,12 @@ def make_checkpoints(root, mode="encoder") -> dict[str, str]:
   whisper = tf.WhisperModel(tiny_whisper_config())
   randomize_biases(whisper)
   whisper.save_pretrained(root / "hf_whisper")
+
+
+def make_checkpoints(root, mode="encoder") -> dict[str, str]:
+  """Converted folders: "llasm" (LLM + Whisper, tokenizer with audio markers), "llama" (text
+  only), "whisper" (Whisper alone)."""
+  save_hf_pair(root)
   out = {k: str(root / k) for k in ("llasm", "llama", "whisper")}
   convert(str(root / "hf_llm"), str(root / "hf_whisper"), out=out["llasm"], mode=mode, progress=False)
   convert(str(root / "hf_llm"), out=out["llama"], progress=False)

@@ -4,16 +4,13 @@ import os
 
 import numpy as np
 import pytest
-import torch
-import transformers as tf
 
 from llasm_jax import checkpoint
 from llasm_jax.convert.convert import convert
 from llasm_jax.data import builders, encode
 from tests.conftest import assert_close
 from tests.data.conftest import ASSETS
-from tests.infer.conftest import tiny_tokenizer
-from tests.models.test_whisper import randomize_biases, tiny_whisper_config
+from tests.infer.conftest import save_hf_pair
 from tests.train.test_train import tiny_config
 
 WINDOW = 300  # 3 s windows: the 2.9-4.5 s asset clips take two encoder-mode slots each
@@ -21,16 +18,7 @@ WINDOW = 300  # 3 s windows: the 2.9-4.5 s asset clips take two encoder-mode slo
 
 def llasm_folders(root, seed=0) -> dict[str, str]:
   """LLaSM model folders of one tiny HF LLM + Whisper pair, one per mode (folder name = mode)."""
-  tok = tiny_tokenizer()
-  torch.manual_seed(seed)
-  llm = tf.LlamaForCausalLM(tf.LlamaConfig(
-      vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-      num_key_value_heads=2, initializer_range=0.1, bos_token_id=1, eos_token_id=2))
-  llm.save_pretrained(root / "hf_llm")
-  tok.save_pretrained(root / "hf_llm")
-  whisper = tf.WhisperModel(tiny_whisper_config())
-  randomize_biases(whisper)
-  whisper.save_pretrained(root / "hf_whisper")
+  save_hf_pair(root, seed)
   out = {}
   for mode in ("llasm", "encoder"):
     out[mode] = str(root / mode)
