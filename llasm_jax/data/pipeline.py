@@ -9,6 +9,9 @@ The batch contract (what llasm_jax/train consumes; names and dtypes are fixed):
   labels         int32[B, T]        -100 where there is no loss (unshifted, HF convention)
   attention_mask int32[B, T]        1 = real token
   positions      int32[B, T]        0..T-1 (right padding: positions of real tokens are 0..n-1)
+  target_positions int32[B, K]      per row, the positions whose next token is a target, in order,
+                                    -1 padded (`target_positions`): the LM head runs there only;
+                                    K = T with fixed shapes, else a power of two >= the most targets
 and the audio, as log-mel from a built dataset (`features="mel"`):
   mel            float32[B, A, M, F] Whisper log-mel per audio slot, zero-padded, empty slots zero
   mel_lengths    int32[B, A]        valid mel frames per slot (3000 in "llasm" mode), 0 = empty
@@ -55,12 +58,31 @@ from llasm_jax.models.whisper import encoder_frames
 IGNORE = templates.IGNORE
 FEATURES = ("mel", "cached")  # what a batch carries of the audio (see the contract above)
 AUDIO_KEYS = {"mel": ("mel", "mel_lengths"), "cached": ("audio_features", "audio_feature_lengths")}
-TEXT_KEYS = ("input_ids", "labels", "attention_mask", "positions")
+TEXT_KEYS = ("input_ids", "labels", "attention_mask", "positions", "target_positions")
 BATCH_KEYS = TEXT_KEYS + AUDIO_KEYS["mel"]
 BATCH_AXES = {"input_ids": ("batch", "length"), "labels": ("batch", "length"),
               "attention_mask": ("batch", "length"), "positions": ("batch", "length"),
-              "mel": ("batch", None, None, None), "mel_lengths": ("batch", None),
+              "target_positions": ("batch", None), "mel": ("batch", None, None, None), "mel_lengths": ("batch", None),
               "audio_features": ("batch", None, None, None), "audio_feature_lengths": ("batch", None)}
+
+
+def target_positions(labels: np.ndarray, k: int | None = None) -> np.ndarray:
+  """labels int[B, T] -> int32[B, K]: per row, in order, the positions t whose next token
+  labels[t + 1] is a target; -1 pads. The loss runs the LM head on these K positions only
+  (in stage 1 about one position in eight carries a loss). K: `k`, else the most targets of
+  any row rounded up to a power of two (at least 8, at most T), so few shapes compile."""
+  b, t = labels.shape
+  has = labels[:, 1:] != IGNORE
+  most = int(has.sum(axis=1).max(initial=0))
+  if k is None:
+    k = min(t, max(8, 1 << max(most - 1, 0).bit_length()))
+  if k < most:
+    raise ValueError(f"target_positions: a row has {most} targets, more than k={k}")
+  out = np.full((b, k), -1, np.int32)
+  for i, row in enumerate(has):
+    pos = np.flatnonzero(row)
+    out[i, :len(pos)] = pos
+  return out
 
 
 def batch_keys(features: str = "mel") -> tuple[str, ...]:
@@ -414,6 +436,8 @@ class Collate:
       out["input_ids"][i, :n] = s["input_ids"]
       out["labels"][i, :n] = s["labels"]
       out["attention_mask"][i, :n] = 1
+    # With fixed shapes K = T (one compile); with buckets K follows the batch's longest answer.
+    out["target_positions"] = target_positions(out["labels"], t if cfg.fixed_shapes else None)
     if cfg.features == "cached":
       out.update(self._features(samples))
       return out
@@ -730,10 +754,14 @@ def to_global(batch: dict[str, np.ndarray], mesh, rules, pad_id: int = 0, *, sam
   if jax.process_count() > 1 and not same_shape:
     from jax.experimental import multihost_utils
 
-    # T, and S of cached features: every host pads to the largest.
-    sizes = [batch["input_ids"].shape[1], batch["audio_features"].shape[2] if cached else 0]
-    t, s = np.max(multihost_utils.process_allgather(np.int32(sizes)).reshape(-1, 2), axis=0)
+    # T, K target slots, and S of cached features: every host pads to the largest.
+    sizes = [batch["input_ids"].shape[1], batch["target_positions"].shape[1],
+             batch["audio_features"].shape[2] if cached else 0]
+    t, k, s = np.max(multihost_utils.process_allgather(np.int32(sizes)).reshape(-1, 3), axis=0)
     batch = pad_length(batch, int(t), pad_id)
+    if k > batch["target_positions"].shape[1]:
+      slots = batch["target_positions"]
+      batch = {**batch, "target_positions": np.pad(slots, ((0, 0), (0, int(k) - slots.shape[1])), constant_values=-1)}
     if cached:
       batch = pad_features(batch, int(s))
   out = {}

@@ -3,41 +3,19 @@
 Legend: B batch, T length, K target slots per row (static), D width, V vocab.
 
 Labels follow the HF convention (unshifted, -100 = no loss): the logits at position t predict
-labels[t + 1]. `target_slots` lists, per row, the positions whose next token is a target, in
-order; the LM head then runs on those K positions only instead of all T (in stage 1 about one
-position in eight carries a loss, and the head of a small LLM is a fifth of its matmuls).
+labels[t + 1]. The batch's `target_positions` (llasm_jax/data/pipeline.py) list, per row, the
+positions whose next token is a target; the LM head runs on those K slots only instead of all
+T (in stage 1 about one position in eight carries a loss, and the head of a small LLM is a
+fifth of its matmuls).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 IGNORE = -100
-
-
-def target_slots(labels: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """labels int[B, T] -> (positions int32[B, K], next-token targets int32[B, K], valid bool[B, K]).
-
-  Row b's i-th slot is its i-th position t (in order) with labels[b, t + 1] != IGNORE; rows with
-  fewer than K such positions are padded (valid False), rows with more lose their last ones
-  (the caller picks K >= the most targets of any row, see `max_targets`).
-  """
-  b, t = labels.shape
-  has_target = jnp.concatenate([labels[:, 1:] != IGNORE, jnp.zeros((b, 1), bool)], axis=1)
-  # Target positions first, in order (stable), then the rest.
-  order = jnp.argsort(~has_target, axis=1, stable=True)[:, :k].astype(jnp.int32)
-  valid = jnp.take_along_axis(has_target, order, axis=1)
-  nxt = jnp.take_along_axis(labels, jnp.minimum(order + 1, t - 1), axis=1)
-  return order, jnp.where(valid, nxt, 0), valid
-
-
-def max_targets(labels) -> int:
-  """The most target tokens of any row of host labels int[B, T] (K for `target_slots`)."""
-  labels = np.asarray(labels)
-  return int(np.max(np.sum(labels[:, 1:] != IGNORE, axis=1), initial=0))
 
 
 def gather(x: jax.Array, positions: jax.Array) -> jax.Array:

@@ -2,7 +2,8 @@
 
 Batch (global arrays, B = global batch, G = gradient-accumulation microbatches):
   input_ids int32[B, T], labels int32[B, T] (-100: no loss; HF convention, shifted here),
-  attention_mask int32[B, T], positions int32[B, T], and the audio as
+  attention_mask int32[B, T], positions int32[B, T], target_positions int32[B, K] (the positions
+  whose next token is a target, -1 padded: the LM head runs there only), and the audio as
   mel float32[B, A, M, F], mel_lengths int32[B, A] (Whisper runs in the step), or as cached
   Whisper outputs audio_features float32|bfloat16[B, A, S, E], audio_feature_lengths int32[B, A]
   (from `llasm-jax data encode`: the step runs the adaptor and the LLM only).
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from llasm_jax.train import losses
 from llasm_jax.train.optim import TRAIN, keep_new_rows
 
 IGNORE = -100
@@ -31,14 +33,6 @@ class TrainState:
   rest: Any  # nnx.State of the other variables (Whisper's fixed positions)
   opt_state: Any
   rng: jax.Array  # uint32[2]: dropout-free today; kept so that resuming is exact when added
-
-
-def token_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Summed next-token cross-entropy and the number of target tokens (float32 scalars)."""
-  logits, targets = logits[:, :-1], labels[:, 1:]
-  mask = targets != IGNORE
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(mask, targets, 0))
-  return jnp.sum(losses * mask), jnp.sum(mask).astype(jnp.float32)
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, labels: Any, *, grad_accum: int,
@@ -68,10 +62,15 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
       audio = dict(audio_features=batch["audio_features"], audio_feature_lengths=batch["audio_feature_lengths"])
     else:
       audio = dict(mel=batch["mel"], mel_lengths=batch["mel_lengths"])
-    logits, _ = model(batch["input_ids"], **audio, attention_mask=batch["attention_mask"],
-                      positions=batch["positions"])
-    loss, tokens = token_loss(logits, batch["labels"])
-    return loss, tokens
+    hidden, _ = model(batch["input_ids"], **audio, attention_mask=batch["attention_mask"],
+                      positions=batch["positions"], return_hidden=True)
+    # The LM head and softmax on the K target slots only, not all T positions.
+    slots = batch["target_positions"]
+    valid = slots >= 0
+    slots = jnp.maximum(slots, 0)
+    targets = jnp.take_along_axis(batch["labels"], jnp.minimum(slots + 1, batch["labels"].shape[1] - 1), axis=1)
+    logits = model.llm.logits(losses.gather(hidden, slots))
+    return losses.cross_entropy(logits, jnp.where(valid, targets, 0), valid)
 
   value_and_grad = jax.value_and_grad(summed_loss, has_aux=True)
 

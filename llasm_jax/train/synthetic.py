@@ -10,6 +10,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from llasm_jax.data.pipeline import target_positions
 from llasm_jax.models.llasm import LlasmConfig
 
 IGNORE = -100
@@ -37,7 +38,8 @@ def make_example(cfg: LlasmConfig, data: ml_collections.ConfigDict, seed: int, i
   mel_lengths = np.zeros(data.max_audios, np.int32)
   mel_lengths[0] = frames
   return dict(input_ids=input_ids, labels=labels, attention_mask=(np.arange(t) < n).astype(np.int32),
-              positions=np.arange(t, dtype=np.int32), mel=mel, mel_lengths=mel_lengths)
+              positions=np.arange(t, dtype=np.int32), target_positions=target_positions(labels[None], t)[0],
+              mel=mel, mel_lengths=mel_lengths)
 
 
 def synthetic_dataset(cfg: LlasmConfig, data: ml_collections.ConfigDict, *, seed: int, host_batch: int,

@@ -355,7 +355,7 @@ def abstract_batch(config, setup: Setup) -> dict[str, jax.ShapeDtypeStruct]:
   b, t, a = config.train.batch_size, data.seq_len, data.max_audios
   frames = 3000 if cfg.mode == "llasm" else data.mel_frames
   shapes = {"input_ids": ((b, t), jnp.int32), "labels": ((b, t), jnp.int32), "attention_mask": ((b, t), jnp.int32),
-            "positions": ((b, t), jnp.int32)}
+            "positions": ((b, t), jnp.int32), "target_positions": ((b, t), jnp.int32)}
   if setup.features == "cached":
     s = pipeline.pipeline_config(config, cfg, "cached").feature_frames
     shapes["audio_features"] = ((b, a, s, cfg.audio.d_model), jnp.dtype(setup.cache["dtype"]))

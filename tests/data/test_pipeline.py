@@ -18,7 +18,7 @@ from tests.conftest import assert_close
 from tests.data.conftest import ASSETS, tiny_model
 
 CONTRACT = {"input_ids": np.int32, "labels": np.int32, "attention_mask": np.int32, "positions": np.int32,
-            "mel": np.float32, "mel_lengths": np.int32}
+            "target_positions": np.int32, "mel": np.float32, "mel_lengths": np.int32}
 
 
 class IndexSource:
@@ -47,6 +47,10 @@ def check_contract(batch, model, cfg, b):
   assert batch["mel_lengths"].shape == (b, cfg.max_audios)
   for k in ("labels", "attention_mask", "positions"):
     assert batch[k].shape == (b, t)
+  # The target slots: each row's positions whose next label is a target, in order, -1 padded.
+  for row, slots in zip(batch["labels"], batch["target_positions"]):
+    want = np.flatnonzero(row[1:] != pipeline.IGNORE)
+    assert slots[:len(want)].tolist() == want.tolist() and np.all(slots[len(want):] == -1)
   mask = batch["attention_mask"]
   n = mask.sum(1)
   assert np.all(mask == (np.arange(t)[None] < n[:, None]))  # right padding
