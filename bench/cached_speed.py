@@ -8,7 +8,8 @@ Both paths get the same data, model and batches: espeak speech of `textsource` s
 one LLaSM model folder per mode; stage 1 (the adaptor trains, Whisper and the LLM are frozen), float32, the LLM's chat template,
 T = the longest sample of the mode rounded up to 16 (no sample cut, one compiled shape). Per mode: `data encode` once (bfloat16, timed), then `train` on the raw
 dataset (log-mel in the grain workers, Whisper in the step) and on the cache (no mel, no
-Whisper). samples/s = batch / seconds per step, over the steps after the first interval
+Whisper), and on the cache with the LM head at every position (the plain path that the target
+slots replace). samples/s = batch / seconds per step, over the steps after the first interval
 (the trainer leaves compile time out). Other processes on the machine slow both paths alike;
 the load average is recorded next to the numbers.
 """
@@ -91,7 +92,7 @@ def longest_sample(ckpt: str, cache: str, template: str) -> int:
     return int(np.max(next(it)["attention_mask"].sum(1)))
 
 
-def train_run(work: str, name: str, ckpt: str, mode: str, data: str, seq_len: int, args) -> dict:
+def train_run(work: str, name: str, ckpt: str, mode: str, data: str, seq_len: int, args, slots: bool = True) -> dict:
   from llasm_jax.config import DEFAULT_RULES, training_sections
   import ml_collections
   from llasm_jax.train.trainer import train
@@ -106,6 +107,8 @@ def train_run(work: str, name: str, ckpt: str, mode: str, data: str, seq_len: in
   tc.steps, tc.checkpoint_every = 3 * args.steps, 10 ** 6
   config.data.update(dict(source="tfds", dir=data, seq_len=seq_len, max_audios=1, mel_frames=3000,
                           template=args.template))
+  if slots:  # one length bucket = T: K target slots follow each batch (the LM head runs there only)
+    config.data.buckets = (seq_len,)
   workdir = os.path.join(work, f"train_{name}")
   shutil.rmtree(workdir, ignore_errors=True)
   before = load()
@@ -144,10 +147,12 @@ def main() -> None:
     row = {"encode": {k: enc.report[k] for k in ("audios", "seconds", "elapsed_s", "audios_per_s", "bytes")}}
     row["encode"]["load"] = load()
     row["seq_len"] = seq_len = -(-longest_sample(ckpt, cache, args.template) // 16) * 16
-    for path, where in (("audio", data), ("cached", cache)):
-      row[path] = train_run(work, f"{mode}_{path}", ckpt, mode, where, seq_len, args)
+    # "cached_all_positions": the plain path the target slots replace (LM head at all T positions).
+    for path, where, slots in (("audio", data, True), ("cached", cache, True), ("cached_all_positions", cache, False)):
+      row[path] = train_run(work, f"{mode}_{path}", ckpt, mode, where, seq_len, args, slots)
       print(f"{mode} mode, {path}: {row[path]}", flush=True)
     row["speedup"] = round(row["cached"]["samples_per_s"] / row["audio"]["samples_per_s"], 2)
+    row["target_slots_speedup"] = round(row["cached"]["samples_per_s"] / row["cached_all_positions"]["samples_per_s"], 2)
     results["modes"][mode] = row
   print(json.dumps(results, indent=1))
   if args.out:
