@@ -228,16 +228,6 @@ class Plan:
   conversation_failures: list[Failure] = dataclasses.field(default_factory=list)  # bad conversations
 
 
-def _read_lines(path: str) -> str:
-  try:
-    with open(path, encoding="utf-8") as f:
-      return f.read()
-  except FileNotFoundError:
-    raise SynthError(f"--text {path!r} not found; check the path") from None
-  except (OSError, UnicodeDecodeError) as e:
-    raise SynthError(f"--text {path!r} cannot be read ({e}); it must be UTF-8 text") from None
-
-
 def _is_jsonl(path: str, text: str) -> bool:
   if path.endswith((".jsonl", ".json")):
     return True
@@ -266,7 +256,7 @@ def _check_format(fmt: str) -> None:
 def plan_text(path: str, fmt: str = "flac", language: str | None = None, limit: int | None = None) -> Plan:
   """The plan of an ASR sentence list: a text file (one sentence a line) or JSONL {"text", "id"?, "language"?}."""
   _check_format(fmt)
-  raw = _read_lines(path)
+  raw = builders._read_text(path, "--text")  # the builders' reader: the same errors
   name = os.path.basename(path)
   if _is_jsonl(path, raw):
     rows = builders._json_rows(path, "--text file")  # the builders' reader: the same JSON is accepted
