@@ -19,23 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from machine import cpu_name  # noqa: E402  (bench/machine.py, beside this script)
+
 
 def machine() -> dict:
   import jax
 
-  cpu = platform.processor() or "cpu"
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
+  cpu = cpu_name()
   return {"device": f"{jax.devices()[0].platform} x{jax.device_count()}", "cpu": cpu, "cores": os.cpu_count(),
           "jax": jax.__version__}
 

@@ -23,6 +23,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from machine import cpu_name  # noqa: E402  (bench/machine.py, beside this script)
+
 from llasm_jax.data import synth, textsource  # noqa: E402
 
 ZH_SUBJECTS = ("我", "你", "我们", "老师", "我的朋友", "这个孩子", "他们", "妈妈", "医生", "司机")
@@ -49,12 +51,7 @@ def mandarin(n: int, seed: int = 0) -> list[str]:
 
 
 def machine() -> dict:
-  cpu = platform.processor() or "cpu"
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
+  cpu = cpu_name()
   from llasm_jax.data.tts_espeak import EspeakEngine
 
   return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),

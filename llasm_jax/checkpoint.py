@@ -157,6 +157,11 @@ def save_params(folder: str, kind: str, cfg, params: dict[str, Any], *, stored_d
       json.dump(meta, f, indent=2)
 
 def read_meta(folder: str) -> dict[str, Any]:
+  """The model folder's metadata (kind, config, ...); a missing folder or file is a named error."""
+  folder = os.fspath(folder)
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"--ckpt {folder!r}: no such folder; pass a folder written by `llasm-jax convert` "
+                            "or `train`")
   path = os.path.join(folder, META_FILE)
   if not os.path.exists(path):
     raise ValueError(f"{folder}: no {META_FILE}, so not a llasm_jax checkpoint; "

@@ -394,8 +394,6 @@ def evaluate(ckpt: str, data: str, *, limit: int | None = None, batch: int = 8, 
 def load_answers(ckpt: str, source, *, batch: int, max_new_tokens: int, mesh=None, rules=None,
                  template: str | None = None, mel_frames: int | None = None, **run_options):
   """The answering model of the folder `ckpt` for `source`'s rows, and the folder's kind."""
-  if not os.path.isdir(ckpt):
-    raise FileNotFoundError(f"--ckpt {ckpt!r}: no such folder; pass a folder written by `llasm-jax convert` or `train`")
   kind = checkpoint.read_meta(ckpt)["kind"]
   where = f"--data {','.join(source.paths)!r}"
   if kind == "whisper":

@@ -78,8 +78,6 @@ class Generator:
     """Restores `folder` (a `llasm-jax convert`/`train` output) onto one device, or onto `mesh`
     sharded by `rules`; `run` sets run-time model fields (dtype, scan_layers, attention_impl)."""
     folder = os.fspath(folder)
-    if not os.path.isdir(folder):
-      raise FileNotFoundError(f"--ckpt {folder!r}: no such folder; pass a folder written by `llasm-jax convert`")
     meta = checkpoint.read_meta(folder)
     if meta["kind"] == "whisper":
       raise ValueError(f"--ckpt {folder!r} holds Whisper alone; generation needs a 'llasm' or 'llama' "

@@ -138,8 +138,6 @@ class Transcriber(MeshFunctions):
     """Restores the Whisper of a "whisper" folder, or of a "llasm"-mode LLaSM folder (its LLM is
     not read), onto one device or sharded on `mesh`; `run` sets dtype, scan_layers, ..."""
     folder = os.fspath(folder)
-    if not os.path.isdir(folder):
-      raise FileNotFoundError(f"--ckpt {folder!r}: no such folder; pass a folder written by `llasm-jax convert`")
     meta = checkpoint.read_meta(folder)
     if meta["kind"] == "llama":
       raise ValueError(f"--ckpt {folder!r} is a text-only LLM; transcription needs a Whisper "
