@@ -147,6 +147,9 @@ def training_sections(stage: int) -> dict[str, ml_collections.ConfigDict]:
       dir="",  # "tfds": comma-separated folders written by `llasm-jax data build`
       tokenizer="",  # "tfds": tokenizer folder; default: config.train.init_from (a model folder)
       template="llasm-cllama2",  # "tfds": llasm-cllama2 | llasm-baichuan | chat-template
+      # The system prompt, in training and in config.eval: None = LLaSM's (templates.LLASM_SYSTEM),
+      # "" = none, so a chat template writes its own default (e.g. SmolLM2's), or any text.
+      system=None,
       workers=0,  # "tfds": grain worker processes; 0 = min(8, CPUs); -1 = none, read in this process
       threads=2,
       seq_len=512, max_audios=1, mel_frames=3000,

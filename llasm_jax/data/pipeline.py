@@ -96,7 +96,8 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-  """What a sample becomes. `buckets`: allowed T values (ascending); None = always `seq_len`."""
+  """What a sample becomes. `buckets`: allowed T values (ascending); None = always `seq_len`.
+  `system`: the system prompt; None = `templates.LLASM_SYSTEM`, "" = none (a chat template's own)."""
 
   mode: str = "llasm"
   num_mel_bins: int = 80
@@ -646,7 +647,8 @@ def pipeline_config(config, cfg: LlasmConfig, features: str = "mel") -> Pipeline
   return PipelineConfig.from_model(
       cfg, seq_len=data.seq_len, max_audios=data.max_audios, mel_frames=data.get("mel_frames", MAX_FRAMES),
       buckets=tuple(buckets) if buckets else None, template=data.get("template", "llasm-cllama2"),
-      features=features, feature_buckets=tuple(feature_buckets) if feature_buckets else None)
+      system=data.get("system"), features=features,
+      feature_buckets=tuple(feature_buckets) if feature_buckets else None)
 
 
 # ---------------------------------------------------------------------------------------------

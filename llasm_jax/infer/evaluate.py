@@ -287,10 +287,12 @@ class LlasmAnswers:
     self.timings = collections.Counter()
 
   @classmethod
-  def for_source(cls, generator, source, *, template: str | None = None, mel_frames: int | None = None,
-                 max_new_tokens: int = 128, check_whisper: bool = True) -> "LlasmAnswers":
+  def for_source(cls, generator, source, *, template: str | None = None, system: str | None = None,
+                 mel_frames: int | None = None, max_new_tokens: int = 128,
+                 check_whisper: bool = True) -> "LlasmAnswers":
     """Prompts for `source`'s rows: its raw audio, or its cached features after checking they are
-    what this model's Whisper computes (mode, sizes, windows and, with `check_whisper`, weights)."""
+    what this model's Whisper computes (mode, sizes, windows and, with `check_whisper`, weights).
+    `system`: the system prompt as `PipelineConfig.system` (None = LLaSM's, "" = the template's own)."""
     cfg = generator.cfg
     if cfg is None:
       raise ValueError("a text-only LLM cannot hear the dataset's audio; evaluate a LLaSM folder (or a Whisper one)")
@@ -309,7 +311,8 @@ class LlasmAnswers:
                            where=f"--data {','.join(source.paths)!r}")
     # No cuts: the whole conversation and every audio slot (long audio takes several windows).
     pcfg = pipeline.PipelineConfig.from_model(cfg, seq_len=1 << 30, max_audios=1 << 16, mel_frames=mel_frames,
-                                              template=template or generator.template_name, features=features)
+                                              template=template or generator.template_name, system=system,
+                                              features=features)
     return cls(generator, source.kind, pcfg, max_new_tokens)
 
   def prompt(self, record: dict[str, Any]) -> tuple[list[int], list[np.ndarray | AudioFeatures]]:
@@ -376,9 +379,11 @@ def run(rows: Sequence[EvalRow], answer: Callable[[Sequence[EvalRow]], list[str]
 
 
 def evaluate(ckpt: str, data: str, *, limit: int | None = None, batch: int = 8, max_new_tokens: int = 128,
-             mesh=None, rules=None, template: str | None = None, mel_frames: int | None = None,
-             answer: Callable[[Sequence[EvalRow]], list[str]] | None = None, **run_options) -> Report:
+             mesh=None, rules=None, template: str | None = None, system: str | None = None,
+             mel_frames: int | None = None, answer: Callable[[Sequence[EvalRow]], list[str]] | None = None,
+             **run_options) -> Report:
   """Evaluates the model folder `ckpt` on the built dataset `data` (see the module docstring).
+  `system`: the system prompt training used (None = LLaSM's, "" = the template's own).
   `answer` replaces the model (rows -> texts), e.g. to check the scoring alone."""
   source = pipeline.Source(data)
   rows = read_rows(source, limit)
@@ -387,12 +392,14 @@ def evaluate(ckpt: str, data: str, *, limit: int | None = None, batch: int = 8, 
   info = {"ckpt": ckpt, "data": data, "dataset_kind": source.kind, "limit": limit, "max_new_tokens": max_new_tokens}
   if answer is None:
     answer, info["model_kind"] = load_answers(ckpt, source, batch=batch, max_new_tokens=max_new_tokens, mesh=mesh,
-                                              rules=rules, template=template, mel_frames=mel_frames, **run_options)
+                                              rules=rules, template=template, system=system, mel_frames=mel_frames,
+                                              **run_options)
   return run(rows, answer, batch=batch, info=info)
 
 
 def load_answers(ckpt: str, source, *, batch: int, max_new_tokens: int, mesh=None, rules=None,
-                 template: str | None = None, mel_frames: int | None = None, **run_options):
+                 template: str | None = None, system: str | None = None, mel_frames: int | None = None,
+                 **run_options):
   """The answering model of the folder `ckpt` for `source`'s rows, and the folder's kind."""
   kind = checkpoint.read_meta(ckpt)["kind"]
   where = f"--data {','.join(source.paths)!r}"
@@ -412,7 +419,7 @@ def load_answers(ckpt: str, source, *, batch: int, max_new_tokens: int, mesh=Non
   from llasm_jax.infer.generator import Generator
 
   generator = Generator.load(ckpt, mesh=mesh, rules=rules, template=template, **run_options)
-  return LlasmAnswers.for_source(generator, source, template=template, mel_frames=mel_frames,
+  return LlasmAnswers.for_source(generator, source, template=template, system=system, mel_frames=mel_frames,
                                  max_new_tokens=max_new_tokens), kind
 
 
@@ -420,7 +427,8 @@ class TrainingEval:
   """`config.eval` of a training run: greedy answers of the current parameters on a held-out
   dataset, scored. The parameters stay where training keeps them (no save or reload): the first
   call builds an engine on the training mesh, later calls hand it the new values, which compile
-  nothing again (same shapes and shardings). Prompts use the training data's template and windows."""
+  nothing again (same shapes and shardings). Prompts use the training data's template, system
+  prompt (`config.data.system`) and windows."""
 
   def __init__(self, config, cfg, mesh, rules):
     ev = config.eval
@@ -440,6 +448,7 @@ class TrainingEval:
     self.cfg, self.mesh, self.rules = cfg, mesh, rules
     self.batch, self.max_new_tokens = int(ev.get("batch", 8)), int(ev.get("max_new_tokens", 64))
     self.template = config.data.get("template", "llasm-cllama2")
+    self.system = config.data.get("system")
     self.mel_frames = int(config.data.get("mel_frames", pipeline.MAX_FRAMES))
     self.answers: LlasmAnswers | None = None
 
@@ -457,7 +466,7 @@ class TrainingEval:
                       eos_ids=checkpoint_eos_ids(self.tokenizer_dir, self.cfg.llm, tok),
                       pad_id=tok.pad_token_id)
       generator = Generator(engine, tok, template=self.template, folder=self.tokenizer_dir)
-      self.answers = LlasmAnswers.for_source(generator, self.source, template=self.template,
+      self.answers = LlasmAnswers.for_source(generator, self.source, template=self.template, system=self.system,
                                              mel_frames=self.mel_frames, max_new_tokens=self.max_new_tokens)
     else:
       self.answers.generator.engine.update_params(model)

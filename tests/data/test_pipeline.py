@@ -211,3 +211,61 @@ def test_config_errors():
     pipeline.PipelineConfig(mode="encoder", mel_frames=4000)
   with pytest.raises(FileNotFoundError, match="dataset_info.json"):
     pipeline.Source("/nonexistent/folder")
+
+
+# A ChatML template that writes its own system prompt when the conversation has none (as SmolLM2's does).
+CHATML_DEFAULT_SYSTEM = (
+    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nyou are a sample model<|im_end|>\n' }}"
+    "{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("system", [None, ""], ids=["llasm_default", "template_own"])
+def test_config_data_system_reaches_the_batches(tokenizer_dir, system):
+  """config.data.system None: LLaSM's system prompt; "" (--config.data.system=): none, so the chat
+  template writes its own default."""
+  from transformers import AutoTokenizer
+
+  from llasm_jax.config import apply_overrides, training_sections
+  from tests.data.conftest import SYSTEM
+
+  tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+  tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+  tok.chat_template = CHATML_DEFAULT_SYSTEM
+  config = ml_collections.ConfigDict(training_sections(1))
+  apply_overrides(config, ["--config.data.template=chat-template", "--config.data.seq_len=256"] +
+                  ([] if system is None else [f"--config.data.system={system}"]))
+  assert config.data.system == system
+  model = tiny_model()
+  cfg = pipeline.pipeline_config(config, model)
+  assert cfg.system == system and cfg.template == "chat-template"
+  with pipeline.make_iterator(IndexSource(4), cfg, tok, batch_size=2, shard_index=0, shard_count=1) as it:
+    batch = next(it)
+  for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+    text = tok.decode(ids[mask == 1])
+    assert text.startswith("<|im_start|>system\n")
+    assert (SYSTEM in text) == (system is None)
+    assert ("you are a sample model" in text) == (system == "")
+
+
+def test_eval_prompts_use_the_training_system_prompt(assets_dataset, tokenizer_dir):
+  """`LlasmAnswers.for_source(system=...)` and `TrainingEval` (config.data.system) prompt as training did."""
+  import types
+
+  from llasm_jax.config import training_sections
+  from llasm_jax.infer.evaluate import LlasmAnswers, TrainingEval
+  from tests.data.conftest import SYSTEM
+
+  tok = pipeline.load_tokenizer(tokenizer_dir)
+  generator = types.SimpleNamespace(cfg=tiny_model(), tokenizer=tok, template_name="llasm-cllama2")
+  source = pipeline.Source(assets_dataset)
+  for system, want in [(None, SYSTEM), ("", None), ("be brief", "be brief")]:
+    answers = LlasmAnswers.for_source(generator, source, system=system)
+    text = tok.decode(answers.prompt(source[0])[0])
+    assert (SYSTEM in text) == (system is None)
+    if want:
+      assert text.count(want) == 2  # llasm-cllama2 writes the system block twice
+  config = ml_collections.ConfigDict(training_sections(1))
+  config.data.update(dict(tokenizer=tokenizer_dir, system=""))
+  config.eval.update(dict(every=1, data=assets_dataset, limit=1))
+  assert TrainingEval(config, tiny_model(), None, None).system == ""
