@@ -136,6 +136,9 @@ def training_sections(stage: int) -> dict[str, ml_collections.ConfigDict]:
       keep_checkpoints=3,
       max_nonfinite_steps=20,
       peak_tflops_per_device=0.0,  # for MFU; 0 = not reported (e.g. 197 for TPU v5e bf16, 989 for H100)
+      # A time budget in minutes of training (compiles and evals not counted); when it runs out the
+      # run saves and ends as if finished (its model folder is written). 0 = none: `steps` decide.
+      max_minutes=0.0,
       debug_sigterm_at_step=0,
   ))
   optim = ml_collections.ConfigDict(dict(

@@ -172,11 +172,23 @@ class Checkpoints:
 # Observability
 
 
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """The rows every run in `workdir` logged (WORKDIR/metrics.jsonl), one per step: a resumed run's
+  rows replace those of the steps it ran again."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    by_step = {r["step"]: r for r in map(json.loads, filter(str.strip, f))}
+  return [by_step[s] for s in sorted(by_step)]
+
+
 class Metrics:
   """One line per logging interval on process 0, a progress bar, TensorBoard event files."""
 
   def __init__(self, workdir: str, config, total_steps: int, start_step: int, flops_per_step: float | None):
     self.every = config.train.log_every
+    self.workdir = workdir
     self.flops_per_step = flops_per_step
     self.peak = config.train.get("peak_tflops_per_device")
     self.is_main = jax.process_index() == 0
@@ -190,6 +202,13 @@ class Metrics:
     self.window: list[dict] = []
     self.t0 = time.perf_counter()
     self.history: list[dict] = []
+    # Seconds spent training up to `start_step`, carried over resumed runs (config.train.max_minutes).
+    self.trained = max((r.get("trained_s", 0.0) for r in read_metrics(workdir) if r["step"] <= start_step),
+                       default=0.0)
+
+  def trained_s(self) -> float:
+    """Training seconds so far (compiles and evals left out), as of the last logged interval."""
+    return self.trained
 
   def step(self, step: int, metrics: dict[str, jax.Array], tokens: int, schedule) -> None:
     self.bar.update(1)
@@ -199,9 +218,11 @@ class Metrics:
     values = [{k: float(v) for k, v in w["metrics"].items()} for w in self.window]  # syncs once per interval
     lr = float(schedule(step - 1))  # the rate the last step used
     seconds = (time.perf_counter() - self.t0) / len(self.window)
+    self.trained += seconds * len(self.window)
     tokens_s = sum(w["tokens"] for w in self.window) / (seconds * len(self.window))
     row = dict(step=step, loss=float(np.mean([v["loss"] for v in values])), grad_norm=values[-1]["grad_norm"],
-               lr=lr, tokens_per_s=tokens_s, s_per_step=seconds, nonfinite_steps=int(values[-1]["nonfinite_steps"]))
+               lr=lr, tokens_per_s=tokens_s, s_per_step=seconds, nonfinite_steps=int(values[-1]["nonfinite_steps"]),
+               trained_s=self.trained)
     line = (f"step {step:>6} | loss {row['loss']:.4f} | grad norm {row['grad_norm']:.3f} | lr {lr:.2e} | "
             f"{tokens_s:,.0f} tok/s | {seconds:.3f} s/step")
     if self.flops_per_step:
@@ -218,6 +239,9 @@ class Metrics:
       line += (f" | {empty} steps without target tokens (texts cut at config.data.seq_len? raise it)")
     log(line)
     self.history.append(row)
+    if self.is_main:  # every logged row, kept over resumed runs (plots, the demo's report)
+      with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
     if self.writer is not None:
       for k, v in row.items():
         if k != "step":
@@ -440,6 +464,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   fixed_shapes = getattr(data, "fixed_shapes", True)
   last_metrics = None
   stop_reason = "finished"
+  budget_s = 60 * float(tc.get("max_minutes", 0.0))
   evals: list[dict] = []
   try:
     evaluator = make_evaluator(config, setup)
@@ -474,6 +499,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         ckpts.save(step + 1, state, data.get_state(), force=True)
         stop_reason = f"preempted: saved step {step + 1}, resume with the same command"
         break
+      if budget_s and at_interval and metrics_out.trained_s() >= budget_s:
+        ckpts.save(step + 1, state, data.get_state(), force=True)
+        stop_reason = "time budget"
+        log(f"time budget of {tc.max_minutes:g} min reached at step {step + 1} of {tc.steps}")
+        break
     else:
       ckpts.save(int(state.step), state, data.get_state(), force=True)
       if evaluator is not None and not (evals and evals[-1]["step"] == int(state.step)):
@@ -486,7 +516,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if hasattr(data, "close"):
       data.close()  # stops the grain worker processes
   log(stop_reason)
-  if stop_reason == "finished":
+  if stop_reason in ("finished", "time budget"):
     save_model(os.path.join(workdir, "model"), cfg, state, config)
   summary = dict(stop_reason=stop_reason, step=int(state.step), history=metrics_out.history, eval=evals)
   line = f"summary: at step {summary['step']} of {tc.steps} ({summary['step'] - start} this run)"
