@@ -1,6 +1,6 @@
 r"""LLaSM-Cllama2 as released: Whisper large-v2 (encoder + decoder) + linear adaptor + Chinese-LLaMA-2-7B.
 
-  llasm-jax demo --config configs/llasm_cllama2_7b.py --batch 8
+  llasm-jax forward --config configs/llasm_cllama2_7b.py --batch 8
 """
 
 import ml_collections

@@ -1,6 +1,6 @@
 r"""LLaSM-Cllama2 sizes in "encoder" mode: Whisper large-v2 encoder only, 8 frames stacked, MLP adaptor, LLaMA-2-7B.
 
-  llasm-jax demo --config configs/llasm_cllama2_7b_encoder.py --batch 8 --seconds 12
+  llasm-jax forward --config configs/llasm_cllama2_7b_encoder.py --batch 8 --seconds 12
 """
 
 import ml_collections

@@ -1,6 +1,6 @@
 r"""Tiny random LLaSM ("llasm" mode: Whisper encoder + decoder queries, linear adaptor) for smoke runs on CPU.
 
-  llasm-jax demo --config configs/tiny.py
+  llasm-jax forward --config configs/tiny.py
 """
 
 import ml_collections

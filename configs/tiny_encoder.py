@@ -1,6 +1,6 @@
 r"""Tiny random LLaSM in "encoder" mode (Whisper encoder only, unpadded audio, stacked MLP adaptor).
 
-  llasm-jax demo --config configs/tiny_encoder.py --seconds 3
+  llasm-jax forward --config configs/tiny_encoder.py --seconds 3
 """
 
 import ml_collections

@@ -16,7 +16,7 @@
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 
-COMMAND="${COMMAND:-train}"  # the llasm-jax subcommand: train (default), demo, generate, ...
+COMMAND="${COMMAND:-train}"  # the llasm-jax subcommand: train (default), forward, generate, ...
 
 cd "${SLURM_SUBMIT_DIR:-$(pwd)}"
 . .venv/bin/activate

@@ -7,7 +7,7 @@
 # Expects the package installed (pip install -e '.[test]'); uses .venv if there is one.
 set -euo pipefail
 
-COMMAND="${COMMAND:-train}"  # the llasm-jax subcommand: train (default), demo, generate, ...
+COMMAND="${COMMAND:-train}"  # the llasm-jax subcommand: train (default), forward, generate, ...
 
 cd "$(dirname "$0")/.."
 if [[ -z "${VIRTUAL_ENV:-}" && -f .venv/bin/activate ]]; then

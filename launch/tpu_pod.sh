@@ -10,7 +10,7 @@
 # copied to the workers, e.g. with `gcloud compute tpus tpu-vm scp --recurse --worker=all`).
 set -euo pipefail
 
-COMMAND="${COMMAND:-train}"  # the llasm-jax subcommand: train (default), demo, generate, ...
+COMMAND="${COMMAND:-train}"  # the llasm-jax subcommand: train (default), forward, generate, ...
 
 : "${TPU_NAME:?set TPU_NAME to the TPU VM name}"
 : "${ZONE:?set ZONE to the TPU zone, e.g. us-east5-a}"

@@ -16,7 +16,7 @@ DEFAULT_CONFIG = "configs/tiny.py"
 
 
 def _find_config(path: str) -> pathlib.Path:
-  """`path` as given, else relative to the repository checkout (so `llasm-jax demo` works anywhere)."""
+  """`path` as given, else relative to the repository checkout (so `llasm-jax forward` works anywhere)."""
   p = pathlib.Path(path)
   if p.is_file() or p.is_absolute():
     return p
@@ -32,11 +32,17 @@ def _parse_mesh(text: str) -> dict[str, int]:
     raise argparse.ArgumentTypeError(f"--mesh {text!r}: expected axis=size pairs such as data=2,fsdp=2,tensor=2")
 
 
-def demo(args: argparse.Namespace) -> None:
-  from llasm_jax.infer.demo import run_demo
+def forward(args: argparse.Namespace) -> None:
+  from llasm_jax.infer.forward import run_forward
 
-  run_demo(load_config_file(_find_config(args.config)), config_name=args.config, batch=args.batch,
-           seconds=args.seconds, text_tokens=args.text_tokens, repeats=args.repeats, mesh_shape=args.mesh)
+  run_forward(load_config_file(_find_config(args.config)), config_name=args.config, batch=args.batch,
+              seconds=args.seconds, text_tokens=args.text_tokens, repeats=args.repeats, mesh_shape=args.mesh)
+
+
+def demo(args: argparse.Namespace) -> None:
+  from llasm_jax.demo import Options, run_demo
+
+  run_demo(Options(**{k: v for k, v in vars(args).items() if k in Options.__dataclass_fields__ and v is not None}))
 
 
 def train(args: argparse.Namespace) -> None:
@@ -318,7 +324,34 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--process-id", type=int, help="with --coordinator: this process's index")
   sub = parser.add_subparsers(dest="command", required=True)
 
-  p = sub.add_parser("demo", help="random-weight forward pass on synthetic speech: shapes and timings")
+  from llasm_jax.demo import Options
+
+  defaults = Options()
+  p = sub.add_parser("demo", help="the LLaSM recipe for real: pretrained Whisper + instruct LLM, spoken data, "
+                                  "adaptor training, held-out WER and answers before and after (resumable)")
+  p.add_argument("--workdir", default=defaults.workdir, help="everything the demo makes (default: %(default)s); "
+                                                             "run again to resume")
+  p.add_argument("--whisper", help="Whisper folder (HF or CTranslate2; default: the HF cache's "
+                                   "openai/whisper-tiny.en, else the [demo] extra's tiny.en)")
+  p.add_argument("--llm", help="LLM folder or GGUF file (default: the HF cache's SmolLM2-135M-Instruct, "
+                               "else the [demo] extra's GGUF)")
+  p.add_argument("--minutes", type=float, default=defaults.minutes,
+                 help="training time budget in minutes (default: %(default)s; the whole demo about twice that)")
+  p.add_argument("--sentences", type=int, default=defaults.sentences, help="spoken training sentences")
+  p.add_argument("--held-out", type=int, default=defaults.held_out, help="held-out grammar sentences")
+  p.add_argument("--questions", type=int, default=defaults.questions, help="spoken training questions")
+  p.add_argument("--held-out-questions", type=int, default=defaults.held_out_questions)
+  p.add_argument("--batch", type=int, default=defaults.batch)
+  p.add_argument("--lr", type=float, default=defaults.lr, help="adaptor learning rate (default: %(default)s)")
+  p.add_argument("--loss", choices=("ce", "kd", "mix"), default=defaults.loss,
+                 help="ce: the targets' cross-entropy; kd: KL to the LLM reading the text; mix: both")
+  p.add_argument("--samples-per-s", type=float, default=defaults.samples_per_s,
+                 help="expected training speed, sizes the LR schedule for --minutes (default: %(default)s)")
+  p.add_argument("--seed", type=int, default=defaults.seed)
+  p.add_argument("--workers", type=int, default=defaults.workers, help="synth / build processes")
+  p.set_defaults(func=demo)
+
+  p = sub.add_parser("forward", help="random-weight forward pass on synthetic speech: shapes and timings")
   p.add_argument("--config", default=DEFAULT_CONFIG, help="ml_collections config file (default: %(default)s)")
   p.add_argument("--seconds", type=float, default=5.0, help="audio length per sample")
   p.add_argument("--batch", type=int, default=2)
@@ -326,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--repeats", type=int, default=3, help="timed forward calls after the first")
   p.add_argument("--mesh", type=_parse_mesh, default=None,
                  help="override config.mesh.shape, e.g. data=2,fsdp=2,tensor=2")
-  p.set_defaults(func=demo)
+  p.set_defaults(func=forward)
 
   p = sub.add_parser("train", help="LLaSM stage 1 / stage 2 training (resumes from --workdir)")
   p.add_argument("--config", default="configs/tiny_stage1.py",

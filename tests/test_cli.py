@@ -1,4 +1,4 @@
-"""The `llasm-jax demo` command, in-process on one device and as a subprocess on 8 simulated CPU devices."""
+"""The `llasm-jax forward` command, in-process on one device and as a subprocess on 8 simulated CPU devices."""
 
 import os
 import pathlib
@@ -21,17 +21,17 @@ def expected_logits(config: str, batch: int, seconds: float, text_tokens: int) -
 
 
 @pytest.mark.parametrize("config", ["configs/tiny.py", "configs/tiny_encoder.py"])
-def test_demo(config, capsys):
-  cli.main(["demo", "--config", str(REPO / config), "--seconds", "1.5", "--batch", "2",
+def test_forward(config, capsys):
+  cli.main(["forward", "--config", str(REPO / config), "--seconds", "1.5", "--batch", "2",
             "--text-tokens", "3", "--repeats", "1"])
   out = capsys.readouterr().out
   assert expected_logits(config, 2, 1.5, 3) in out, out
   assert "finite: True" in out and "compile:" in out and "forward:" in out
 
 
-def test_demo_on_8_simulated_devices():
+def test_forward_on_8_simulated_devices():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "-m", "llasm_jax.cli", "demo", "--config", "configs/tiny_encoder.py",
+  cmd = [sys.executable, "-m", "llasm_jax.cli", "forward", "--config", "configs/tiny_encoder.py",
          "--seconds", "1", "--batch", "4", "--text-tokens", "2", "--repeats", "1",
          "--mesh", "data=2,fsdp=2,tensor=2"]
   res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

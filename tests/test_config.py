@@ -41,7 +41,7 @@ def test_config_resolves_and_rules_cover_model(path):
     assert set(axes) <= set(MESH_AXES), f"{path.name}: rule {name!r} -> {axes} names an axis not in the mesh"
   assert set(run.mesh.shape) <= set(MESH_AXES)
   doc = ast.get_docstring(ast.parse(path.read_text())) or ""
-  assert re.search(rf"llasm-jax (demo|train) --config configs/{re.escape(path.name)}", doc), \
+  assert re.search(rf"llasm-jax (forward|train) --config configs/{re.escape(path.name)}", doc), \
       f"{path.name}: the module docstring should hold the command that runs it"
 
   big = cfg.llm.hidden_size > 1024

@@ -1,4 +1,4 @@
-"""`llasm-jax demo`: a random-weight LLaSM forward on synthetic speech, sharded on the config's mesh, with timings."""
+"""`llasm-jax forward`: a random-weight LLaSM forward on synthetic speech, sharded on the config's mesh, with timings."""
 
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ def _log(*args):
     print(*args, flush=True)
 
 
-def demo_inputs(cfg: LlasmConfig, batch: int, seconds: float, text_tokens: int, seed: int = 0):
+def forward_inputs(cfg: LlasmConfig, batch: int, seconds: float, text_tokens: int, seed: int = 0):
   """input_ids int32[B, T], mel float32[B, 1, M, F], mel_lengths int32[B, 1]: one audio per sample
   between random text, marked `<au_start>` + P x `<au_patch>` + `<au_end>`."""
   if cfg.mode == "encoder" and seconds * 100 > cfg.audio.max_mel_frames:
-    raise ValueError(f"--seconds {seconds}: the encoder-mode demo takes one window of at most "
+    raise ValueError(f"--seconds {seconds}: the encoder-mode forward takes one window of at most "
                      f"{cfg.audio.max_mel_frames / 100:g} s")
   mel = np.stack([features.log_mel(synth_speech(seconds, seed + b), cfg.audio.num_mel_bins, cfg.mode)
                   for b in range(batch)])
@@ -43,7 +43,7 @@ def demo_inputs(cfg: LlasmConfig, batch: int, seconds: float, text_tokens: int, 
   return input_ids, mel[:, None], np.full((batch, 1), frames, np.int32)
 
 
-def run_demo(run_cfg, *, config_name: str, batch: int, seconds: float, text_tokens: int, repeats: int,
+def run_forward(run_cfg, *, config_name: str, batch: int, seconds: float, text_tokens: int, repeats: int,
              mesh_shape=None) -> None:
   """Random-weight forward of the config's model on synthetic speech: shapes and timings."""
   cfg = llasm_config(run_cfg.model)
@@ -54,7 +54,7 @@ def run_demo(run_cfg, *, config_name: str, batch: int, seconds: float, text_toke
   _log(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.process_count()} processes), "
        f"mesh {dict(mesh.shape)}")
 
-  input_ids, mel, mel_lengths = demo_inputs(cfg, batch, seconds, text_tokens)
+  input_ids, mel, mel_lengths = forward_inputs(cfg, batch, seconds, text_tokens)
   _log(f"audio: {batch} x {seconds:g} s -> mel float32{list(mel.shape)}, "
        f"{cfg.audio_tokens(mel.shape[-1])} audio tokens each; input_ids int32{list(input_ids.shape)}")
 
