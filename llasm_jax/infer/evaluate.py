@@ -242,14 +242,15 @@ def read_rows(source, limit: int | None = None) -> list[EvalRow]:
   rows = []
   for i in range(n):
     record = source[i]
-    if source.kind == "asr":
+    kind = pipeline.record_kind(record, source.kind)
+    if kind == "asr":
       reference = _str(record["text"])
     else:
       roles = [int(r) for r in record["roles"]]
       if not roles or roles[-1] != 1:
         raise ValueError(f"{source}: row {i} does not end with an assistant turn, so it has no reference answer")
       reference = _str(record["values"][-1])
-    rows.append(EvalRow(index=i, id=_str(record.get("id", str(i))), kind=source.kind,
+    rows.append(EvalRow(index=i, id=_str(record.get("id", str(i))), kind=kind,
                         language=_str(record.get("language", "")), reference=reference, record=record))
   return rows
 
