@@ -358,8 +358,8 @@ def run_demo(opts: Options) -> dict[str, Any]:
   log(f"  Whisper: {models['whisper']} (from {models['whisper_from']})")
   log(f"  LLM:     {models['llm']} (from {models['llm_from']})")
   model = os.path.join(work, "model")
-  phases.run("convert", lambda: {"model": convert(models["llm"], models["whisper"], out=model, mode="encoder",
-                                                  overwrite=True, progress=False)})
+  phases.run("convert", lambda: {"model": str(convert(models["llm"], models["whisper"], out=model, mode="encoder",
+                                                      overwrite=True, progress=False))})
   texts = phases.run("texts", lambda: make_texts(opts, os.path.join(work, "texts")))
   answers = phases.run("respond", lambda: typed_answers(model, texts, os.path.join(work, "texts"), opts))
   speech = phases.run("synth", lambda: speak(texts, answers, os.path.join(work, "speech"), opts))

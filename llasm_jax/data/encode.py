@@ -69,13 +69,15 @@ def whisper_fingerprint(audio_params: dict) -> str:
   Each leaf's float32 bits are mixed with their index and summed in uint32 arithmetic, whose
   wrap-around sum does not depend on the order of the reduction: the same weights give the
   same fingerprint on any mesh and sharding, computed where the arrays are (no host copy of a
-  sharded 1.5 GB Whisper). bfloat16-stored weights give their float32 values' fingerprint.
+  sharded 1.5 GB Whisper). bfloat16-stored weights give their float32 values' fingerprint, and
+  -0.0 counts as 0.0: training adds zero updates to frozen weights, which turns -0.0 into +0.0.
   """
   flat = traverse_util.flatten_dict(audio_params, sep="/")
   paths = sorted(flat)
 
   def mix(x):
-    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    x = x.astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, jnp.float32(0), x), jnp.uint32)
     index = jnp.zeros(x.shape, jnp.uint32)
     for axis in range(x.ndim):  # the flat index, built without reshaping a sharded array
       index = index * jnp.uint32(x.shape[axis]) + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis)

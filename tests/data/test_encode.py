@@ -175,3 +175,11 @@ def test_two_processes_encode_their_shares_into_one_dataset(data, tmp_path):
     np.testing.assert_array_equal(row["mel_lengths"], expected["mel_lengths"])
     assert_close(row["features"], expected["features"], atol=1e-6)
   assert not want
+
+
+def test_fingerprint_counts_negative_zero_as_zero():
+  # Training adds zero updates to the frozen Whisper, which turns -0.0 into +0.0: still the same weights.
+  w = np.array([[-0.0, 1.5], [2.0, -3.0]], np.float32)
+  same = encode.whisper_fingerprint({"encoder": {"w": w}})
+  assert encode.whisper_fingerprint({"encoder": {"w": w + 0.0}}) == same
+  assert encode.whisper_fingerprint({"encoder": {"w": np.nextafter(w, 1).astype(np.float32)}}) != same
