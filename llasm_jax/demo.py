@@ -51,7 +51,7 @@ class Options:
   lr: float = 2e-3
   loss: str = "ce"  # config.train.loss: ce, kd or mix
   answer_tokens: int = 48  # the LLM's typed answers are cut here (and so are the spoken ones at eval)
-  samples_per_s: float = 10.0  # expected training speed: sets the schedule's length for the budget
+  samples_per_s: float = 6.0  # expected training speed: sets the schedule's length for the budget
   seed: int = 0
   workers: int = min(2, os.cpu_count() or 1)
 
@@ -302,7 +302,7 @@ def _cut(text: str, width: int) -> str:
   return text if len(text) <= width else text[:width - 1] + "…"
 
 
-def report(opts: Options, phases: Phases, before: dict, after: dict, texts: dict[str, str], train: dict) -> str:
+def report(opts: Options, phases: Phases, before: dict, after: dict, answers: dict[str, str], train: dict) -> str:
   lines = ["", "=" * 100, "llasm-jax demo: results on held-out data (never trained on)", ""]
   lines.append(f"{'set':<16} {'metric':<8} {'before':>9} {'after':>9}   what")
   for name, what in HELD_OUT.items():
@@ -315,11 +315,13 @@ def report(opts: Options, phases: Phases, before: dict, after: dict, texts: dict
     for row in after[name]["rows"][:5]:
       lines.append(f"  {100 * row['score']:5.1f}%  ref: {_cut(row['reference'], 85)}")
       lines.append(f"  {'':6}  hyp: {_cut(row['hypothesis'], 85)}")
-  with open(texts["questions_held"], encoding="utf-8") as f:
-    questions = [q.strip() for q in f if q.strip()]
+  questions = {}  # row id -> the question as typed
+  with open(answers["questions_held"], encoding="utf-8") as f:
+    for row in map(json.loads, filter(str.strip, f)):
+      questions[row["id"]] = row["conversations"][0]["value"]
   lines += ["", "spoken questions: the model hearing them, and the LLM reading them typed:"]
-  for k, row in enumerate(after["questions_held"]["rows"][:3]):
-    lines.append(f"  Q (spoken): {questions[k] if k < len(questions) else row['id']}")
+  for row in after["questions_held"]["rows"][:3]:
+    lines.append(f"  Q (spoken): {questions.get(row['id'], row['id'])}")
     lines.append(f"    model (audio): {_cut(row['hypothesis'], 85)}")
     lines.append(f"    LLM (typed):   {_cut(row['reference'], 85)}")
     lines.append(f"    token F1 {row['score']:.2f}")
@@ -379,7 +381,7 @@ def run_demo(opts: Options) -> dict[str, Any]:
 
   trained = phases.run("train", train)
   after = phases.run("evaluate", lambda: evaluate_model(trained["model"], caches, opts))
-  text = report(opts, phases, before, after, texts, trained)
+  text = report(opts, phases, before, after, answers, trained)
   print(text, flush=True)
   results = {"options": dataclasses.asdict(opts), "models": models, "phases_s": phases.seconds(), "train": trained,
              "before": {k: v["totals"] for k, v in before.items()}, "after": {k: v["totals"] for k, v in after.items()}}
