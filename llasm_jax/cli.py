@@ -91,7 +91,8 @@ def _generator(args: argparse.Namespace):
 
   mesh, rules = _mesh_and_rules(args)
   run = {"dtype": args.dtype} if args.dtype else {}
-  return Generator.load(args.ckpt, mesh=mesh, rules=rules, template=args.template, **run)
+  return Generator.load(args.ckpt, mesh=mesh, rules=rules, template=args.template,
+                        system=getattr(args, "system", None), **run)
 
 
 def _generate_kw(args: argparse.Namespace) -> dict:
@@ -124,7 +125,8 @@ def evaluate(args: argparse.Namespace) -> None:
   mesh, rules = _mesh_and_rules(args)
   run_options = {"dtype": args.dtype} if args.dtype else {}
   report = run(args.ckpt, args.data, limit=args.limit, batch=args.batch, max_new_tokens=args.max_new_tokens,
-               mesh=mesh, rules=rules, template=args.template, mel_frames=args.mel_frames, **run_options)
+               mesh=mesh, rules=rules, template=args.template, system=args.system, mel_frames=args.mel_frames,
+               **run_options)
   if jax.process_index() == 0:
     print(report.table(worst=args.worst))
     print(report.summary())
@@ -401,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print one JSON object: text, token_ids, prompt_token_ids, finish_reason, timings")
     p.add_argument("--template", help="prompt template: llasm-cllama2 (default for LLaSM), llasm-baichuan, "
                                       "chat-template, or none (BOS + the text; default for a text-only LLM)")
+    p.add_argument("--system", help="system prompt (default: the template's LLaSM one; '' = a chat template's own, "
+                                    "as `llasm-jax demo` trains)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the released demo uses 0.2)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
@@ -422,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", help="write the JSON report here (per-row answers and scores, totals, timings)")
   p.add_argument("--worst", type=int, default=5, help="rows of each metric to print, worst first")
   p.add_argument("--template", help="prompt template training used (default: llasm-cllama2)")
+  p.add_argument("--system", help="system prompt training used (default: the template's; '' = a chat template's own)")
   p.add_argument("--mel-frames", type=int, help="'encoder' mode: the audio window training used, in mel frames "
                                                 "(default: 3000, or the cached dataset's)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's config)")

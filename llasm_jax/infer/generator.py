@@ -59,8 +59,10 @@ class Generator:
   """A loaded model, its tokenizer and template; `generate` may be called any number of times
   (each (batch, length) bucket compiles once)."""
 
-  def __init__(self, engine: Engine, tokenizer=None, *, template: str | None = None, folder: str = ""):
+  def __init__(self, engine: Engine, tokenizer=None, *, template: str | None = None, system: str | None = None,
+               folder: str = ""):
     self.engine = engine
+    self.system = system  # None: the template's default (LLaSM's); "": a chat template's own
     self.tokenizer = tokenizer
     self.folder = folder
     self.cfg = engine.audio_cfg  # LlasmConfig, or None for a text-only LLM
@@ -74,7 +76,8 @@ class Generator:
           templates.AU_END: self.cfg.audio_end_id})
 
   @classmethod
-  def load(cls, folder: str, *, mesh=None, rules=None, template: str | None = None, **run) -> "Generator":
+  def load(cls, folder: str, *, mesh=None, rules=None, template: str | None = None, system: str | None = None,
+           **run) -> "Generator":
     """Restores `folder` (a `llasm-jax convert`/`train` output) onto one device, or onto `mesh`
     sharded by `rules`; `run` sets run-time model fields (dtype, scan_layers, attention_impl)."""
     folder = os.fspath(folder)
@@ -91,7 +94,7 @@ class Generator:
     llm_cfg = model.llm.cfg if meta["kind"] == "llasm" else model.cfg
     engine = Engine(model, mesh=mesh, rules=rules, eos_ids=checkpoint_eos_ids(folder, llm_cfg, tokenizer),
                     pad_id=None if tokenizer is None or tokenizer.pad_token_id is None else tokenizer.pad_token_id)
-    return cls(engine, tokenizer, template=template, folder=folder)
+    return cls(engine, tokenizer, template=template, system=system, folder=folder)
 
   # ---- inputs ----------------------------------------------------------------------------
 
@@ -167,7 +170,7 @@ class Generator:
       return self.tokenizer.encode(text, add_special_tokens=True)
     if messages[-1].get("role", messages[-1].get("from")) not in ("assistant", "gpt"):
       messages.append({"role": "assistant", "content": ""})  # the generation slot
-    ids, _ = templates.get_template(name, self.tokenizer).encode(messages, counts)
+    ids, _ = templates.get_template(name, self.tokenizer, self.system).encode(messages, counts)
     return ids.tolist()
 
   # ---- generation ------------------------------------------------------------------------
