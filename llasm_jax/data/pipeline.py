@@ -56,6 +56,8 @@ from llasm_jax.models.llasm import LlasmConfig, check_audio_markers
 from llasm_jax.models.whisper import encoder_frames
 
 IGNORE = templates.IGNORE
+MIXED = "mixed"  # a Source over asr and instructions datasets together
+KIND_KEY = "_kind"  # a mixed Source's records: the kind of the dataset each came from
 FEATURES = ("mel", "cached")  # what a batch carries of the audio (see the contract above)
 AUDIO_KEYS = {"mel": ("mel", "mel_lengths"), "cached": ("audio_features", "audio_feature_lengths")}
 TEXT_KEYS = ("input_ids", "labels", "attention_mask", "positions", "target_positions")
@@ -204,7 +206,9 @@ def find_dataset(path: str) -> str:
 
 
 class Source:
-  """Random access over one or more built datasets of one kind ("asr" or "instructions")."""
+  """Random access over one or more built datasets: of one kind ("asr" or "instructions"), or of
+  both ("mixed": stage 1 on transcripts and spoken instructions together; each record then
+  carries its dataset's kind under KIND_KEY)."""
 
   def __init__(self, paths: str | Sequence[str]):
     import tensorflow_datasets as tfds
@@ -212,20 +216,21 @@ class Source:
     if isinstance(paths, str):
       paths = [p for p in paths.split(",") if p]
     self.paths = [find_dataset(p) for p in paths]
-    self.parts, kinds, caches = [], set(), []
+    self.parts, self.part_kinds, caches = [], [], []
     for p in self.paths:
       builder = tfds.builder_from_directory(p)
       metadata = builder.info.metadata or {}
-      kinds.add(metadata.get("kind"))
+      self.part_kinds.append(metadata.get("kind"))
       caches.append(metadata.get("cache"))
       self.parts.append(builder.as_data_source("train"))
-    if len(kinds) != 1 or None in kinds:
-      raise ValueError(f"datasets {self.paths}: mixed or unknown kinds {sorted(map(str, kinds))}; "
-                       "give datasets of one kind (asr or instructions) per pipeline")
-    self.kind = kinds.pop()
+    kinds = set(self.part_kinds)
+    if not kinds or not kinds <= {"asr", "instructions"}:
+      raise ValueError(f"datasets {self.paths}: unknown kinds {sorted(map(str, kinds))}; give datasets of "
+                       "`llasm-jax data build` (asr or instructions) or `data encode`")
+    self.kind = kinds.pop() if len(kinds) == 1 else MIXED
     # The `data encode` marker (what made the cached features), None for raw audio datasets.
     self.cache = caches[0]
-    if any(c != self.cache for c in caches):
+    if any(features_identity(c) != features_identity(self.cache) for c in caches):
       raise ValueError(f"datasets {self.paths}: some hold raw audio and some cached features, or features of "
                        "different Whisper models; encode every dataset with the same `llasm-jax data encode --ckpt`")
     self.offsets = np.cumsum([0] + [len(s) for s in self.parts])
@@ -235,7 +240,8 @@ class Source:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     part = int(np.searchsorted(self.offsets, index, side="right")) - 1
-    return self.parts[part][int(index - self.offsets[part])]
+    record = self.parts[part][int(index - self.offsets[part])]
+    return {**record, KIND_KEY: self.part_kinds[part]} if self.kind == MIXED else record
 
   def __repr__(self):
     return f"Source({self.paths}, kind={self.kind!r}, len={len(self)})"
@@ -312,10 +318,15 @@ def load_tokenizer(tokenizer):
     return _TOKENIZERS[tokenizer]
 
 
+def record_kind(record: dict[str, Any], kind: str) -> str:
+  """"asr" or "instructions": the record's own (from a mixed Source), else its source's `kind`."""
+  return record.get(KIND_KEY, kind)
+
+
 def record_audios(record: dict[str, Any], kind: str) -> list[np.ndarray]:
   """The audios of a built record ("asr": one; "instructions": one per `<audio>`), float32[N] each."""
   audio = from_int16(record["audio"])
-  if kind == "asr":
+  if record_kind(record, kind) == "asr":
     return [audio]
   bounds = np.cumsum([0] + [int(n) for n in record["audio_lengths"]])
   return [audio[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
@@ -363,7 +374,7 @@ class Featurize:
 
   def messages(self, record: dict[str, Any], rng: np.random.Generator) -> list[dict]:
     """The conversation, with `<audio>` placeholders."""
-    if self.kind == "asr":
+    if record_kind(record, self.kind) == "asr":
       return templates.asr_messages(_str(record["text"]), _str(record["language"]), rng)
     roles = ("user", "assistant")
     return [{"role": roles[int(r)], "content": _str(v)} for r, v in zip(record["roles"], record["values"])]
@@ -656,6 +667,13 @@ def pipeline_config(config, cfg: LlasmConfig, features: str = "mel") -> Pipeline
 
 
 CACHE_FORMAT = 1
+CACHE_PROVENANCE = ("checkpoint", "source")  # where a cache's marker says it came from, not what it holds
+
+
+def features_identity(marker: dict[str, Any] | None) -> dict[str, Any] | None:
+  """What a cache's features are (mode, windows, dtype, Whisper), its provenance left out: caches
+  of different datasets by the same Whisper train together."""
+  return None if marker is None else {k: v for k, v in marker.items() if k not in CACHE_PROVENANCE}
 
 
 def cache_marker(cfg: LlasmConfig, *, mel_frames: int, dtype: str, whisper_fingerprint: str,
