@@ -25,6 +25,10 @@ Sources:
   per turn replaces that turn's text (a spoken turn: its text was the transcript of the
   speech), and a per-sample list must hold one audio per human turn, each replacing that
   turn's text. Turns must alternate human/gpt, start with human and end with gpt.
+  The replaced texts are kept as `transcripts`, one per audio in order: what the distillation
+  loss's teacher reads in place of the audio (config.train.loss "kd" / "mix"). An audio marked
+  by an explicit `<audio>`, or one of several audios replacing one turn's text (which cannot
+  be split among them), has no known text: "".
 """
 
 from __future__ import annotations
@@ -236,7 +240,8 @@ def _as_list(value: Any, what: str) -> list[str]:
 
 def parse_conversation(item: dict[str, Any], root: str) -> dict[str, Any]:
   """One instructions JSON object -> {"id", "roles", "values" (with `<audio>` placeholders),
-  "audio_paths", "language"}; raises Skip("bad_row") if it does not follow the accepted shape."""
+  "audio_paths", "transcripts" (per audio: the text it replaced, "" if unknown), "language"};
+  raises Skip("bad_row") if it does not follow the accepted shape."""
   conv = item.get("conversations")
   if not isinstance(conv, list) or not conv:
     raise Skip("bad_row", "no 'conversations' list")
@@ -263,6 +268,7 @@ def parse_conversation(item: dict[str, Any], root: str) -> dict[str, Any]:
   if per_sample is not None and any(turn_audio):
     raise Skip("bad_row", "audio given both per turn and per sample; use one of them")
   paths: list[str] = []
+  transcripts: list[str] = []
   if per_sample is not None:
     listed = _as_list(per_sample, "'audio'")
     n_placeholders = sum(v.count(AUDIO) for v in values)
@@ -270,8 +276,10 @@ def parse_conversation(item: dict[str, Any], root: str) -> dict[str, Any]:
     if n_placeholders:
       if n_placeholders != len(listed):
         raise Skip("bad_row", f"{len(listed)} audio files for {n_placeholders} {AUDIO} placeholders")
+      transcripts = [""] * len(listed)
     elif len(listed) == len(human):
       for k in human:
+        transcripts.append(values[k])
         values[k] = AUDIO
     else:
       raise Skip("bad_row", f"{len(listed)} audio files for {len(human)} human turns and no {AUDIO} "
@@ -283,9 +291,12 @@ def parse_conversation(item: dict[str, Any], root: str) -> dict[str, Any]:
         continue
       n = values[k].count(AUDIO)
       if n == 0:
+        transcripts += [values[k]] if len(audios) == 1 else [""] * len(audios)
         values[k] = "\n".join([AUDIO] * len(audios))  # a spoken turn: the audio is the message
       elif n != len(audios):
         raise Skip("bad_row", f"turn {k}: {len(audios)} audio files for {n} {AUDIO} placeholders")
+      else:
+        transcripts += [""] * len(audios)
       paths += audios
     if sum(v.count(AUDIO) for v in values) != len(paths):
       raise Skip("bad_row", f"{AUDIO} placeholders without audio files")
@@ -293,7 +304,8 @@ def parse_conversation(item: dict[str, Any], root: str) -> dict[str, Any]:
     raise Skip("bad_row", "no audio in the conversation")
   lang = item.get("language", "")
   return {"id": str(item.get("id", "")), "roles": roles, "values": values,
-          "audio_paths": [_resolve(p, root) for p in paths], "language": lang if isinstance(lang, str) else ""}
+          "audio_paths": [_resolve(p, root) for p in paths], "transcripts": transcripts,
+          "language": lang if isinstance(lang, str) else ""}
 
 
 def instruction_rows(json_path: str, audio_root: str | None = None) -> list[Row]:
@@ -358,7 +370,7 @@ def instruction_example(row: Row, opts: Options) -> dict[str, Any]:
   _check_texts([v.replace(AUDIO, "") for v in conv["values"]], opts)
   audios = [_audio(p, opts) for p in conv["audio_paths"]]
   return {"id": conv["id"] or row.where, "roles": np.asarray(conv["roles"], np.int32), "values": conv["values"],
-          "audio": np.concatenate(audios), "audio_lengths": np.asarray([len(a) for a in audios], np.int32),
+          "transcripts": conv["transcripts"], "audio": np.concatenate(audios), "audio_lengths": np.asarray([len(a) for a in audios], np.int32),
           "language": conv["language"], "source": ";".join(conv["audio_paths"])}
 
 
@@ -450,6 +462,7 @@ def _builders():
           features=tfds.features.FeaturesDict({
               "id": tfds.features.Text(), "roles": tfds.features.Tensor(shape=(None,), dtype=np.int32),
               "values": tfds.features.Sequence(tfds.features.Text()),
+              "transcripts": tfds.features.Sequence(tfds.features.Text()),  # per audio; "" = unknown
               "audio": tfds.features.Tensor(shape=(None,), dtype=np.int16, encoding=bytes_enc),
               "audio_lengths": tfds.features.Tensor(shape=(None,), dtype=np.int32),
               "language": tfds.features.Text(), "source": tfds.features.Text()}),

@@ -111,6 +111,10 @@ def test_instructions_build(tmp_path):
   assert [v.decode() for v in rows["turn"]["values"]] == ["<audio>", "Sunny."]  # a spoken turn
   assert [v.decode() for v in rows["sample"]["values"]] == ["<audio>", "1 2 3", "<audio>", "a^2 + b^2 = c^2"]
   assert [v.decode() for v in rows["placeholders"]["values"]] == ["Compare <audio> with <audio>.", "Different."]
+  # What each audio says, for the distillation teacher: the text a spoken turn replaced, "" if unknown.
+  assert [v.decode() for v in rows["turn"]["transcripts"]] == ["what is the weather"]
+  assert [v.decode() for v in rows["sample"]["transcripts"]] == ["count", "pythagoras"]
+  assert [v.decode() for v in rows["placeholders"]["transcripts"]] == ["", ""]
   r = rows["sample"]
   assert r["roles"].tolist() == [0, 1, 0, 1]
   clips = [to_int16(load_audio(p)) for p in (counting, str(src / "ok.mp3"))]

@@ -225,6 +225,7 @@ def test_instructions_build(tmp_path):
   ds = tfds.builder_from_directory(result.path).as_data_source("train")
   c1 = next(ds[i] for i in range(len(ds)) if ds[i]["id"] == b"c1")
   assert [v.decode() for v in c1["values"]] == ["<audio>", "Paris.", "<audio>", "Berlin."]
+  assert [v.decode() for v in c1["transcripts"]] == ["What is the capital of France?", "And of Germany?"]
   lengths = [sf.info(str(out / t["audio"])).frames for t in written[0]["conversations"] if "audio" in t]
   assert list(c1["audio_lengths"]) == lengths
 
