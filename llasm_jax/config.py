@@ -53,6 +53,11 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
+# config.train.loss: cross-entropy on the reference answer, distillation from the frozen LLM
+# reading the transcript as text (KL between next-token distributions on the answer tokens), or
+# (1 - kd_weight) * CE + kd_weight * KL, each a mean over the batch's answer tokens.
+LOSSES = ("ce", "kd", "mix")
+
 
 def _fields(cls) -> list[str]:
   return [f.name for f in dataclasses.fields(cls)]
@@ -140,6 +145,12 @@ def training_sections(stage: int) -> dict[str, ml_collections.ConfigDict]:
       # run saves and ends as if finished (its model folder is written). 0 = none: `steps` decide.
       max_minutes=0.0,
       debug_sigterm_at_step=0,
+      # "ce", "kd" or "mix" (see LOSSES). The teacher of "kd"/"mix" is the frozen LLM reading each
+      # audio's transcript as text, so the LLM must stay frozen (stage 1) and the data must carry
+      # transcripts (ASR datasets; instruction datasets built with their spoken turns' text).
+      loss="ce",
+      kd_weight=0.5,  # "mix": loss = (1 - kd_weight) * CE + kd_weight * KL
+      kd_temperature=1.0,  # softmax temperature of both distributions (the KL is scaled by its square)
   ))
   optim = ml_collections.ConfigDict(dict(
       lr=1e-3 if stage == 1 else 2e-5, warmup_steps=100, end_lr_ratio=0.1, b1=0.9, b2=0.999, eps=1e-8,
@@ -174,6 +185,24 @@ def training_sections(stage: int) -> dict[str, ml_collections.ConfigDict]:
       batch=8,  # rows per generate call (a multiple of the data x fsdp devices wastes nothing)
   ))
   return dict(train=train, optim=optim, data=data, eval=evaluation)
+
+
+def loss_options(train: Any) -> tuple[str, float, float]:
+  """`config.train.{loss, kd_weight, kd_temperature}`, checked; absent keys: ("ce", 0.5, 1.0)."""
+  loss = train.get("loss", "ce")
+  weight, temperature = float(train.get("kd_weight", 0.5)), float(train.get("kd_temperature", 1.0))
+  if loss not in LOSSES:
+    raise ValueError(f"config.train.loss {loss!r}: expected one of {', '.join(LOSSES)}")
+  if loss == "mix" and not 0.0 <= weight <= 1.0:
+    raise ValueError(f"config.train.kd_weight {weight}: expected a share between 0 and 1 (loss = (1 - w) CE + w KL)")
+  if loss != "ce" and not temperature > 0:
+    raise ValueError(f"config.train.kd_temperature {temperature}: expected > 0 (1.0 = the plain distributions)")
+  return loss, weight, temperature
+
+
+def needs_teacher(config: Any) -> bool:
+  """Whether the batches of `config` carry the distillation teacher's text sequences."""
+  return loss_options(config.get("train") or {})[0] != "ce"
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:

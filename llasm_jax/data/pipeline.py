@@ -24,6 +24,13 @@ see llasm_jax/data/encode.py; no mel and no Whisper work in the step):
   audio_feature_lengths int32[B, A]  valid frames per slot, 0 = empty slot; filled slots first
 In both, the audio token counts of the text come from `audio_tokens(mel frames)`; a cached
 dataset stores each slot's mel frame count for that.
+With a distillation teacher (`teacher=True`: config.train.loss "kd" or "mix"), also the same
+conversation as the frozen LLM reads it as text, each `<audio>` replaced by the text it speaks
+(`Featurize.teacher_messages`) and no audio tokens, Tt bucketed like T:
+  teacher_input_ids, teacher_attention_mask, teacher_positions  int32[B, Tt]  as their student twins
+  teacher_target_positions int32[B, K]  slot i predicts the same answer token as slot i of
+                                    target_positions; -1 where either sequence lost it to a cut,
+                                    and in rows whose audio has no known text
 
 Order of the pipeline: source -> this host's shard -> seeded shuffle -> repeat -> per-sample
 featurize + tokenize (seeded `random_map`: the stage-1 instruction and its side) -> batch with
@@ -49,6 +56,7 @@ from typing import Any, Sequence
 import ml_dtypes
 import numpy as np
 
+from llasm_jax.config import needs_teacher
 from llasm_jax.data import features, templates
 from llasm_jax.data.audio import SAMPLE_RATE, from_int16, split_windows
 from llasm_jax.data.features import MAX_FRAMES
@@ -61,11 +69,17 @@ KIND_KEY = "_kind"  # a mixed Source's records: the kind of the dataset each cam
 FEATURES = ("mel", "cached")  # what a batch carries of the audio (see the contract above)
 AUDIO_KEYS = {"mel": ("mel", "mel_lengths"), "cached": ("audio_features", "audio_feature_lengths")}
 TEXT_KEYS = ("input_ids", "labels", "attention_mask", "positions", "target_positions")
+TEACHER_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_positions", "teacher_target_positions")
 BATCH_KEYS = TEXT_KEYS + AUDIO_KEYS["mel"]
 BATCH_AXES = {"input_ids": ("batch", "length"), "labels": ("batch", "length"),
               "attention_mask": ("batch", "length"), "positions": ("batch", "length"),
               "target_positions": ("batch", None), "mel": ("batch", None, None, None), "mel_lengths": ("batch", None),
-              "audio_features": ("batch", None, None, None), "audio_feature_lengths": ("batch", None)}
+              "audio_features": ("batch", None, None, None), "audio_feature_lengths": ("batch", None),
+              "teacher_input_ids": ("batch", "length"), "teacher_attention_mask": ("batch", "length"),
+              "teacher_positions": ("batch", "length"), "teacher_target_positions": ("batch", None)}
+NO_TRANSCRIPTS = ("holds no `transcripts` (what each audio says), which the distillation teacher reads: it was "
+                  "built before they were stored. Build it again with `llasm-jax data build instructions` (and "
+                  "`data encode` it again if cached), or set config.train.loss='ce'")
 
 
 def target_positions(labels: np.ndarray, k: int | None = None) -> np.ndarray:
@@ -87,11 +101,12 @@ def target_positions(labels: np.ndarray, k: int | None = None) -> np.ndarray:
   return out
 
 
-def batch_keys(features: str = "mel") -> tuple[str, ...]:
-  """The keys of a batch whose audio comes as `features` ("mel" or "cached")."""
+def batch_keys(features: str = "mel", teacher: bool = False) -> tuple[str, ...]:
+  """The keys of a batch whose audio comes as `features` ("mel" or "cached"), with the
+  distillation teacher's text sequences or not."""
   if features not in FEATURES:
     raise ValueError(f"features {features!r}: expected one of {FEATURES}")
-  return TEXT_KEYS + AUDIO_KEYS[features]
+  return TEXT_KEYS + AUDIO_KEYS[features] + (TEACHER_KEYS if teacher else ())
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +133,7 @@ class PipelineConfig:
   features: str = "mel"  # "mel": log-mel of raw audio; "cached": a `data encode` dataset's features
   # "cached", "encoder" mode: allowed S values (ascending, ending at `feature_frames`); None = quarters.
   feature_buckets: tuple[int, ...] | None = None
+  teacher: bool = False  # also the distillation teacher's text sequences (the TEACHER_KEYS)
 
   @classmethod
   def from_model(cls, cfg: LlasmConfig, **kw) -> "PipelineConfig":
@@ -288,8 +304,9 @@ class SyntheticSource:
     values = []
     for _ in range(turns):
       values += [templates.AUDIO.encode(), self._text(rng).encode()]
+    transcripts = [self._text(rng).encode() for _ in range(turns)]  # drawn last: the other fields stay as they were
     return {"id": f"syn{index}".encode(), "roles": np.tile(np.int32([0, 1]), turns), "values": values,
-            "audio": np.concatenate(clips), "audio_lengths": np.int32([len(c) for c in clips]),
+            "transcripts": transcripts, "audio": np.concatenate(clips), "audio_lengths": np.int32([len(c) for c in clips]),
             "language": b"en", "source": b"synthetic"}
 
 
@@ -349,12 +366,14 @@ def audio_slots(audios: Sequence[np.ndarray], cfg: PipelineConfig) -> tuple[list
 class Featurize:
   """record (+ rng) -> one sample: input_ids/labels int32[n] and the audio slots kept, as
   mel float32[a, M, F] + mel_lengths int32[a], or (cached datasets) audio_features [sum of S_j, E]
-  + audio_feature_lengths int32[a] (the slots' features back to back, unpadded)."""
+  + audio_feature_lengths int32[a] (the slots' features back to back, unpadded); with
+  `cfg.teacher` also teacher_input_ids/teacher_labels int32[m] (m = 0: no teacher for this record)."""
 
   def __init__(self, cfg: PipelineConfig, tokenizer, kind: str):
     self.cfg, self.tokenizer, self.kind = cfg, tokenizer, kind
     self._template = None
     self._truncated = 0
+    self._untaught = 0
 
   def __getstate__(self):
     state = dict(self.__dict__)
@@ -379,9 +398,47 @@ class Featurize:
     roles = ("user", "assistant")
     return [{"role": roles[int(r)], "content": _str(v)} for r, v in zip(record["roles"], record["values"])]
 
+  def teacher_messages(self, record: dict[str, Any], msgs: list[dict]) -> list[dict] | None:
+    """`msgs` as the distillation teacher reads them: each `<audio>` replaced by the text that
+    audio speaks (ASR: the transcript; instructions: the record's `transcripts`). None when an
+    audio's text is unknown (an empty transcript)."""
+    if record_kind(record, self.kind) == "asr":
+      spoken = [_str(record["text"])]
+    else:
+      if "transcripts" not in record:
+        raise ValueError(f"record {_str(record.get('id', '?'))!r}: the dataset {NO_TRANSCRIPTS}")
+      spoken = [_str(t) for t in record["transcripts"]]
+    holders = sum(m["content"].count(templates.AUDIO) for m in msgs)
+    if holders != len(spoken):
+      raise ValueError(f"record {_str(record.get('id', '?'))!r}: {len(spoken)} transcripts for {holders} "
+                       f"{templates.AUDIO!r} placeholders; build the dataset again with `llasm-jax data build`")
+    if not all(spoken):
+      return None
+    return _fill_placeholders(msgs, spoken)
+
+  def _teacher(self, record: dict[str, Any], msgs: list[dict] | None, ids: np.ndarray,
+               labels: np.ndarray) -> dict[str, np.ndarray]:
+    """The teacher's ids/labels int32[m], cut at seq_len; checks its answer tokens are the student's."""
+    if msgs is None:
+      self._untaught += 1
+      if self._untaught <= 5 or self._untaught % 1000 == 0:
+        log.warning("record %r: an audio has no known text (an explicit <audio> placeholder), so the "
+                    "distillation teacher skips it; %d such records so far in this process",
+                    _str(record.get("id", "?")), self._untaught)
+      empty = np.zeros(0, np.int32)
+      return {"teacher_input_ids": empty, "teacher_labels": empty}
+    t_ids, t_labels = self.template.encode(msgs, [])
+    if not np.array_equal(ids[labels != IGNORE], t_ids[t_labels != IGNORE]):
+      raise ValueError(f"record {_str(record.get('id', '?'))!r}: the distillation teacher's answer tokens differ "
+                       f"from the student's under template {self.cfg.template!r} (the text before the answer "
+                       "changes how it tokenizes); use the llasm-cllama2 template or config.train.loss='ce'")
+    n = self.cfg.seq_len
+    return {"teacher_input_ids": t_ids[:n], "teacher_labels": t_labels[:n]}
+
   def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     cfg = self.cfg
     msgs = self.messages(record, rng)
+    teacher_msgs = self.teacher_messages(record, msgs) if cfg.teacher else None
     if cfg.features == "cached":
       # What `audio_slots` gave when the dataset was encoded: windows per audio, mel frames per slot.
       slots_per_audio, frames = record["slots"].tolist(), record["mel_lengths"].tolist()
@@ -391,15 +448,16 @@ class Featurize:
     if cfg.mode == "encoder" and any(n > 1 for n in slots_per_audio):
       msgs = _repeat_placeholders(msgs, slots_per_audio)
     ids, labels = self.template.encode(msgs, [cfg.audio_tokens(f) for f in frames])
+    teacher = self._teacher(record, teacher_msgs, ids, labels) if cfg.teacher else {}
     ids, labels, kept = self._fit(ids, labels)
     if cfg.features == "cached":
       lengths = record["feature_lengths"][:kept].astype(np.int32)
       return {"input_ids": ids, "labels": labels, "audio_features": record["features"][:int(lengths.sum())],
-              "audio_feature_lengths": lengths}
+              "audio_feature_lengths": lengths, **teacher}
     mel = np.zeros((kept, cfg.num_mel_bins, cfg.frames), np.float32)
     for j in range(kept):
       mel[j, :, :frames[j]] = mels[j]
-    return {"input_ids": ids, "labels": labels, "mel": mel, "mel_lengths": np.int32(frames[:kept])}
+    return {"input_ids": ids, "labels": labels, "mel": mel, "mel_lengths": np.int32(frames[:kept]), **teacher}
 
   def _fit(self, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     cfg = self.cfg
@@ -417,17 +475,22 @@ class Featurize:
     return ids[:cut], labels[:cut], kept
 
 
-def _repeat_placeholders(msgs: list[dict], counts: list[int]) -> list[dict]:
-  """Each audio's `<audio>` written once per window, so every window has its own marker span."""
+def _fill_placeholders(msgs: list[dict], fills: Sequence[str]) -> list[dict]:
+  """`msgs` with the k-th `<audio>` of the conversation replaced by fills[k]."""
   out, k = [], 0
   for m in msgs:
     parts = m["content"].split(templates.AUDIO)
     text = parts[0]
     for part in parts[1:]:
-      text += templates.AUDIO * counts[k] + part
+      text += fills[k] + part
       k += 1
     out.append({**m, "content": text})
   return out
+
+
+def _repeat_placeholders(msgs: list[dict], counts: list[int]) -> list[dict]:
+  """Each audio's `<audio>` written once per window, so every window has its own marker span."""
+  return _fill_placeholders(msgs, [templates.AUDIO * c for c in counts])
 
 
 class Collate:
@@ -450,6 +513,8 @@ class Collate:
       out["attention_mask"][i, :n] = 1
     # With fixed shapes K = T (one compile); with buckets K follows the batch's longest answer.
     out["target_positions"] = target_positions(out["labels"], t if cfg.fixed_shapes else None)
+    if cfg.teacher:
+      out.update(self._teacher(samples, out["target_positions"]))
     if cfg.features == "cached":
       out.update(self._features(samples))
       return out
@@ -460,6 +525,25 @@ class Collate:
       out["mel"][i, :a] = s["mel"]
       out["mel_lengths"][i, :a] = s["mel_lengths"]
     return out
+
+  def _teacher(self, samples: Sequence[dict[str, np.ndarray]], student_slots: np.ndarray) -> dict[str, np.ndarray]:
+    """The teacher's sequences [B, Tt] (Tt: the bucket of the longest) and its target slots
+    [B, K], slot i of a row kept only where the student's slot i exists too (cuts differ)."""
+    b, k = student_slots.shape
+    t = self.cfg.bucket(max(1, max(len(s["teacher_input_ids"]) for s in samples)))
+    ids, labels = np.full((b, t), self.pad_id, np.int32), np.full((b, t), IGNORE, np.int32)
+    mask = np.zeros((b, t), np.int32)
+    for i, s in enumerate(samples):
+      n = len(s["teacher_input_ids"])
+      ids[i, :n], labels[i, :n], mask[i, :n] = s["teacher_input_ids"], s["teacher_labels"], 1
+    every = target_positions(labels, t)
+    slots = np.full((b, k), -1, np.int32)
+    for i in range(b):
+      n = min(int(np.sum(every[i] >= 0)), int(np.sum(student_slots[i] >= 0)))
+      slots[i, :n] = every[i, :n]
+    return {"teacher_input_ids": ids, "teacher_attention_mask": mask,
+            "teacher_positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+            "teacher_target_positions": slots}
 
   def _features(self, samples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Cached slots back to back per sample -> float[B, A, S, E] (S: the feature bucket)."""
@@ -478,6 +562,14 @@ class Collate:
 
 # ---------------------------------------------------------------------------------------------
 # The dataset.
+
+
+def _check_transcripts(source, kind: str) -> None:
+  """Raises if an instructions dataset of `source` predates the `transcripts` field (its first record)."""
+  parts = list(zip(source.parts, source.part_kinds)) if kind == MIXED else [(source, kind)]
+  for part, part_kind in parts:
+    if part_kind == "instructions" and len(part) and "transcripts" not in part[0]:
+      raise ValueError(f"{source} {NO_TRANSCRIPTS}")
 
 
 def batched_dataset(source, cfg: PipelineConfig, tokenizer, *, batch_size: int, seed: int = 0,
@@ -502,6 +594,8 @@ def batched_dataset(source, cfg: PipelineConfig, tokenizer, *, batch_size: int, 
     shard_index, shard_count = shard.shard_index, shard.shard_count
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} outside 0..{shard_count - 1}")
+  if cfg.teacher:
+    _check_transcripts(source, kind)
   tok = load_tokenizer(tokenizer)
   pad_id = cfg.pad_id
   if pad_id is None:
@@ -616,7 +710,8 @@ def make_iterator(source, cfg: PipelineConfig, tokenizer, *, batch_size: int, se
     shard = grain.sharding.ShardByJaxProcess(drop_remainder=drop_shard_remainder)
     shard_index, shard_count = shard.shard_index, shard.shard_count
   fingerprint = {"seed": seed, "shard": [shard_index, shard_count], "samples": len(source),
-                 "batch_size": batch_size, "seq_len": cfg.seq_len, "mode": cfg.mode, "features": cfg.features}
+                 "batch_size": batch_size, "seq_len": cfg.seq_len, "mode": cfg.mode, "features": cfg.features,
+                 "teacher": cfg.teacher}
   it = BatchIterator(batches, workers=workers, threads=threads, worker_buffer=worker_buffer,
                      fingerprint=fingerprint)
   it.fixed_shapes = cfg.fixed_shapes  # the trainer pads across hosts and compiles per shape otherwise
@@ -652,14 +747,15 @@ def data_features(config) -> tuple[str, dict[str, Any] | None]:
 
 
 def pipeline_config(config, cfg: LlasmConfig, features: str = "mel") -> PipelineConfig:
-  """The PipelineConfig of `config.data` for the model `cfg`."""
+  """The PipelineConfig of `config.data` for the model `cfg` (with the teacher's sequences when
+  config.train.loss distils)."""
   data = config.data
   buckets, feature_buckets = data.get("buckets"), data.get("feature_buckets")
   return PipelineConfig.from_model(
       cfg, seq_len=data.seq_len, max_audios=data.max_audios, mel_frames=data.get("mel_frames", MAX_FRAMES),
       buckets=tuple(buckets) if buckets else None, template=data.get("template", "llasm-cllama2"),
       system=data.get("system"), features=features,
-      feature_buckets=tuple(feature_buckets) if feature_buckets else None)
+      feature_buckets=tuple(feature_buckets) if feature_buckets else None, teacher=needs_teacher(config))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -744,10 +840,17 @@ def check_batch(batch: dict[str, np.ndarray], cfg: LlasmConfig) -> None:
   cached = "audio_features" in batch
   audio = ([("audio_features", (np.float32, ml_dtypes.bfloat16)), ("audio_feature_lengths", (np.int32,))] if cached
            else [("mel", (np.float32,)), ("mel_lengths", (np.int32,))])
-  for k, dtypes in [(k, (np.int32,)) for k in TEXT_KEYS] + audio:
+  teacher = [(k, (np.int32,)) for k in TEACHER_KEYS] if "teacher_input_ids" in batch else []
+  for k, dtypes in [(k, (np.int32,)) for k in TEXT_KEYS] + audio + teacher:
     if batch[k].dtype not in dtypes or batch[k].shape[0] != b:
       raise ValueError(f"batch[{k!r}]: {batch[k].dtype}{list(batch[k].shape)}, expected "
                        f"{'|'.join(np.dtype(d).name for d in dtypes)}[{b}, ...]")
+  if teacher:
+    if batch["teacher_target_positions"].shape != batch["target_positions"].shape:
+      raise ValueError(f"batch['teacher_target_positions'] {list(batch['teacher_target_positions'].shape)}: "
+                       f"expected the shape of target_positions {list(batch['target_positions'].shape)}")
+    if np.isin(batch["teacher_input_ids"], [cfg.audio_patch_id, cfg.audio_start_id, cfg.audio_end_id]).any():
+      raise ValueError("batch['teacher_input_ids'] holds audio marker tokens; the teacher reads text only")
   if cached:
     # Encoder frames S come from 2S mel frames (encoder_frames(2S) = S), so the owner of the
     # token count, `audio_tokens`, is asked with a mel length that gives S.
@@ -770,22 +873,25 @@ def to_global(batch: dict[str, np.ndarray], mesh, rules, pad_id: int = 0, *, sam
 
   from llasm_jax import sharding
 
-  cached = "audio_features" in batch
+  cached, teacher = "audio_features" in batch, "teacher_input_ids" in batch
   if jax.process_count() > 1 and not same_shape:
     from jax.experimental import multihost_utils
 
-    # T, K target slots, and S of cached features: every host pads to the largest.
+    # T, K target slots, S of cached features and the teacher's Tt: every host pads to the largest.
     sizes = [batch["input_ids"].shape[1], batch["target_positions"].shape[1],
-             batch["audio_features"].shape[2] if cached else 0]
-    t, k, s = np.max(multihost_utils.process_allgather(np.int32(sizes)).reshape(-1, 3), axis=0)
+             batch["audio_features"].shape[2] if cached else 0, batch["teacher_input_ids"].shape[1] if teacher else 0]
+    t, k, s, tt = np.max(multihost_utils.process_allgather(np.int32(sizes)).reshape(-1, 4), axis=0)
     batch = pad_length(batch, int(t), pad_id)
-    if k > batch["target_positions"].shape[1]:
-      slots = batch["target_positions"]
-      batch = {**batch, "target_positions": np.pad(slots, ((0, 0), (0, int(k) - slots.shape[1])), constant_values=-1)}
+    if teacher:
+      batch = pad_length(batch, int(tt), pad_id, prefix="teacher_")
+    for name in ("target_positions", "teacher_target_positions") if teacher else ("target_positions",):
+      slots = batch[name]
+      if k > slots.shape[1]:
+        batch = {**batch, name: np.pad(slots, ((0, 0), (0, int(k) - slots.shape[1])), constant_values=-1)}
     if cached:
       batch = pad_features(batch, int(s))
   out = {}
-  for name in batch_keys("cached" if cached else "mel"):
+  for name in batch_keys("cached" if cached else "mel", teacher):
     spec = sharding.logical_spec(BATCH_AXES[name], rules)
     out[name] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), batch[name])
   return out
@@ -801,17 +907,19 @@ def pad_features(batch: dict[str, np.ndarray], s: int) -> dict[str, np.ndarray]:
   return {**batch, "audio_features": np.pad(batch["audio_features"], ((0, 0), (0, 0), (0, s - cur), (0, 0)))}
 
 
-def pad_length(batch: dict[str, np.ndarray], t: int, pad_id: int = 0) -> dict[str, np.ndarray]:
-  """The batch right-padded to T = t (masked positions: `pad_id`, labels -100)."""
-  cur = batch["input_ids"].shape[1]
+def pad_length(batch: dict[str, np.ndarray], t: int, pad_id: int = 0, prefix: str = "") -> dict[str, np.ndarray]:
+  """The batch right-padded to T = t (masked positions: `pad_id`, labels -100); `prefix`
+  "teacher_": the teacher's sequences to Tt = t instead."""
+  cur = batch[prefix + "input_ids"].shape[1]
   if t < cur:
     raise ValueError(f"cannot pad a batch of length {cur} to {t}")
   if t == cur:
     return batch
   widths = ((0, 0), (0, t - cur))
   out = dict(batch)
-  out["input_ids"] = np.pad(batch["input_ids"], widths, constant_values=pad_id)
-  out["labels"] = np.pad(batch["labels"], widths, constant_values=IGNORE)
-  out["attention_mask"] = np.pad(batch["attention_mask"], widths)
-  out["positions"] = np.broadcast_to(np.arange(t, dtype=np.int32), (len(batch["positions"]), t)).copy()
+  out[prefix + "input_ids"] = np.pad(batch[prefix + "input_ids"], widths, constant_values=pad_id)
+  if prefix + "labels" in batch:
+    out[prefix + "labels"] = np.pad(batch[prefix + "labels"], widths, constant_values=IGNORE)
+  out[prefix + "attention_mask"] = np.pad(batch[prefix + "attention_mask"], widths)
+  out[prefix + "positions"] = np.broadcast_to(np.arange(t, dtype=np.int32), (len(batch[prefix + "positions"]), t)).copy()
   return out
