@@ -7,7 +7,15 @@ Batch (global arrays, B = global batch, G = gradient-accumulation microbatches):
   mel float32[B, A, M, F], mel_lengths int32[B, A] (Whisper runs in the step), or as cached
   Whisper outputs audio_features float32|bfloat16[B, A, S, E], audio_feature_lengths int32[B, A]
   (from `llasm-jax data encode`: the step runs the adaptor and the LLM only).
-The loss is the mean over target tokens of the whole global batch, accumulation included.
+With a distilling loss ("kd", "mix") also the teacher's text sequences: teacher_input_ids,
+  teacher_attention_mask, teacher_positions int32[B, Tt] and teacher_target_positions int32[B, K]
+  (slot i predicts the same answer token as slot i of target_positions; -1 = none).
+The loss is the mean over target tokens of the whole global batch, accumulation included:
+  "ce":  CE summed over target slots / their count;
+  "kd":  KL(teacher || student) summed over slots where both exist / their count;
+  "mix": (1 - w) * the "ce" mean + w * the "kd" mean.
+The teacher is the frozen LLM reading the transcripts as text (no audio), in the same step and
+on the same weights as the student (stage 1: the LLM is frozen, so both passes share it).
 """
 
 from __future__ import annotations
@@ -20,8 +28,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from llasm_jax.config import LOSSES
 from llasm_jax.train import losses
-from llasm_jax.train.optim import TRAIN, keep_new_rows
+from llasm_jax.train.optim import TRAIN, keep_new_rows, path_str
 
 IGNORE = -100
 
@@ -36,9 +45,11 @@ class TrainState:
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, labels: Any, *, grad_accum: int,
-                    first_new_row: int | None = None):
+                    first_new_row: int | None = None, loss: str = "ce", kd_weight: float = 0.5,
+                    kd_temperature: float = 1.0):
   """Builds the step function. `labels` marks leaves "train"/"frozen"; with `first_new_row`
-  the embedding rows below it stay frozen.
+  the embedding rows below it stay frozen. `loss`, `kd_weight`, `kd_temperature`: as
+  config.train (see the module docstring); "kd"/"mix" need the batch's teacher keys.
 
   Gradients are taken with respect to the trainable leaves only. Differentiating all of them
   and dropping the frozen ones is not enough: XLA does not prune the unused weight gradients
@@ -46,6 +57,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
   device (measured with `train --compile-only`), against 7 GiB for the same step in stage 2.
   """
   trainable = [lab == TRAIN for lab in jax.tree.leaves(labels)]
+  if loss not in LOSSES:
+    raise ValueError(f"config.train.loss {loss!r}: expected one of {', '.join(LOSSES)}")
+  distil = loss != "ce"
+  if distil:
+    llm = [path_str(p) for p, lab in jax.tree_util.tree_leaves_with_path(labels)
+           if lab == TRAIN and path_str(p).startswith("llm/")]
+    if llm:
+      raise ValueError(f"config.train.loss={loss!r} distils from the frozen LLM, but config.train.trainable trains "
+                       f"{len(llm)} LLM parameters (e.g. {llm[0]!r}), as stage 2 does; use loss 'ce' there, or "
+                       "train only the adaptor (stage 1)")
 
   def split(params):
     leaves = jax.tree.leaves(params)
@@ -55,7 +76,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
     train, frozen = iter(train), iter(frozen)
     return jax.tree.unflatten(treedef, [next(train) if t else next(frozen) for t in trainable])
 
-  def summed_loss(train_leaves, frozen_leaves, treedef, rest, batch):
+  def summed_loss(train_leaves, frozen_leaves, treedef, rest, batch, kd_scale):
+    """-> (what is differentiated, (summed CE, target count, summed KL)); see train_step for kd_scale."""
     params = join(treedef, train_leaves, jax.lax.stop_gradient(frozen_leaves))
     model = nnx.merge(graphdef, params, rest)
     if "audio_features" in batch:  # which audio input is fixed by the batch's keys at trace time
@@ -70,7 +92,21 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
     slots = jnp.maximum(slots, 0)
     targets = jnp.take_along_axis(batch["labels"], jnp.minimum(slots + 1, batch["labels"].shape[1] - 1), axis=1)
     logits = model.llm.logits(losses.gather(hidden, slots))
-    return losses.cross_entropy(logits, jnp.where(valid, targets, 0), valid)
+    ce, count = losses.cross_entropy(logits, jnp.where(valid, targets, 0), valid)
+    if not distil:
+      return ce, (ce, count, jnp.zeros(()))
+    # The teacher: the same LLM reading the transcript as text, on the same target slots.
+    t_slots = batch["teacher_target_positions"]
+    both = valid & (t_slots >= 0)
+    t_hidden, _ = model.llm(batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
+                            positions=batch["teacher_positions"], return_hidden=True)
+    t_logits = model.llm.logits(losses.gather(jax.lax.stop_gradient(t_hidden), jnp.maximum(t_slots, 0)))
+    # Rows without a teacher are all padding, whose hidden states may be NaN: zeros keep them out.
+    t_logits = jnp.where(both[..., None], t_logits, 0.0)
+    kl = losses.distillation_kl(logits, t_logits, both, kd_temperature)
+    if loss == "kd":
+      return kl, (ce, count, kl)
+    return (1.0 - kd_weight) * ce + kd_weight * kd_scale * kl, (ce, count, kl)
 
   value_and_grad = jax.value_and_grad(summed_loss, has_aux=True)
 
@@ -78,18 +114,25 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
   def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
     treedef = jax.tree.structure(state.params)
     train, frozen = split(state.params)
+    # Token counts of the whole global batch, known before any microbatch runs: "mix" weighs the
+    # KL sum by n_ce / n_kd, so that one division by n_ce gives (1 - w) CE mean + w KL mean.
+    n_ce = jnp.sum(batch["target_positions"] >= 0).astype(jnp.float32)
+    n_kd = jnp.zeros(())
+    if distil:
+      n_kd = jnp.sum((batch["target_positions"] >= 0) & (batch["teacher_target_positions"] >= 0)).astype(jnp.float32)
+    kd_scale = jnp.maximum(n_ce, 1.0) / jnp.maximum(n_kd, 1.0)
     if grad_accum == 1:
-      (loss, tokens), train_grads = value_and_grad(train, frozen, treedef, state.rest, batch)
+      (objective, (ce, tokens, kl)), train_grads = value_and_grad(train, frozen, treedef, state.rest, batch, kd_scale)
     else:
       micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
 
       def accumulate(carry, mb):
-        (l, n), g = value_and_grad(train, frozen, treedef, state.rest, mb)
-        return jax.tree.map(jnp.add, carry, (l, n, g)), None
+        (o, (c, n, k)), g = value_and_grad(train, frozen, treedef, state.rest, mb, kd_scale)
+        return jax.tree.map(jnp.add, carry, (o, c, n, k, g)), None
 
-      zeros = (jnp.zeros(()), jnp.zeros(()), [jnp.zeros_like(x) for x in train])
-      (loss, tokens, train_grads), _ = jax.lax.scan(accumulate, zeros, micro)
-    denom = jnp.maximum(tokens, 1.0)
+      zeros = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), [jnp.zeros_like(x) for x in train])
+      (objective, ce, tokens, kl, train_grads), _ = jax.lax.scan(accumulate, zeros, micro)
+    denom = jnp.maximum(n_kd if loss == "kd" else tokens, 1.0)
     # Frozen leaves get zeros that nothing reads (set_to_zero): XLA drops them.
     grads = join(treedef, [g / denom for g in train_grads], [jnp.zeros_like(x) for x in frozen])
     if first_new_row is not None:
@@ -97,12 +140,15 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
-        "loss": loss / denom,
+        "loss": objective / denom,
+        "ce": ce / jnp.maximum(tokens, 1.0),
         "target_tokens": tokens,
         "grad_norm": optax.tree.norm([g for g, t in zip(jax.tree.leaves(grads), trainable) if t]),
         "nonfinite_steps": opt_state.total_notfinite,
         "update_applied": opt_state.last_finite,
     }
+    if distil:
+      metrics.update(kd=kl / jnp.maximum(n_kd, 1.0), kd_tokens=n_kd)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step

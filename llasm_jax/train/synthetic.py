@@ -2,6 +2,8 @@
 
 Each example is one spoken "question" (random mel) between random text, and a random answer
 with loss on it, shaped exactly like the real pipeline's output (see llasm_jax/train/step.py).
+With `teacher`, the distillation teacher's sequence too: the audio span replaced by random
+"transcript" tokens.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from llasm_jax.models.llasm import LlasmConfig
 IGNORE = -100
 
 
-def make_example(cfg: LlasmConfig, data: ml_collections.ConfigDict, seed: int, index: int) -> dict[str, np.ndarray]:
+def make_example(cfg: LlasmConfig, data: ml_collections.ConfigDict, seed: int, index: int,
+                 teacher: bool = False) -> dict[str, np.ndarray]:
   rng = np.random.default_rng([seed, index])
   frames = 3000 if cfg.mode == "llasm" else data.mel_frames
   p = cfg.audio_tokens(frames)
@@ -37,15 +40,30 @@ def make_example(cfg: LlasmConfig, data: ml_collections.ConfigDict, seed: int, i
   mel[0] = rng.uniform(-1.0, 1.0, mel.shape[1:])
   mel_lengths = np.zeros(data.max_audios, np.int32)
   mel_lengths[0] = frames
-  return dict(input_ids=input_ids, labels=labels, attention_mask=(np.arange(t) < n).astype(np.int32),
-              positions=np.arange(t, dtype=np.int32), target_positions=target_positions(labels[None], t)[0],
-              mel=mel, mel_lengths=mel_lengths)
+  out = dict(input_ids=input_ids, labels=labels, attention_mask=(np.arange(t) < n).astype(np.int32),
+             positions=np.arange(t, dtype=np.int32), target_positions=target_positions(labels[None], t)[0],
+             mel=mel, mel_lengths=mel_lengths)
+  if teacher:  # drawn last, so the student's example is the same with or without a teacher
+    spoken = rng.integers(3, low, rng.integers(2, 8)).tolist()
+    t_ids = ([cfg.llm.bos_token_id] + prompt + spoken + answer)[:t]
+    t_prompt = 1 + len(prompt) + len(spoken)
+    teacher_ids = np.zeros(t, np.int32)
+    teacher_ids[:len(t_ids)] = t_ids
+    t_labels = np.full(t, IGNORE, np.int32)
+    t_labels[t_prompt:len(t_ids)] = teacher_ids[t_prompt:len(t_ids)]
+    every = target_positions(t_labels[None], t)[0]
+    slots = np.full(t, -1, np.int32)
+    both = min(int(np.sum(every >= 0)), int(np.sum(out["target_positions"] >= 0)))
+    slots[:both] = every[:both]
+    out.update(teacher_input_ids=teacher_ids, teacher_attention_mask=(np.arange(t) < len(t_ids)).astype(np.int32),
+               teacher_positions=np.arange(t, dtype=np.int32), teacher_target_positions=slots)
+  return out
 
 
 def synthetic_dataset(cfg: LlasmConfig, data: ml_collections.ConfigDict, *, seed: int, host_batch: int,
-                      process_index: int, process_count: int) -> grain.IterDataset:
+                      process_index: int, process_count: int, teacher: bool = False) -> grain.IterDataset:
   """Host batches of `host_batch`; the union over processes of batch k is global batch k."""
   ds = grain.MapDataset.range(data.num_examples).shuffle(seed=seed).repeat()
   ds = ds[process_index::process_count]
-  ds = ds.map(lambda i: make_example(cfg, data, seed, int(i)))
+  ds = ds.map(lambda i: make_example(cfg, data, seed, int(i), teacher))
   return ds.batch(host_batch, drop_remainder=True).to_iter_dataset()

@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from llasm_jax import checkpoint, sharding
-from llasm_jax.config import llasm_config
+from llasm_jax.config import llasm_config, loss_options, needs_teacher
 from llasm_jax.data import encode, pipeline
 from llasm_jax.models.llasm import Llasm, LlasmConfig
 from llasm_jax.train.optim import FROZEN, learning_rate, make_optimizer, param_labels, path_str
@@ -102,7 +102,8 @@ def make_data(config, cfg: LlasmConfig):
     from llasm_jax.train.synthetic import synthetic_dataset
 
     ds = synthetic_dataset(cfg, config.data, seed=config.data.seed, host_batch=host_batch,
-                           process_index=jax.process_index(), process_count=jax.process_count())
+                           process_index=jax.process_index(), process_count=jax.process_count(),
+                           teacher=needs_teacher(config))
     return iter(ds), host_batch
   return pipeline.train_iterator(config, cfg, host_batch=host_batch), host_batch
 
@@ -223,8 +224,11 @@ class Metrics:
     row = dict(step=step, loss=float(np.mean([v["loss"] for v in values])), grad_norm=values[-1]["grad_norm"],
                lr=lr, tokens_per_s=tokens_s, s_per_step=seconds, nonfinite_steps=int(values[-1]["nonfinite_steps"]),
                trained_s=self.trained)
-    line = (f"step {step:>6} | loss {row['loss']:.4f} | grad norm {row['grad_norm']:.3f} | lr {lr:.2e} | "
-            f"{tokens_s:,.0f} tok/s | {seconds:.3f} s/step")
+    line = f"step {step:>6} | loss {row['loss']:.4f}"
+    if "kd" in values[-1]:  # a distilling loss: its two terms, each a mean per target token
+      row.update(ce=float(np.mean([v["ce"] for v in values])), kd=float(np.mean([v["kd"] for v in values])))
+      line += f" (ce {row['ce']:.4f}, kd {row['kd']:.4f})"
+    line += f" | grad norm {row['grad_norm']:.3f} | lr {lr:.2e} | {tokens_s:,.0f} tok/s | {seconds:.3f} s/step"
     if self.flops_per_step:
       tflops = self.flops_per_step / seconds / 1e12 / jax.device_count()
       row["tflops_per_device"] = tflops
@@ -259,7 +263,8 @@ def model_flops_per_step(cfg: LlasmConfig, config, trainable_llm: bool, whisper:
   """Model FLOPs of one step (the MFU numerator): 2 per weight per token forward, 2 more for
   activation gradients (the adaptor's gradients flow through the LLM), 2 more for weight
   gradients of trainable weights; attention scores as in the PaLM appendix; Whisper forward
-  (`whisper=False`: cached features, no Whisper in the step)."""
+  (`whisper=False`: cached features, no Whisper in the step); a distilling loss's teacher
+  forward (2 per weight per teacher token, seq_len of them per row, no backward)."""
   llm, w = cfg.llm, cfg.audio
   t = config.data.seq_len
   tokens = config.train.batch_size * t
@@ -269,6 +274,8 @@ def model_flops_per_step(cfg: LlasmConfig, config, trainable_llm: bool, whisper:
       + 3 * llm.hidden_size * llm.intermediate_size) + llm.hidden_size * llm.vocab_size
   attn = 2 * llm.num_hidden_layers * t * llm.num_attention_heads * h  # per token, causal average
   llm_flops = tokens * ((6 if trainable_llm else 4) * llm_weights + (3 if trainable_llm else 2) * 2 * attn)
+  if needs_teacher(config):
+    llm_flops += tokens * (2 * llm_weights + 2 * attn)
   frames = w.max_source_positions if cfg.mode == "llasm" else config.data.get("mel_frames", 3000) // 2
   enc = w.encoder_layers * (4 * w.d_model ** 2 + 2 * w.d_model * w.encoder_ffn_dim)
   audios = config.train.batch_size * config.data.max_audios
@@ -364,10 +371,12 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
   first_new_row = None
   if tc.get("new_token_rows_only"):
     first_new_row = min(cfg.audio_patch_id, cfg.audio_start_id, cfg.audio_end_id)
-  step_fn = make_train_step(graphdef, tx, labels, grad_accum=tc.grad_accum, first_new_row=first_new_row)
+  loss, kd_weight, kd_temperature = loss_options(tc)
+  step_fn = make_train_step(graphdef, tx, labels, grad_accum=tc.grad_accum, first_new_row=first_new_row,
+                            loss=loss, kd_weight=kd_weight, kd_temperature=kd_temperature)
   features, cache = pipeline.data_features(config)
   batch_sh = {k: jax.sharding.NamedSharding(mesh, sharding.logical_spec(pipeline.BATCH_AXES[k], rules))
-              for k in pipeline.batch_keys(features)}
+              for k in pipeline.batch_keys(features, teacher=loss != "ce")}
   jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
                    donate_argnums=(0,))
   return Setup(cfg, mesh, rules, graphdef, labels, tx, state_sh, abs_state, batch_sh, jitted, features, cache)
@@ -387,6 +396,8 @@ def abstract_batch(config, setup: Setup) -> dict[str, jax.ShapeDtypeStruct]:
   else:
     shapes["mel"] = ((b, a, cfg.audio.num_mel_bins, frames), jnp.float32)
     shapes["mel_lengths"] = ((b, a), jnp.int32)
+  if needs_teacher(config):
+    shapes.update({k: ((b, t), jnp.int32) for k in pipeline.TEACHER_KEYS})
   return {k: jax.ShapeDtypeStruct(s, d, sharding=setup.batch_sharding[k]) for k, (s, d) in shapes.items()}
 
 
