@@ -419,7 +419,7 @@ def load_answers(ckpt: str, source, *, batch: int, max_new_tokens: int, mesh=Non
                      "evaluate a LLaSM folder (or a Whisper folder on an 'asr' dataset)")
   from llasm_jax.infer.generator import Generator
 
-  generator = Generator.load(ckpt, mesh=mesh, rules=rules, template=template, **run_options)
+  generator = Generator.load(ckpt, mesh=mesh, rules=rules, template=template, system=system, **run_options)
   return LlasmAnswers.for_source(generator, source, template=template, system=system, mel_frames=mel_frames,
                                  max_new_tokens=max_new_tokens), kind
 
@@ -466,7 +466,7 @@ class TrainingEval:
       engine = Engine(model, mesh=self.mesh, rules=self.rules,
                       eos_ids=checkpoint_eos_ids(self.tokenizer_dir, self.cfg.llm, tok),
                       pad_id=tok.pad_token_id)
-      generator = Generator(engine, tok, template=self.template, folder=self.tokenizer_dir)
+      generator = Generator(engine, tok, template=self.template, system=self.system, folder=self.tokenizer_dir)
       self.answers = LlasmAnswers.for_source(generator, self.source, template=self.template, system=self.system,
                                              mel_frames=self.mel_frames, max_new_tokens=self.max_new_tokens)
     else:
