@@ -101,7 +101,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
     t_hidden, _ = model.llm(batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
                             positions=batch["teacher_positions"], return_hidden=True)
     t_logits = model.llm.logits(losses.gather(jax.lax.stop_gradient(t_hidden), jnp.maximum(t_slots, 0)))
-    # Rows without a teacher are all padding, whose hidden states may be NaN: zeros keep them out.
+    # Rows without a teacher are all padding: their logits mean nothing (a fully masked row may be
+    # NaN under some attention kernels; XLA's gives finite values), and zeros keep them out of the
+    # KL's gradient, where a NaN would survive the mask (0 * NaN).
     t_logits = jnp.where(both[..., None], t_logits, 0.0)
     kl = losses.distillation_kl(logits, t_logits, both, kd_temperature)
     if loss == "kd":

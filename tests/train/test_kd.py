@@ -29,37 +29,46 @@ def _log_softmax(x):
 def hand_losses(model, batch, temperature):
   """(CE mean, KL mean) from full forwards at every position, in float64: the student is the whole
   Llasm on the audio, the teacher the LLM alone on the teacher's ids; the teacher's answer is the
-  tail of its sequence (nothing is cut in these batches), paired in order with the student's."""
+  tail of its sequence (nothing is cut in these batches), paired in order with the student's; rows
+  without a teacher (all padding) count for the CE only."""
   logits, _ = model(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["mel"]), jnp.asarray(batch["mel_lengths"]),
                     attention_mask=jnp.asarray(batch["attention_mask"]), positions=jnp.asarray(batch["positions"]))
   t_logits, _ = model.llm(jnp.asarray(batch["teacher_input_ids"]),
                           attention_mask=jnp.asarray(batch["teacher_attention_mask"]),
                           positions=jnp.asarray(batch["teacher_positions"]))
   logits, t_logits = np.asarray(logits, np.float64), np.asarray(t_logits, np.float64)
-  ce, kl, count = 0.0, 0.0, 0
+  ce, kl, count, kd_count = 0.0, 0.0, 0, 0
   for row in range(len(logits)):
     labels = batch["labels"][row]
     s_pos = np.flatnonzero(labels[1:] != IGNORE)  # positions predicting an answer token
+    log_q = _log_softmax(logits[row, s_pos])
+    ce -= log_q[np.arange(len(s_pos)), labels[s_pos + 1]].sum()
+    count += len(s_pos)
     n_t = int(batch["teacher_attention_mask"][row].sum())
+    if n_t == 0:
+      continue
     t_pos = np.arange(n_t - 1 - len(s_pos), n_t - 1)
     # The same answer tokens in both sequences.
     np.testing.assert_array_equal(batch["teacher_input_ids"][row, t_pos + 1], labels[s_pos + 1])
-    log_q = _log_softmax(logits[row, s_pos])
-    ce -= log_q[np.arange(len(s_pos)), labels[s_pos + 1]].sum()
     log_p = _log_softmax(t_logits[row, t_pos] / temperature)
     log_q = _log_softmax(logits[row, s_pos] / temperature)
     kl += (np.exp(log_p) * (log_p - log_q)).sum() * temperature ** 2
-    count += len(s_pos)
-  return ce / count, kl / count
+    kd_count += len(s_pos)
+  return ce / count, kl / kd_count
 
 
-def step_once(loss, kd_weight=0.5, kd_temperature=1.0, grad_accum=1, batch_size=4):
-  """One train step of the tiny stage-1 model on a synthetic batch with a teacher: (metrics, new
+def step_once(loss, kd_weight=0.5, kd_temperature=1.0, grad_accum=1, batch_size=4, untaught_rows=()):
+  """One train step of the tiny stage-1 model on a synthetic batch with a teacher (none for
+  `untaught_rows`, as the pipeline leaves rows whose audio has no known text): (metrics, new
   params, the model before the step, the host batch)."""
   config = tiny_config(stage=1, loss=loss, kd_weight=kd_weight, kd_temperature=kd_temperature)
   setup = trainer.prepare(config)
   host = next(iter(synthetic_dataset(setup.cfg, config.data, seed=0, host_batch=batch_size, process_index=0,
                                      process_count=1, teacher=True)))
+  for row in untaught_rows:
+    for k in ("teacher_input_ids", "teacher_attention_mask"):
+      host[k][row] = 0
+    host["teacher_target_positions"][row] = -1
   _, params, rest = nnx.split(trainer.Llasm(setup.cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
   step = jax.jit(make_train_step(setup.graphdef, setup.tx, setup.labels, grad_accum=grad_accum, loss=loss,
                                  kd_weight=kd_weight, kd_temperature=kd_temperature))
@@ -80,13 +89,16 @@ def test_kd_loss_equals_a_hand_written_kl():
 
 
 def test_mix_is_the_weighted_sum_and_accumulates():
+  """(1 - w) CE mean + w KL mean, each over its own tokens (row 0 has no teacher, so they differ),
+  the same with two microbatches (row 0 in the first only)."""
   w, temp = 0.3, 2.0
-  metrics, params, model, host = step_once("mix", kd_weight=w, kd_temperature=temp)
+  metrics, params, model, host = step_once("mix", kd_weight=w, kd_temperature=temp, untaught_rows=(0,))
   ce, kl = hand_losses(model, host, temp)
   np.testing.assert_allclose([metrics["ce"], metrics["kd"]], [ce, kl], rtol=1e-5)
   np.testing.assert_allclose(metrics["loss"], (1 - w) * ce + w * kl, rtol=1e-5)
-  # Two microbatches: the same loss and the same update.
-  accum, accum_params, _, _ = step_once("mix", kd_weight=w, kd_temperature=temp, grad_accum=2)
+  assert 0 < metrics["kd_tokens"] < metrics["target_tokens"] and metrics["update_applied"]
+  assert all(np.isfinite(np.asarray(p)).all() for p in params)  # the padded teacher row leaks no NaN
+  accum, accum_params, _, _ = step_once("mix", kd_weight=w, kd_temperature=temp, grad_accum=2, untaught_rows=(0,))
   np.testing.assert_allclose(accum["loss"], metrics["loss"], rtol=1e-5)
   for a, b in zip(accum_params, params):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
