@@ -164,6 +164,10 @@ def training_sections(stage: int) -> dict[str, ml_collections.ConfigDict]:
       # The system prompt, in training and in config.eval: None = LLaSM's (templates.LLASM_SYSTEM),
       # "" = none, so a chat template writes its own default (e.g. SmolLM2's), or any text.
       system=None,
+      # "tfds": the template's fixed opening (system block, start of the first user turn) is sent
+      # once per batch and run once, its keys and values shared by every row (exact; stage 1 with
+      # LLaSM's long system prompt skips about half of each row's tokens).
+      shared_prefix=False,
       workers=0,  # "tfds": grain worker processes; 0 = min(8, CPUs); -1 = none, read in this process
       threads=2,
       seq_len=512, max_audios=1, mel_frames=3000,

@@ -9,6 +9,9 @@ The batch contract (what llasm_jax/train consumes; names and dtypes are fixed):
   labels         int32[B, T]        -100 where there is no loss (unshifted, HF convention)
   attention_mask int32[B, T]        1 = real token
   positions      int32[B, T]        0..T-1 (right padding: positions of real tokens are 0..n-1)
+  prefix_ids     int32[P]           with `shared_prefix` only: the template's fixed opening, which
+                                    every row starts with; the rows above then hold what follows
+                                    it, and their positions start at P
   target_positions int32[B, K]      per row, the positions whose next token is a target, in order,
                                     -1 padded (`target_positions`): the LM head runs there only;
                                     K = T with fixed shapes, else a power of two >= the most targets
@@ -76,7 +79,8 @@ BATCH_AXES = {"input_ids": ("batch", "length"), "labels": ("batch", "length"),
               "target_positions": ("batch", None), "mel": ("batch", None, None, None), "mel_lengths": ("batch", None),
               "audio_features": ("batch", None, None, None), "audio_feature_lengths": ("batch", None),
               "teacher_input_ids": ("batch", "length"), "teacher_attention_mask": ("batch", "length"),
-              "teacher_positions": ("batch", "length"), "teacher_target_positions": ("batch", None)}
+              "teacher_positions": ("batch", "length"), "teacher_target_positions": ("batch", None),
+              "prefix_ids": (None,)}
 NO_TRANSCRIPTS = ("holds no `transcripts` (what each audio says), which the distillation teacher reads: it was "
                   "built before they were stored. Build it again with `llasm-jax data build instructions` (and "
                   "`data encode` it again if cached), or set config.train.loss='ce'")
@@ -101,12 +105,12 @@ def target_positions(labels: np.ndarray, k: int | None = None) -> np.ndarray:
   return out
 
 
-def batch_keys(features: str = "mel", teacher: bool = False) -> tuple[str, ...]:
+def batch_keys(features: str = "mel", teacher: bool = False, prefix: bool = False) -> tuple[str, ...]:
   """The keys of a batch whose audio comes as `features` ("mel" or "cached"), with the
-  distillation teacher's text sequences or not."""
+  distillation teacher's text sequences or not, with a shared prefix (prefix_ids) or not."""
   if features not in FEATURES:
     raise ValueError(f"features {features!r}: expected one of {FEATURES}")
-  return TEXT_KEYS + AUDIO_KEYS[features] + (TEACHER_KEYS if teacher else ())
+  return TEXT_KEYS + AUDIO_KEYS[features] + (TEACHER_KEYS if teacher else ()) + (("prefix_ids",) if prefix else ())
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +138,9 @@ class PipelineConfig:
   # "cached", "encoder" mode: allowed S values (ascending, ending at `feature_frames`); None = quarters.
   feature_buckets: tuple[int, ...] | None = None
   teacher: bool = False  # also the distillation teacher's text sequences (the TEACHER_KEYS)
+  # The template's fixed opening (`Template.fixed_prefix`) once per batch as prefix_ids, the rows
+  # starting after it: training runs it once instead of once per row.
+  shared_prefix: bool = False
 
   @classmethod
   def from_model(cls, cfg: LlasmConfig, **kw) -> "PipelineConfig":
@@ -372,6 +379,7 @@ class Featurize:
   def __init__(self, cfg: PipelineConfig, tokenizer, kind: str):
     self.cfg, self.tokenizer, self.kind = cfg, tokenizer, kind
     self._template = None
+    self._prefix = None
     self._truncated = 0
     self._untaught = 0
 
@@ -448,16 +456,30 @@ class Featurize:
     if cfg.mode == "encoder" and any(n > 1 for n in slots_per_audio):
       msgs = _repeat_placeholders(msgs, slots_per_audio)
     ids, labels = self.template.encode(msgs, [cfg.audio_tokens(f) for f in frames])
-    teacher = self._teacher(record, teacher_msgs, ids, labels) if cfg.teacher else {}
+    extra = self._teacher(record, teacher_msgs, ids, labels) if cfg.teacher else {}
     ids, labels, kept = self._fit(ids, labels)
+    if cfg.shared_prefix:
+      ids, labels, extra["prefix_ids"] = self._strip_prefix(ids, labels)
     if cfg.features == "cached":
       lengths = record["feature_lengths"][:kept].astype(np.int32)
       return {"input_ids": ids, "labels": labels, "audio_features": record["features"][:int(lengths.sum())],
-              "audio_feature_lengths": lengths, **teacher}
+              "audio_feature_lengths": lengths, **extra}
     mel = np.zeros((kept, cfg.num_mel_bins, cfg.frames), np.float32)
     for j in range(kept):
       mel[j, :, :frames[j]] = mels[j]
-    return {"input_ids": ids, "labels": labels, "mel": mel, "mel_lengths": np.int32(frames[:kept]), **teacher}
+    return {"input_ids": ids, "labels": labels, "mel": mel, "mel_lengths": np.int32(frames[:kept]), **extra}
+
+  def _strip_prefix(self, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, labels) after the template's fixed prefix, and the prefix int32[P]."""
+    if self._prefix is None:
+      self._prefix = np.asarray(self.template.fixed_prefix(), np.int32)
+    p = len(self._prefix)
+    # The first token after the prefix must not be a target: its prediction is made inside the prefix.
+    if len(ids) <= p or not np.array_equal(ids[:p], self._prefix) or (labels[:p + 1] != IGNORE).any():
+      raise ValueError(f"config.data.shared_prefix: a sample does not start with the template's fixed prefix of "
+                       f"{p} tokens followed by a prompt token; set config.data.shared_prefix=False for the "
+                       f"{self.cfg.template!r} template")
+    return ids[p:], labels[p:], self._prefix
 
   def _fit(self, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     cfg = self.cfg
@@ -503,9 +525,12 @@ class Collate:
     cfg = self.cfg
     b = len(samples)
     t = cfg.bucket(max(len(s["input_ids"]) for s in samples))
+    start = len(samples[0]["prefix_ids"]) if cfg.shared_prefix else 0  # rows continue after the prefix
     out = {"input_ids": np.full((b, t), self.pad_id, np.int32), "labels": np.full((b, t), IGNORE, np.int32),
            "attention_mask": np.zeros((b, t), np.int32),
-           "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()}
+           "positions": np.broadcast_to(start + np.arange(t, dtype=np.int32), (b, t)).copy()}
+    if cfg.shared_prefix:
+      out["prefix_ids"] = samples[0]["prefix_ids"]
     for i, s in enumerate(samples):
       n = len(s["input_ids"])
       out["input_ids"][i, :n] = s["input_ids"]
@@ -754,7 +779,7 @@ def pipeline_config(config, cfg: LlasmConfig, features: str = "mel") -> Pipeline
   return PipelineConfig.from_model(
       cfg, seq_len=data.seq_len, max_audios=data.max_audios, mel_frames=data.get("mel_frames", MAX_FRAMES),
       buckets=tuple(buckets) if buckets else None, template=data.get("template", "llasm-cllama2"),
-      system=data.get("system"), features=features,
+      system=data.get("system"), features=features, shared_prefix=bool(data.get("shared_prefix", False)),
       feature_buckets=tuple(feature_buckets) if feature_buckets else None, teacher=needs_teacher(config))
 
 
@@ -891,7 +916,7 @@ def to_global(batch: dict[str, np.ndarray], mesh, rules, pad_id: int = 0, *, sam
     if cached:
       batch = pad_features(batch, int(s))
   out = {}
-  for name in batch_keys("cached" if cached else "mel", teacher):
+  for name in batch_keys("cached" if cached else "mel", teacher, "prefix_ids" in batch):
     spec = sharding.logical_spec(BATCH_AXES[name], rules)
     out[name] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), batch[name])
   return out
@@ -921,5 +946,6 @@ def pad_length(batch: dict[str, np.ndarray], t: int, pad_id: int = 0, prefix: st
   if prefix + "labels" in batch:
     out[prefix + "labels"] = np.pad(batch[prefix + "labels"], widths, constant_values=IGNORE)
   out[prefix + "attention_mask"] = np.pad(batch[prefix + "attention_mask"], widths)
-  out[prefix + "positions"] = np.broadcast_to(np.arange(t, dtype=np.int32), (len(batch[prefix + "positions"]), t)).copy()
+  start = batch[prefix + "positions"][:, :1]  # rows after a shared prefix start past it
+  out[prefix + "positions"] = (start + np.arange(t, dtype=np.int32)).astype(np.int32)
   return out

@@ -138,6 +138,18 @@ class Template:
   def _encode(self, turns, audio_tokens):
     raise NotImplementedError
 
+  def fixed_prefix(self) -> np.ndarray:
+    """int32[P]: the ids every conversation starts with, whatever its first user turn says (the
+    system block and the opening of that turn): the longest common prefix of a few conversations
+    whose first turns begin differently (an audio, a word, a digit, CJK). Training can compute it
+    once for a whole batch (`config.data.shared_prefix`)."""
+    probes = [(AUDIO, [1]), ("Hello there.", []), ("7 days", []), ("你好", []), ("(x)", [])]
+    rendered = [self.encode([{"role": "user", "content": c}, {"role": "assistant", "content": "ok"}], a)[0]
+                for c, a in probes]
+    n = min(len(r) for r in rendered)
+    same = np.all([r[:n] == rendered[0][:n] for r in rendered], axis=0)
+    return rendered[0][:int(np.argmin(same)) if not same.all() else n]
+
 
 class LlasmCllama2(Template):
   name = "llasm-cllama2"

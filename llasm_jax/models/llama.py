@@ -144,8 +144,11 @@ class LlamaAttention(nnx.Module):
     self.v_proj = dense(d, k * h, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
     self.o_proj = dense(n * h, d, ("heads", "embed"), use_bias=cfg.o_bias, **kw)
 
-  def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
-    """x float[B, T, D] -> float[B, T, D], and the updated (k, v) cache of this layer."""
+  def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None, prefix_kv=None):
+    """x float[B, T, D] -> float[B, T, D], and the updated (k, v) cache of this layer.
+
+    prefix_kv: this layer's keys and values float[B or 1, P, K, H] of P tokens before x, attended
+    to as if they came first (a shared prompt prefix computed once; see LlamaModel)."""
     cfg = self.cfg
     b, t, _ = x.shape
     h = cfg.kv_head_dim
@@ -158,6 +161,9 @@ class LlamaAttention(nnx.Module):
     if cache_kv is not None:
       (cache_k, cache_v), layer = cache_kv  # the whole stack and this layer's index
       cache_kv, (k, v) = write_kv_stacked(cache_k, cache_v, k, v, layer, cache_index)
+    if prefix_kv is not None:
+      k, v = (jnp.concatenate([jnp.broadcast_to(p, (b, *p.shape[1:])).astype(x_.dtype), x_], axis=1)
+              for p, x_ in zip(prefix_kv, (k, v)))
     out = attend(q, k, v, mask, implementation=cfg.attention_impl)
     out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
     return self.o_proj(out.reshape(b, t, -1)), cache_kv
@@ -185,8 +191,13 @@ class LlamaDecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
     self.mlp = LlamaMLP(cfg, rngs=rngs)
 
-  def __call__(self, x, cache_kv, *, cos, sin, mask, cache_index):
-    attn, cache_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, cache_index)
+  def __call__(self, x, cache_kv, *, cos, sin, mask, cache_index, prefix=False):
+    """With `prefix`, `cache_kv` is this layer's prefix keys and values (read only; nothing returned)."""
+    if prefix:
+      attn, _ = self.self_attn(self.input_layernorm(x), cos, sin, mask, prefix_kv=cache_kv)
+      cache_kv = None
+    else:
+      attn, cache_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, cache_index)
     x = x + attn
     x = x + self.mlp(self.post_attention_layernorm(x))
     return constrain(x, ("batch", "length", "act_embed")), cache_kv
@@ -203,10 +214,21 @@ class LlamaModel(nnx.Module):
     self.layers = LayerStack(lambda r: LlamaDecoderLayer(cfg, rngs=r), cfg.num_hidden_layers, rngs=rngs)
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
 
-  def __call__(self, inputs_embeds, positions, attention_mask, cache: KVCache | None):
+  def __call__(self, inputs_embeds, positions, attention_mask, cache: KVCache | None, prefix_kv=None):
+    """prefix_kv: (k, v) float[L, B or 1, P, K, H] of P tokens that come before these in every row
+    (no padding), e.g. `KVCache.k, .v` of a prefill of a shared prompt prefix; no cache then."""
     cfg = self.cfg
     x = constrain(inputs_embeds.astype(cfg.dtype), ("batch", "length", "act_embed"))
     cos, sin = rope_cos_sin(cfg, positions, cfg.dtype)
+    if prefix_kv is not None:
+      if cache is not None:
+        raise ValueError("pass a KV cache or prefix keys and values, not both")
+      b, t = attention_mask.shape
+      seen = jnp.ones((b, 1, t, prefix_kv[0].shape[2]), bool)  # every prefix token, from every position
+      mask = jnp.concatenate([seen, causal_mask(attention_mask)], axis=-1)
+      x, _ = self.layers(x, tuple(prefix_kv), scan=cfg.scan_layers, remat_policy=cfg.remat_policy, cos=cos,
+                         sin=sin, mask=mask, cache_index=None, prefix=True)
+      return self.norm(x), None
     if cache is None:
       mask, per_layer, index = causal_mask(attention_mask), None, None
     else:
@@ -250,6 +272,7 @@ class LlamaForCausalLM(nnx.Module):
       positions: jax.Array | None = None,
       attention_mask: jax.Array | None = None,
       cache: KVCache | None = None,
+      prefix_kv: tuple[jax.Array, jax.Array] | None = None,
       return_hidden: bool = False,
   ) -> tuple[jax.Array, KVCache | None]:
     """Logits float32[B, T, V] (or final hidden states float[B, T, D]) and the updated cache.
@@ -267,7 +290,7 @@ class LlamaForCausalLM(nnx.Module):
     if positions is None:
       start = 0 if cache is None else cache.index
       positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
-    hidden, cache = self.model(inputs_embeds, positions, attention_mask, cache)
+    hidden, cache = self.model(inputs_embeds, positions, attention_mask, cache, prefix_kv)
     return (hidden if return_hidden else self.logits(hidden)), cache
 
   def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:

@@ -205,13 +205,14 @@ class Llasm(nnx.Module):
       attention_mask: jax.Array | None = None,
       positions: jax.Array | None = None,
       cache: KVCache | None = None,
+      prefix_kv: tuple[jax.Array, jax.Array] | None = None,
       return_hidden: bool = False,
   ) -> tuple[jax.Array, KVCache | None]:
     """input_ids int[B, T] with audio markers, mel float[B, A, M, F], mel_lengths int[B, A]
     (or cached audio_features float[B, A, S, E], audio_feature_lengths int[B, A] instead of mel)
     -> logits float32[B, T, V] and the updated cache. Check the markers on the host first
-    with `check_audio_markers`."""
+    with `check_audio_markers`. prefix_kv: see `LlamaModel` (a shared text prefix before every row)."""
     embeds = self.embed(input_ids, mel, mel_lengths, audio_features=audio_features,
                         audio_feature_lengths=audio_feature_lengths)
     return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, positions=positions,
-                    cache=cache, return_hidden=return_hidden)
+                    cache=cache, prefix_kv=prefix_kv, return_hidden=return_hidden)

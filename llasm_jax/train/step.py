@@ -7,6 +7,9 @@ Batch (global arrays, B = global batch, G = gradient-accumulation microbatches):
   mel float32[B, A, M, F], mel_lengths int32[B, A] (Whisper runs in the step), or as cached
   Whisper outputs audio_features float32|bfloat16[B, A, S, E], audio_feature_lengths int32[B, A]
   (from `llasm-jax data encode`: the step runs the adaptor and the LLM only).
+With config.data.shared_prefix also prefix_ids int32[P], the fixed opening every row starts with
+  (the rows hold what follows it): the LLM runs it once, at batch 1, and every row attends to its
+  keys and values. Exact, and gradients flow through it as through the rows (stage 2 too).
 With a distilling loss ("kd", "mix") also the teacher's text sequences: teacher_input_ids,
   teacher_attention_mask, teacher_positions int32[B, Tt] and teacher_target_positions int32[B, K]
   (slot i predicts the same answer token as slot i of target_positions; -1 = none).
@@ -84,8 +87,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
       audio = dict(audio_features=batch["audio_features"], audio_feature_lengths=batch["audio_feature_lengths"])
     else:
       audio = dict(mel=batch["mel"], mel_lengths=batch["mel_lengths"])
+    prefix_kv = None
+    if "prefix_ids" in batch:  # the template's opening, shared by every row: run once, its keys and values reused
+      prefix = batch["prefix_ids"][None]
+      _, cache = model.llm(prefix, cache=model.llm.init_cache(1, prefix.shape[1]), return_hidden=True)
+      prefix_kv = (cache.k, cache.v)
     hidden, _ = model(batch["input_ids"], **audio, attention_mask=batch["attention_mask"],
-                      positions=batch["positions"], return_hidden=True)
+                      positions=batch["positions"], prefix_kv=prefix_kv, return_hidden=True)
     # The LM head and softmax on the K target slots only, not all T positions.
     slots = batch["target_positions"]
     valid = slots >= 0
@@ -126,10 +134,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
     if grad_accum == 1:
       (objective, (ce, tokens, kl)), train_grads = value_and_grad(train, frozen, treedef, state.rest, batch, kd_scale)
     else:
-      micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+      shared = {k: v for k, v in batch.items() if k == "prefix_ids"}  # one for all rows: not split
+      micro = {k: v.reshape(grad_accum, v.shape[0] // grad_accum, *v.shape[1:]) for k, v in batch.items()
+               if k not in shared}
 
       def accumulate(carry, mb):
-        (o, (c, n, k)), g = value_and_grad(train, frozen, treedef, state.rest, mb, kd_scale)
+        (o, (c, n, k)), g = value_and_grad(train, frozen, treedef, state.rest, {**mb, **shared}, kd_scale)
         return jax.tree.map(jnp.add, carry, (o, c, n, k, g)), None
 
       zeros = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), [jnp.zeros_like(x) for x in train])

@@ -376,7 +376,8 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
                             loss=loss, kd_weight=kd_weight, kd_temperature=kd_temperature)
   features, cache = pipeline.data_features(config)
   batch_sh = {k: jax.sharding.NamedSharding(mesh, sharding.logical_spec(pipeline.BATCH_AXES[k], rules))
-              for k in pipeline.batch_keys(features, teacher=loss != "ce")}
+              for k in pipeline.batch_keys(features, teacher=loss != "ce",
+                                           prefix=bool(config.data.get("shared_prefix", False)))}
   jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
                    donate_argnums=(0,))
   return Setup(cfg, mesh, rules, graphdef, labels, tx, state_sh, abs_state, batch_sh, jitted, features, cache)
@@ -398,6 +399,8 @@ def abstract_batch(config, setup: Setup) -> dict[str, jax.ShapeDtypeStruct]:
     shapes["mel_lengths"] = ((b, a), jnp.int32)
   if needs_teacher(config):
     shapes.update({k: ((b, t), jnp.int32) for k in pipeline.TEACHER_KEYS})
+  if data.get("shared_prefix"):
+    shapes["prefix_ids"] = ((64,), jnp.int32)  # a long system prompt's opening; the rows keep all of T
   return {k: jax.ShapeDtypeStruct(s, d, sharding=setup.batch_sharding[k]) for k, (s, d) in shapes.items()}
 
 
