@@ -89,17 +89,12 @@ def longest_sample(ckpt: str, cache: str, template: str) -> int:
 
 
 def train_run(work: str, name: str, ckpt: str, mode: str, data: str, seq_len: int, args, slots: bool = True) -> dict:
-  from llasm_jax.config import DEFAULT_RULES, training_sections
-  import ml_collections
+  from llasm_jax.config import from_model_folder
   from llasm_jax.train.trainer import train
 
-  config = ml_collections.ConfigDict()
-  config.model = ml_collections.ConfigDict({"preset": "tiny"})  # the architecture comes from init_from
-  config.mesh = ml_collections.ConfigDict({"shape": {"data": -1, "fsdp": 1, "tensor": 1}})
-  config.logical_axis_rules = DEFAULT_RULES
-  config.update(training_sections(1))
+  config = from_model_folder(1, ckpt)
   tc = config.train
-  tc.init_from, tc.batch_size, tc.log_every = ckpt, args.batch, args.steps
+  tc.batch_size, tc.log_every = args.batch, args.steps
   tc.steps, tc.checkpoint_every = 3 * args.steps, 10 ** 6
   config.data.update(dict(source="tfds", dir=data, seq_len=seq_len, max_audios=1, mel_frames=3000,
                           template=args.template))

@@ -209,6 +209,18 @@ def needs_teacher(config: Any) -> bool:
   return loss_options(config.get("train") or {})[0] != "ce"
 
 
+def from_model_folder(stage: int, init_from: str) -> ml_collections.ConfigDict:
+  """A run config that trains the model folder `init_from` (whose architecture it takes) in LLaSM
+  stage 1 or 2, data-parallel over all devices, with the default sections to fill in."""
+  config = ml_collections.ConfigDict()
+  config.model = ml_collections.ConfigDict({"preset": "tiny"})  # unused: init_from's architecture wins
+  config.mesh = ml_collections.ConfigDict({"shape": {"data": -1, "fsdp": 1, "tensor": 1}})
+  config.logical_axis_rules = DEFAULT_RULES
+  config.update(training_sections(stage))
+  config.train.init_from = init_from
+  return config
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
   """Applies `--config.a.b=value` command-line overrides, typed like the existing field."""
   for item in overrides:

@@ -224,18 +224,12 @@ def encode_all(model: str, datasets: dict[str, str], folder: str) -> dict[str, A
 
 def train_config(opts: Options, model: str, caches: dict[str, str]):
   """The stage-1 run config of the demo: the adaptor alone, on transcripts and the LLM's answers."""
-  import ml_collections
+  from llasm_jax.config import from_model_folder
 
-  from llasm_jax.config import DEFAULT_RULES, training_sections
-
-  config = ml_collections.ConfigDict()
-  config.model = ml_collections.ConfigDict({"preset": "tiny"})  # the architecture comes from init_from
-  config.mesh = ml_collections.ConfigDict({"shape": {"data": -1, "fsdp": 1, "tensor": 1}})
-  config.logical_axis_rules = DEFAULT_RULES
-  config.update(training_sections(1))
+  config = from_model_folder(1, model)
   tc = config.train
   steps = max(20, int(opts.minutes * 60 * opts.samples_per_s / opts.batch))
-  tc.update(init_from=model, batch_size=opts.batch, steps=steps, log_every=10, checkpoint_every=100,
+  tc.update(batch_size=opts.batch, steps=steps, log_every=10, checkpoint_every=100,
             max_minutes=opts.minutes, loss=opts.loss)
   config.optim.update(lr=opts.lr, warmup_steps=min(50, steps // 10))
   config.data.update(source="tfds", dir=",".join([caches["asr_train"], caches["questions_train"]]),

@@ -1,0 +1,25 @@
+"""Generator(system=...): the system prompt of the template, a chat template's own, or the user's."""
+
+import types
+
+import pytest
+
+from llasm_jax.data.templates import LLASM_SYSTEM
+from llasm_jax.infer.generator import Generator
+from tests.infer.conftest import tiny_tokenizer
+
+OWN = "You are Tiny, a test assistant."
+CHAT = ("{% if messages[0]['role'] != 'system' %}<|system|>" + OWN + "\n{% endif %}"
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.mark.parametrize("system, expected", [(None, LLASM_SYSTEM), ("", OWN), ("Be brief.", "Be brief.")])
+def test_system_prompt(system, expected):
+  tok = tiny_tokenizer()
+  tok.chat_template = CHAT
+  gen = Generator(types.SimpleNamespace(audio_cfg=None), tok, template="chat-template", system=system)
+  text = tok.decode(gen.encode_prompt("What is the weather?", []))
+  assert expected in text and "What is the weather?" in text
+  for other in {LLASM_SYSTEM, OWN, "Be brief."} - {expected}:
+    assert other not in text
