@@ -23,7 +23,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import time
 from typing import Any, Callable
 
@@ -33,8 +32,6 @@ WHISPER_REPO = "openai/whisper-tiny.en"
 LLM_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TEMPLATE = "chat-template"
 SYSTEM = ""  # the chat template's own system prompt (SmolLM2's), as the typed answers were made
-# Training sets: grammar sentences, sentences of the LLM's own replies, spoken questions.
-TRAIN_SETS = ("asr_train", "asr_llm", "questions_train")
 # Held-out evaluation sets: name -> (dataset kind, what it measures).
 HELD_OUT = {"asr_held": "grammar sentences never trained on", "everyday": "hand-written everyday sentences",
             "questions_held": "spoken questions never trained on"}
@@ -48,7 +45,7 @@ class Options:
   minutes: float = 10.5  # training time budget (the whole demo: about 15 minutes on 2 cores)
   sentences: int = 1600  # spoken training sentences (ASR)
   held_out: int = 40  # held-out grammar sentences
-  questions: int = 400  # spoken training questions (their answers' sentences are spoken too)
+  questions: int = 160  # spoken training questions
   held_out_questions: int = 16
   batch: int = 8
   lr: float = 6e-3
@@ -138,11 +135,6 @@ def resolve_models(whisper: str | None, llm: str | None) -> dict[str, str]:
 # Data
 
 
-def _read_lines(path: str) -> list[str]:
-  with open(path, encoding="utf-8") as f:
-    return [line.strip() for line in f if line.strip()]
-
-
 def _write_lines(path: str, lines: list[str]) -> str:
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
@@ -178,27 +170,7 @@ def typed_answers(model: str, texts: dict[str, str], folder: str, opts: Options)
                    batch_size=32)
     out[name] = os.path.join(folder, f"{name}.jsonl")
     write_jsonl(done, out[name])
-    if name == "questions_train":
-      replies = [row["conversations"][-1]["value"] for row in done]
-      held = set(_read_lines(texts["asr_held"])) | set(_read_lines(texts["everyday"]))
-      out["asr_llm"] = _write_lines(os.path.join(folder, "asr_llm.txt"), spoken_sentences(replies, exclude=held))
   return out
-
-
-SENTENCE = re.compile(r"[A-Z][A-Za-z ,'-]*[a-z][.?!]")  # letters and plain punctuation: what espeak reads as written
-
-
-def spoken_sentences(texts: list[str], exclude: set[str], words: tuple[int, int] = (4, 20)) -> list[str]:
-  """Whole sentences of the LLM's own replies, for more varied speech than the grammar's: plain
-  words only (no digits, markup or lists, which a TTS reads unlike their text), `words` long,
-  each once, none of `exclude` (the held-out sentences)."""
-  out: dict[str, None] = {}
-  for text in texts:
-    for sentence in re.split(r"(?<=[.?!])\s+", " ".join(text.split())):
-      if (SENTENCE.fullmatch(sentence) and words[0] <= len(sentence.split()) <= words[1]
-          and sentence not in exclude):
-        out[sentence] = None
-  return list(out)
 
 
 def speak(texts: dict[str, str], answers: dict[str, str], folder: str, opts: Options) -> dict[str, Any]:
@@ -207,8 +179,7 @@ def speak(texts: dict[str, str], answers: dict[str, str], folder: str, opts: Opt
 
   out, seconds = {}, 0.0
   options = synth.Options(seed=opts.seed)
-  spoken = {**{k: v for k, v in texts.items() if not k.startswith("questions")}, **answers}
-  for name, path in spoken.items():
+  for name, path in {**{k: v for k, v in texts.items() if not k.startswith("questions")}, **answers}.items():
     if name.startswith("questions"):
       plan = synth.plan_instructions(path, language="en")
     else:
@@ -261,7 +232,7 @@ def train_config(opts: Options, model: str, caches: dict[str, str]):
   tc.update(batch_size=opts.batch, steps=steps, log_every=10, checkpoint_every=100,
             max_minutes=opts.minutes, loss=opts.loss)
   config.optim.update(lr=opts.lr, warmup_steps=min(50, steps // 10))
-  config.data.update(source="tfds", dir=",".join([caches[k] for k in TRAIN_SETS]),
+  config.data.update(source="tfds", dir=",".join([caches["asr_train"], caches["questions_train"]]),
                      template=TEMPLATE, system=SYSTEM, seq_len=256, buckets=tuple(range(16, 257, 8)),
                      max_audios=1, workers=-1, shared_prefix=True)
   return config
