@@ -25,6 +25,18 @@ PROTOTYPE = {"what": "PyTorch prototype, same models, cached encoder outputs, ba
              "wer_after_20_min_mlp": 0.24}
 
 
+def portable(obj, names: dict[str, str]):
+  """`obj` with the machine's own folders written as names (results are read on other machines)."""
+  if isinstance(obj, dict):
+    return {k: portable(v, names) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return [portable(v, names) for v in obj]
+  if isinstance(obj, str):
+    for path, name in names.items():
+      obj = obj.replace(path, name)
+  return obj
+
+
 def main() -> None:
   from llasm_jax.demo import Options, run_demo
 
@@ -46,6 +58,7 @@ def main() -> None:
   results["machine"] = {"device": f"{jax.devices()[0].platform} x{jax.device_count()}", "cpu": cpu_name(),
                         "cores": os.cpu_count(), "jax": jax.__version__,
                         "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
+  results = portable(results, {os.path.abspath(args.workdir): "WORKDIR", sys.prefix: "VENV"})
   results["prototype"] = PROTOTYPE
   results["speedup_vs_prototype"] = round(results["train"]["samples_per_s"] / PROTOTYPE["samples_per_s"], 2)
   print(json.dumps({k: results[k] for k in ("before", "after", "phases_s", "train", "speedup_vs_prototype")},

@@ -32,7 +32,7 @@ WHISPER_REPO = "openai/whisper-tiny.en"
 LLM_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TEMPLATE = "chat-template"
 SYSTEM = ""  # the chat template's own system prompt (SmolLM2's), as the typed answers were made
-# Held-out evaluation sets: name -> (dataset kind, what it measures).
+# Held-out evaluation sets: name -> what it measures.
 HELD_OUT = {"asr_held": "grammar sentences never trained on", "everyday": "hand-written everyday sentences",
             "questions_held": "spoken questions never trained on"}
 
