@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -187,7 +187,9 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 class Metrics:
   """One line per logging interval on process 0, a progress bar, TensorBoard event files."""
 
-  def __init__(self, workdir: str, config, total_steps: int, start_step: int, flops_per_step: float | None):
+  def __init__(self, workdir: str, config, total_steps: int, start_step: int,
+               flops_per_step: Callable[[int], float] | None):
+    """flops_per_step(T): the model FLOPs of a step whose rows are T tokens long."""
     self.every = config.train.log_every
     self.workdir = workdir
     self.flops_per_step = flops_per_step
@@ -211,9 +213,11 @@ class Metrics:
     """Training seconds so far (compiles and evals left out), as of the last logged interval."""
     return self.trained
 
-  def step(self, step: int, metrics: dict[str, jax.Array], tokens: int, schedule) -> None:
+  def step(self, step: int, metrics: dict[str, jax.Array], tokens: int, schedule, length: int) -> None:
+    """`tokens`: the step's real tokens; `length`: its row length T (FLOPs follow the padded rows)."""
     self.bar.update(1)
-    self.window.append(dict(metrics=metrics, tokens=tokens))
+    self.window.append(dict(metrics=metrics, tokens=tokens,
+                            flops=self.flops_per_step(length) if self.flops_per_step else 0.0))
     if step % self.every:
       return
     values = [{k: float(v) for k, v in w["metrics"].items()} for w in self.window]  # syncs once per interval
@@ -230,7 +234,7 @@ class Metrics:
       line += f" (ce {row['ce']:.4f}, kd {row['kd']:.4f})"
     line += f" | grad norm {row['grad_norm']:.3f} | lr {lr:.2e} | {tokens_s:,.0f} tok/s | {seconds:.3f} s/step"
     if self.flops_per_step:
-      tflops = self.flops_per_step / seconds / 1e12 / jax.device_count()
+      tflops = sum(w["flops"] for w in self.window) / (seconds * len(self.window)) / 1e12 / jax.device_count()
       row["tflops_per_device"] = tflops
       line += f" | {tflops:.3g} TFLOP/s/device"
       if self.peak:
@@ -259,14 +263,16 @@ class Metrics:
       self.writer.close()
 
 
-def model_flops_per_step(cfg: LlasmConfig, config, trainable_llm: bool, whisper: bool = True) -> float:
+def model_flops_per_step(cfg: LlasmConfig, config, trainable_llm: bool, whisper: bool = True,
+                         seq_len: int | None = None) -> float:
   """Model FLOPs of one step (the MFU numerator): 2 per weight per token forward, 2 more for
   activation gradients (the adaptor's gradients flow through the LLM), 2 more for weight
   gradients of trainable weights; attention scores as in the PaLM appendix; Whisper forward
   (`whisper=False`: cached features, no Whisper in the step); a distilling loss's teacher
-  forward (2 per weight per teacher token, seq_len of them per row, no backward)."""
+  forward (2 per weight per teacher token, seq_len of them per row, no backward). `seq_len`: the
+  step's row length T (a length bucket), default config.data.seq_len."""
   llm, w = cfg.llm, cfg.audio
-  t = config.data.seq_len
+  t = seq_len or config.data.seq_len
   tokens = config.train.batch_size * t
   h = llm.kv_head_dim
   llm_weights = llm.num_hidden_layers * (
@@ -470,8 +476,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       ckpts.close()
       data.close()
       raise
-  metrics_out = Metrics(workdir, config, tc.steps, start,
-                        model_flops_per_step(cfg, config, trainable_llm, whisper=setup.features == "mel"))
+  metrics_out = Metrics(workdir, config, tc.steps, start, lambda t: model_flops_per_step(
+      cfg, config, trainable_llm, whisper=setup.features == "mel", seq_len=t))
   lr = learning_rate(config.optim, tc.steps)
   preempt = Preemption()
   compiled = {}  # one executable per batch shape (length / feature buckets)
@@ -495,7 +501,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             "" if len(compiled) == 1 else f" (shape {len(compiled)}: {dict((k, list(s)) for k, s in shapes)})"))
       state, last_metrics = compiled[shapes](state, batch)
       tokens = int(np.sum(host["attention_mask"])) * jax.process_count()
-      metrics_out.step(step + 1, last_metrics, tokens, lr)
+      length = host["input_ids"].shape[1] + len(host.get("prefix_ids", ()))  # a shared prefix counts in full
+      metrics_out.step(step + 1, last_metrics, tokens, lr, length)
       if tc.get("debug_sigterm_at_step") == step + 1:
         os.kill(os.getpid(), signal.SIGTERM)  # tests: a real signal through the real handler
       ckpts.save(step + 1, state, data.get_state())
