@@ -338,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--llm", help="LLM folder or GGUF file (default: the HF cache's SmolLM2-135M-Instruct, "
                                "else the [demo] extra's GGUF)")
   p.add_argument("--minutes", type=float, default=defaults.minutes,
-                 help="training time budget in minutes (default: %(default)s; the other phases take about 4 more on 2 cores)")
+                 help="training time budget in minutes (default: %(default)s; the other phases take about 4 "
+                      "more on 2 cores)")
   p.add_argument("--sentences", type=int, default=defaults.sentences, help="spoken training sentences")
   p.add_argument("--held-out", type=int, default=defaults.held_out, help="held-out grammar sentences")
   p.add_argument("--questions", type=int, default=defaults.questions, help="spoken training questions")
