@@ -209,10 +209,6 @@ class Metrics:
     self.trained = max((r.get("trained_s", 0.0) for r in read_metrics(workdir) if r["step"] <= start_step),
                        default=0.0)
 
-  def trained_s(self) -> float:
-    """Training seconds so far (compiles and evals left out), as of the last logged interval."""
-    return self.trained
-
   def step(self, step: int, metrics: dict[str, jax.Array], tokens: int, schedule, length: int) -> None:
     """`tokens`: the step's real tokens; `length`: its row length T (FLOPs follow the padded rows)."""
     self.bar.update(1)
@@ -382,7 +378,7 @@ def prepare(config: ml_collections.ConfigDict) -> Setup:
                             loss=loss, kd_weight=kd_weight, kd_temperature=kd_temperature)
   features, cache = pipeline.data_features(config)
   batch_sh = {k: jax.sharding.NamedSharding(mesh, sharding.logical_spec(pipeline.BATCH_AXES[k], rules))
-              for k in pipeline.batch_keys(features, teacher=loss != "ce",
+              for k in pipeline.batch_keys(features, teacher=needs_teacher(config),
                                            prefix=bool(config.data.get("shared_prefix", False)))}
   jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
                    donate_argnums=(0,))
@@ -520,7 +516,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         ckpts.save(step + 1, state, data.get_state(), force=True)
         stop_reason = f"preempted: saved step {step + 1}, resume with the same command"
         break
-      if budget_s and at_interval and metrics_out.trained_s() >= budget_s:
+      if budget_s and at_interval and metrics_out.trained >= budget_s:
         ckpts.save(step + 1, state, data.get_state(), force=True)
         stop_reason = "time budget"
         log(f"time budget of {tc.max_minutes:g} min reached at step {step + 1} of {tc.steps}")
