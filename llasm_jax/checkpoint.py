@@ -6,8 +6,9 @@ Layout of a folder (what `convert` writes and `generate`, `train` and `export` r
   tokenizer files, preprocessor_config.json (next to them, so one path loads everything)
   whisper/         Whisper's own tokenizer and generation_config.json (for transcription)
 
-Folders are written under a temporary name and renamed at the end, so an interrupted write
-never leaves a folder that looks complete. Loading restores every array straight into its
+A folder may be local or in a bucket (gs://...). Local folders are written under a temporary
+name and renamed at the end; in a bucket, llasm_jax.json is written last and a folder without
+it reads as incomplete: an interrupted write never leaves a folder that looks complete. Loading restores every array straight into its
 target sharding on a mesh (each host reads only its shards), whatever mesh wrote it.
 """
 
@@ -26,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 
-from llasm_jax import sharding
+from llasm_jax import paths, sharding
 from llasm_jax.models.llama import LlamaConfig, LlamaForCausalLM, RopeScaling
 from llasm_jax.models.llasm import Llasm, LlasmConfig
 from llasm_jax.models.whisper import WhisperConfig, WhisperModel
@@ -46,21 +47,19 @@ HF_LLM_CONFIG, HF_WHISPER_CONFIG = "hf_llm_config.json", "hf_whisper_config.json
 WHISPER_DIR = "whisper"
 WHISPER_FILES = TOKENIZER_FILES + ("normalizer.json",)
 
-def copy_files(src: str, dst: str, names) -> None:
-  """Copies the files of `names` that `src` has and `dst` lacks."""
-  for n in names:
-    if os.path.exists(os.path.join(src, n)) and not os.path.exists(os.path.join(dst, n)):
-      shutil.copy2(os.path.join(src, n), os.path.join(dst, n))
-
-
 def copy_companions(src: str, dst: str) -> None:
   """Copies a model folder's companion files (tokenizer, feature extractor, the sources' HF
   configs, and Whisper's own tokenizer and generation config in whisper/) from `src` to `dst`,
   keeping what `dst` has."""
-  copy_files(src, dst, TOKENIZER_FILES + FEATURE_FILES + (HF_LLM_CONFIG, HF_WHISPER_CONFIG))
-  if os.path.isdir(os.path.join(src, WHISPER_DIR)):
-    os.makedirs(os.path.join(dst, WHISPER_DIR), exist_ok=True)
-    copy_files(os.path.join(src, WHISPER_DIR), os.path.join(dst, WHISPER_DIR), WHISPER_FILES)
+  paths.copy_files(src, dst, TOKENIZER_FILES + FEATURE_FILES + (HF_LLM_CONFIG, HF_WHISPER_CONFIG))
+  paths.copy_files(paths.join(src, WHISPER_DIR), paths.join(dst, WHISPER_DIR), WHISPER_FILES)
+
+
+def companions(folder: str) -> str:
+  """A local folder holding `folder`'s companion files (tokenizers and JSON configs, which
+  transformers reads from local files only): `folder` itself, or a download of them from a bucket."""
+  return paths.local_copy(folder, TOKENIZER_FILES + FEATURE_FILES + (HF_LLM_CONFIG, HF_WHISPER_CONFIG, META_FILE)
+                          + tuple(f"{WHISPER_DIR}/{n}" for n in WHISPER_FILES))
 
 
 def config_to_dict(cfg) -> dict[str, Any]:
@@ -94,31 +93,42 @@ def with_run_options(kind: str, cfg, **run):
 
 @contextlib.contextmanager
 def atomic_dir(path: str, overwrite: bool = False) -> Iterator[str]:
-  """Yields a temporary sibling folder that becomes `path` only if the block completes.
+  """Yields the folder to write `path` into, which readers see only once the block completes.
 
-  Every process of a multi-host run gets the same temporary name (they write their shards
-  into it); process 0 alone creates, renames and removes, between barriers.
+  Locally: a temporary sibling renamed to `path` at the end. On an object store (no rename):
+  `path` itself, whose META_FILE `save_params` writes last, and readers treat a folder without
+  it as incomplete; an old folder there loses its META_FILE first, so it never reads as the new
+  one. Every process of a multi-host run gets the same folder (they write their shards into
+  it); process 0 alone creates, renames and removes, between barriers.
   """
-  path = os.path.abspath(path)
+  target = paths.resolve(path)
   main = jax.process_index() == 0
-  if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f"{path} exists; choose another --out or pass --overwrite")
-  tmp = f"{path}.incomplete"
+  if target.exists() and not overwrite:
+    raise FileExistsError(f"{target} exists; choose another --out or pass --overwrite")
+  if paths.is_remote(target):
+    if main and target.exists():
+      (target / META_FILE).unlink(missing_ok=True)
+      target.rmtree()
+    _barrier("atomic_dir_start")
+    yield os.fspath(target)
+    _barrier("atomic_dir_end")
+    return
+  tmp = target.with_name(f"{target.name}.incomplete")
   if main:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
   _barrier("atomic_dir_start")
   try:
-    yield tmp
+    yield os.fspath(tmp)
   except BaseException:
     if main:
       shutil.rmtree(tmp, ignore_errors=True)
     raise
   _barrier("atomic_dir_end")
   if main:
-    if os.path.exists(path):
-      shutil.rmtree(path)
-    os.rename(tmp, path)
+    if target.exists():
+      shutil.rmtree(target)
+    os.rename(tmp, target)
   _barrier("atomic_dir_renamed")
 
 
@@ -147,27 +157,28 @@ def save_params(folder: str, kind: str, cfg, params: dict[str, Any], *, stored_d
   level = absl_log.level
   absl_log.setLevel(logging.ERROR)  # without OCDBT, Orbax warns at every save that it has nothing to merge
   try:
-    ckptr.save(os.path.join(folder, PARAMS_DIR), args=ocp.args.PyTreeSave(tree, save_args=save_args))
+    ckptr.save(paths.join(folder, PARAMS_DIR), args=ocp.args.PyTreeSave(tree, save_args=save_args))
   finally:
     absl_log.setLevel(level)
   meta = dict(format=FORMAT_VERSION, kind=kind, config=config_to_dict(cfg), stored_dtype=stored_dtype,
               **(extra or {}))
-  if jax.process_index() == 0:
-    with open(os.path.join(folder, META_FILE), "w") as f:
-      json.dump(meta, f, indent=2)
+  if jax.process_index() == 0:  # last: its presence marks the folder complete (object stores)
+    paths.write_json(paths.join(folder, META_FILE), meta)
 
 def read_meta(folder: str) -> dict[str, Any]:
   """The model folder's metadata (kind, config, ...); a missing folder or file is a named error."""
-  folder = os.fspath(folder)
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(f"--ckpt {folder!r}: no such folder; pass a folder written by `llasm-jax convert` "
-                            "or `train`")
-  path = os.path.join(folder, META_FILE)
-  if not os.path.exists(path):
+  folder = paths.resolve(folder)
+  if not folder.is_dir():
+    raise FileNotFoundError(f"--ckpt {os.fspath(folder)!r}: no such folder; pass a folder written by "
+                            "`llasm-jax convert` or `train`")
+  path = folder / META_FILE
+  if not path.exists():
+    if (folder / PARAMS_DIR).exists():
+      raise ValueError(f"{folder}: no {META_FILE}, so its write did not finish (interrupted); write it again "
+                       "(`llasm-jax convert --overwrite`, or resume the training that makes it)")
     raise ValueError(f"{folder}: no {META_FILE}, so not a llasm_jax checkpoint; "
                      "make one with `llasm-jax convert` (or pass the folder `train` wrote)")
-  with open(path) as f:
-    meta = json.load(f)
+  meta = json.loads(path.read_text())
   if meta.get("format") != FORMAT_VERSION:
     raise ValueError(f"{path}: format {meta.get('format')}, this llasm_jax reads format {FORMAT_VERSION}")
   return meta
@@ -187,7 +198,7 @@ def load_model(folder: str, *, mesh: jax.sharding.Mesh | None = None, rules=None
   graphdef, state = nnx.split(abstract)
   target = _restore_target(state, mesh, rules)
   restored = ocp.StandardCheckpointer().restore(
-      os.path.join(os.path.abspath(folder), PARAMS_DIR), nnx.to_pure_dict(target))
+      paths.join(folder, PARAMS_DIR), nnx.to_pure_dict(target))
   nnx.replace_by_pure_dict(state, restored)
   return nnx.merge(graphdef, state), meta
 
@@ -219,14 +230,14 @@ def load_whisper(folder: str, *, mesh: jax.sharding.Mesh | None = None, rules=No
   item = {"audio": nnx.to_pure_dict(target)}
   args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), item)
   restored = ocp.PyTreeCheckpointer().restore(
-      os.path.join(os.path.abspath(folder), PARAMS_DIR),
+      paths.join(folder, PARAMS_DIR),
       args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
   nnx.replace_by_pure_dict(state, restored["audio"])
   return nnx.merge(graphdef, state), {**meta, "kind": "whisper", "config": config_to_dict(wcfg), "part": "audio"}
 
 def load_params_numpy(folder: str) -> dict[str, np.ndarray]:
   """Slash-joined path -> host numpy array, as stored (no devices involved)."""
-  path = os.path.join(os.path.abspath(folder), PARAMS_DIR)
+  path = paths.join(folder, PARAMS_DIR)
   read_meta(folder)
   ckptr = ocp.PyTreeCheckpointer()
   structure = ckptr.metadata(path)

@@ -51,6 +51,25 @@ def train(args: argparse.Namespace) -> None:
 
   config = load_config_file(_find_config(args.config))
   apply_overrides(config, args.overrides)
+  if args.search is not None and not args.topology:
+    raise ValueError("--search needs --topology (a TPU slice such as v5p:4x4x4): only libtpu knows the HBM limit")
+  if args.topology:  # compile-only for a TPU slice this host need not have
+    import json
+
+    from llasm_jax.train import plan
+
+    name = pathlib.Path(args.config).name
+    if args.search is not None:
+      policies = [p.strip() for p in args.search.split(",") if p.strip()]
+      result = plan.search(config, args.topology, policies=policies, max_per_chip=args.max_batch, name=name)
+    else:
+      result = plan.plan(config, args.topology, name=name)
+    if args.json:
+      pathlib.Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+      print(f"written to {args.json}")
+    if args.search is None and not result["fits"]:
+      raise ValueError(plan.no_fit_error(result))  # exit status 2, as every input error
+    return
   if args.compile_only:
     trainer.compile_only(config)
     return
@@ -372,6 +391,16 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--compile-only", action="store_true",
                  help="compile the train step for the config's mesh and print per-device memory, then exit "
                       "(nothing is allocated: check a 7B config fits before it reaches the hardware)")
+  p.add_argument("--topology", metavar="NAME",
+                 help="compile for this TPU slice with libtpu on any host (implies --compile-only), e.g. v5e:16x16, "
+                      "v6e:8x8, v5p:4x4x2 (32 chips, 'v5p-64'), v4:2x2x2: per-chip HBM against the chip's, "
+                      "fit or not (exit status 2), model FLOPs and step-time estimates")
+  p.add_argument("--search", nargs="?", const="", metavar="POLICIES",
+                 help="with --topology: the largest per-chip batch that fits for each LLM remat policy "
+                      "(default all; or a comma list such as full,dots), by doubling then bisection")
+  p.add_argument("--max-batch", type=int, default=256, metavar="N",
+                 help="--search tries per-chip batches up to N (default: %(default)s)")
+  p.add_argument("--json", metavar="FILE", help="with --topology: also write the result as JSON")
   p.set_defaults(func=train)
 
   p = sub.add_parser("convert", help="Hugging Face / CTranslate2 / GGUF checkpoints -> a llasm_jax model folder")
@@ -446,6 +475,10 @@ def main(argv: list[str] | None = None) -> int:
   elif rest:
     build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
   maybe_initialize_distributed(args)
+  if args.command != "train":  # train keeps its cache in the workdir (config.train.compilation_cache)
+    from llasm_jax import compilation_cache
+
+    compilation_cache.enable(compilation_cache.default_folder())
   try:
     args.func(args)
   except (ValueError, FileExistsError, FileNotFoundError) as e:

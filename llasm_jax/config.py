@@ -29,29 +29,35 @@ from llasm_jax.models.whisper import WhisperConfig
 # Vocab sizes such as 32003 (LLaSM-Cllama2) and 51865 (Whisper) do not divide by a tensor axis
 # > 1: keep tensor=1 for those models or map "vocab" and "act_vocab" to None.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    # Weights.
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("layers", None),
-    ("conv", None),
-    ("mel", None),
-    ("embed_in", None),
-    ("audio_embed", None),
-    # Activations.
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("head_dim", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
+    # Weights:
+    ("embed", "fsdp"),  # the model width (LLM hidden_size, Whisper d_model), norms and biases too
+    ("heads", "tensor"),  # attention heads x head dim (LLM queries and o_proj; all of Whisper's q, k, v)
+    ("kv_heads", "tensor"),  # LLM key/value heads x head dim
+    ("mlp", "tensor"),  # MLP hidden width (and the "encoder"-mode adaptor's)
+    ("vocab", "tensor"),  # token embedding rows, LM-head columns
+    ("layers", None),  # the stacked-layers axis of LayerStack (what scan_layers scans)
+    ("conv", None),  # Whisper conv kernel taps (3)
+    ("mel", None),  # Whisper conv1 input channels: the mel bins
+    ("embed_in", None),  # Whisper conv2 input channels (d_model)
+    ("audio_embed", None),  # adaptor input: the Whisper width ("encoder" mode: times stack_factor)
+    # Activations:
+    ("batch", ("data", "fsdp")),  # rows of a batch
+    ("length", None),  # sequence positions (tokens, audio frames)
+    ("head_dim", None),  # features of one attention head
+    ("act_embed", None),  # hidden states' width between layers
+    ("act_heads", "tensor"),  # attention query heads and their outputs
+    ("act_kv_heads", "tensor"),  # attention key/value heads
+    ("act_mlp", "tensor"),  # MLP hidden activations
+    ("act_vocab", "tensor"),  # logits
 )
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# The device mesh, outermost axis first: config.mesh.shape gives each axis's size, and one of them
+# may be -1 (the devices left over). tensor is innermost, on the fastest links.
+MESH_AXES = (
+    "data",  # data parallelism: the batch splits, every device holds all the weights
+    "fsdp",  # the batch splits too, and so do the weights' "embed" dimension (gathered layer by layer)
+    "tensor",  # tensor parallelism: heads, MLP widths and the vocab split
+)
 
 # config.train.loss: cross-entropy on the reference answer, distillation from the frozen LLM
 # reading the transcript as text (KL between next-token distributions on the answer tokens), or
@@ -126,25 +132,32 @@ def training_sections(stage: int) -> dict[str, ml_collections.ConfigDict]:
   """
   if stage not in (1, 2):
     raise ValueError(f"stage {stage}: LLaSM has stages 1 and 2")
+  # What trains, for how long, checkpoints and the loss (llasm_jax/train/trainer.py).
   train = ml_collections.ConfigDict(dict(
-      stage=stage,
+      stage=stage,  # for the record (WORKDIR/config.json): `trainable` and optim.lr make the stages differ
       # Regexes over parameter paths ("adaptor/...", "llm/model/layers/...", "audio/..."); the rest is frozen.
       trainable=("adaptor/.*",) if stage == 1 else ("adaptor/.*", "llm/.*"),
       new_token_rows_only=False,  # with "llm/.*embed_tokens.*" trainable: only the audio-token rows
       init_from="",  # a model folder (llasm-jax convert) or a stage-1 workdir's model/ folder
-      steps=1000,
+      steps=1000,  # optimizer steps in all (a resumed run goes on to it); also the length of the LR schedule
       batch_size=32,  # global, over all processes
-      grad_accum=1,
-      seed=0,
-      log_every=10,
-      checkpoint_every=500,
-      keep_checkpoints=3,
+      grad_accum=1,  # micro-batches per step, their gradients summed; batch_size divides by it x data x fsdp
+      seed=0,  # the random initial parameters (without init_from) and the step's rng
+      log_every=10,  # steps per log line and TensorBoard point (device values are read only then)
+      checkpoint_every=500,  # steps between checkpoints in WORKDIR/checkpoints (one more at the end)
+      keep_checkpoints=3,  # the latest checkpoints kept
+      # The run stops when more steps than this had a non-finite loss or gradients (their updates
+      # are skipped), counted over the run and checked every log_every steps.
       max_nonfinite_steps=20,
       peak_tflops_per_device=0.0,  # for MFU; 0 = not reported (e.g. 197 for TPU v5e bf16, 989 for H100)
       # A time budget in minutes of training (compiles and evals not counted); when it runs out the
       # run saves and ends as if finished (its model folder is written). 0 = none: `steps` decide.
       max_minutes=0.0,
-      debug_sigterm_at_step=0,
+      debug_sigterm_at_step=0,  # tests: the run sends itself SIGTERM after this step (preemption); 0 = never
+      # JAX's persistent compilation cache, so that a resumed or repeated run does not compile
+      # again: "" = WORKDIR/compilation_cache, "none" = off, or any folder (gs:// too) that
+      # several runs share.
+      compilation_cache="",
       # "ce", "kd" or "mix" (see LOSSES). The teacher of "kd"/"mix" is the frozen LLM reading each
       # audio's transcript as text, so the LLM must stay frozen (stage 1) and the data must carry
       # transcripts (ASR datasets; instruction datasets built with their spoken turns' text).
@@ -152,10 +165,21 @@ def training_sections(stage: int) -> dict[str, ml_collections.ConfigDict]:
       kd_weight=0.5,  # "mix": loss = (1 - kd_weight) * CE + kd_weight * KL
       kd_temperature=1.0,  # softmax temperature of both distributions (the KL is scaled by its square)
   ))
+  # AdamW on the trainable parameters, linear warmup then cosine decay (llasm_jax/train/optim.py).
   optim = ml_collections.ConfigDict(dict(
-      lr=1e-3 if stage == 1 else 2e-5, warmup_steps=100, end_lr_ratio=0.1, b1=0.9, b2=0.999, eps=1e-8,
-      weight_decay=0.0, clip_norm=1.0, max_consecutive_nonfinite=1_000_000,
+      lr=1e-3 if stage == 1 else 2e-5,  # the peak learning rate, reached after warmup
+      warmup_steps=100,  # linear warmup from 0 (at most train.steps - 1)
+      end_lr_ratio=0.1,  # the cosine decay ends at lr * end_lr_ratio at train.steps
+      b1=0.9,  # AdamW beta1
+      b2=0.999,  # AdamW beta2
+      eps=1e-8,  # AdamW epsilon
+      weight_decay=0.0,  # AdamW decoupled weight decay, on matrices only (not norms, biases, scales)
+      clip_norm=1.0,  # the trainable gradients' global norm is clipped to this before AdamW
+      # Non-finite updates in a row that are skipped before one is applied anyway
+      # (optax.apply_if_finite); the default never applies one: train.max_nonfinite_steps stops first.
+      max_consecutive_nonfinite=1_000_000,
   ))
+  # The training batches (llasm_jax/data/pipeline.py; "synthetic": llasm_jax/train/synthetic.py).
   data = ml_collections.ConfigDict(dict(
       source="synthetic",  # or "tfds": the datasets of `llasm-jax data build`
       dir="",  # "tfds": comma-separated folders written by `llasm-jax data build`
@@ -169,23 +193,27 @@ def training_sections(stage: int) -> dict[str, ml_collections.ConfigDict]:
       # LLaSM's long system prompt skips about half of each row's tokens).
       shared_prefix=False,
       workers=0,  # "tfds": grain worker processes; 0 = min(8, CPUs); -1 = none, read in this process
-      threads=2,
-      seq_len=512, max_audios=1, mel_frames=3000,
+      threads=2,  # "tfds": grain reader threads in each worker
+      seq_len=512,  # T: tokens per row (the longest bucket); a longer sample is cut, with the audio past the cut
+      max_audios=1,  # A: audio slots per row; audio beyond them is cut together with the text from its marker on
+      # "encoder" mode: F, the audio window in mel frames (at most 3000 = 30 s; a longer audio takes
+      # one slot per window). "llasm" mode always reads 3000.
+      mel_frames=3000,
       buckets=(),  # "tfds": allowed sequence lengths T, ascending, ending at seq_len; () = always seq_len
       # "tfds": "mel" (raw audio), "cached" (a `llasm-jax data encode` dataset: no Whisper in the
       # step), or "auto": what config.data.dir holds.
       features="auto",
       feature_buckets=(),  # "cached", encoder mode: allowed feature frame counts S; () = quarters of a window
       num_examples=10_000,  # "synthetic" only
-      seed=0,
+      seed=0,  # the shuffle and each sample's random choices (such as the stage-1 instruction)
   ))
   # Greedy answers of the current parameters on a held-out dataset, scored (eval/wer, eval/cer,
   # eval/f1 in TensorBoard and the step log) every `every` steps and at the end; 0 = off.
   evaluation = ml_collections.ConfigDict(dict(
-      every=0,
+      every=0,  # training steps between evals (one more at the end); 0 = no eval
       data="",  # a dataset of `llasm-jax data build` (or `data encode`), asr or instructions
       limit=64,  # its first rows
-      max_new_tokens=64,
+      max_new_tokens=64,  # the longest greedy answer, in tokens
       batch=8,  # rows per generate call (a multiple of the data x fsdp devices wastes nothing)
   ))
   return dict(train=train, optim=optim, data=data, eval=evaluation)

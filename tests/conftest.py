@@ -1,12 +1,51 @@
 """Shared test fixtures: tiny random Hugging Face models saved with `save_pretrained`."""
 
 import glob
+import logging
 import os
+import socket
+import uuid
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests do not write JAX executables to ~/.cache (tests of the cache point it at their tmp_path).
+os.environ.setdefault("LLASM_JAX_COMPILATION_CACHE", "none")
+# gcsfs probes a bucket's namespace type through the storage-control gRPC API, which the emulator lacks.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+GCS_BUCKET = "llasm-test"
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """Cloud Storage on 127.0.0.1: `gcp-storage-emulator` in memory, with the bucket GCS_BUCKET.
+  gcsfs / etils.epath (STORAGE_EMULATOR_HOST) and Orbax's tensorstore (TENSORSTORE_GCS_HTTP_URL)
+  talk to it, in this process and in the subprocesses it starts. Yields a function that returns
+  a fresh gs:// folder per call."""
+  from gcp_storage_emulator.server import create_server
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  server = create_server("127.0.0.1", port, in_memory=True, default_bucket=GCS_BUCKET)
+  server.start()
+  # Clients close connections early (HEAD probes): the emulator's tracebacks for that are noise.
+  server._api._httpd.handle_error = lambda request, address: None
+  logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
+  logging.getLogger("gcsfs").setLevel(logging.ERROR)
+  url = f"http://127.0.0.1:{port}"
+  saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
+  os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url)
+  try:
+    yield lambda name="run": f"gs://{GCS_BUCKET}/{name}-{uuid.uuid4().hex[:8]}"
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+    server.stop()
 
 
 def hf_tensors(torch_model, folder) -> dict[str, np.ndarray]:

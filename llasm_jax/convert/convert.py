@@ -17,7 +17,6 @@ the sources' HF configs (read or synthesized) for `export`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from types import MappingProxyType
@@ -29,7 +28,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from llasm_jax import checkpoint
+from llasm_jax import checkpoint, paths
 from llasm_jax.convert.configs import llama_config_from_hf, whisper_config_from_hf
 from llasm_jax.convert.hf import check_complete, fill_params, flat_params, keymaps, whisper_name
 from llasm_jax.convert.keymap import KeyMap
@@ -162,11 +161,6 @@ def plan(llm_path: str | None, whisper_path: str | None, mode: str = "llasm") ->
               keymaps("llasm", mode), extra=_fresh_adaptor(cfg, seed=0), tokenizer=tokenizer)
 
 
-def _write_json(path: str, obj) -> None:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2)
-
-
 def _save_files(p: Plan, folder: str) -> None:
   """The files that travel with the parameters (see the module docstring)."""
   if p.tokenizer is not None:
@@ -175,12 +169,12 @@ def _save_files(p: Plan, folder: str) -> None:
     # The source configs travel along, so `export` keeps the fields llasm_jax does not model.
     if role == "llm":
       src.save_tokenizer_files(folder)
-      _write_json(os.path.join(folder, checkpoint.HF_LLM_CONFIG), src.config)
+      paths.write_json(os.path.join(folder, checkpoint.HF_LLM_CONFIG), src.config)
     else:
       src.save_feature_files(folder)
       os.makedirs(os.path.join(folder, checkpoint.WHISPER_DIR), exist_ok=True)
       src.save_tokenizer_files(os.path.join(folder, checkpoint.WHISPER_DIR))
-      _write_json(os.path.join(folder, checkpoint.HF_WHISPER_CONFIG), src.config)
+      paths.write_json(os.path.join(folder, checkpoint.HF_WHISPER_CONFIG), src.config)
 
 
 def convert(llm_dir: str | None = None, whisper_dir: str | None = None, *, out: str, dtype: str = "float32",
@@ -199,7 +193,7 @@ def convert(llm_dir: str | None = None, whisper_dir: str | None = None, *, out: 
     shapes = jax.tree.map(lambda v: v.shape, flat_params(abstract))
     np_dtype = jnp.dtype(dtype)
     dest = {k: np.empty(s, np_dtype) for k, s in shapes.items() if k not in p.extra}
-    summary = Summary(out=os.path.abspath(out), kind=p.kind)
+    summary = Summary(out=paths.join(out), kind=p.kind)
     total = sum(src.nbytes for _, src, _ in p.sources)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress)
 
@@ -220,8 +214,9 @@ def convert(llm_dir: str | None = None, whisper_dir: str | None = None, *, out: 
       dest[k][...] = sinusoids(*dest[k].shape)
     check_complete(dest, filled, optional=positions)
     dest.update({k: v.astype(np_dtype) for k, v in p.extra.items()})
-    checkpoint.save_params(tmp, p.kind, p.cfg, dest, stored_dtype=dtype, extra=dict(p.meta))
+    with paths.staged(tmp) as local:  # tokenizers save local files only
+      _save_files(p, local)
+    checkpoint.save_params(tmp, p.kind, p.cfg, dest, stored_dtype=dtype, extra=dict(p.meta))  # its meta file last
     del dest
-    _save_files(p, tmp)
   summary.seconds = time.perf_counter() - start
   return summary

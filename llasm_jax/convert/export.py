@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Iterable
 
@@ -17,7 +16,7 @@ import numpy as np
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
-from llasm_jax import checkpoint
+from llasm_jax import checkpoint, paths
 from llasm_jax.convert.configs import llama_config_to_hf, whisper_config_to_hf
 from llasm_jax.checkpoint import FEATURE_FILES, TOKENIZER_FILES
 from llasm_jax.checkpoint import HF_LLM_CONFIG, HF_WHISPER_CONFIG
@@ -55,15 +54,15 @@ def write_safetensors(folder: str, tensors: Iterable[tuple[str, np.ndarray]], sh
     final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
     os.rename(os.path.join(folder, tmp), os.path.join(folder, final))
     weight_map.update({n: final for n in names})
-  with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
-    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  paths.write_json(os.path.join(folder, "model.safetensors.index.json"),
+                   {"metadata": {"total_size": total}, "weight_map": weight_map})
   return total
 
 
 def _hf_config(ckpt: str, source_name: str, ours: dict) -> dict:
   """The source checkpoint's config.json (if converted from one) updated with our fields."""
-  path = os.path.join(ckpt, source_name)
-  base = json.load(open(path)) if os.path.exists(path) else {}
+  path = paths.resolve(ckpt) / source_name
+  base = paths.read_json(path) if path.exists() else {}
   for key in ("model_type", "architectures", "mm_audio_tower", "mm_hidden_size", "audio_token_len", "use_mm_proj",
               "rope_scaling", "rope_parameters", "attention_bias", "llasm_jax_mode"):
     base.pop(key, None)
@@ -74,14 +73,12 @@ def _hf_config(ckpt: str, source_name: str, ours: dict) -> dict:
   return out
 
 
-def _write_json(path: str, obj) -> None:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2)
-
-
 def export(ckpt: str, out: str, *, shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
            progress: bool = True) -> dict[str, int]:
-  """Writes the HF folders of the model in `ckpt` under `out`; returns bytes per folder."""
+  """Writes the HF folders of the model in `ckpt` under `out`; returns bytes per folder.
+
+  `ckpt` and `out` may be in a bucket: safetensors are written to local files first (a staging
+  folder when `out` is remote) and uploaded with each folder's config.json last."""
   meta = checkpoint.read_meta(ckpt)
   kind = meta["kind"]
   cfg = checkpoint.config_from_dict(kind, meta["config"])
@@ -95,15 +92,16 @@ def export(ckpt: str, out: str, *, shard_bytes: int = DEFAULT_SHARD_BYTES, overw
       bar.update(array.nbytes)
       yield name, array
 
-  with checkpoint.atomic_dir(out, overwrite=overwrite) as tmp:
+  markers = [f"{part}/config.json" for part in ("llm", "whisper", "llasm")]
+  with checkpoint.atomic_dir(out, overwrite=overwrite) as target, paths.staged(target, last=markers) as tmp:
     if kind in ("llama", "llasm"):
       lcfg = cfg if kind == "llama" else cfg.llm
       prefix = "" if kind == "llama" else "llm/"
       maps = keymaps("llama") if kind == "llama" else keymaps("llasm", cfg.mode)
       folder = os.path.join(tmp, "llm")
       written["llm"] = write_safetensors(folder, counted(iter_hf_tensors(params, maps, prefix)), shard_bytes)
-      _write_json(os.path.join(folder, "config.json"), _hf_config(ckpt, HF_LLM_CONFIG, llama_config_to_hf(lcfg)))
-      checkpoint.copy_files(ckpt, folder, TOKENIZER_FILES)
+      paths.write_json(os.path.join(folder, "config.json"), _hf_config(ckpt, HF_LLM_CONFIG, llama_config_to_hf(lcfg)))
+      paths.copy_files(ckpt, folder, TOKENIZER_FILES)
     if kind in ("whisper", "llasm"):
       wcfg = cfg if kind == "whisper" else cfg.audio
       maps = keymaps("whisper") if kind == "whisper" else keymaps("llasm", cfg.mode)
@@ -111,11 +109,11 @@ def export(ckpt: str, out: str, *, shard_bytes: int = DEFAULT_SHARD_BYTES, overw
       folder = os.path.join(tmp, "whisper")
       stream = (("model." + n, a) for n, a in iter_hf_tensors(params, maps, prefix))
       written["whisper"] = write_safetensors(folder, counted(stream), shard_bytes)
-      _write_json(os.path.join(folder, "config.json"),
+      paths.write_json(os.path.join(folder, "config.json"),
                   _hf_config(ckpt, HF_WHISPER_CONFIG, whisper_config_to_hf(wcfg)))
-      checkpoint.copy_files(ckpt, folder, FEATURE_FILES)
+      paths.copy_files(ckpt, folder, FEATURE_FILES)
       # Whisper's own tokenizer and generation config, so the folder transcribes as it is.
-      checkpoint.copy_files(os.path.join(ckpt, checkpoint.WHISPER_DIR), folder, checkpoint.WHISPER_FILES)
+      paths.copy_files(paths.join(ckpt, checkpoint.WHISPER_DIR), folder, checkpoint.WHISPER_FILES)
     if kind == "llasm":
       folder = os.path.join(tmp, "llasm")
       maps = keymaps("llasm", cfg.mode)
@@ -126,12 +124,12 @@ def export(ckpt: str, out: str, *, shard_bytes: int = DEFAULT_SHARD_BYTES, overw
                 mm_hidden_size=cfg.audio.d_model, audio_token_len=cfg.audio_token_len, use_mm_proj=True,
                 llasm_jax_mode=cfg.mode, llasm_jax_stack_factor=cfg.stack_factor,
                 llasm_jax_adaptor_hidden=cfg.adaptor_hidden)
-      _write_json(os.path.join(folder, "config.json"), hf)
-      checkpoint.copy_files(ckpt, folder, TOKENIZER_FILES)
+      paths.write_json(os.path.join(folder, "config.json"), hf)
+      paths.copy_files(ckpt, folder, TOKENIZER_FILES)
       ids = (cfg.audio_patch_id, cfg.audio_start_id, cfg.audio_end_id)
       added_path = os.path.join(folder, "added_tokens.json")
-      added = json.load(open(added_path)) if os.path.exists(added_path) else {}
+      added = paths.read_json(added_path) if os.path.exists(added_path) else {}
       added.update(dict(zip(AUDIO_TOKENS, ids)))
-      _write_json(added_path, added)
+      paths.write_json(added_path, added)
   bar.close()
   return written

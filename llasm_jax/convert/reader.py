@@ -13,7 +13,8 @@ from typing import Iterator
 
 import numpy as np
 
-from llasm_jax.checkpoint import FEATURE_FILES, WHISPER_FILES, copy_files
+from llasm_jax.checkpoint import FEATURE_FILES, WHISPER_FILES
+from llasm_jax.paths import copy_files
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 

@@ -51,6 +51,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from llasm_jax import paths
 from llasm_jax.data.audio import SAMPLE_RATE, AudioError, check_audio, load_audio, to_int16
 from llasm_jax.data.templates import AUDIO, MARKERS
 
@@ -489,14 +490,40 @@ def _say(msg: str, quiet: bool) -> None:
     tqdm.write(msg, file=sys.stderr)
 
 
+def staged_dataset(out: str, name: str, report: str, overwrite: bool, write: Callable[[str], Any]):
+  """Runs `write(local_out)`, which writes the dataset `name` into a local folder, and uploads it
+  to the bucket `out`: TFDS's ArrayRecord writer writes local files only. Its dataset_info.json
+  goes up last, so readers see the dataset complete or not at all; an old one there loses its
+  dataset_info.json first. Returns write's result with its paths pointing into the bucket."""
+  home = paths.resolve(out) / name
+  remote = home / VERSION
+  if remote.exists() and not overwrite:
+    raise FileExistsError(f"dataset {os.fspath(remote)!r} exists; pass --overwrite or choose another --out")
+  with tempfile.TemporaryDirectory(prefix="llasm_jax_dataset_") as local:
+    result = write(local)
+    local_home = os.path.join(local, name)
+    result.report["path"] = os.fspath(remote)
+    paths.write_json(os.path.join(local_home, report), result.report, ensure_ascii=False, indent=1)
+    if remote.exists():
+      (remote / "dataset_info.json").unlink(missing_ok=True)
+      remote.rmtree()
+    paths.upload_tree(local_home, home, last=(f"{VERSION}/dataset_info.json",))
+  return dataclasses.replace(result, path=os.fspath(remote), report_path=os.fspath(home / report))
+
+
 def build(kind: str, rows: list[Row], out: str, *, options: Options = Options(), workers: int = 0,
           max_skip_share: float = 0.5, overwrite: bool = False, quiet: bool = False,
           print_skips: int = 50) -> BuildResult:
-  """Builds the `kind` ("asr" or "instructions") dataset of `rows` into `out`/<name>/<version>.
+  """Builds the `kind` ("asr" or "instructions") dataset of `rows` into `out`/<name>/<version>;
+  `out` may be a bucket (gs://...), written through a local staging folder (`staged_dataset`).
 
   Bad rows are skipped, printed (the first `print_skips`) and listed in the report; the build
   fails with BuildError if more than `max_skip_share` of the rows are skipped.
   """
+  if paths.is_remote(out):
+    return staged_dataset(out, _builders()[kind].name, REPORT, overwrite, lambda local: build(
+        kind, rows, local, options=options, workers=workers, max_skip_share=max_skip_share, quiet=quiet,
+        print_skips=print_skips))
   import tensorflow_datasets as tfds
   from tqdm import tqdm
 
@@ -549,8 +576,9 @@ def build(kind: str, rows: list[Row], out: str, *, options: Options = Options(),
               "kept": kept, "skipped": dict(sorted(skipped.items())), "audio_hours": round(seconds / 3600, 4),
               "elapsed_s": round(time.time() - t0, 2), "options": dataclasses.asdict(options),
               "max_skip_share": max_skip_share, "skipped_rows": skipped_rows}
-    with open(report_path, "w", encoding="utf-8") as f:
-      json.dump(report, f, ensure_ascii=False, indent=1)
+    if status == "ok":
+      report["bytes"] = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    paths.write_json(report_path, report, ensure_ascii=False, indent=1)
     return report
 
   if not rows:
@@ -588,7 +616,7 @@ def summary(result: BuildResult) -> str:
   """The lines printed at the end of a build."""
   r = result.report
   reasons = ", ".join(f"{k} {v}" for k, v in r["skipped"].items()) or "none"
-  size = sum(os.path.getsize(os.path.join(result.path, f)) for f in os.listdir(result.path))
+  size = r["bytes"]
   return (f"rows read {r['rows_read']}, kept {r['kept']}, skipped {r['rows_read'] - r['kept']} ({reasons})\n"
           f"dataset {result.path}: {r['audio_hours']:.3f} h of audio, {size / 2**20:.1f} MiB, "
           f"{r['elapsed_s']:.1f} s\nreport {result.report_path}")

@@ -49,10 +49,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from llasm_jax import checkpoint, sharding
+from llasm_jax import checkpoint, paths, sharding
 from llasm_jax.config import DEFAULT_RULES
 from llasm_jax.data import pipeline
 from llasm_jax.data.audio import SAMPLE_RATE
+from llasm_jax.data import builders
 from llasm_jax.data.builders import VERSION
 from llasm_jax.data.features import MAX_FRAMES
 from llasm_jax.models.llasm import Llasm, LlasmConfig
@@ -231,6 +232,14 @@ def encode(ckpt: str, data: str, out: str, *, dtype: str = "bfloat16", batch_siz
     raise ValueError(f"--data {data!r} mixes asr and instructions datasets; encode each kind on its own "
                      "(training reads several caches together: config.data.dir=A,B)")
   name = f"llasm_{source.kind}_features"
+  if paths.is_remote(out):
+    if jax.process_count() > 1:
+      raise ValueError(f"--out {out!r}: processes of a multi-host encode write their shards into one folder, "
+                       "which must be a shared filesystem; pass the bucket's gcsfuse mount (launch/tpu.sh setup "
+                       "--data-bucket) instead of its gs:// URL")
+    return builders.staged_dataset(out, name, REPORT, overwrite, lambda local: encode(
+        ckpt, data, local, batch_size=batch_size, dtype=dtype, mel_frames=mel_frames, mesh_shape=mesh_shape,
+        rules=rules, quiet=quiet, chunk_batches=chunk_batches, threads=threads))
   home = os.path.join(os.path.abspath(out), name)
   path = os.path.join(home, VERSION)
   if os.path.exists(path) and not overwrite:
@@ -313,7 +322,7 @@ def encode(ckpt: str, data: str, out: str, *, dtype: str = "bfloat16", batch_siz
           shards.append(json.load(f))
         os.remove(os.path.join(tmp, f"shard-{i:05d}.json"))
       total = {k: sum(s[k] for s in shards) for k in ("rows", "audios", "slots", "seconds", "feature_frames")}
-      marker = runner.marker(checkpoint=os.path.abspath(ckpt), source=source.paths)
+      marker = runner.marker(checkpoint=paths.join(ckpt), source=source.paths)
       split = tfds.core.SplitInfo(name="train", shard_lengths=[s["rows"] for s in shards],
                                   num_bytes=sum(os.path.getsize(template.sharded_filepath(shard_index=i, num_shards=count))
                                                 for i in range(count)), filename_template=template)
@@ -327,7 +336,7 @@ def encode(ckpt: str, data: str, out: str, *, dtype: str = "bfloat16", batch_siz
   if main:
     elapsed = time.time() - t0
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
-    report = {"dataset": name, "path": path, "source": source.paths, "checkpoint": os.path.abspath(ckpt),
+    report = {"dataset": name, "path": path, "source": source.paths, "checkpoint": paths.join(ckpt),
               "mode": cfg.mode, "dtype": dtype, "processes": count, **total,
               "seconds": round(total["seconds"], 2), "elapsed_s": round(elapsed, 2),
               "audios_per_s": round(total["audios"] / elapsed, 2), "bytes": size, "cache": marker}

@@ -59,6 +59,7 @@ from typing import Any, Sequence
 import ml_dtypes
 import numpy as np
 
+from llasm_jax import paths
 from llasm_jax.config import needs_teacher
 from llasm_jax.data import features, templates
 from llasm_jax.data.audio import SAMPLE_RATE, from_int16, split_windows
@@ -217,6 +218,9 @@ def default_feature_buckets(frames: int) -> tuple[int, ...]:
 
 def find_dataset(path: str) -> str:
   """The folder holding dataset_info.json: `path` itself, or DIR/<name>/<version> under it."""
+  paths.require_local(path, "data dir", "datasets are read through the bucket mounted with gcsfuse, as grain "
+                      "recommends (`launch/tpu.sh setup --data-bucket BUCKET` mounts it at /mnt/data): pass the "
+                      "mounted folder")
   if os.path.isfile(os.path.join(path, "dataset_info.json")):
     return path
   found = sorted(glob.glob(os.path.join(path, "*", "dataset_info.json")) +

@@ -24,9 +24,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import json
 import math
-import os
 import re
 import string
 import time
@@ -35,7 +33,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from llasm_jax import checkpoint
+from llasm_jax import checkpoint, paths
 from llasm_jax.data import pipeline, templates
 from llasm_jax.infer.engine import AudioFeatures
 
@@ -190,9 +188,8 @@ class Report:
     return {**self.info, "totals": self.totals, "timings": self.timings, "rows": [r.as_dict() for r in self.rows]}
 
   def write(self, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(self.as_dict(), f, ensure_ascii=False, indent=1)
+    """Writes the JSON report to `path` (local or gs://)."""
+    paths.write_json(path, self.as_dict(), ensure_ascii=False, indent=1)
 
   def summary(self) -> str:
     """One line: the totals, e.g. "wer 12.50% (4 rows, 40 words) | f1 0.613 (3 rows) | 12.3 s"."""

@@ -85,14 +85,15 @@ class Generator:
     if meta["kind"] == "whisper":
       raise ValueError(f"--ckpt {folder!r} holds Whisper alone; generation needs a 'llasm' or 'llama' "
                        "checkpoint (convert with --llm, and --whisper for audio)")
+    local = checkpoint.companions(folder)  # tokenizer and configs; a bucket's are downloaded
     tokenizer = None
-    if any(os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer.model")):
+    if any(os.path.exists(os.path.join(local, f)) for f in ("tokenizer.json", "tokenizer.model")):
       from transformers import AutoTokenizer
 
-      tokenizer = AutoTokenizer.from_pretrained(folder)
+      tokenizer = AutoTokenizer.from_pretrained(local)
     model, _ = checkpoint.load_model(folder, mesh=mesh, rules=rules, **run)
     llm_cfg = model.llm.cfg if meta["kind"] == "llasm" else model.cfg
-    engine = Engine(model, mesh=mesh, rules=rules, eos_ids=checkpoint_eos_ids(folder, llm_cfg, tokenizer),
+    engine = Engine(model, mesh=mesh, rules=rules, eos_ids=checkpoint_eos_ids(local, llm_cfg, tokenizer),
                     pad_id=None if tokenizer is None or tokenizer.pad_token_id is None else tokenizer.pad_token_id)
     return cls(engine, tokenizer, template=template, system=system, folder=folder)
 

@@ -146,9 +146,10 @@ class Transcriber(MeshFunctions):
       raise ValueError(f"--ckpt {folder!r} is an {meta['config'].get('mode')!r}-mode LLaSM, whose Whisper has no "
                        "decoder; transcribe with a Whisper folder (`llasm-jax convert --whisper W --out DIR`)")
     model, _ = checkpoint.load_whisper(folder, mesh=mesh, rules=rules, **run)
-    tokens = WhisperTokens.from_folder(folder, model.cfg)
+    local = checkpoint.companions(folder)  # tokenizer and configs; a bucket's are downloaded
+    tokens = WhisperTokens.from_folder(local, model.cfg)
     tokenizer = None
-    for where in (os.path.join(folder, checkpoint.WHISPER_DIR), folder if meta["kind"] == "whisper" else None):
+    for where in (os.path.join(local, checkpoint.WHISPER_DIR), local if meta["kind"] == "whisper" else None):
       if where and any(os.path.exists(os.path.join(where, f)) for f in ("tokenizer.json", "vocab.json")):
         from transformers import AutoTokenizer
 

@@ -24,7 +24,7 @@ from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from llasm_jax import checkpoint, sharding
+from llasm_jax import checkpoint, compilation_cache, paths, sharding
 from llasm_jax.config import llasm_config, loss_options, needs_teacher
 from llasm_jax.data import encode, pipeline
 from llasm_jax.models.llasm import Llasm, LlasmConfig
@@ -125,7 +125,7 @@ class Checkpoints:
   """Orbax CheckpointManager over `workdir/checkpoints`: async, atomic, keeps the last K."""
 
   def __init__(self, workdir: str, config):
-    self.dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.dir = paths.join(workdir, "checkpoints")
     self.manager = ocp.CheckpointManager(
         self.dir, item_names=("params", "opt_state", "train", "data"),
         options=ocp.CheckpointManagerOptions(
@@ -176,11 +176,10 @@ class Checkpoints:
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """The rows every run in `workdir` logged (WORKDIR/metrics.jsonl), one per step: a resumed run's
   rows replace those of the steps it ran again."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(path):
+  path = paths.resolve(workdir) / "metrics.jsonl"
+  if not path.exists():
     return []
-  with open(path) as f:
-    by_step = {r["step"]: r for r in map(json.loads, filter(str.strip, f))}
+  by_step = {r["step"]: r for r in map(json.loads, filter(str.strip, path.read_text().splitlines()))}
   return [by_step[s] for s in sorted(by_step)]
 
 
@@ -199,7 +198,7 @@ class Metrics:
     if self.is_main:
       from tensorboardX import SummaryWriter
 
-      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self.writer = SummaryWriter(paths.join(workdir, "tensorboard"))  # gs:// too (tensorboardX uploads)
     self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not self.is_main,
                     dynamic_ncols=True)
     self.window: list[dict] = []
@@ -244,8 +243,7 @@ class Metrics:
     log(line)
     self.history.append(row)
     if self.is_main:  # every logged row, kept over resumed runs (plots, the demo's report)
-      with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
+      paths.append_text(paths.join(self.workdir, "metrics.jsonl"), json.dumps(row) + "\n")
     if self.writer is not None:
       for k, v in row.items():
         if k != "step":
@@ -345,10 +343,11 @@ class Setup:
       return self.step.lower(self.abstract_state, batch).compile()
 
 
-def prepare(config: ml_collections.ConfigDict) -> Setup:
+def prepare(config: ml_collections.ConfigDict, devices=None) -> Setup:
+  """`devices`: the mesh's devices, default all of this job's (a TPU topology's for `--compile-only`)."""
   cfg = model_config(config)
   rules = tuple(tuple(r) for r in config.logical_axis_rules)
-  mesh = sharding.make_mesh(config.mesh.shape)
+  mesh = sharding.make_mesh(config.mesh.shape, devices)
   tc = config.train
   if tc.batch_size % (tc.grad_accum * mesh.shape["data"] * mesh.shape["fsdp"]):
     raise ValueError(f"config.train.batch_size {tc.batch_size} must divide by grad_accum ({tc.grad_accum}) x "
@@ -406,37 +405,59 @@ def abstract_batch(config, setup: Setup) -> dict[str, jax.ShapeDtypeStruct]:
   return {k: jax.ShapeDtypeStruct(s, d, sharding=setup.batch_sharding[k]) for k, (s, d) in shapes.items()}
 
 
-def compile_only(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def compile_only(config: ml_collections.ConfigDict, devices=None, *, quiet: bool = False) -> dict[str, Any]:
   """Compiles the train step for the config's mesh without allocating the model: per-device
-  memory and FLOPs before a job reaches the hardware (run with the target's device count,
-  e.g. XLA_FLAGS=--xla_force_host_platform_device_count=N on a CPU host)."""
-  setup = prepare(config)
+  memory and the step's model FLOPs before a job reaches the hardware. `devices`: the mesh's,
+  default this job's (run with the target's device count, e.g.
+  XLA_FLAGS=--xla_force_host_platform_device_count=N on a CPU host), or a TPU topology's
+  compile-only devices (llasm_jax/train/plan.py), whose compiler applies the chip's HBM limit:
+  a step over it leaves the compiler's RESOURCE_EXHAUSTED line under "out_of_memory"."""
+  setup = prepare(config, devices)
+  trainable_llm = any(lab != FROZEN for lab, p in zip(jax.tree.leaves(setup.labels),
+                                                      jax.tree_util.tree_leaves_with_path(setup.abstract_state.params))
+                      if path_str(p[0]).startswith("llm/"))
+  out = {"devices": setup.mesh.size, "mesh": dict(setup.mesh.shape),
+         "model_flops_per_step": model_flops_per_step(setup.cfg, config, trainable_llm,
+                                                      whisper=setup.features == "mel")}
   t0 = time.perf_counter()
-  compiled = setup.compile(abstract_batch(config, setup))
-  seconds = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  out = {"compile_s": round(seconds, 1), "devices": jax.device_count(), "mesh": dict(setup.mesh.shape)}
+  try:
+    compiled = setup.compile(abstract_batch(config, setup))
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    compiled, out["out_of_memory"] = None, str(e).strip().splitlines()[0]
+  out["compile_s"] = round(time.perf_counter() - t0, 1)
+  mem = compiled.memory_analysis() if compiled is not None else None
   if mem is not None:
+    # Every field in bytes; "peak_memory_in_bytes" counts the buffers live at once (donated
+    # arguments reused by their outputs), the other fields each kind of buffer on its own.
+    out["memory_bytes"] = {k: int(getattr(mem, k)) for k in dir(mem) if k.endswith("_in_bytes")}
     for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "generated_code_size_in_bytes"):
       out[k.replace("_in_bytes", "_gib")] = round(getattr(mem, k, 0) / 2**30, 3)
-  log(json.dumps(out, indent=1))
+  if not quiet:
+    log(json.dumps(out, indent=1))
   return out
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains until `config.train.steps`, resuming from the latest checkpoint in `workdir`."""
-  workdir = os.path.abspath(workdir)
+  """Trains until `config.train.steps`, resuming from the latest checkpoint in `workdir` (a local
+  folder or a bucket, gs://BUCKET/run), with JAX's compilation cache in the workdir (or
+  `config.train.compilation_cache`)."""
+  workdir = paths.join(workdir)
+  with compilation_cache.using(config.train.get("compilation_cache") or paths.join(workdir, "compilation_cache")):
+    return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  cache = jax.config.jax_compilation_cache_dir
   setup = prepare(config)
   cfg, mesh, rules, tc = setup.cfg, setup.mesh, setup.rules, config.train
   replicated = setup.replicated
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    with open(os.path.join(workdir, "run.json"), "w") as f:
-      json.dump({"git_revision": git_revision(), "model": checkpoint.config_to_dict(cfg),
-                 "processes": jax.process_count(), "devices": jax.device_count(),
-                 "mesh": dict(mesh.shape)}, f, indent=2)
+    paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    paths.write_json(paths.join(workdir, "run.json"), {
+        "git_revision": git_revision(), "model": checkpoint.config_to_dict(cfg), "processes": jax.process_count(),
+        "devices": jax.device_count(), "mesh": dict(mesh.shape), "compilation_cache": cache})
   log(f"model: mode {cfg.mode!r}, LLM {cfg.llm.num_hidden_layers}x{cfg.llm.hidden_size}, compute {cfg.llm.dtype}; "
       f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} processes")
   abs_params, labels = setup.abstract_state.params, setup.labels
@@ -534,7 +555,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       data.close()  # stops the grain worker processes
   log(stop_reason)
   if stop_reason in ("finished", "time budget"):
-    save_model(os.path.join(workdir, "model"), cfg, state, config)
+    save_model(paths.join(workdir, "model"), cfg, state, config)
   summary = dict(stop_reason=stop_reason, step=int(state.step), history=metrics_out.history, eval=evals)
   line = f"summary: at step {summary['step']} of {tc.steps} ({summary['step'] - start} this run)"
   if last_metrics is not None:
@@ -571,7 +592,7 @@ def run_eval(evaluator, setup: Setup, state: TrainState, step: int, metrics: Met
         metrics.writer.add_scalar(f"eval/{k}", report.totals[k], step)
     metrics.writer.flush()
   if jax.process_index() == 0:
-    report.write(os.path.join(workdir, "eval", f"step_{step}.json"))
+    report.write(paths.join(workdir, "eval", f"step_{step}.json"))
   metrics.t0 += time.perf_counter() - t0  # evaluating is not training time
   return {"step": step, **report.totals}
 
