@@ -3,7 +3,7 @@ r"""LLaSM-Cllama2 (Whisper large-v2 + Chinese-Llama-2-7B shape), stage 1, on a T
   llasm-jax train --config configs/llasm_cllama2_7b_stage1.py --workdir gs://BUCKET/llasm_stage1 \
       --config.train.init_from=/ckpt/llasm_fresh \
       --config.data.source=tfds --config.data.dir=/data/asr
-  (launch/tpu_pod.sh and launch/gpu_slurm.sh run it on every host.)
+  (launch/tpu.sh run and launch/gpu_slurm.sh run it on every host.)
 """
 
 import ml_collections

@@ -19,6 +19,7 @@ set -euo pipefail
 COMMAND="${COMMAND:-train}"  # the llasm-jax subcommand: train (default), forward, generate, ...
 
 cd "${SLURM_SUBMIT_DIR:-$(pwd)}"
+# shellcheck source=/dev/null  # the venv made at install time
 . .venv/bin/activate
 
 # The whole GPU for the XLA allocator, since one process owns each node's GPUs.

@@ -11,6 +11,7 @@ COMMAND="${COMMAND:-train}"  # the llasm-jax subcommand: train (default), forwar
 
 cd "$(dirname "$0")/.."
 if [[ -z "${VIRTUAL_ENV:-}" && -f .venv/bin/activate ]]; then
+  # shellcheck source=/dev/null  # the venv made at install time
   . .venv/bin/activate
 fi
 exec llasm-jax "$COMMAND" "$@"

@@ -330,9 +330,9 @@ def report(opts: Options, phases: Phases, before: dict, after: dict, answers: di
             "  (type a question, or the path of an audio file to send it)",
             "the same recipe at 7B on a TPU pod (Whisper large-v2 + LLaMA-2-7B; see README 'From the demo to 7B'):",
             "  llasm-jax convert --llm Llama-2-7b-chat/ --whisper whisper-large-v2/ --mode encoder --out gs://B/fresh",
-            "  llasm-jax data encode --ckpt gs://B/fresh --data /data/asr --out /data/asr_cached",
-            "  launch/tpu_pod.sh train --config configs/llasm_cllama2_7b_stage1.py --workdir gs://B/stage1 \\",
-            "      --config.train.init_from=gs://B/fresh --config.data.source=tfds --config.data.dir=/data/asr_cached",
+            "  llasm-jax data encode --ckpt gs://B/fresh --data /mnt/data/asr --out /mnt/data/asr_cached",
+            "  launch/tpu.sh run -- train --config configs/llasm_cllama2_7b_stage1.py --workdir gs://B/stage1 \\",
+            "      --config.train.init_from=gs://B/fresh --config.data.source=tfds --config.data.dir=/mnt/data/asr_cached",
             "=" * 100]
   return "\n".join(lines)
 
