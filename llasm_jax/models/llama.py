@@ -25,40 +25,44 @@ from llasm_jax.layers.attention import write_kv_stacked
 class RopeScaling:
   """HF `rope_parameters` beyond rope_theta. rope_type: "default", "linear" or "llama3"."""
 
-  rope_type: str = "default"
-  factor: float = 1.0
+  rope_type: str = "default"  # "default": unscaled; "linear": every frequency / factor; "llama3": by wavelength
+  factor: float = 1.0  # the context stretch: "linear" divides every frequency by it, "llama3" the low ones
+  # "llama3": frequencies whose wavelength exceeds original_max_position_embeddings / low_freq_factor
+  # are divided by factor.
   low_freq_factor: float = 1.0
+  # "llama3": frequencies whose wavelength is below original_max_position_embeddings / high_freq_factor
+  # stay; those between the two bounds blend smoothly.
   high_freq_factor: float = 4.0
-  original_max_position_embeddings: int = 8192
+  original_max_position_embeddings: int = 8192  # "llama3": the context length of pretraining
 
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   """Architecture of a LLaMA-family LLM; field names follow the HF `config.json`."""
 
-  vocab_size: int = 32000
-  hidden_size: int = 4096
-  intermediate_size: int = 11008
-  num_hidden_layers: int = 32
-  num_attention_heads: int = 32
-  num_key_value_heads: int = 32
-  head_dim: int | None = None
-  rms_norm_eps: float = 1e-5
-  rope_theta: float = 10000.0
-  rope_scaling: RopeScaling = RopeScaling()
-  max_position_embeddings: int = 4096
-  tie_word_embeddings: bool = False
+  vocab_size: int = 32000  # V: rows of embed_tokens and columns of lm_head
+  hidden_size: int = 4096  # D: the model width
+  intermediate_size: int = 11008  # the MLP width (gate_proj, up_proj outputs)
+  num_hidden_layers: int = 32  # decoder layers
+  num_attention_heads: int = 32  # query heads
+  num_key_value_heads: int = 32  # key/value heads (grouped-query attention when fewer than the query heads)
+  head_dim: int | None = None  # None = hidden_size // num_attention_heads
+  rms_norm_eps: float = 1e-5  # epsilon of every RMSNorm
+  rope_theta: float = 10000.0  # the RoPE base
+  rope_scaling: RopeScaling = RopeScaling()  # RoPE frequency scaling for longer contexts
+  max_position_embeddings: int = 4096  # the HF config's context length, kept for export; positions are not capped
+  tie_word_embeddings: bool = False  # the LM head reuses embed_tokens (no lm_head weight)
   qkv_bias: bool = False  # Qwen2, or HF `attention_bias` (which also sets o_bias)
-  o_bias: bool = False
-  mlp_bias: bool = False
-  bos_token_id: int = 1
-  eos_token_id: int = 2
-  pad_token_id: int | None = None
-  # How to run, not what is stored.
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  scan_layers: bool = True
-  remat_policy: str = "none"
+  o_bias: bool = False  # a bias on o_proj
+  mlp_bias: bool = False  # biases on gate_proj, up_proj and down_proj
+  bos_token_id: int = 1  # the HF config's; synthetic training rows start with it
+  eos_token_id: int = 2  # generation stops at it (and at the other eos ids a model folder lists)
+  pad_token_id: int | None = None  # generation's padding when the tokenizer has none; None = the eos id
+  # How to run, not what is stored:
+  dtype: str = "float32"  # compute dtype of activations and matmuls ("float32" or "bfloat16")
+  param_dtype: str = "float32"  # dtype the weights are kept and updated in
+  scan_layers: bool = True  # run the layers as one scan (compiles fast) or unrolled; the same numbers
+  remat_policy: str = "none"  # recompute in the backward pass: none, full, dots, dots_no_batch, save_everything
   attention_impl: str | None = None  # None (XLA), "xla" or "cudnn"
 
   def __post_init__(self):

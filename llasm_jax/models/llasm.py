@@ -31,15 +31,17 @@ MODES = ("llasm", "encoder")
 
 @dataclasses.dataclass(frozen=True)
 class LlasmConfig:
-  audio: WhisperConfig = WHISPER_PRESETS["whisper_large_v2"]
-  llm: LlamaConfig = LLAMA_PRESETS["chinese_llama2_7b_llasm"]
+  audio: WhisperConfig = WHISPER_PRESETS["whisper_large_v2"]  # the speech encoder: config.model.audio
+  llm: LlamaConfig = LLAMA_PRESETS["chinese_llama2_7b_llasm"]  # the LLM, audio tokens in its vocab: config.model.llm
+  # "llasm": the released models, Whisper encoder + decoder queries and a linear adaptor; "encoder":
+  # the Whisper encoder only, its frames stacked by stack_factor into an MLP adaptor.
   mode: str = "llasm"
   audio_token_len: int = 64  # "llasm" mode: decoder queries, hence tokens, per audio
   stack_factor: int = 8  # "encoder" mode: frames per audio token
   adaptor_hidden: int | None = None  # "encoder" mode MLP width; None = LLM width
-  audio_patch_id: int = 32000  # <au_patch>
-  audio_start_id: int = 32001  # <au_start>
-  audio_end_id: int = 32002  # <au_end>
+  audio_patch_id: int = 32000  # <au_patch>: each stands for one audio embedding
+  audio_start_id: int = 32001  # <au_start>: opens an audio's span of patches
+  audio_end_id: int = 32002  # <au_end>: closes it
 
   def __post_init__(self):
     if self.mode not in MODES:

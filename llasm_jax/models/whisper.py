@@ -27,25 +27,26 @@ from llasm_jax.layers.attention import write_kv
 class WhisperConfig:
   """Architecture of a Whisper model; field names follow the HF `config.json`."""
 
-  num_mel_bins: int = 80
-  d_model: int = 1280
-  encoder_layers: int = 32
-  encoder_attention_heads: int = 20
-  encoder_ffn_dim: int = 5120
-  decoder_layers: int = 32
-  decoder_attention_heads: int = 20
-  decoder_ffn_dim: int = 5120
-  vocab_size: int = 51865
-  max_source_positions: int = 1500
-  max_target_positions: int = 448
-  scale_embedding: bool = False
-  decoder_start_token_id: int = 50258
-  layer_norm_eps: float = 1e-5
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  scan_layers: bool = True
-  remat_policy: str = "none"
-  attention_impl: str | None = None
+  num_mel_bins: int = 80  # M: log-mel bins of the input (128 for large-v3)
+  d_model: int = 1280  # D: the width of encoder and decoder
+  encoder_layers: int = 32  # the encoder runs in both modes
+  encoder_attention_heads: int = 20  # encoder heads (of d_model / heads features each)
+  encoder_ffn_dim: int = 5120  # the encoder MLP width
+  decoder_layers: int = 32  # the decoder is built in "llasm" mode only
+  decoder_attention_heads: int = 20  # decoder heads (self- and cross-attention)
+  decoder_ffn_dim: int = 5120  # the decoder MLP width
+  vocab_size: int = 51865  # decoder token embedding rows
+  max_source_positions: int = 1500  # encoder positions: 30 s, 3000 mel frames halved by the stride-2 conv
+  max_target_positions: int = 448  # decoder positions (learned embeddings)
+  scale_embedding: bool = False  # decoder token embeddings times sqrt(d_model)
+  decoder_start_token_id: int = 50258  # <|startoftranscript|>: each of "llasm" mode's audio_token_len queries
+  layer_norm_eps: float = 1e-5  # epsilon of every LayerNorm
+  # How to run, not what is stored:
+  dtype: str = "float32"  # compute dtype of activations and matmuls ("float32" or "bfloat16")
+  param_dtype: str = "float32"  # dtype the weights are kept in
+  scan_layers: bool = True  # run the layers as one scan (compiles fast) or unrolled; the same numbers
+  remat_policy: str = "none"  # recompute in the backward pass: none, full, dots, dots_no_batch, save_everything
+  attention_impl: str | None = None  # None (XLA), "xla" or "cudnn"
 
   @property
   def max_mel_frames(self) -> int:
