@@ -12,6 +12,9 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests do not write JAX executables to ~/.cache (tests of the cache point it at their tmp_path).
 os.environ.setdefault("LLASM_JAX_COMPILATION_CACHE", "none")
+# libtpu (installed for the TPU-topology compiles) asks the GCE metadata server about the TPU on
+# every start and prints five lines when there is none: tests run where there is none.
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 # gcsfs probes a bucket's namespace type through the storage-control gRPC API, which the emulator lacks.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 GCS_BUCKET = "llasm-test"

@@ -59,7 +59,7 @@ from typing import Any, Sequence
 import ml_dtypes
 import numpy as np
 
-from llasm_jax import paths
+from llasm_jax import checkpoint, paths
 from llasm_jax.config import needs_teacher
 from llasm_jax.data import features, templates
 from llasm_jax.data.audio import SAMPLE_RATE, from_int16, split_windows
@@ -342,7 +342,9 @@ def load_tokenizer(tokenizer):
     if tokenizer not in _TOKENIZERS:
       from transformers import AutoTokenizer
 
-      _TOKENIZERS[tokenizer] = AutoTokenizer.from_pretrained(tokenizer)
+      # A model folder in a bucket: its tokenizer files, downloaded (transformers reads local files).
+      local = checkpoint.companions(tokenizer) if paths.is_remote(tokenizer) else tokenizer
+      _TOKENIZERS[tokenizer] = AutoTokenizer.from_pretrained(local)
     return _TOKENIZERS[tokenizer]
 
 
