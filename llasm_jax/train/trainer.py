@@ -384,6 +384,13 @@ def prepare(config: ml_collections.ConfigDict, devices=None) -> Setup:
   return Setup(cfg, mesh, rules, graphdef, labels, tx, state_sh, abs_state, batch_sh, jitted, features, cache)
 
 
+def trains_llm(setup: Setup) -> bool:
+  """Whether any LLM weight trains (stage 2): its weight gradients count in the step's FLOPs."""
+  return any(lab != FROZEN for lab, (path, _) in zip(jax.tree.leaves(setup.labels),
+                                                      jax.tree_util.tree_leaves_with_path(setup.abstract_state.params))
+             if path_str(path).startswith("llm/"))
+
+
 def abstract_batch(config, setup: Setup) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes of one global batch (the largest buckets), with their shardings."""
   cfg, data = setup.cfg, config.data
@@ -413,9 +420,7 @@ def compile_only(config: ml_collections.ConfigDict, devices=None, *, quiet: bool
   compile-only devices (llasm_jax/train/plan.py), whose compiler applies the chip's HBM limit:
   a step over it leaves the compiler's RESOURCE_EXHAUSTED line under "out_of_memory"."""
   setup = prepare(config, devices)
-  trainable_llm = any(lab != FROZEN for lab, p in zip(jax.tree.leaves(setup.labels),
-                                                      jax.tree_util.tree_leaves_with_path(setup.abstract_state.params))
-                      if path_str(p[0]).startswith("llm/"))
+  trainable_llm = trains_llm(setup)
   out = {"devices": setup.mesh.size, "mesh": dict(setup.mesh.shape),
          "model_flops_per_step": model_flops_per_step(setup.cfg, config, trainable_llm,
                                                       whisper=setup.features == "mel")}
@@ -483,9 +488,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                                                replicated))
     start = 0
 
-  trainable_llm = any(lab != FROZEN for lab, p in zip(jax.tree.leaves(labels),
-                                                      jax.tree_util.tree_leaves_with_path(abs_params))
-                      if path_str(p[0]).startswith("llm/"))
+  trainable_llm = trains_llm(setup)
   if setup.features == "cached":
     try:
       check_cached_features(config, setup, state)
