@@ -12,12 +12,12 @@ input's shape, with the source rows' other fields kept.
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any, Sequence
 
 from tqdm import tqdm
 
+from llasm_jax import paths
 from llasm_jax.data import templates
 
 _HUMAN = ("human", "user")
@@ -25,8 +25,7 @@ _HUMAN = ("human", "user")
 
 def read_conversations(path: str) -> list[dict[str, Any]]:
   """Conversations from a JSON array, JSONL, or a text file of one question per line."""
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
+  text = paths.resolve(path).read_text()
   stripped = text.lstrip()
   if stripped.startswith("["):
     rows = json.loads(text)
@@ -104,12 +103,8 @@ def respond(generator, rows: Sequence[dict[str, Any]], *, template: str | None =
 
 
 def write_jsonl(rows: Sequence[dict[str, Any]], path: str) -> None:
-  """Atomically: a temporary file renamed into place."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row, ensure_ascii=False) + "\n")
-  os.replace(tmp, path)
+  """Written whole (local: a temporary file renamed into place; gs://: one upload)."""
+  paths.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def respond_file(generator, src: str, out: str, **kw) -> str:
