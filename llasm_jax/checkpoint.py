@@ -23,11 +23,13 @@ import shutil
 from typing import Any, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 
 from llasm_jax import paths, sharding
+from llasm_jax.layers.lora import LoraConfig, is_lora_path
 from llasm_jax.models.llama import LlamaConfig, LlamaForCausalLM, RopeScaling
 from llasm_jax.models.llasm import Llasm, LlasmConfig
 from llasm_jax.models.whisper import WhisperConfig, WhisperModel
@@ -68,6 +70,8 @@ def config_to_dict(cfg) -> dict[str, Any]:
 def _llama(d: dict) -> LlamaConfig:
   d = dict(d)
   d["rope_scaling"] = RopeScaling(**d.get("rope_scaling", {}))
+  lora = d.get("lora", {})  # folders written before LoRA have none
+  d["lora"] = LoraConfig(**{**lora, "targets": tuple(lora.get("targets", ()))})
   return LlamaConfig(**d)
 
 def config_from_dict(kind: str, d: dict[str, Any]):
@@ -84,12 +88,64 @@ def build_model(kind: str, cfg, rngs: nnx.Rngs) -> nnx.Module:
   return {"llasm": Llasm, "llama": LlamaForCausalLM, "whisper": WhisperModel}[kind](cfg, rngs=rngs)
 
 def with_run_options(kind: str, cfg, **run):
-  """Sets run-time fields (dtype, param_dtype, scan_layers, remat_policy, attention_impl)."""
+  """Sets run-time fields (dtype, param_dtype, scan_layers, remat_policy, attention_impl; the LLM's
+  vocab_multiple, which a LLaSM's Whisper lacks)."""
   if not run:
     return cfg
   if kind == "llasm":
-    return cfg.replace(audio=cfg.audio.replace(**run), llm=cfg.llm.replace(**run))
+    audio = {k: v for k, v in run.items() if k in {f.name for f in dataclasses.fields(WhisperConfig)}}
+    return cfg.replace(audio=cfg.audio.replace(**audio), llm=cfg.llm.replace(**run))
   return cfg.replace(**run)
+
+
+def vocab_padding(kind: str, cfg) -> dict[str, tuple[int, ...]]:
+  """{slash-joined path: stored shape} of the parameters that `cfg` pads past the real vocab
+  (LlamaConfig.vocab_multiple: embedding rows, LM-head columns); {} without padding. Model
+  folders hold them unpadded, whatever the run option: `save_params` strips, `load_model` pads."""
+  llm = cfg if kind == "llama" else cfg.llm if kind == "llasm" else None
+  if llm is None or llm.padded_vocab == llm.vocab_size:
+    return {}
+  real = llm.replace(vocab_multiple=1)
+
+  def shapes(c):
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(nnx.eval_shape(
+        lambda: build_model(kind, c, nnx.Rngs(0))))), sep="/")
+    return {p: tuple(v.shape) for p, v in flat.items()}
+
+  padded, stored = shapes(cfg), shapes(real if kind == "llama" else cfg.replace(llm=real))
+  return {p: shape for p, shape in stored.items() if padded[p] != shape}
+
+
+def strip_vocab_padding(kind: str, cfg, params: dict[str, Any]) -> dict[str, Any]:
+  """`params` (slash-joined path -> array) with the padded vocab rows / columns cut off."""
+  cut = vocab_padding(kind, cfg)
+  return {p: x[tuple(slice(0, n) for n in cut[p])] if p in cut and tuple(x.shape) != cut[p] else x
+          for p, x in params.items()}
+
+
+def _unpadded_targets(kind: str, cfg, item: dict) -> tuple[dict, dict[str, jax.ShapeDtypeStruct]]:
+  """The restore target `item` with the padded vocab arrays at their stored shapes (placed as
+  near their final sharding as the shape divides), and {path: padded target} of those."""
+  cut = vocab_padding(kind, cfg)
+  flat = traverse_util.flatten_dict(item, sep="/")
+  padded = {p: flat[p] for p in cut if p in flat}
+  for p, t in padded.items():
+    sh = t.sharding
+    if isinstance(sh, jax.sharding.NamedSharding):
+      sh = jax.sharding.NamedSharding(sh.mesh, sharding.divisible_spec(cut[p], sh.spec, sh.mesh))
+    flat[p] = jax.ShapeDtypeStruct(cut[p], t.dtype, sharding=sh)
+  return traverse_util.unflatten_dict(flat, sep="/"), padded
+
+
+def _pad_restored(restored: dict, padded: dict[str, jax.ShapeDtypeStruct]) -> dict:
+  """The arrays restored at their stored shapes, zero-padded to their `padded` targets, in their shardings."""
+  if not padded:
+    return restored
+  flat = traverse_util.flatten_dict(restored, sep="/")
+  for p, t in padded.items():
+    pad = lambda x, t=t: jnp.pad(x, [(0, want - have) for have, want in zip(x.shape, t.shape)])
+    flat[p] = jax.jit(pad, out_shardings=t.sharding)(flat[p])
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 @contextlib.contextmanager
 def atomic_dir(path: str, overwrite: bool = False) -> Iterator[str]:
@@ -141,8 +197,9 @@ def _barrier(name: str) -> None:
 
 def save_params(folder: str, kind: str, cfg, params: dict[str, Any], *, stored_dtype: str,
                 extra: dict[str, Any] | None = None) -> None:
-  """Writes `params` (slash-joined path -> array) and the meta file into `folder` (which exists)."""
-  tree = traverse_util.unflatten_dict(params, sep="/")
+  """Writes `params` (slash-joined path -> array) and the meta file into `folder` (which exists).
+  A padded vocab (LlamaConfig.vocab_multiple) is stored unpadded, so folders do not depend on it."""
+  tree = traverse_util.unflatten_dict(strip_vocab_padding(kind, cfg, params), sep="/")
   # Measured on a 2.6 GiB checkpoint (bench/convert_speed.py): Orbax's defaults peak at
   # 3x the model size. Host arrays are written as they are (the default deep-copies each;
   # this save is synchronous), in 64 MiB chunks, without OCDBT (whose write cache holds
@@ -183,13 +240,15 @@ def read_meta(folder: str) -> dict[str, Any]:
     raise ValueError(f"{path}: format {meta.get('format')}, this llasm_jax reads format {FORMAT_VERSION}")
   return meta
 
-def load_model(folder: str, *, mesh: jax.sharding.Mesh | None = None, rules=None, cfg=None,
+def load_model(folder: str, *, mesh: jax.sharding.Mesh | None = None, rules=None, cfg=None, seed: int = 0,
                **run) -> tuple[nnx.Module, dict[str, Any]]:
   """Restores a model from `folder`, each array placed directly in its target sharding.
 
   With a mesh and logical axis rules the parameters land sharded; without, on the default
   device. Parameters are cast to the config's `param_dtype` (or the `param_dtype` given).
-  `cfg` replaces the stored config whole (same architecture, other run options per part).
+  `cfg` replaces the stored config whole (same architecture, other run options per part), except
+  that it may add LoRA to a folder without: the new factors start as a random init from `seed`
+  starts them (B = 0), so the model computes what the folder's does (stage 2 with LoRA).
   """
   meta = read_meta(folder)
   if cfg is None:
@@ -197,10 +256,48 @@ def load_model(folder: str, *, mesh: jax.sharding.Mesh | None = None, rules=None
   abstract = nnx.eval_shape(lambda: build_model(meta["kind"], cfg, nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   target = _restore_target(state, mesh, rules)
-  restored = ocp.StandardCheckpointer().restore(
-      paths.join(folder, PARAMS_DIR), nnx.to_pure_dict(target))
+  stored, new_factors = _split_new_lora(folder, meta, cfg, nnx.to_pure_dict(target))
+  stored, padded = _unpadded_targets(meta["kind"], cfg, stored)  # folders hold the real vocab
+  restored = _pad_restored(ocp.StandardCheckpointer().restore(paths.join(folder, PARAMS_DIR), stored), padded)
+  if new_factors:
+    flat = {**traverse_util.flatten_dict(restored, sep="/"), **_init_params(meta["kind"], cfg, new_factors, seed)}
+    restored = traverse_util.unflatten_dict(flat, sep="/")
   nnx.replace_by_pure_dict(state, restored)
   return nnx.merge(graphdef, state), meta
+
+
+def lora_of(kind: str, cfg) -> LoraConfig:
+  """The LoRA of a model config of `kind` (LoraConfig() when it has none, as Whisper)."""
+  llm = cfg if kind == "llama" else cfg.llm if kind == "llasm" else None
+  return llm.lora if llm is not None else LoraConfig()
+
+
+def _split_new_lora(folder: str, meta: dict, cfg, item: dict) -> tuple[dict, dict]:
+  """(the part of the restore target `item` that the folder holds, {path: target} of the LoRA
+  factors that `cfg` adds to it). The folder's own factors load as they are when `cfg` has the
+  same rank and targets (alpha and dropout are `cfg`'s); other ones cannot be reshaped."""
+  kind = meta["kind"]
+  stored, wanted = lora_of(kind, config_from_dict(kind, meta["config"])), lora_of(kind, cfg)
+  if (stored.rank, stored.targets) == (wanted.rank, wanted.targets):
+    return item, {}
+  if stored.rank:
+    raise ValueError(f"{folder}: holds LoRA factors of rank {stored.rank} on {list(stored.targets)}, the config "
+                     f"asks for rank {wanted.rank} on {list(wanted.targets)}; keep the folder's LoRA settings "
+                     "(config.train.lora), or merge its factors first: `llasm-jax export --merge-lora`, then "
+                     "`llasm-jax convert` the merged folders")
+  flat = traverse_util.flatten_dict(item, sep="/")
+  return (traverse_util.unflatten_dict({p: v for p, v in flat.items() if not is_lora_path(p)}, sep="/"),
+          {p: v for p, v in flat.items() if is_lora_path(p)})
+
+
+def _init_params(kind: str, cfg, targets: dict[str, jax.ShapeDtypeStruct], seed: int) -> dict[str, jax.Array]:
+  """The random init of the parameters at `targets` (flat paths), in their shardings: the values
+  a whole model from `nnx.Rngs(seed)` gets, computed without the rest of it (XLA drops that)."""
+  def init():
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(build_model(kind, cfg, nnx.Rngs(seed)))), sep="/")
+    return {p: flat[p] for p in targets}
+
+  return jax.jit(init, out_shardings={p: t.sharding for p, t in targets.items()})()
 
 def _restore_target(state, mesh: jax.sharding.Mesh | None, rules):
   """ShapeDtypeStructs of `state` in their shardings: from the rules on `mesh`, else the default device."""

@@ -85,7 +85,7 @@ def convert(args: argparse.Namespace) -> None:
 def export(args: argparse.Namespace) -> None:
   from llasm_jax.convert.export import export as run
 
-  written = run(args.ckpt, args.out, shard_bytes=int(args.shard_gb * 2**30), overwrite=args.overwrite)
+  written = run(args.ckpt, args.out, shard_bytes=int(args.shard_gb * 2**30), overwrite=args.overwrite, lora=args.lora)
   for folder, nbytes in written.items():
     print(f"wrote {args.out}/{folder} ({nbytes / 2**20:.1f} MiB)")
 
@@ -415,11 +415,16 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
   p.set_defaults(func=convert)
 
-  p = sub.add_parser("export", help="a llasm_jax model folder -> Hugging Face folders (llm/, whisper/, llasm/)")
+  p = sub.add_parser("export", help="a llasm_jax model folder -> Hugging Face folders (llm/, whisper/, llasm/; "
+                                    "a PEFT adapter in lora/ for a LoRA model)")
   p.add_argument("--ckpt", required=True, help="llasm_jax model folder (from convert or train)")
   p.add_argument("--out", required=True, help="output folder (written atomically)")
   p.add_argument("--shard-gb", type=float, default=4.0, help="safetensors shard size in GiB")
   p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+  p.add_argument("--lora", choices=("peft", "merge"), default="peft",
+                 help="a LoRA model's factors: a PEFT adapter in OUT/lora/ beside the base OUT/llm/ (default), "
+                      "or merged into OUT/llm/")
+  p.add_argument("--merge-lora", dest="lora", action="store_const", const="merge", help="the same as --lora merge")
   p.set_defaults(func=export)
 
   for name, help_text in (("generate", "reply to one prompt: text, audio files, or both"),

@@ -108,6 +108,8 @@ def llasm_config(model_cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> Ll
   _check_keys("config.model.llm", llm_kw, _fields(LlamaConfig))
   if "rope_scaling" in llm_kw:
     llm_kw["rope_scaling"] = _rope_scaling(llm_kw["rope_scaling"])
+  if "lora" in llm_kw:  # one place sets it, so that a run's LoRA is the one its optimizer knows
+    raise ValueError("config.model.llm.lora: LoRA is set in config.train.lora (rank, alpha, dropout, targets)")
   return base.replace(audio=base.audio.replace(**audio_kw), llm=base.llm.replace(**llm_kw), **kw)
 
 
@@ -138,6 +140,17 @@ def training_sections(stage: int) -> dict[str, ml_collections.ConfigDict]:
       # Regexes over parameter paths ("adaptor/...", "llm/model/layers/...", "audio/..."); the rest is frozen.
       trainable=("adaptor/.*",) if stage == 1 else ("adaptor/.*", "llm/.*"),
       new_token_rows_only=False,  # with "llm/.*embed_tokens.*" trainable: only the audio-token rows
+      # LoRA (llasm_jax/layers/lora.py): W x + (alpha / rank) B A x on the LLM projections that `targets`
+      # match. With rank > 0 its factors are the only LLM parameters that train, whatever `trainable`
+      # says of "llm/..." (the adaptor still trains per `trainable`), and the only ones with optimizer
+      # state; the model folder stores them beside the frozen weights (export: --merge-lora, or a PEFT
+      # adapter).
+      lora=ml_collections.ConfigDict(dict(
+          rank=0,  # rank: the inner width r of A float[in, r] and B float[r, out], 0 = no LoRA;
+          alpha=16.0,  # alpha: the update's scale is alpha / rank (PEFT's lora_alpha);
+          dropout=0.0,  # dropout: on the input of A, in training steps only (PEFT's lora_dropout);
+          targets=("llm/.*(q_proj|v_proj)",),  # targets: regexes over projection kernel paths; "llm/.*_proj": all 7
+      )),
       init_from="",  # a model folder (llasm-jax convert) or a stage-1 workdir's model/ folder
       steps=1000,  # optimizer steps in all (a resumed run goes on to it); also the length of the LR schedule
       batch_size=32,  # global, over all processes
@@ -164,6 +177,9 @@ def training_sections(stage: int) -> dict[str, ml_collections.ConfigDict]:
       loss="ce",
       kd_weight=0.5,  # "mix": loss = (1 - kd_weight) * CE + kd_weight * KL
       kd_temperature=1.0,  # softmax temperature of both distributions (the KL is scaled by its square)
+      # Target positions per row whose LM head and loss run at once (teacher's too), recomputed in the
+      # backward pass: the float32[B, K, V] logits never exist whole (llasm_jax/train/losses.py). 0 = all at once.
+      loss_chunk=0,
   ))
   # AdamW on the trainable parameters, linear warmup then cosine decay (llasm_jax/train/optim.py).
   optim = ml_collections.ConfigDict(dict(
@@ -204,6 +220,17 @@ def training_sections(stage: int) -> dict[str, ml_collections.ConfigDict]:
       # step), or "auto": what config.data.dir holds.
       features="auto",
       feature_buckets=(),  # "cached", encoder mode: allowed feature frame counts S; () = quarters of a window
+      # "tfds": several samples per row (less padding when lengths vary, as in stage 2), each attending
+      # only to itself, its positions restarting; the loss of every target token is unchanged. max_audios
+      # is then the audio slots of a whole row, shared by its samples: a sample joins a row only if its
+      # tokens fit in seq_len and its slots in max_audios, so raise max_audios to about the samples a
+      # row holds times their audios (e.g. 8 for 2048-token rows of ~300-token one-audio samples).
+      # Not with a distilling loss (kd, mix).
+      packing=False,
+      # packing: samples packed together, longest first into the first row they fit (first-fit decreasing);
+      # larger fills rows better (128: ~98% for 300-token samples in 2048-token rows), and a worker holds
+      # them all at once (their mel too).
+      pack_window=128,
       num_examples=10_000,  # "synthetic" only
       seed=0,  # the shuffle and each sample's random choices (such as the stage-1 instruction)
   ))
@@ -278,8 +305,26 @@ def _parse_like(current: Any, raw: str, path: str) -> Any:
     except ValueError:
       raise ValueError(f"--config.{path}={raw}: expected a {type(current).__name__}") from None
   if isinstance(current, (tuple, list)):
-    import ast
-
-    value = ast.literal_eval(raw)
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    # A Python literal ('("adaptor/.*", "llm/.*")', "(128, 256)"), else text: one string, or
+    # several separated by commas (regexes with a comma of their own need the literal form).
+    value = _literal(raw)
+    if value is None or isinstance(value, str):
+      return tuple(p.strip() for p in raw.split(",") if p.strip()) if value is None else (value,)
+    if not isinstance(value, (tuple, list)):
+      value = (value,)
+    if current and isinstance(current[0], str) and not all(isinstance(v, str) for v in value):
+      raise ValueError(f"--config.{path}={raw}: expected strings, e.g. --config.{path}=a,b or '(\"a\", \"b\")'")
+    return tuple(value)
+  if current is None:  # e.g. data.system: None stays None, anything else is the text
+    return None if raw == "None" else raw
   return raw
+
+
+def _literal(raw: str):
+  """`raw` as a Python literal, None when it is not one (bare text)."""
+  import ast
+
+  try:
+    return ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Mapping, Sequence
 
@@ -14,6 +15,11 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from llasm_jax.config import MESH_AXES
 
 Rules = Sequence[tuple[str, Any]]
+
+log = logging.getLogger(__name__)
+# (array path, shape, mesh axes dropped) already warned about: once per array per process, however
+# many times the shardings are worked out (train state, restore, engine).
+_replicated_warned: set[tuple] = set()
 
 
 def mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
@@ -57,24 +63,67 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
   """NamedShardings for an `nnx.State`, from each variable's logical `out_sharding`.
 
   A dimension that does not divide over its mesh axes (a vocab of 32003 over tensor=2, say)
-  is replicated along them instead of failing: the array still loads, only less split.
+  is replicated along them instead of failing: the array still loads, only less split. That
+  costs memory on every device, so it is logged (a warning, once per array, with the bytes).
   """
   with nnx.logical_axis_rules(tuple(rules)):
     specs = nnx.get_partition_spec(abstract_state)
 
-  def fit(var, spec):
-    return spec.replace(NamedSharding(mesh, divisible_spec(var.shape, spec.get_value(), mesh)))
+  def fit(path, var, spec):
+    wanted = spec.get_value()
+    got = divisible_spec(var.shape, wanted, mesh)
+    dropped = _dropped_dims(var.shape, wanted, mesh)
+    if dropped:
+      _warn_replicated(_path_name(path), var.shape, np.dtype(var.get_value().dtype), wanted, got, dropped, mesh)
+    return spec.replace(NamedSharding(mesh, got))
 
-  return jax.tree.map(fit, abstract_state, specs, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree_util.tree_map_with_path(fit, abstract_state, specs, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _axes(names) -> tuple[str, ...]:
+  return () if names is None else (names,) if isinstance(names, str) else tuple(names)
+
+
+def _dropped_dims(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh) -> list[tuple[int, tuple[str, ...]]]:
+  """(dimension, its mesh axes) for each dimension of `shape` that those axes do not evenly divide."""
+  names = tuple(spec) + (None,) * (len(shape) - len(spec))
+  return [(d, _axes(n)) for d, (size, n) in enumerate(zip(shape, names))
+          if size % math.prod(mesh.shape[a] for a in _axes(n))]
 
 
 def divisible_spec(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
   """`spec` with the mesh axes of every dimension they do not evenly divide removed."""
-  out = []
-  for size, names in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    axes = () if names is None else (names,) if isinstance(names, str) else tuple(names)
-    out.append(names if size % math.prod(mesh.shape[a] for a in axes) == 0 else None)
-  return PartitionSpec(*out)
+  dropped = {d for d, _ in _dropped_dims(shape, spec, mesh)}
+  names = tuple(spec) + (None,) * (len(shape) - len(spec))
+  return PartitionSpec(*(None if d in dropped else n for d, n in enumerate(names[:len(shape)])))
+
+
+def _path_name(path) -> str:
+  """A state key path as "llm/model/embed_tokens/embedding"."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _bytes(n: float) -> str:
+  for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    if n >= size:
+      return f"{n / size:.{2 if unit == 'GiB' else 1}f} {unit}"
+  return f"{n:.0f} B"
+
+
+def _warn_replicated(name: str, shape, dtype: np.dtype, wanted: PartitionSpec, got: PartitionSpec,
+                     dropped: list[tuple[int, tuple[str, ...]]], mesh: Mesh) -> None:
+  key = (name, tuple(shape), tuple(dropped))
+  if key in _replicated_warned:
+    return
+  _replicated_warned.add(key)
+  total = math.prod(shape) * dtype.itemsize
+  split = lambda spec: math.prod(mesh.shape[a] for n in spec for a in _axes(n))
+  dims = "; ".join(f"dimension {d} ({shape[d]}) does not divide over mesh axes {'x'.join(axes)} "
+                   f"({math.prod(mesh.shape[a] for a in axes)} devices)" for d, axes in dropped)
+  log.warning(f"{name} {dtype.name}{list(shape)} ({_bytes(total)}) is replicated along mesh axes it should be split "
+              f"over: {dims}; each device holds {_bytes(total / split(got))} of it instead of "
+              f"{_bytes(total / split(wanted))}. Pad that dimension to a multiple (a vocab: "
+              "config.model.llm.vocab_multiple=128) or change config.mesh.shape")
 
 
 def shard_batch(x: np.ndarray, mesh: Mesh, rules: Rules, axes: Sequence[str | None]) -> jax.Array:

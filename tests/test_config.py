@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from llasm_jax import sharding
-from llasm_jax.config import MESH_AXES, llasm_config, load_config_file
+from llasm_jax.config import MESH_AXES, apply_overrides, llasm_config, load_config_file, training_sections
 from llasm_jax.models.llama import RopeScaling
 from llasm_jax.models.llasm import Llasm
 
@@ -65,7 +65,7 @@ def test_config_resolves_and_rules_cover_model(path):
     logits = jax.eval_shape(forward, state, jax.ShapeDtypeStruct((1, t), jnp.int32),
                             jax.ShapeDtypeStruct((1, 1, cfg.audio.num_mel_bins, frames), jnp.float32),
                             jax.ShapeDtypeStruct((1, 1), jnp.int32))
-  assert logits.shape == (1, t, cfg.llm.vocab_size)
+  assert logits.shape == (1, t, cfg.llm.padded_vocab)  # the padded columns masked (LlamaConfig.vocab_multiple)
 
 
 def test_overrides_apply():
@@ -99,3 +99,26 @@ def test_mesh_shape():
     sharding.mesh_shape({"data": 3, "fsdp": 2}, 8)
   with pytest.raises(ValueError, match="unknown axis 'model'"):
     sharding.mesh_shape({"model": 8}, 8)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("adaptor/.*", ("adaptor/.*",)),  # a bare regex: was a SyntaxError traceback from literal_eval
+    ("adaptor/.*,llm/.*", ("adaptor/.*", "llm/.*")),
+    ('("adaptor/.*", "llm/.*embed_tokens.*")', ("adaptor/.*", "llm/.*embed_tokens.*")),
+    ("'llm/.{1,2}'", ("llm/.{1,2}",)),
+])
+def test_string_tuple_overrides(raw, expected):
+  config = training_sections(2)
+  run = ml_collections.ConfigDict({"train": config["train"], "data": config["data"]})
+  apply_overrides(run, [f"--config.train.trainable={raw}"])
+  assert run.train.trainable == expected
+
+
+def test_typed_overrides():
+  run = ml_collections.ConfigDict(training_sections(1))
+  apply_overrides(run, ["--config.data.buckets=(128, 256)", "--config.data.system=You are brief.",
+                        "--config.train.steps=7", "--config.optim.lr=3e-4", "--config.data.shared_prefix=true"])
+  assert run.data.buckets == (128, 256) and run.data.system == "You are brief."
+  assert run.train.steps == 7 and run.optim.lr == 3e-4 and run.data.shared_prefix is True
+  with pytest.raises(ValueError, match="expected strings"):
+    apply_overrides(run, ["--config.train.trainable=(1, 2)"])

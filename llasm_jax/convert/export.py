@@ -5,6 +5,9 @@
             with Whisper's tokenizer and generation config when the model folder has them
   llasm/    LLaSM models only: the released layout (`model_type: "llaaa"`, `model.mm_projector.*`
             in the LLM checkpoint), which `llasm-jax convert --llm llasm/ --whisper whisper/` reads back
+  lora/     a model with LoRA factors, `lora="peft"` (the default): a PEFT adapter of llm/, which then
+            holds the base weights; `lora="merge"`: no lora/, llm/ holds W + (alpha / r) B A. llasm/
+            always holds the merged weights (its layout has no place for an adapter).
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from llasm_jax import checkpoint, paths
 from llasm_jax.convert.configs import llama_config_to_hf, whisper_config_to_hf
 from llasm_jax.checkpoint import FEATURE_FILES, TOKENIZER_FILES
 from llasm_jax.checkpoint import HF_LLM_CONFIG, HF_WHISPER_CONFIG
+from llasm_jax.convert import peft
 from llasm_jax.convert.convert import AUDIO_TOKENS
 from llasm_jax.convert.hf import iter_hf_tensors, keymaps
 
 DEFAULT_SHARD_BYTES = 4 << 30
+LORA_EXPORTS = ("peft", "merge")  # how a model's LoRA factors leave: a PEFT adapter, or merged into llm/
 
 
 def write_safetensors(folder: str, tensors: Iterable[tuple[str, np.ndarray]], shard_bytes: int) -> int:
@@ -74,15 +79,20 @@ def _hf_config(ckpt: str, source_name: str, ours: dict) -> dict:
 
 
 def export(ckpt: str, out: str, *, shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
-           progress: bool = True) -> dict[str, int]:
+           progress: bool = True, lora: str = "peft") -> dict[str, int]:
   """Writes the HF folders of the model in `ckpt` under `out`; returns bytes per folder.
 
   `ckpt` and `out` may be in a bucket: safetensors are written to local files first (a staging
-  folder when `out` is remote) and uploaded with each folder's config.json last."""
+  folder when `out` is remote) and uploaded with each folder's config.json last. `lora`: what
+  becomes of LoRA factors, one of LORA_EXPORTS (see the module docstring)."""
+  if lora not in LORA_EXPORTS:
+    raise ValueError(f"lora={lora!r}: expected one of {LORA_EXPORTS}")
   meta = checkpoint.read_meta(ckpt)
   kind = meta["kind"]
   cfg = checkpoint.config_from_dict(kind, meta["config"])
-  params = checkpoint.load_params_numpy(ckpt)
+  params, factors = peft.split_lora(checkpoint.load_params_numpy(ckpt))
+  merged = peft.Merged(params, factors, checkpoint.lora_of(kind, cfg))
+  adapter = bool(factors) and lora == "peft"
   written = {}
   bar = tqdm(total=sum(a.nbytes for a in params.values()), unit="B", unit_scale=True, desc="export",
              disable=not progress)
@@ -93,15 +103,20 @@ def export(ckpt: str, out: str, *, shard_bytes: int = DEFAULT_SHARD_BYTES, overw
       yield name, array
 
   markers = [f"{part}/config.json" for part in ("llm", "whisper", "llasm")]
+  markers.append(f"{peft.ADAPTER_DIR}/{peft.ADAPTER_CONFIG}")
   with checkpoint.atomic_dir(out, overwrite=overwrite) as target, paths.staged(target, last=markers) as tmp:
     if kind in ("llama", "llasm"):
       lcfg = cfg if kind == "llama" else cfg.llm
       prefix = "" if kind == "llama" else "llm/"
       maps = keymaps("llama") if kind == "llama" else keymaps("llasm", cfg.mode)
       folder = os.path.join(tmp, "llm")
-      written["llm"] = write_safetensors(folder, counted(iter_hf_tensors(params, maps, prefix)), shard_bytes)
+      llm = params if adapter else merged
+      written["llm"] = write_safetensors(folder, counted(iter_hf_tensors(llm, maps, prefix)), shard_bytes)
       paths.write_json(os.path.join(folder, "config.json"), _hf_config(ckpt, HF_LLM_CONFIG, llama_config_to_hf(lcfg)))
       paths.copy_files(ckpt, folder, TOKENIZER_FILES)
+      if adapter:
+        written[peft.ADAPTER_DIR] = peft.write_adapter(
+            os.path.join(tmp, peft.ADAPTER_DIR), factors, maps, prefix, lcfg.lora, paths.join(out, "llm"))
     if kind in ("whisper", "llasm"):
       wcfg = cfg if kind == "whisper" else cfg.audio
       maps = keymaps("whisper") if kind == "whisper" else keymaps("llasm", cfg.mode)
@@ -117,7 +132,7 @@ def export(ckpt: str, out: str, *, shard_bytes: int = DEFAULT_SHARD_BYTES, overw
     if kind == "llasm":
       folder = os.path.join(tmp, "llasm")
       maps = keymaps("llasm", cfg.mode)
-      stream = (t for prefix in ("llm/", "adaptor/") for t in iter_hf_tensors(params, maps, prefix))
+      stream = (t for prefix in ("llm/", "adaptor/") for t in iter_hf_tensors(merged, maps, prefix))
       written["llasm"] = write_safetensors(folder, stream, shard_bytes)
       hf = _hf_config(ckpt, HF_LLM_CONFIG, llama_config_to_hf(cfg.llm))
       hf.update(architectures=["LlaaaLlamaForCausalLM"], model_type="llaaa", mm_audio_tower="../whisper",

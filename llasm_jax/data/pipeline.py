@@ -15,6 +15,9 @@ The batch contract (what llasm_jax/train consumes; names and dtypes are fixed):
   target_positions int32[B, K]      per row, the positions whose next token is a target, in order,
                                     -1 padded (`target_positions`): the LM head runs there only;
                                     K = T with fixed shapes, else a power of two >= the most targets
+  segment_ids    int32[B, T]        with `packing` only: rows hold several samples (1..n, 0 =
+                                    padding; see llasm_jax/data/packing.py), positions restart
+                                    per sample, and A is a budget of audio slots per row
 and the audio, as log-mel from a built dataset (`features="mel"`):
   mel            float32[B, A, M, F] Whisper log-mel per audio slot, zero-padded, empty slots zero
   mel_lengths    int32[B, A]        valid mel frames per slot (3000 in "llasm" mode), 0 = empty
@@ -39,7 +42,9 @@ Order of the pipeline: source -> this host's shard -> seeded shuffle -> repeat -
 featurize + tokenize (seeded `random_map`: the stage-1 instruction and its side) -> batch with
 static shapes -> threads -> worker processes (`mp_prefetch`). Batches are computed whole in
 one worker and the workers are read round-robin, so the output does not depend on timing and
-the iterator state (`get_state()` / `set_state()`, JSON-serializable) resumes exactly.
+the iterator state (`get_state()` / `set_state()`, JSON-serializable) resumes exactly. With
+`packing`, windows of samples are packed in the workers instead of batched, and their rows are
+dealt into batches here (llasm_jax/data/packing.py); the state is then (window, row).
 
 Samples that do not fit are cut, never dropped (so shapes, order and state stay simple): a
 sequence longer than T is truncated at T, and audio beyond A slots, or whose marker span would
@@ -61,7 +66,7 @@ import numpy as np
 
 from llasm_jax import checkpoint, paths
 from llasm_jax.config import needs_teacher
-from llasm_jax.data import features, templates
+from llasm_jax.data import features, packing, templates
 from llasm_jax.data.audio import SAMPLE_RATE, from_int16, split_windows
 from llasm_jax.data.features import MAX_FRAMES
 from llasm_jax.models.llasm import LlasmConfig, check_audio_markers
@@ -73,6 +78,7 @@ KIND_KEY = "_kind"  # a mixed Source's records: the kind of the dataset each cam
 FEATURES = ("mel", "cached")  # what a batch carries of the audio (see the contract above)
 AUDIO_KEYS = {"mel": ("mel", "mel_lengths"), "cached": ("audio_features", "audio_feature_lengths")}
 TEXT_KEYS = ("input_ids", "labels", "attention_mask", "positions", "target_positions")
+PACKED_KEYS = ("segment_ids",)  # what packed batches carry more
 TEACHER_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_positions", "teacher_target_positions")
 BATCH_KEYS = TEXT_KEYS + AUDIO_KEYS["mel"]
 BATCH_AXES = {"input_ids": ("batch", "length"), "labels": ("batch", "length"),
@@ -81,7 +87,7 @@ BATCH_AXES = {"input_ids": ("batch", "length"), "labels": ("batch", "length"),
               "audio_features": ("batch", None, None, None), "audio_feature_lengths": ("batch", None),
               "teacher_input_ids": ("batch", "length"), "teacher_attention_mask": ("batch", "length"),
               "teacher_positions": ("batch", "length"), "teacher_target_positions": ("batch", None),
-              "prefix_ids": (None,)}
+              "prefix_ids": (None,), "segment_ids": ("batch", "length")}
 NO_TRANSCRIPTS = ("holds no `transcripts` (what each audio says), which the distillation teacher reads: it was "
                   "built before they were stored. Build it again with `llasm-jax data build instructions` (and "
                   "`data encode` it again if cached), or set config.train.loss='ce'")
@@ -106,12 +112,15 @@ def target_positions(labels: np.ndarray, k: int | None = None) -> np.ndarray:
   return out
 
 
-def batch_keys(features: str = "mel", teacher: bool = False, prefix: bool = False) -> tuple[str, ...]:
+def batch_keys(features: str = "mel", teacher: bool = False, prefix: bool = False,
+               packed: bool = False) -> tuple[str, ...]:
   """The keys of a batch whose audio comes as `features` ("mel" or "cached"), with the
-  distillation teacher's text sequences or not, with a shared prefix (prefix_ids) or not."""
+  distillation teacher's text sequences or not, with a shared prefix (prefix_ids) or not, of
+  packed rows (segment_ids) or not."""
   if features not in FEATURES:
     raise ValueError(f"features {features!r}: expected one of {FEATURES}")
-  return TEXT_KEYS + AUDIO_KEYS[features] + (TEACHER_KEYS if teacher else ()) + (("prefix_ids",) if prefix else ())
+  return (TEXT_KEYS + AUDIO_KEYS[features] + (TEACHER_KEYS if teacher else ()) + (("prefix_ids",) if prefix else ())
+          + (PACKED_KEYS if packed else ()))
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +151,10 @@ class PipelineConfig:
   # The template's fixed opening (`Template.fixed_prefix`) once per batch as prefix_ids, the rows
   # starting after it: training runs it once instead of once per row.
   shared_prefix: bool = False
+  # Several samples per row (llasm_jax/data/packing.py): windows of `pack_window` samples packed
+  # first-fit decreasing into rows of seq_len tokens and max_audios audio slots in all.
+  packing: bool = False
+  pack_window: int = 128
 
   @classmethod
   def from_model(cls, cfg: LlasmConfig, **kw) -> "PipelineConfig":
@@ -160,6 +173,11 @@ class PipelineConfig:
         raise ValueError(f"buckets {b}: expected ascending lengths ending at seq_len {self.seq_len}")
     if self.max_audios < 1:
       raise ValueError(f"max_audios {self.max_audios}: need at least one audio slot")
+    if self.packing and self.pack_window < 1:
+      raise ValueError(f"pack_window {self.pack_window}: packing needs a window of at least one sample")
+    if self.packing and self.teacher:
+      raise ValueError("config.data.packing does not pack the distillation teacher's sequences; set "
+                       "config.train.loss='ce' or config.data.packing=False")
     if self.features not in FEATURES:
       raise ValueError(f"features {self.features!r}: expected one of {FEATURES}")
     if self.feature_buckets is not None:
@@ -522,7 +540,8 @@ def _repeat_placeholders(msgs: list[dict], counts: list[int]) -> list[dict]:
 
 
 class Collate:
-  """Samples -> one host batch in the contract, padded to the length bucket of the longest."""
+  """Samples -> one host batch in the contract, padded to the length bucket of the longest. Packed
+  rows (`packing.window_rows`) are samples that bring their own positions and segment_ids."""
 
   def __init__(self, cfg: PipelineConfig, pad_id: int):
     self.cfg, self.pad_id = cfg, pad_id
@@ -537,11 +556,17 @@ class Collate:
            "positions": np.broadcast_to(start + np.arange(t, dtype=np.int32), (b, t)).copy()}
     if cfg.shared_prefix:
       out["prefix_ids"] = samples[0]["prefix_ids"]
+    packed = "segment_ids" in samples[0]
+    if packed:
+      out["segment_ids"] = np.zeros((b, t), np.int32)
     for i, s in enumerate(samples):
       n = len(s["input_ids"])
       out["input_ids"][i, :n] = s["input_ids"]
       out["labels"][i, :n] = s["labels"]
       out["attention_mask"][i, :n] = 1
+      if packed:
+        out["positions"][i, :n] = s["positions"]
+        out["segment_ids"][i, :n] = s["segment_ids"]
     # With fixed shapes K = T (one compile); with buckets K follows the batch's longest answer.
     out["target_positions"] = target_positions(out["labels"], t if cfg.fixed_shapes else None)
     if cfg.teacher:
@@ -606,7 +631,8 @@ def _check_transcripts(source, kind: str) -> None:
 def batched_dataset(source, cfg: PipelineConfig, tokenizer, *, batch_size: int, seed: int = 0,
                     num_epochs: int | None = None, shard_index: int | None = None, shard_count: int | None = None,
                     drop_shard_remainder: bool = True):
-  """A grain MapDataset whose element k is host batch k (see the module docstring for the contract).
+  """A grain MapDataset whose element k is host batch k (see the module docstring for the contract);
+  with `cfg.packing`, window k of `cfg.pack_window` samples packed into rows (`packing.Pack`).
 
   source: a `Source`, a `SyntheticSource`, or a path (comma-separated paths) of built datasets.
   tokenizer: a tokenizer or its path (loaded in each worker). Sharding defaults to this JAX
@@ -627,10 +653,6 @@ def batched_dataset(source, cfg: PipelineConfig, tokenizer, *, batch_size: int, 
     raise ValueError(f"shard_index {shard_index} outside 0..{shard_count - 1}")
   if cfg.teacher:
     _check_transcripts(source, kind)
-  tok = load_tokenizer(tokenizer)
-  pad_id = cfg.pad_id
-  if pad_id is None:
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
   ds = grain.MapDataset.source(source)
   n = len(ds)
@@ -642,7 +664,17 @@ def batched_dataset(source, cfg: PipelineConfig, tokenizer, *, batch_size: int, 
                      f"{batch_size}; use a smaller batch or a bigger dataset")
   ds = ds.shuffle(seed=seed).repeat(num_epochs)
   ds = ds.random_map(Featurize(cfg, tokenizer, kind), seed=seed + 1)
-  return ds.batch(batch_size, drop_remainder=True, batch_fn=Collate(cfg, int(pad_id)))
+  if cfg.packing:  # a finite last window keeps its samples; PackedIterator drops a last partial batch
+    return ds.batch(cfg.pack_window, drop_remainder=False, batch_fn=packing.Pack(cfg.seq_len, cfg.max_audios))
+  return ds.batch(batch_size, drop_remainder=True, batch_fn=Collate(cfg, pad_token(cfg, tokenizer)))
+
+
+def pad_token(cfg: PipelineConfig, tokenizer) -> int:
+  """The id that pads rows: `cfg.pad_id`, else the tokenizer's pad, else its eos."""
+  if cfg.pad_id is not None:
+    return int(cfg.pad_id)
+  tok = load_tokenizer(tokenizer)
+  return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
 
 
 class BatchIterator:
@@ -698,6 +730,9 @@ class BatchIterator:
     return {"step": self.step, **self.fingerprint}
 
   def set_state(self, state: dict[str, Any]) -> None:
+    if "window" in state and "pack_window" not in self.fingerprint:
+      raise ValueError("the data iterator state was saved with config.data.packing; resume with "
+                       "config.data.packing=True, or start a new workdir")
     changed = {k: (state.get(k), v) for k, v in self.fingerprint.items() if k in state and state[k] != v}
     if changed:
       log.warning("resuming the data iterator on other data or sharding (saved vs now: %s); batches from "
@@ -728,8 +763,9 @@ class BatchIterator:
 def make_iterator(source, cfg: PipelineConfig, tokenizer, *, batch_size: int, seed: int = 0,
                   num_epochs: int | None = None, shard_index: int | None = None, shard_count: int | None = None,
                   drop_shard_remainder: bool = True, workers: int = 0, threads: int = 2,
-                  worker_buffer: int = 2) -> BatchIterator:
-  """`batched_dataset(...)` read by `workers` processes (0: this process) of `threads` threads."""
+                  worker_buffer: int = 2) -> BatchIterator | packing.PackedIterator:
+  """`batched_dataset(...)` read by `workers` processes (0: this process) of `threads` threads;
+  with `cfg.packing` its windows, dealt into batches of `batch_size` rows by a `PackedIterator`."""
   if isinstance(source, str):
     source = Source(source)
   batches = batched_dataset(source, cfg, tokenizer, batch_size=batch_size, seed=seed, num_epochs=num_epochs,
@@ -743,8 +779,12 @@ def make_iterator(source, cfg: PipelineConfig, tokenizer, *, batch_size: int, se
   fingerprint = {"seed": seed, "shard": [shard_index, shard_count], "samples": len(source),
                  "batch_size": batch_size, "seq_len": cfg.seq_len, "mode": cfg.mode, "features": cfg.features,
                  "teacher": cfg.teacher}
+  if cfg.packing:
+    fingerprint["pack_window"] = cfg.pack_window
   it = BatchIterator(batches, workers=workers, threads=threads, worker_buffer=worker_buffer,
                      fingerprint=fingerprint)
+  if cfg.packing:
+    it = packing.PackedIterator(it, Collate(cfg, pad_token(cfg, tokenizer)), batch_size)
   it.fixed_shapes = cfg.fixed_shapes  # the trainer pads across hosts and compiles per shape otherwise
   return it
 
@@ -786,7 +826,8 @@ def pipeline_config(config, cfg: LlasmConfig, features: str = "mel") -> Pipeline
       cfg, seq_len=data.seq_len, max_audios=data.max_audios, mel_frames=data.get("mel_frames", MAX_FRAMES),
       buckets=tuple(buckets) if buckets else None, template=data.get("template", "llasm-cllama2"),
       system=data.get("system"), features=features, shared_prefix=bool(data.get("shared_prefix", False)),
-      feature_buckets=tuple(feature_buckets) if feature_buckets else None, teacher=needs_teacher(config))
+      feature_buckets=tuple(feature_buckets) if feature_buckets else None, teacher=needs_teacher(config),
+      packing=bool(data.get("packing", False)), pack_window=int(data.get("pack_window", 128)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -872,7 +913,8 @@ def check_batch(batch: dict[str, np.ndarray], cfg: LlasmConfig) -> None:
   audio = ([("audio_features", (np.float32, ml_dtypes.bfloat16)), ("audio_feature_lengths", (np.int32,))] if cached
            else [("mel", (np.float32,)), ("mel_lengths", (np.int32,))])
   teacher = [(k, (np.int32,)) for k in TEACHER_KEYS] if "teacher_input_ids" in batch else []
-  for k, dtypes in [(k, (np.int32,)) for k in TEXT_KEYS] + audio + teacher:
+  packed = [(k, (np.int32,)) for k in PACKED_KEYS] if "segment_ids" in batch else []
+  for k, dtypes in [(k, (np.int32,)) for k in TEXT_KEYS] + audio + teacher + packed:
     if batch[k].dtype not in dtypes or batch[k].shape[0] != b:
       raise ValueError(f"batch[{k!r}]: {batch[k].dtype}{list(batch[k].shape)}, expected "
                        f"{'|'.join(np.dtype(d).name for d in dtypes)}[{b}, ...]")
@@ -882,6 +924,8 @@ def check_batch(batch: dict[str, np.ndarray], cfg: LlasmConfig) -> None:
                        f"expected the shape of target_positions {list(batch['target_positions'].shape)}")
     if np.isin(batch["teacher_input_ids"], [cfg.audio_patch_id, cfg.audio_start_id, cfg.audio_end_id]).any():
       raise ValueError("batch['teacher_input_ids'] holds audio marker tokens; the teacher reads text only")
+  if packed:
+    check_segments(batch)
   if cached:
     # Encoder frames S come from 2S mel frames (encoder_frames(2S) = S), so the owner of the
     # token count, `audio_tokens`, is asked with a mel length that gives S.
@@ -890,6 +934,22 @@ def check_batch(batch: dict[str, np.ndarray], cfg: LlasmConfig) -> None:
     lengths = batch["mel_lengths"]
   tokens = np.where(lengths > 0, np.vectorize(cfg.audio_tokens)(np.maximum(lengths, 1)), 0)
   check_audio_markers(cfg, batch["input_ids"], tokens)
+
+
+def check_segments(batch: dict[str, np.ndarray]) -> None:
+  """Raises unless packed rows number their samples 1, 2, ... left to right, 0 exactly on padding,
+  and each sample's positions count up from the row's first (0, or P after a shared prefix)."""
+  seg, pos, mask = batch["segment_ids"], batch["positions"], batch["attention_mask"]
+  for b in range(seg.shape[0]):
+    n = int(mask[b].sum())
+    s, p = seg[b, :n], pos[b, :n]
+    steps = np.diff(s)
+    if np.any(seg[b, n:] != 0) or (n and s[0] != 1) or np.any((steps != 0) & (steps != 1)):
+      raise ValueError(f"row {b}: segment_ids {s[:16].tolist()}...: expected 1, 2, ... on its {n} real tokens "
+                       "(consecutive, left to right) and 0 on padding")
+    starts = np.maximum.accumulate(np.where(np.concatenate([[True], steps != 0]), np.arange(n), 0))
+    if n and not np.array_equal(p, pos[b, 0] + np.arange(n) - starts):
+      raise ValueError(f"row {b}: positions do not restart at {int(pos[b, 0])} with each sample (segment_ids)")
 
 
 def to_global(batch: dict[str, np.ndarray], mesh, rules, pad_id: int = 0, *, same_shape: bool = False) -> dict:
@@ -922,7 +982,7 @@ def to_global(batch: dict[str, np.ndarray], mesh, rules, pad_id: int = 0, *, sam
     if cached:
       batch = pad_features(batch, int(s))
   out = {}
-  for name in batch_keys("cached" if cached else "mel", teacher, "prefix_ids" in batch):
+  for name in batch_keys("cached" if cached else "mel", teacher, "prefix_ids" in batch, "segment_ids" in batch):
     spec = sharding.logical_spec(BATCH_AXES[name], rules)
     out[name] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), batch[name])
   return out
@@ -952,6 +1012,11 @@ def pad_length(batch: dict[str, np.ndarray], t: int, pad_id: int = 0, prefix: st
   if prefix + "labels" in batch:
     out[prefix + "labels"] = np.pad(batch[prefix + "labels"], widths, constant_values=IGNORE)
   out[prefix + "attention_mask"] = np.pad(batch[prefix + "attention_mask"], widths)
-  start = batch[prefix + "positions"][:, :1]  # rows after a shared prefix start past it
-  out[prefix + "positions"] = (start + np.arange(t, dtype=np.int32)).astype(np.int32)
+  # The padding's positions continue the row's columns (past a shared prefix): the real tokens'
+  # positions stay, which in packed rows restart per sample.
+  start = batch[prefix + "positions"][:, :1]
+  tail = (start + np.arange(cur, t, dtype=np.int32)).astype(np.int32)
+  out[prefix + "positions"] = np.concatenate([batch[prefix + "positions"], tail], axis=1)
+  if not prefix and "segment_ids" in batch:
+    out["segment_ids"] = np.pad(batch["segment_ids"], widths)
   return out

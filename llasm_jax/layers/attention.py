@@ -42,16 +42,36 @@ class KVCache:
     return self.k.shape[2]
 
 
-def causal_mask(key_valid: jax.Array) -> jax.Array:
-  """bool[B, 1, T, T]: causal and key padding mask for a full (uncached) forward."""
+def causal_mask(key_valid: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+  """bool[B, 1, T, T]: causal and key padding mask for a full (uncached) forward.
+
+  segment_ids int[B, T] (packed rows: 1..n per sample, 0 = padding): a query sees only keys of its
+  own segment, so the mask is block-diagonal causal. Padding queries (segment 0) keep the plain
+  causal view: no query row is fully masked (NaN under some attention kernels), and what they
+  compute is never read."""
   t = key_valid.shape[1]
   causal = jnp.tril(jnp.ones((t, t), bool))
-  return causal[None, None] & key_valid[:, None, None, :].astype(bool)
+  mask = causal[None, None] & key_valid[:, None, None, :].astype(bool)
+  if segment_ids is not None:
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) | (segment_ids[:, :, None] == 0)
+    mask = mask & same[:, None]
+  return mask
 
 
 def cached_mask(cache: KVCache, key_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Mask for T new tokens written at `cache.index`: (bool[B, 1, T, S], new slot mask bool[B, S])."""
+  """Mask for T new tokens written at `cache.index`: (bool[B, 1, T, S], new slot mask bool[B, S]).
+
+  Writing past the last slot is an error: dynamic_update_slice would clamp the start and silently
+  overwrite the last slots. The index is checked whenever it is known on the host (eager calls);
+  inside a jitted loop the caller sizes the cache (the Engine allocates prompt + new tokens)."""
   t = key_valid.shape[1]
+  try:
+    index = int(cache.index)
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):  # traced: under jit
+    index = None
+  if index is not None and index + t > cache.max_len:
+    raise ValueError(f"KV cache overflow: {t} tokens at slot {index} do not fit its {cache.max_len} slots; "
+                     "allocate a longer cache (init_cache(batch, max_len))")
   slot_mask = jax.lax.dynamic_update_slice(cache.mask, key_valid.astype(bool), (0, cache.index))
   q_slot = cache.index + jnp.arange(t)
   k_slot = jnp.arange(cache.max_len)

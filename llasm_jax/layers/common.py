@@ -11,7 +11,9 @@ unchanged on one device.
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import contextvars
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,10 @@ from flax import nnx
 from flax.core import spmd
 
 LogicalAxes = Sequence[str | None]
+
+# The randomness of dropout, present only while a training step traces the model (see
+# `dropout_rng`): evaluation and generation never set it, so every dropout there is off.
+_DROPOUT = contextvars.ContextVar("llasm_dropout_rng", default=None)
 
 
 class Buffer(nnx.Variable):
@@ -62,10 +68,15 @@ def dense(
       use_bias=use_bias,
       dtype=dtype,
       param_dtype=param_dtype,
-      kernel_init=param_init(nnx.initializers.normal(std), axes),
-      bias_init=param_init(nnx.initializers.zeros_init(), axes[-1:]),
       rngs=rngs,
+      **dense_inits(axes, std),
   )
+
+
+def dense_inits(axes: LogicalAxes, std: float = 0.02) -> dict:
+  """The kernel and bias initializers of `dense` (also those of `LoraLinear`'s base)."""
+  return dict(kernel_init=param_init(nnx.initializers.normal(std), axes),
+              bias_init=param_init(nnx.initializers.zeros_init(), axes[-1:]))
 
 
 def layer_norm(features: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -94,3 +105,45 @@ class RMSNorm(nnx.Module):
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
+
+
+@contextlib.contextmanager
+def dropout_rng(key: jax.Array | None) -> Iterator[None]:
+  """Turns dropout on, drawn from `key` (a typed PRNG key), while the block traces a model.
+
+  Models take no rngs argument and hold no RNG state: the train step sets the key, `LayerStack`
+  gives each layer its own split, and each dropout site takes the next `next_dropout_key()`, in
+  the order the trace reaches them (fixed, so a step is reproducible). None: dropout stays off.
+  """
+  token = _DROPOUT.set(None if key is None else [key, 0])
+  try:
+    yield
+  finally:
+    _DROPOUT.reset(token)
+
+
+def current_dropout_rng() -> jax.Array | None:
+  """The key of the innermost `dropout_rng` block, or None outside one (dropout off)."""
+  state = _DROPOUT.get()
+  return None if state is None else state[0]
+
+
+def next_dropout_key() -> jax.Array | None:
+  """A fresh key for one dropout site, or None when dropout is off (evaluation, generation)."""
+  state = _DROPOUT.get()
+  if state is None:
+    return None
+  state[1] += 1
+  return jax.random.fold_in(state[0], state[1])
+
+
+def embed_lookup(embed: nnx.Embed, ids: jax.Array) -> jax.Array:
+  """int[B, T] -> float[B, T, D]: rows of `embed`'s table, in its compute dtype.
+
+  The table's width is gathered first (as FSDP gathers every weight before use) while its rows
+  stay split over "tensor": each device looks up the ids its rows hold and one all-reduce joins
+  them into the batch-sharded activation. Left to itself, XLA looked up in the width-sharded table
+  and could not reshard the result ("Involuntary full rematerialization" on data x fsdp x tensor
+  meshes): it replicated the whole [B, T, D] first."""
+  table = constrain(embed.embedding[...].astype(embed.dtype or embed.embedding.dtype), ("vocab", None))
+  return constrain(jnp.take(table, ids, axis=0), ("batch", "length", "act_embed"))

@@ -12,6 +12,8 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
+from llasm_jax.layers.common import current_dropout_rng, dropout_rng
+
 # Names accepted in model configs for `remat_policy`.
 REMAT_POLICIES: dict[str, Any] = {
     "none": None,
@@ -54,40 +56,47 @@ class LayerStack(nnx.Module):
     `x, per_layer = layer.method(x, (per_layer, l), **shared)`, and the final `per_layer` comes
     back. A layer that updates only its own part (one cache slot) then updates it in place;
     scanning it as xs -> ys copies the whole pytree at every call (a KV cache at every step).
+
+    Inside a `dropout_rng` block (a training step) each layer runs in a block of its own split
+    of that key, which travels with its parameters through the scan, so layers drop differently.
     """
     if remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy {remat_policy!r}: expected one of {sorted(REMAT_POLICIES)}")
     graphdef, params = nnx.split(self.layers)
+    rng = current_dropout_rng()
+    keys = None if rng is None else jax.random.split(rng, self.num_layers)
     if carry_per_layer:
-      return self._carried(graphdef, params, x, per_layer, method, scan, remat_policy, shared)
+      return self._carried(graphdef, params, keys, x, per_layer, method, scan, remat_policy, shared)
 
     def body(carry, xs):
-      layer_params, layer_in = xs
+      layer_params, layer_in, key = xs
       layer = nnx.merge(graphdef, layer_params)
-      return getattr(layer, method)(carry, layer_in, **shared)
+      with dropout_rng(key):
+        return getattr(layer, method)(carry, layer_in, **shared)
 
     if remat_policy != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan)
     if scan:
-      return jax.lax.scan(body, x, (params, per_layer))
+      return jax.lax.scan(body, x, (params, per_layer, keys))
     outs = []
     for i in range(self.num_layers):
-      x, out = body(x, jax.tree.map(lambda a: a[i], (params, per_layer)))
+      x, out = body(x, jax.tree.map(lambda a: a[i], (params, per_layer, keys)))
       outs.append(out)
     return x, jax.tree.map(lambda *a: jax.numpy.stack(a), *outs)
 
-  def _carried(self, graphdef, params, x, state, method, scan, remat_policy, shared):
+  def _carried(self, graphdef, params, keys, x, state, method, scan, remat_policy, shared):
     def body(carry, xs):
       x, state = carry
-      layer_params, l = xs
+      layer_params, l, key = xs
       layer = nnx.merge(graphdef, layer_params)
-      return getattr(layer, method)(x, (state, l), **shared), None
+      with dropout_rng(key):
+        return getattr(layer, method)(x, (state, l), **shared), None
 
     if remat_policy != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan)
     if scan:
-      (x, state), _ = jax.lax.scan(body, (x, state), (params, jax.numpy.arange(self.num_layers)))
+      (x, state), _ = jax.lax.scan(body, (x, state), (params, jax.numpy.arange(self.num_layers), keys))
       return x, state
     for i in range(self.num_layers):
-      (x, state), _ = body((x, state), (jax.tree.map(lambda a: a[i], params), i))
+      (x, state), _ = body((x, state), (jax.tree.map(lambda a: a[i], params), i, None if keys is None else keys[i]))
     return x, state

@@ -1,7 +1,7 @@
 """LLaMA-family decoder LLM (LLaMA-1/2/3, Mistral, Qwen2, Baichuan-in-LLaMA-layout) in Flax NNX.
 
 Legend: B batch, T query length, S key length, D hidden size, N query heads, K kv heads,
-H head dim, F MLP hidden size, V vocab, L layers.
+H head dim, F MLP hidden size, V vocab, Vp V padded to a multiple of vocab_multiple, L layers.
 
 Submodule names follow Hugging Face `LlamaForCausalLM` (`model.layers.N.self_attn.q_proj`,
 `...mlp.gate_proj`, `model.norm`, `lm_head`), so converting weights is a key map.
@@ -19,6 +19,12 @@ from flax import nnx
 
 from llasm_jax.layers import KVCache, LayerStack, RMSNorm, attend, cached_mask, causal_mask, constrain, dense, param_init
 from llasm_jax.layers.attention import write_kv_stacked
+from llasm_jax.layers.common import embed_lookup
+from llasm_jax.layers.lora import LoraConfig, lora_dense
+
+# The logit of a padded vocab column (LlamaConfig.vocab_multiple): its probability is exactly 0 in
+# float32. Finite, unlike -inf, so that a KL between two padded distributions stays 0 * finite = 0.
+MASKED_LOGIT = -1e9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +40,14 @@ class RopeScaling:
   # stay; those between the two bounds blend smoothly.
   high_freq_factor: float = 4.0
   original_max_position_embeddings: int = 8192  # "llama3": the context length of pretraining
+
+
+# The projections that LoRA can adapt (LoraConfig.targets), with their paths in LlamaForCausalLM;
+# config.train.lora.targets are regexes over "llm/" + these + "/kernel".
+LORA_MODULES: dict[str, str] = {
+    **{p: f"model/layers/layers/self_attn/{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
+    **{p: f"model/layers/layers/mlp/{p}" for p in ("gate_proj", "up_proj", "down_proj")},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +69,9 @@ class LlamaConfig:
   qkv_bias: bool = False  # Qwen2, or HF `attention_bias` (which also sets o_bias)
   o_bias: bool = False  # a bias on o_proj
   mlp_bias: bool = False  # biases on gate_proj, up_proj and down_proj
+  # Low-rank adapters on the projections it targets (lora_a, lora_b next to their kernels), set by
+  # config.train.lora and stored in the model folder; rank 0 = none.
+  lora: LoraConfig = LoraConfig()
   bos_token_id: int = 1  # the HF config's; synthetic training rows start with it
   eos_token_id: int = 2  # generation stops at it (and at the other eos ids a model folder lists)
   pad_token_id: int | None = None  # generation's padding when the tokenizer has none; None = the eos id
@@ -64,8 +81,14 @@ class LlamaConfig:
   scan_layers: bool = True  # run the layers as one scan (compiles fast) or unrolled; the same numbers
   remat_policy: str = "none"  # recompute in the backward pass: none, full, dots, dots_no_batch, save_everything
   attention_impl: str | None = None  # None (XLA), "xla" or "cudnn"
+  # The embedding rows and LM-head columns are padded to a multiple of this (1 = none), so that a
+  # vocab such as 32003 shards over a tensor axis instead of being replicated; the padded logits are
+  # masked (MASKED_LOGIT) and model folders keep the real vocab (checkpoint.py pads and strips).
+  vocab_multiple: int = 1
 
   def __post_init__(self):
+    if self.vocab_multiple < 1:
+      raise ValueError(f"vocab_multiple {self.vocab_multiple}: expected >= 1 (1 = no padding; e.g. 128)")
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(
           f"num_attention_heads {self.num_attention_heads} is not a multiple of "
@@ -74,10 +97,18 @@ class LlamaConfig:
       raise ValueError(
           f"rope_scaling.rope_type {self.rope_scaling.rope_type!r} is not supported; "
           "use 'default', 'linear' or 'llama3'")
+    unknown = [t for t in self.lora.targets if t not in LORA_MODULES]
+    if unknown:
+      raise ValueError(f"lora.targets {unknown}: not projections of the LLM; expected some of {list(LORA_MODULES)}")
 
   @property
   def kv_head_dim(self) -> int:
     return self.head_dim or self.hidden_size // self.num_attention_heads
+
+  @property
+  def padded_vocab(self) -> int:
+    """Vp: vocab_size rounded up to a multiple of vocab_multiple (rows of embed_tokens, columns of lm_head)."""
+    return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
   def replace(self, **kw) -> "LlamaConfig":
     return dataclasses.replace(self, **kw)
@@ -90,10 +121,25 @@ LLAMA_PRESETS: dict[str, LlamaConfig] = {
     "llama3_8b": LlamaConfig(
         vocab_size=128256, intermediate_size=14336, num_key_value_heads=8, rms_norm_eps=1e-5,
         rope_theta=500000.0, max_position_embeddings=8192, bos_token_id=128000, eos_token_id=128001),
+    # Meta-Llama-3.1-8B(-Instruct): eos 128001 is <|end_of_text|>; the Instruct folder's
+    # generation_config.json adds <|eom_id|> 128008 and <|eot_id|> 128009, which generation reads from there.
     "llama3_1_8b": LlamaConfig(
         vocab_size=128256, intermediate_size=14336, num_key_value_heads=8, rope_theta=500000.0,
         rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192), max_position_embeddings=131072,
         bos_token_id=128000, eos_token_id=128001),
+    # With LLaSM's three audio tokens appended (ids 128256-128258), as `llasm-jax convert` adds them.
+    "llama3_1_8b_llasm": LlamaConfig(
+        vocab_size=128259, intermediate_size=14336, num_key_value_heads=8, rope_theta=500000.0,
+        rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192), max_position_embeddings=131072,
+        bos_token_id=128000, eos_token_id=128001),
+    # Qwen2.5-7B (base; -Instruct: eos <|im_end|> 151645, max_position_embeddings 32768). Its 152064
+    # embedding rows exceed the tokenizer's 151665 tokens, so the audio tokens take ids 151665-151667
+    # inside the vocab and it does not grow.
+    "qwen2_5_7b": LlamaConfig(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        max_position_embeddings=131072, tie_word_embeddings=False, qkv_bias=True,
+        bos_token_id=151643, eos_token_id=151643),
     "llama_100m": LlamaConfig(
         vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=10,
         num_attention_heads=12, num_key_value_heads=12),
@@ -142,11 +188,12 @@ class LlamaAttention(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.kv_head_dim
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    lora = lambda name: cfg.lora if cfg.lora.applies_to(name) else None
     self.cfg = cfg
-    self.q_proj = dense(d, n * h, ("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
-    self.k_proj = dense(d, k * h, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
-    self.v_proj = dense(d, k * h, ("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
-    self.o_proj = dense(n * h, d, ("heads", "embed"), use_bias=cfg.o_bias, **kw)
+    self.q_proj = lora_dense(d, n * h, ("embed", "heads"), lora("q_proj"), use_bias=cfg.qkv_bias, **kw)
+    self.k_proj = lora_dense(d, k * h, ("embed", "kv_heads"), lora("k_proj"), use_bias=cfg.qkv_bias, **kw)
+    self.v_proj = lora_dense(d, k * h, ("embed", "kv_heads"), lora("v_proj"), use_bias=cfg.qkv_bias, **kw)
+    self.o_proj = lora_dense(n * h, d, ("heads", "embed"), lora("o_proj"), use_bias=cfg.o_bias, **kw)
 
   def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None, prefix_kv=None):
     """x float[B, T, D] -> float[B, T, D], and the updated (k, v) cache of this layer.
@@ -177,9 +224,11 @@ class LlamaMLP(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     kw = dict(use_bias=cfg.mlp_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-    self.gate_proj = dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
-    self.up_proj = dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
-    self.down_proj = dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
+    lora = lambda name: cfg.lora if cfg.lora.applies_to(name) else None
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    self.gate_proj = lora_dense(d, f, ("embed", "mlp"), lora("gate_proj"), **kw)
+    self.up_proj = lora_dense(d, f, ("embed", "mlp"), lora("up_proj"), **kw)
+    self.down_proj = lora_dense(f, d, ("mlp", "embed"), lora("down_proj"), **kw)
 
   def __call__(self, x):
     h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
@@ -213,15 +262,20 @@ class LlamaModel(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed_tokens = nnx.Embed(
-        cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        cfg.padded_vocab, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
         embedding_init=param_init(nnx.initializers.normal(0.02), ("vocab", "embed")), rngs=rngs)
     self.layers = LayerStack(lambda r: LlamaDecoderLayer(cfg, rngs=r), cfg.num_hidden_layers, rngs=rngs)
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
 
-  def __call__(self, inputs_embeds, positions, attention_mask, cache: KVCache | None, prefix_kv=None):
+  def __call__(self, inputs_embeds, positions, attention_mask, cache: KVCache | None, prefix_kv=None,
+               segment_ids=None):
     """prefix_kv: (k, v) float[L, B or 1, P, K, H] of P tokens that come before these in every row
-    (no padding), e.g. `KVCache.k, .v` of a prefill of a shared prompt prefix; no cache then."""
+    (no padding), e.g. `KVCache.k, .v` of a prefill of a shared prompt prefix; no cache then.
+    segment_ids int[B, T]: packed training rows (1..n per sample, 0 = padding), each sample
+    attending to itself only (and to the prefix); no cache then."""
     cfg = self.cfg
+    if segment_ids is not None and cache is not None:
+      raise ValueError("segment_ids are for packed training rows, which run without a KV cache")
     x = constrain(inputs_embeds.astype(cfg.dtype), ("batch", "length", "act_embed"))
     cos, sin = rope_cos_sin(cfg, positions, cfg.dtype)
     if prefix_kv is not None:
@@ -229,12 +283,12 @@ class LlamaModel(nnx.Module):
         raise ValueError("pass a KV cache or prefix keys and values, not both")
       b, t = attention_mask.shape
       seen = jnp.ones((b, 1, t, prefix_kv[0].shape[2]), bool)  # every prefix token, from every position
-      mask = jnp.concatenate([seen, causal_mask(attention_mask)], axis=-1)
+      mask = jnp.concatenate([seen, causal_mask(attention_mask, segment_ids)], axis=-1)
       x, _ = self.layers(x, tuple(prefix_kv), scan=cfg.scan_layers, remat_policy=cfg.remat_policy, cos=cos,
                          sin=sin, mask=mask, cache_index=None, prefix=True)
       return self.norm(x), None
     if cache is None:
-      mask, per_layer, index = causal_mask(attention_mask), None, None
+      mask, per_layer, index = causal_mask(attention_mask, segment_ids), None, None
     else:
       mask, slot_mask = cached_mask(cache, attention_mask)
       per_layer, index = (cache.k, cache.v), cache.index
@@ -253,20 +307,25 @@ class LlamaForCausalLM(nnx.Module):
     self.cfg = cfg
     self.model = LlamaModel(cfg, rngs=rngs)
     if not cfg.tie_word_embeddings:
-      self.lm_head = dense(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False,
+      self.lm_head = dense(cfg.hidden_size, cfg.padded_vocab, ("embed", "vocab"), use_bias=False,
                            dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
     """int[B, T] -> float[B, T, D]."""
-    return self.model.embed_tokens(input_ids)
+    return embed_lookup(self.model.embed_tokens, input_ids)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
-    """float[B, T, D] -> float32[B, T, V]."""
-    if self.cfg.tie_word_embeddings:
+    """float[B, T, D] -> float32[B, T, Vp] (Vp = cfg.padded_vocab): the columns from vocab_size on,
+    which no token has, hold MASKED_LOGIT, so that no softmax, loss or sampler gives them weight."""
+    cfg = self.cfg
+    if cfg.tie_word_embeddings:
       out = self.model.embed_tokens.attend(hidden)
     else:
       out = self.lm_head(hidden)
-    return constrain(out, ("batch", "length", "act_vocab")).astype(jnp.float32)
+    out = constrain(out, ("batch", "length", "act_vocab")).astype(jnp.float32)
+    if cfg.padded_vocab != cfg.vocab_size:
+      out = jnp.where(jnp.arange(cfg.padded_vocab) < cfg.vocab_size, out, MASKED_LOGIT)
+    return out
 
   def __call__(
       self,
@@ -277,12 +336,15 @@ class LlamaForCausalLM(nnx.Module):
       attention_mask: jax.Array | None = None,
       cache: KVCache | None = None,
       prefix_kv: tuple[jax.Array, jax.Array] | None = None,
+      segment_ids: jax.Array | None = None,
       return_hidden: bool = False,
   ) -> tuple[jax.Array, KVCache | None]:
-    """Logits float32[B, T, V] (or final hidden states float[B, T, D]) and the updated cache.
+    """Logits float32[B, T, Vp] (see `logits`; or final hidden states float[B, T, D]) and the updated cache.
 
     attention_mask int/bool[B, T]: 1 for real tokens, 0 for padding (keys only).
     positions int[B, T]: RoPE positions; default 0..T-1 (or continuing from the cache).
+    segment_ids int[B, T]: packed rows, 1..n per sample and 0 for padding; attention stays inside
+    each sample (pass positions that restart per sample). None: one sequence per row.
     """
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -294,7 +356,7 @@ class LlamaForCausalLM(nnx.Module):
     if positions is None:
       start = 0 if cache is None else cache.index
       positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
-    hidden, cache = self.model(inputs_embeds, positions, attention_mask, cache, prefix_kv)
+    hidden, cache = self.model(inputs_embeds, positions, attention_mask, cache, prefix_kv, segment_ids)
     return (hidden if return_hidden else self.logits(hidden)), cache
 
   def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:

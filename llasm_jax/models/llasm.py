@@ -66,6 +66,14 @@ LLASM_PRESETS: dict[str, LlasmConfig] = {
     "llasm_baichuan": LlasmConfig(llm=LLAMA_PRESETS["baichuan_7b_llasm"], audio_patch_id=64000,
                                   audio_start_id=64001, audio_end_id=64002),
     "llasm_cllama2_encoder": LlasmConfig(mode="encoder"),
+    # Modern LLMs in "encoder" mode with Whisper large-v3 (128 mel bins): the audio ids are those
+    # `llasm-jax convert --llm BASE --whisper W --mode encoder` gives (the tokenizer's next free ids).
+    "llasm_llama3_1_8b_encoder": LlasmConfig(
+        audio=WHISPER_PRESETS["whisper_large_v3"], llm=LLAMA_PRESETS["llama3_1_8b_llasm"], mode="encoder",
+        audio_patch_id=128256, audio_start_id=128257, audio_end_id=128258),
+    "llasm_qwen2_5_7b_encoder": LlasmConfig(
+        audio=WHISPER_PRESETS["whisper_large_v3"], llm=LLAMA_PRESETS["qwen2_5_7b"], mode="encoder",
+        audio_patch_id=151665, audio_start_id=151666, audio_end_id=151667),
     # ~100M parameters: the CPU benchmarks' mid-size model.
     "llasm_100m_encoder": LlasmConfig(audio=WHISPER_PRESETS["whisper_tiny"],
                                       llm=LLAMA_PRESETS["llama_100m"].replace(vocab_size=32003), mode="encoder"),
@@ -208,13 +216,16 @@ class Llasm(nnx.Module):
       positions: jax.Array | None = None,
       cache: KVCache | None = None,
       prefix_kv: tuple[jax.Array, jax.Array] | None = None,
+      segment_ids: jax.Array | None = None,
       return_hidden: bool = False,
   ) -> tuple[jax.Array, KVCache | None]:
     """input_ids int[B, T] with audio markers, mel float[B, A, M, F], mel_lengths int[B, A]
     (or cached audio_features float[B, A, S, E], audio_feature_lengths int[B, A] instead of mel)
     -> logits float32[B, T, V] and the updated cache. Check the markers on the host first
-    with `check_audio_markers`. prefix_kv: see `LlamaModel` (a shared text prefix before every row)."""
+    with `check_audio_markers`. prefix_kv: see `LlamaModel` (a shared text prefix before every row).
+    segment_ids int[B, T]: packed rows (see `LlamaModel`); a row's audio slots then hold its
+    samples' audios in the order of their markers, which `splice` keeps with each sample."""
     embeds = self.embed(input_ids, mel, mel_lengths, audio_features=audio_features,
                         audio_feature_lengths=audio_feature_lengths)
     return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, positions=positions,
-                    cache=cache, prefix_kv=prefix_kv, return_hidden=return_hidden)
+                    cache=cache, prefix_kv=prefix_kv, segment_ids=segment_ids, return_hidden=return_hidden)

@@ -21,6 +21,7 @@ from flax import nnx
 
 from llasm_jax.layers import Buffer, KVCache, LayerStack, attend, cached_mask, causal_mask, constrain, dense, layer_norm, param_init
 from llasm_jax.layers.attention import write_kv
+from llasm_jax.layers.common import embed_lookup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,7 +279,7 @@ class WhisperDecoder(nnx.Module):
       per_layer = ((cache.self_kv.k, cache.self_kv.v), (cache.cross_k, cache.cross_v))
       start = cache.self_kv.index
     positions = start + jnp.arange(u)
-    x = self.embed_tokens(input_ids) * (math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0)
+    x = embed_lookup(self.embed_tokens, input_ids) * (math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0)
     x = x + self.embed_positions(positions)[None].astype(x.dtype)
     x, new_kv = self.layers(
         constrain(x, ("batch", "length", "act_embed")), per_layer, scan=cfg.scan_layers,

@@ -1,15 +1,23 @@
 """Token losses over the positions that carry a target: cross-entropy and distillation KL.
 
-Legend: B batch, T length, K target slots per row (static), D width, V vocab.
+Legend: B batch, T length, K target slots per row (static), C slots per chunk, D width, V vocab
+(padded: LlamaConfig.padded_vocab, its extra logits masked by the head).
 
 Labels follow the HF convention (unshifted, -100 = no loss): the logits at position t predict
 labels[t + 1]. The batch's `target_positions` (llasm_jax/data/pipeline.py) list, per row, the
 positions whose next token is a target; the LM head runs on those K slots only instead of all
 T (in stage 1 about one position in eight carries a loss, and the head of a small LLM is a
 fifth of its matmuls).
+
+`token_losses` runs the head and the losses C slots at a time (config.train.loss_chunk), each
+chunk recomputed in the backward pass, as levanter's blockwise cross-entropy and MaxText's
+vocab tiling do: float32[B, K, V] logits (with K = T = 2048 and a 128k vocab, 1 GiB per row and
+as much again for their gradient) never exist whole, only float32[B, C, V].
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -42,3 +50,49 @@ def distillation_kl(student_logits: jax.Array, teacher_logits: jax.Array, valid:
   student = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)
   kl = jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)
   return jnp.sum(jnp.where(valid, kl, 0.0)) * t * t
+
+
+def token_losses(head: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array, valid: jax.Array,
+                 *, teacher: jax.Array | None = None, both: jax.Array | None = None, temperature: float = 1.0,
+                 chunk: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(summed CE, target count, summed KL), float32 scalars, from final hidden states at the target slots.
+
+  head: float[B, C, D] -> float32[B, C, V], the LM head (`LlamaForCausalLM.logits`); hidden
+  float[B, K, D] the student's states, targets int[B, K], valid bool[B, K]. With a teacher
+  (float[B, K, D], its states at the matching slots, constant) also the KL on `both` bool[B, K];
+  without, the KL is 0. `chunk` > 0: C = chunk slots per step of a scan whose body is
+  rematerialized (K padded to a multiple of C with invalid slots); 0 or C >= K: one piece.
+  """
+  def piece(h, tgt, ok, th, both_ok):
+    logits = head(h)
+    ce, count = cross_entropy(logits, tgt, ok)
+    if th is None:
+      return ce, count, jnp.zeros((), jnp.float32)
+    t_logits = head(jax.lax.stop_gradient(th))
+    # Rows without a teacher are all padding: their logits mean nothing (a fully masked row may be
+    # NaN under some attention kernels; XLA's gives finite values), and zeros keep them out of the
+    # KL's gradient, where a NaN would survive the mask (0 * NaN).
+    t_logits = jnp.where(both_ok[..., None], t_logits, 0.0)
+    return ce, count, distillation_kl(logits, t_logits, both_ok, temperature)
+
+  k = hidden.shape[1]
+  if chunk <= 0 or chunk >= k:
+    return piece(hidden, targets, valid, teacher, both)
+  pad = -k % chunk
+
+  def chunks(x, fill):
+    """[B, K, ...] -> [K / C, B, C, ...] (padded with `fill`): the scan runs over the first axis."""
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return jnp.swapaxes(x.reshape(x.shape[0], -1, chunk, *x.shape[2:]), 0, 1)
+
+  xs = (chunks(hidden, 0), chunks(targets, 0), chunks(valid, False),
+        None if teacher is None else chunks(teacher, 0), None if teacher is None else chunks(both, False))
+  # Nothing of a chunk is kept for the backward pass but its inputs: its logits are computed again there.
+  body = jax.checkpoint(lambda args: piece(*args), prevent_cse=False)
+
+  def step(total, args):
+    return jax.tree.map(jnp.add, total, body(args)), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (ce, count, kl), _ = jax.lax.scan(step, (zero, zero, zero), xs)
+  return ce, count, kl

@@ -3,7 +3,8 @@
 `config.train.trainable` is a tuple of regexes over parameter paths ("adaptor/.*",
 "llm/.*"); everything else is frozen. Frozen leaves go through `optax.set_to_zero` inside
 `optax.multi_transform`, so they carry no optimizer state, and since nothing reads their
-gradients XLA drops the work that would compute them.
+gradients XLA drops the work that would compute them. With `config.train.lora` on, the LoRA
+factors are the LLM's only trainable leaves (`lora_labels`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+from llasm_jax.layers.lora import LoraConfig, is_lora_path
+from llasm_jax.models.llama import LORA_MODULES
 
 TRAIN, FROZEN = "train", "frozen"
 
@@ -34,6 +38,36 @@ def param_labels(params: Any, trainable: Sequence[str]) -> Any:
     raise ValueError(f"config.train.trainable {tuple(trainable)} matches no parameter; paths look like "
                      f"{path_str(jax.tree_util.tree_leaves_with_path(params)[0][0])!r}")
   return labels
+
+
+def lora_config(train: Any) -> LoraConfig:
+  """`config.train.lora` -> the LLM's LoraConfig: its target regexes resolved to the projections
+  whose kernel paths ("llm/model/layers/layers/self_attn/q_proj/kernel") they match."""
+  section = dict(train.get("lora") or {})
+  rank = int(section.get("rank", 0))
+  if not rank:
+    return LoraConfig()
+  targets = []
+  for pattern in section.get("targets", ()):
+    hits = [name for name, path in LORA_MODULES.items() if re.match(pattern, f"llm/{path}/kernel")]
+    if not hits:
+      raise ValueError(f"config.train.lora.targets {pattern!r} matches no LLM projection; kernel paths look like "
+                       f"'llm/{LORA_MODULES['q_proj']}/kernel', of {', '.join(LORA_MODULES)}")
+    targets += hits
+  return LoraConfig(rank=rank, alpha=float(section.get("alpha", 16.0)), dropout=float(section.get("dropout", 0.0)),
+                    targets=tuple(n for n in LORA_MODULES if n in targets))
+
+
+def lora_labels(labels: Any) -> Any:
+  """`labels` with LoRA on: of the LLM only the LoRA factors train (the other "llm/" leaves are
+  frozen, so they carry no optimizer state); labels outside the LLM stay as they are."""
+  def label(path, lab):
+    p = path_str(path)
+    if not p.startswith("llm/"):
+      return lab
+    return TRAIN if is_lora_path(p) else FROZEN
+
+  return jax.tree_util.tree_map_with_path(label, labels)
 
 
 def learning_rate(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:

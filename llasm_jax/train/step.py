@@ -10,6 +10,9 @@ Batch (global arrays, B = global batch, G = gradient-accumulation microbatches):
 With config.data.shared_prefix also prefix_ids int32[P], the fixed opening every row starts with
   (the rows hold what follows it): the LLM runs it once, at batch 1, and every row attends to its
   keys and values. Exact, and gradients flow through it as through the rows (stage 2 too).
+With config.data.packing also segment_ids int32[B, T] (1..n per sample of a row, 0 = padding):
+  attention stays inside each sample and the positions restart, so every target's loss is the
+  one it has alone in a row.
 With a distilling loss ("kd", "mix") also the teacher's text sequences: teacher_input_ids,
   teacher_attention_mask, teacher_positions int32[B, Tt] and teacher_target_positions int32[B, K]
   (slot i predicts the same answer token as slot i of target_positions; -1 = none).
@@ -32,10 +35,13 @@ import optax
 from flax import nnx
 
 from llasm_jax.config import LOSSES
+from llasm_jax.layers import dropout_rng
 from llasm_jax.train import losses
 from llasm_jax.train.optim import TRAIN, keep_new_rows, path_str
 
 IGNORE = -100
+# The batch entry that train_step adds: uint32[B, 2], one dropout key per row (see train_step).
+DROPOUT_KEY = "dropout_rng"
 
 
 @flax.struct.dataclass
@@ -44,15 +50,23 @@ class TrainState:
   params: Any  # nnx.State of the model's Params (float32 master weights)
   rest: Any  # nnx.State of the other variables (Whisper's fixed positions)
   opt_state: Any
-  rng: jax.Array  # uint32[2]: dropout-free today; kept so that resuming is exact when added
+  rng: jax.Array  # uint32[2]: the run's key; step s draws its dropout (LoRA's) from fold_in(rng, s)
+
+
+def microbatches(batch: dict[str, jax.Array], grad_accum: int) -> dict[str, jax.Array]:
+  """[B, ...] -> [G, B // G, ...], microbatch g holding rows g, G + g, 2G + g, ... (strided, as
+  MaxText splits): the batch is sharded over data x fsdp in contiguous blocks of rows, so every
+  microbatch keeps rows on every shard and the split moves no data between devices; contiguous
+  microbatches would each live on 1/G of the devices and be resharded inside the loop."""
+  return {k: v.reshape(v.shape[0] // grad_accum, grad_accum, *v.shape[1:]).swapaxes(0, 1) for k, v in batch.items()}
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, labels: Any, *, grad_accum: int,
                     first_new_row: int | None = None, loss: str = "ce", kd_weight: float = 0.5,
-                    kd_temperature: float = 1.0):
+                    kd_temperature: float = 1.0, loss_chunk: int = 0):
   """Builds the step function. `labels` marks leaves "train"/"frozen"; with `first_new_row`
-  the embedding rows below it stay frozen. `loss`, `kd_weight`, `kd_temperature`: as
-  config.train (see the module docstring); "kd"/"mix" need the batch's teacher keys.
+  the embedding rows below it stay frozen. `loss`, `kd_weight`, `kd_temperature`, `loss_chunk`:
+  as config.train (see the module docstring); "kd"/"mix" need the batch's teacher keys.
 
   Gradients are taken with respect to the trainable leaves only. Differentiating all of them
   and dropping the frozen ones is not enough: XLA does not prune the unused weight gradients
@@ -62,6 +76,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
   trainable = [lab == TRAIN for lab in jax.tree.leaves(labels)]
   if loss not in LOSSES:
     raise ValueError(f"config.train.loss {loss!r}: expected one of {', '.join(LOSSES)}")
+  if loss_chunk < 0:
+    raise ValueError(f"config.train.loss_chunk {loss_chunk}: expected target positions per chunk, or 0 for all at once")
   distil = loss != "ce"
   if distil:
     llm = [path_str(p) for p, lab in jax.tree_util.tree_leaves_with_path(labels)
@@ -93,37 +109,46 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
       _, cache = model.llm(prefix, cache=model.llm.init_cache(1, prefix.shape[1]), return_hidden=True)
       prefix_kv = (cache.k, cache.v)
     hidden, _ = model(batch["input_ids"], **audio, attention_mask=batch["attention_mask"],
-                      positions=batch["positions"], prefix_kv=prefix_kv, return_hidden=True)
+                      positions=batch["positions"], prefix_kv=prefix_kv, segment_ids=batch.get("segment_ids"),
+                      return_hidden=True)
     # The LM head and softmax on the K target slots only, not all T positions.
     slots = batch["target_positions"]
     valid = slots >= 0
     slots = jnp.maximum(slots, 0)
     targets = jnp.take_along_axis(batch["labels"], jnp.minimum(slots + 1, batch["labels"].shape[1] - 1), axis=1)
-    logits = model.llm.logits(losses.gather(hidden, slots))
-    ce, count = losses.cross_entropy(logits, jnp.where(valid, targets, 0), valid)
+    teacher = both = None
+    if distil:
+      # The teacher: the same LLM reading the transcript as text, on the same target slots.
+      t_slots = batch["teacher_target_positions"]
+      both = valid & (t_slots >= 0)
+      t_hidden, _ = model.llm(batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
+                              positions=batch["teacher_positions"], return_hidden=True)
+      teacher = losses.gather(jax.lax.stop_gradient(t_hidden), jnp.maximum(t_slots, 0))
+    # loss_chunk slots at a time, recomputed in the backward pass: no float32[B, K, V] logits.
+    ce, count, kl = losses.token_losses(model.llm.logits, losses.gather(hidden, slots), jnp.where(valid, targets, 0),
+                                        valid, teacher=teacher, both=both, temperature=kd_temperature,
+                                        chunk=loss_chunk)
     if not distil:
       return ce, (ce, count, jnp.zeros(()))
-    # The teacher: the same LLM reading the transcript as text, on the same target slots.
-    t_slots = batch["teacher_target_positions"]
-    both = valid & (t_slots >= 0)
-    t_hidden, _ = model.llm(batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
-                            positions=batch["teacher_positions"], return_hidden=True)
-    t_logits = model.llm.logits(losses.gather(jax.lax.stop_gradient(t_hidden), jnp.maximum(t_slots, 0)))
-    # Rows without a teacher are all padding: their logits mean nothing (a fully masked row may be
-    # NaN under some attention kernels; XLA's gives finite values), and zeros keep them out of the
-    # KL's gradient, where a NaN would survive the mask (0 * NaN).
-    t_logits = jnp.where(both[..., None], t_logits, 0.0)
-    kl = losses.distillation_kl(logits, t_logits, both, kd_temperature)
     if loss == "kd":
       return kl, (ce, count, kl)
     return (1.0 - kd_weight) * ce + kd_weight * kd_scale * kl, (ce, count, kl)
 
-  value_and_grad = jax.value_and_grad(summed_loss, has_aux=True)
+  def dropout_loss(train_leaves, frozen_leaves, treedef, rest, batch, kd_scale):
+    # Dropout draws from the key of the (micro)batch's first row; models without dropout ignore it.
+    with dropout_rng(jax.random.wrap_key_data(batch[DROPOUT_KEY][0])):
+      return summed_loss(train_leaves, frozen_leaves, treedef, rest, batch, kd_scale)
+
+  value_and_grad = jax.value_and_grad(dropout_loss, has_aux=True)
 
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
     treedef = jax.tree.structure(state.params)
     train, frozen = split(state.params)
+    # One dropout key per row, so that the keys split with the rows and every microbatch draws its
+    # own; from the run's key and the step, so that a resumed run draws what a straight one did.
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    batch = {**batch, DROPOUT_KEY: jax.random.key_data(jax.random.split(step_key, batch["input_ids"].shape[0]))}
     # Token counts of the whole global batch, known before any microbatch runs: "mix" weighs the
     # KL sum by n_ce / n_kd, so that one division by n_ce gives (1 - w) CE mean + w KL mean.
     n_ce = jnp.sum(batch["target_positions"] >= 0).astype(jnp.float32)
@@ -135,8 +160,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
       (objective, (ce, tokens, kl)), train_grads = value_and_grad(train, frozen, treedef, state.rest, batch, kd_scale)
     else:
       shared = {k: v for k, v in batch.items() if k == "prefix_ids"}  # one for all rows: not split
-      micro = {k: v.reshape(grad_accum, v.shape[0] // grad_accum, *v.shape[1:]) for k, v in batch.items()
-               if k not in shared}
+      micro = microbatches({k: v for k, v in batch.items() if k not in shared}, grad_accum)
 
       def accumulate(carry, mb):
         (o, (c, n, k)), g = value_and_grad(train, frozen, treedef, state.rest, {**mb, **shared}, kd_scale)
@@ -150,6 +174,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
     if first_new_row is not None:
       grads = keep_new_rows(grads, first_new_row)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if first_new_row is not None:  # weight decay (and momentum) move rows a zero gradient does not
+      updates = keep_new_rows(updates, first_new_row)
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "loss": objective / denom,

@@ -28,7 +28,9 @@ from llasm_jax import checkpoint, compilation_cache, paths, sharding
 from llasm_jax.config import llasm_config, loss_options, needs_teacher
 from llasm_jax.data import encode, pipeline
 from llasm_jax.models.llasm import Llasm, LlasmConfig
-from llasm_jax.train.optim import FROZEN, learning_rate, make_optimizer, param_labels, path_str
+from llasm_jax.layers.lora import is_lora_path
+from llasm_jax.train.optim import (FROZEN, learning_rate, lora_config, lora_labels, make_optimizer, param_labels,
+                                   path_str)
 from llasm_jax.train.step import TrainState, make_train_step
 
 
@@ -50,15 +52,18 @@ def git_revision() -> str:
 # Model config and initial parameters
 
 
-RUN_OPTIONS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
+RUN_OPTIONS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl", "vocab_multiple")
 
 
 def model_config(config: ml_collections.ConfigDict) -> LlasmConfig:
   """From `config.model`, or from the model folder / stage-1 workdir in `config.train.init_from`
-  (its architecture wins; `config.model.llm`/`audio` still set run options such as dtype)."""
+  (its architecture wins; `config.model.llm`/`audio` still set run options such as dtype), with
+  the LLM's LoRA from `config.train.lora`."""
   init_from = config.train.get("init_from")
+  lora = lora_config(config.train)
   if not init_from:
-    return llasm_config(config.model)
+    cfg = llasm_config(config.model)
+    return cfg.replace(llm=cfg.llm.replace(lora=lora))
   meta = checkpoint.read_meta(init_from)
   if meta["kind"] != "llasm":
     raise ValueError(f"config.train.init_from {init_from!r} holds a {meta['kind']!r} model; training needs a "
@@ -68,7 +73,8 @@ def model_config(config: ml_collections.ConfigDict) -> LlasmConfig:
   def run_options(part: str) -> dict:
     return {k: v for k, v in config.model.get(part, {}).items() if k in RUN_OPTIONS}
 
-  return cfg.replace(llm=cfg.llm.replace(**run_options("llm")), audio=cfg.audio.replace(**run_options("audio")))
+  return cfg.replace(llm=cfg.llm.replace(lora=lora, **run_options("llm")),
+                     audio=cfg.audio.replace(**run_options("audio")))
 
 
 def initial_params(config, cfg: LlasmConfig, mesh, rules, param_sharding, rest_sharding):
@@ -81,7 +87,8 @@ def initial_params(config, cfg: LlasmConfig, mesh, rules, param_sharding, rest_s
 
     with jax.set_mesh(mesh):
       return jax.jit(init, out_shardings=(param_sharding, rest_sharding))()
-  model, _ = checkpoint.load_model(init_from, mesh=mesh, rules=rules, cfg=cfg)
+  # New LoRA factors (a base model adapted in stage 2) start as the random init above would.
+  model, _ = checkpoint.load_model(init_from, mesh=mesh, rules=rules, cfg=cfg, seed=config.train.seed)
   _, params, rest = nnx.split(model, nnx.Param, ...)
   log(f"initialised from {init_from}")
   return params, rest
@@ -98,6 +105,9 @@ def make_data(config, cfg: LlasmConfig):
     raise ValueError(f"config.train.batch_size {global_batch} does not divide over {jax.process_count()} processes")
   host_batch = global_batch // jax.process_count()
   source = config.data.source
+  if source == "synthetic" and config.data.get("packing"):
+    raise ValueError("config.data.packing packs the samples of config.data.source='tfds'; the synthetic batches "
+                     "come as whole rows: set config.data.packing=False")
   if source == "synthetic":
     from llasm_jax.train.synthetic import synthetic_dataset
 
@@ -291,19 +301,37 @@ def model_flops_per_step(cfg: LlasmConfig, config, trainable_llm: bool, whisper:
 
 
 class Preemption:
-  """SIGTERM (preemption, scancel, Ctrl-C in a pod) asks for a save at the current step."""
+  """SIGTERM (preemption, scancel, `launch/tpu.sh stop`) asks for a save at the current step.
+
+  One process: a Python handler sets a flag, read after every step. Several processes: JAX's
+  preemption sync manager (started by jax.distributed.initialize) catches the signal on any
+  host, tells the others, and they agree on the next step to save at; asking it after every step
+  costs no collective until a notice arrives, so a short grace period still saves whatever the
+  logging interval. Without it (a distributed runtime that lacks one) the hosts compare flags
+  with one tiny all-gather at logging intervals.
+  """
 
   def __init__(self):
     self.requested = False
-    self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM,)}
+    self.synced = jax.process_count() > 1
+    # With several processes the sync manager's own handler must see the signal: keep Python's out.
+    self._old = {} if self.synced else {s: signal.signal(s, self._handle) for s in (signal.SIGTERM,)}
 
   def _handle(self, signum, frame):
     self.requested = True
 
-  def check(self) -> bool:
-    """All processes agree (one tiny allgather) so that they save the same step together."""
+  def check(self, step: int, at_interval: bool) -> bool:
+    """Whether to save `step` and stop; all processes get the same answer at the same step."""
     if jax.process_count() == 1:
       return self.requested
+    if self.synced:
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:  # no preemption sync manager in this runtime
+        self.synced = False
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM,)}
+    if not at_interval:
+      return False
     flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
     return bool(np.max(flags))
 
@@ -354,6 +382,8 @@ def prepare(config: ml_collections.ConfigDict, devices=None) -> Setup:
                      f"data x fsdp ({mesh.shape['data'] * mesh.shape['fsdp']})")
   graphdef, abs_params, abs_rest = nnx.split(nnx.eval_shape(lambda: Llasm(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
   labels = param_labels(abs_params, tc.trainable)
+  if cfg.llm.lora.rank:
+    labels = lora_labels(labels)
   tx = make_optimizer(config.optim, labels, tc.steps)
   param_sh = sharding.state_shardings(abs_params, mesh, rules)
   rest_sh = sharding.state_shardings(abs_rest, mesh, rules)
@@ -374,21 +404,25 @@ def prepare(config: ml_collections.ConfigDict, devices=None) -> Setup:
     first_new_row = min(cfg.audio_patch_id, cfg.audio_start_id, cfg.audio_end_id)
   loss, kd_weight, kd_temperature = loss_options(tc)
   step_fn = make_train_step(graphdef, tx, labels, grad_accum=tc.grad_accum, first_new_row=first_new_row,
-                            loss=loss, kd_weight=kd_weight, kd_temperature=kd_temperature)
+                            loss=loss, kd_weight=kd_weight, kd_temperature=kd_temperature,
+                            loss_chunk=int(tc.get("loss_chunk", 0)))
   features, cache = pipeline.data_features(config)
   batch_sh = {k: jax.sharding.NamedSharding(mesh, sharding.logical_spec(pipeline.BATCH_AXES[k], rules))
               for k in pipeline.batch_keys(features, teacher=needs_teacher(config),
-                                           prefix=bool(config.data.get("shared_prefix", False)))}
+                                           prefix=bool(config.data.get("shared_prefix", False)),
+                                           packed=bool(config.data.get("packing", False)))}
   jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
                    donate_argnums=(0,))
   return Setup(cfg, mesh, rules, graphdef, labels, tx, state_sh, abs_state, batch_sh, jitted, features, cache)
 
 
 def trains_llm(setup: Setup) -> bool:
-  """Whether any LLM weight trains (stage 2): its weight gradients count in the step's FLOPs."""
+  """Whether any LLM weight trains (stage 2): its weight gradients count in the step's FLOPs.
+  LoRA factors do not count: with them alone no gradient of the LLM's matrices is computed, and
+  theirs (rank r) cost next to nothing."""
   return any(lab != FROZEN for lab, (path, _) in zip(jax.tree.leaves(setup.labels),
                                                       jax.tree_util.tree_leaves_with_path(setup.abstract_state.params))
-             if path_str(path).startswith("llm/"))
+             if path_str(path).startswith("llm/") and not is_lora_path(path_str(path)))
 
 
 def abstract_batch(config, setup: Setup) -> dict[str, jax.ShapeDtypeStruct]:
@@ -409,6 +443,8 @@ def abstract_batch(config, setup: Setup) -> dict[str, jax.ShapeDtypeStruct]:
     shapes.update({k: ((b, t), jnp.int32) for k in pipeline.TEACHER_KEYS})
   if data.get("shared_prefix"):
     shapes["prefix_ids"] = ((64,), jnp.int32)  # a long system prompt's opening; the rows keep all of T
+  if data.get("packing"):
+    shapes["segment_ids"] = ((b, t), jnp.int32)
   return {k: jax.ShapeDtypeStruct(s, d, sharding=setup.batch_sharding[k]) for k, (s, d) in shapes.items()}
 
 
@@ -458,22 +494,34 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   setup = prepare(config)
   cfg, mesh, rules, tc = setup.cfg, setup.mesh, setup.rules, config.train
   replicated = setup.replicated
+  run_file = paths.resolve(workdir) / "run.json"
+  before = json.loads(run_file.read_text()) if run_file.exists() else {}
+  # What shapes the optimizer state, as JSON holds it (lists, not tuples), to compare with a resumed run's.
+  trained = json.loads(json.dumps({"trainable": list(tc.trainable), "lora": dataclasses.asdict(cfg.llm.lora)}))
+  ckpts = Checkpoints(workdir, config)
+  start = ckpts.latest_step()
+  if start is not None and before.get("trained", trained) != trained:
+    ckpts.close()
+    raise ValueError(f"{workdir} holds checkpoints of a run that trained {before['trained']}, and this config trains "
+                     f"{trained}: the optimizer state does not match; resume with the same config.train.trainable "
+                     "and lora, or pass another --workdir")
   if jax.process_index() == 0:
     paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
-    paths.write_json(paths.join(workdir, "run.json"), {
+    paths.write_json(run_file, {
         "git_revision": git_revision(), "model": checkpoint.config_to_dict(cfg), "processes": jax.process_count(),
-        "devices": jax.device_count(), "mesh": dict(mesh.shape), "compilation_cache": cache})
+        "devices": jax.device_count(), "mesh": dict(mesh.shape), "compilation_cache": cache, "trained": trained})
   log(f"model: mode {cfg.mode!r}, LLM {cfg.llm.num_hidden_layers}x{cfg.llm.hidden_size}, compute {cfg.llm.dtype}; "
       f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} processes")
   abs_params, labels = setup.abstract_state.params, setup.labels
   n_train = sum(int(np.prod(x.shape)) for x, lab in zip(jax.tree.leaves(abs_params), jax.tree.leaves(labels))
                 if lab != FROZEN)
   n_all = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abs_params))
-  log(f"parameters: {n_all:,}, trainable {n_train:,} ({', '.join(tc.trainable)})")
+  what = ", ".join(tc.trainable)
+  if cfg.llm.lora.rank:
+    what = f"of the LLM only LoRA rank {cfg.llm.lora.rank} on {', '.join(cfg.llm.lora.targets)}; {what}"
+  log(f"parameters: {n_all:,}, trainable {n_train:,} ({what})")
 
-  ckpts = Checkpoints(workdir, config)
   data, host_batch = make_data(config, cfg)
-  start = ckpts.latest_step()
   if start is not None:
     state, data_state = ckpts.restore(start, setup.abstract_state)
     data.set_state(data_state)
@@ -536,7 +584,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                        f"(limit config.train.max_nonfinite_steps={tc.max_nonfinite_steps}); lower the learning rate "
                        "or check the data")
         break
-      if (at_interval or jax.process_count() == 1) and preempt.check():
+      if preempt.check(step + 1, at_interval):
         ckpts.save(step + 1, state, data.get_state(), force=True)
         stop_reason = f"preempted: saved step {step + 1}, resume with the same command"
         break

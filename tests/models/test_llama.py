@@ -95,6 +95,16 @@ def test_kv_cache_decoding_equals_full_forward(scan, tmp_path):
   assert int(cache.index) == 14
 
 
+def test_writing_past_the_end_of_the_kv_cache_raises(tmp_path):
+  """dynamic_update_slice clamps its start: without the check the last slots were overwritten."""
+  _, model = build("gqa", tmp_path)
+  ids = jnp.asarray(np.random.RandomState(4).randint(0, 96, (2, 6)))
+  _, cache = model(ids[:, :4], cache=model.init_cache(batch=2, max_len=5))
+  _, cache = model(ids[:, 4:5], cache=cache)  # the last slot: fine
+  with pytest.raises(ValueError, match="KV cache overflow: 1 tokens at slot 5 do not fit its 5 slots"):
+    model(ids[:, 5:6], cache=cache)
+
+
 def test_shape_mismatch_names_the_tensor(tmp_path):
   torch_model, model = build("mha", tmp_path)
   tensors = hf_tensors(torch_model, tmp_path)

@@ -234,3 +234,90 @@ def test_bfloat16_compute_keeps_float32_master_weights(tmp_path):
   params = _final_params(tmp_path / "bf16")
   assert all(a.dtype == np.float32 for a in params.values())
   np.testing.assert_allclose([h["loss"] for h in bf16["history"]], [h["loss"] for h in f32["history"]], rtol=2e-2)
+
+
+PREEMPTED = textwrap.dedent("""
+    import json, os, sys
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize("127.0.0.1:" + os.environ["PORT"], num_processes=2, process_id=int(os.environ["PROC"]))
+    sys.path.insert(0, os.environ["ROOT"])
+    from tests.train.test_train import tiny_config
+    from llasm_jax.train.trainer import train
+    # Only process 1 is preempted, between logging intervals (log_every 100).
+    config = tiny_config(steps=60, log_every=100, debug_sigterm_at_step=3 if os.environ["PROC"] == "1" else 0)
+    first = train(config, os.environ["WORK"])
+    second = train(tiny_config(steps=60, log_every=100), os.environ["WORK"])
+    print("RESULT " + json.dumps([first["stop_reason"], first["step"], second["stop_reason"], second["step"]]))
+""")
+
+
+def test_sigterm_on_one_host_saves_the_same_step_on_all(tmp_path):
+  """JAX's preemption sync point: the other host learns of the signal without waiting for a
+  logging interval, both save the same step, and the rerun finishes from it."""
+  script = tmp_path / "run.py"
+  script.write_text(PREEMPTED)
+  env = dict(os.environ, ROOT=ROOT, WORK=str(tmp_path / "work"), JAX_PLATFORMS="cpu", PORT=str(_free_port()),
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  runs = [subprocess.Popen([sys.executable, str(script)], env=dict(env, PROC=str(i)), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [r.communicate(timeout=600) for r in runs]
+  results = []
+  for r, (out, err) in zip(runs, outs):
+    assert r.returncode == 0, err[-4000:]
+    results.append(json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[len("RESULT "):]))
+  (reason, step, again, final), other = results
+  assert reason.startswith("preempted") and 3 <= step < 60 and (again, final) == ("finished", 60), results
+  assert other == results[0]
+
+
+def test_resuming_with_other_trainable_parameters_names_the_difference(tmp_path):
+  from llasm_jax.train.trainer import train
+
+  train(tiny_config(stage=2, steps=2), str(tmp_path))
+  config = tiny_config(stage=2, steps=4)
+  config.train.trainable = ("adaptor/.*",)
+  with pytest.raises(ValueError, match=r"trained \{'trainable': \['adaptor/\.\*', 'llm/\.\*'\].*this config trains "
+                                       r"\{'trainable': \['adaptor/\.\*'\]"):
+    train(config, str(tmp_path))
+  assert train(tiny_config(stage=2, steps=4), str(tmp_path))["step"] == 4  # the same config resumes
+
+
+def test_length_buckets_compile_one_step_per_bucket(tmp_path, capsys):
+  """Batches of different bucket lengths in one run: each length gets its own compiled step."""
+  from llasm_jax.data import builders
+  from llasm_jax.train.trainer import train
+  from tests.infer.conftest import make_checkpoints
+
+  ckpt = make_checkpoints(tmp_path, mode="encoder")["llasm"]
+  assets = os.path.join(os.path.dirname(ROOT), "shared", "assets")
+  builders.build("asr", builders.manifest_rows(os.path.join(assets, "manifest.jsonl")), str(tmp_path / "asr"),
+                 quiet=True)
+  config = tiny_config(stage=1, steps=4)
+  config.train.init_from = ckpt
+  config.train.batch_size = 2
+  config.data.update(dict(source="tfds", dir=str(tmp_path / "asr"), seq_len=640, buckets=(400, 640),
+                          mel_frames=1000, workers=-1))
+  summary = train(config, str(tmp_path / "work"))
+  assert summary["stop_reason"] == "finished" and summary["step"] == 4
+  assert all(np.isfinite(h["loss"]) for h in summary["history"])
+  assert "(shape 2:" in capsys.readouterr().out
+
+
+def test_three_axis_mesh_compiles_without_involuntary_rematerialization():
+  """The embedding lookups (LLM and Whisper decoder) under data x fsdp x tensor: XLA used to
+  replicate their whole output before resharding it, and said so on stderr."""
+  code = textwrap.dedent("""
+      import os, sys
+      sys.path.insert(0, os.environ["ROOT"])
+      from tests.train.test_train import tiny_config
+      from llasm_jax.train.trainer import compile_only
+      config = tiny_config(stage=2)
+      config.model = {"preset": "tiny"}  # "llasm" mode: the Whisper decoder embeds its queries too
+      config.mesh.shape = {"data": 2, "fsdp": 2, "tensor": 2}
+      compile_only(config, quiet=True)
+  """)
+  env = dict(os.environ, ROOT=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "Involuntary full rematerialization" not in run.stderr, run.stderr[-3000:]
