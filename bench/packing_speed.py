@@ -58,7 +58,7 @@ def load() -> float:
 
 def make_samples(cfg, n: int, seq_len: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
   """`n` samples as `pipeline.Featurize` gives them: ids/labels int32[len], one audio slot (mel)."""
-  from llasm_jax.data.pipeline import IGNORE
+  from llasm_jax.tokens import IGNORE
 
   rng = np.random.default_rng(seed)
   lengths = np.clip(np.rint(rng.lognormal(np.log(300), 0.7, n)), 64, seq_len).astype(int)

@@ -33,6 +33,7 @@ from llasm_jax.layers.lora import LoraConfig, is_lora_path
 from llasm_jax.models.llama import LlamaConfig, LlamaForCausalLM, RopeScaling
 from llasm_jax.models.llasm import Llasm, LlasmConfig
 from llasm_jax.models.whisper import WhisperConfig, WhisperModel
+from llasm_jax.errors import UserError
 
 META_FILE = "llasm_jax.json"
 PARAMS_DIR = "params"
@@ -82,7 +83,7 @@ def config_from_dict(kind: str, d: dict[str, Any]):
   if kind == "llasm":
     d = dict(d)
     return LlasmConfig(**{**d, "audio": WhisperConfig(**d["audio"]), "llm": _llama(d["llm"])})
-  raise ValueError(f"model kind {kind!r}: expected one of {KINDS}")
+  raise UserError(f"model kind {kind!r}: expected one of {KINDS}")
 
 def build_model(kind: str, cfg, rngs: nnx.Rngs) -> nnx.Module:
   return {"llasm": Llasm, "llama": LlamaForCausalLM, "whisper": WhisperModel}[kind](cfg, rngs=rngs)
@@ -231,13 +232,13 @@ def read_meta(folder: str) -> dict[str, Any]:
   path = folder / META_FILE
   if not path.exists():
     if (folder / PARAMS_DIR).exists():
-      raise ValueError(f"{folder}: no {META_FILE}, so its write did not finish (interrupted); write it again "
+      raise UserError(f"{folder}: no {META_FILE}, so its write did not finish (interrupted); write it again "
                        "(`llasm-jax convert --overwrite`, or resume the training that makes it)")
-    raise ValueError(f"{folder}: no {META_FILE}, so not a llasm_jax checkpoint; "
+    raise UserError(f"{folder}: no {META_FILE}, so not a llasm_jax checkpoint; "
                      "make one with `llasm-jax convert` (or pass the folder `train` wrote)")
   meta = json.loads(path.read_text())
   if meta.get("format") != FORMAT_VERSION:
-    raise ValueError(f"{path}: format {meta.get('format')}, this llasm_jax reads format {FORMAT_VERSION}")
+    raise UserError(f"{path}: format {meta.get('format')}, this llasm_jax reads format {FORMAT_VERSION}")
   return meta
 
 def load_model(folder: str, *, mesh: jax.sharding.Mesh | None = None, rules=None, cfg=None, seed: int = 0,
@@ -281,7 +282,7 @@ def _split_new_lora(folder: str, meta: dict, cfg, item: dict) -> tuple[dict, dic
   if (stored.rank, stored.targets) == (wanted.rank, wanted.targets):
     return item, {}
   if stored.rank:
-    raise ValueError(f"{folder}: holds LoRA factors of rank {stored.rank} on {list(stored.targets)}, the config "
+    raise UserError(f"{folder}: holds LoRA factors of rank {stored.rank} on {list(stored.targets)}, the config "
                      f"asks for rank {wanted.rank} on {list(wanted.targets)}; keep the folder's LoRA settings "
                      "(config.train.lora), or merge its factors first: `llasm-jax export --merge-lora`, then "
                      "`llasm-jax convert` the merged folders")
@@ -317,7 +318,7 @@ def load_whisper(folder: str, *, mesh: jax.sharding.Mesh | None = None, rules=No
   if meta["kind"] == "whisper":
     return load_model(folder, mesh=mesh, rules=rules, **run)
   if meta["kind"] != "llasm":
-    raise ValueError(f"{folder}: a {meta['kind']!r} model holds no Whisper; pass a 'whisper' or 'llasm' model folder")
+    raise UserError(f"{folder}: a {meta['kind']!r} model holds no Whisper; pass a 'whisper' or 'llasm' model folder")
   cfg = config_from_dict("llasm", meta["config"])
   wcfg = cfg.audio.replace(**run)
   with_decoder = cfg.mode == "llasm"  # "encoder" mode folders store the encoder alone

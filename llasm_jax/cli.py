@@ -11,6 +11,7 @@ import jax
 
 from llasm_jax import sharding
 from llasm_jax.config import load_config_file
+from llasm_jax.errors import UserError
 
 DEFAULT_CONFIG = "configs/tiny.py"
 
@@ -52,7 +53,7 @@ def train(args: argparse.Namespace) -> None:
   config = load_config_file(_find_config(args.config))
   apply_overrides(config, args.overrides)
   if args.search is not None and not args.topology:
-    raise ValueError("--search needs --topology (a TPU slice such as v5p:4x4x4): only libtpu knows the HBM limit")
+    raise UserError("--search needs --topology (a TPU slice such as v5p:4x4x4): only libtpu knows the HBM limit")
   if args.topology:  # compile-only for a TPU slice this host need not have
     import json
 
@@ -68,7 +69,7 @@ def train(args: argparse.Namespace) -> None:
       pathlib.Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
       print(f"written to {args.json}")
     if args.search is None and not result["fits"]:
-      raise ValueError(plan.no_fit_error(result))  # exit status 2, as every input error
+      raise UserError(plan.no_fit_error(result))  # exit status 2, as every input error
     return
   if args.compile_only:
     trainer.compile_only(config)
@@ -127,7 +128,7 @@ def generate(args: argparse.Namespace) -> None:
   import json
 
   if not args.prompt and not args.audio:
-    raise ValueError("nothing to reply to: pass --prompt TEXT, --audio FILE, or both")
+    raise UserError("nothing to reply to: pass --prompt TEXT, --audio FILE, or both")
   gen = _generator(args)
   # Token by token to a terminal; a pipe gets the whole reply (or --json) at the end.
   stream = _print_piece if not args.json and sys.stdout.isatty() else None
@@ -209,7 +210,7 @@ def data_build(args: argparse.Namespace) -> None:
   from llasm_jax.data import builders
 
   if args.max_text_tokens and not args.tokenizer:
-    raise ValueError("--max-text-tokens needs --tokenizer (a tokenizer folder or hub name) to count tokens")
+    raise UserError("--max-text-tokens needs --tokenizer (a tokenizer folder or hub name) to count tokens")
   options = builders.Options(
       min_seconds=args.min_seconds, max_seconds=args.max_seconds or None, silence_peak=args.silence_peak,
       max_text_chars=args.max_text_chars, max_text_tokens=args.max_text_tokens, tokenizer=args.tokenizer)
@@ -235,7 +236,7 @@ def data_synth(args: argparse.Namespace) -> None:
   from llasm_jax.data import synth
 
   if args.limit is not None and args.limit < 1:
-    raise ValueError(f"--limit {args.limit}: expected a positive number of rows")
+    raise UserError(f"--limit {args.limit}: expected a positive number of rows")
   options = synth.Options(engine=args.engine, seed=args.seed, max_seconds=args.max_seconds or None)
   if args.text:
     plan = synth.plan_text(args.text, args.format, args.language, args.limit)
@@ -486,8 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     compilation_cache.enable(compilation_cache.default_folder())
   try:
     args.func(args)
-  except (ValueError, FileExistsError, FileNotFoundError) as e:
-    # Input errors already name the file and the fix; a traceback would bury that.
+  except (UserError, FileExistsError, FileNotFoundError) as e:
+    # Input errors already name the file and the fix; a traceback would bury that. Anything else
+    # (an internal JAX error, a bug) keeps its traceback.
     print(f"llasm-jax {args.command}: error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -21,6 +21,7 @@ import ml_collections
 from llasm_jax.models.llama import LlamaConfig, RopeScaling
 from llasm_jax.models.llasm import LLASM_PRESETS, LlasmConfig
 from llasm_jax.models.whisper import WhisperConfig
+from llasm_jax.errors import UserError
 
 # Logical axis -> mesh axis (or axes, or None = replicated), for the ("data", "fsdp", "tensor")
 # mesh. Weights: their width ("embed") over "fsdp", heads/MLP/vocab over "tensor". Activations
@@ -72,7 +73,7 @@ def _fields(cls) -> list[str]:
 def _check_keys(where: str, given: Mapping[str, Any], valid: list[str]) -> None:
   for key in given:
     if key not in valid:
-      raise ValueError(f"{where}: unknown key {key!r}; valid keys: {', '.join(valid)}")
+      raise UserError(f"{where}: unknown key {key!r}; valid keys: {', '.join(valid)}")
 
 
 def _as_dict(section: Any, where: str) -> dict[str, Any]:
@@ -82,7 +83,7 @@ def _as_dict(section: Any, where: str) -> dict[str, Any]:
     return section.to_dict()
   if isinstance(section, Mapping):
     return dict(section)
-  raise ValueError(f"{where} should be a ConfigDict or dict of overrides, got {type(section).__name__}")
+  raise UserError(f"{where} should be a ConfigDict or dict of overrides, got {type(section).__name__}")
 
 
 def _rope_scaling(value: Any) -> RopeScaling:
@@ -98,7 +99,7 @@ def llasm_config(model_cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> Ll
   kw = _as_dict(model_cfg, "config.model")
   preset = kw.pop("preset", None)
   if preset not in LLASM_PRESETS:
-    raise ValueError(f"config.model.preset {preset!r}: expected one of {', '.join(LLASM_PRESETS)}")
+    raise UserError(f"config.model.preset {preset!r}: expected one of {', '.join(LLASM_PRESETS)}")
   base = LLASM_PRESETS[preset]
   audio_kw = _as_dict(kw.pop("audio", None), "config.model.audio")
   llm_kw = _as_dict(kw.pop("llm", None), "config.model.llm")
@@ -109,7 +110,7 @@ def llasm_config(model_cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> Ll
   if "rope_scaling" in llm_kw:
     llm_kw["rope_scaling"] = _rope_scaling(llm_kw["rope_scaling"])
   if "lora" in llm_kw:  # one place sets it, so that a run's LoRA is the one its optimizer knows
-    raise ValueError("config.model.llm.lora: LoRA is set in config.train.lora (rank, alpha, dropout, targets)")
+    raise UserError("config.model.llm.lora: LoRA is set in config.train.lora (rank, alpha, dropout, targets)")
   return base.replace(audio=base.audio.replace(**audio_kw), llm=base.llm.replace(**llm_kw), **kw)
 
 
@@ -122,7 +123,7 @@ def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
-    raise ValueError(f"config file {str(path)!r} has no get_config()")
+    raise UserError(f"config file {str(path)!r} has no get_config()")
   return module.get_config()
 
 
@@ -133,7 +134,7 @@ def training_sections(stage: int) -> dict[str, ml_collections.ConfigDict]:
   Stage 2 (instruction tuning): the adaptor and the LLM train; Whisper stays frozen.
   """
   if stage not in (1, 2):
-    raise ValueError(f"stage {stage}: LLaSM has stages 1 and 2")
+    raise UserError(f"stage {stage}: LLaSM has stages 1 and 2")
   # What trains, for how long, checkpoints and the loss (llasm_jax/train/trainer.py).
   train = ml_collections.ConfigDict(dict(
       stage=stage,  # for the record (WORKDIR/config.json): `trainable` and optim.lr make the stages differ
@@ -251,11 +252,11 @@ def loss_options(train: Any) -> tuple[str, float, float]:
   loss = train.get("loss", "ce")
   weight, temperature = float(train.get("kd_weight", 0.5)), float(train.get("kd_temperature", 1.0))
   if loss not in LOSSES:
-    raise ValueError(f"config.train.loss {loss!r}: expected one of {', '.join(LOSSES)}")
+    raise UserError(f"config.train.loss {loss!r}: expected one of {', '.join(LOSSES)}")
   if loss == "mix" and not 0.0 <= weight <= 1.0:
-    raise ValueError(f"config.train.kd_weight {weight}: expected a share between 0 and 1 (loss = (1 - w) CE + w KL)")
+    raise UserError(f"config.train.kd_weight {weight}: expected a share between 0 and 1 (loss = (1 - w) CE + w KL)")
   if loss != "ce" and not temperature > 0:
-    raise ValueError(f"config.train.kd_temperature {temperature}: expected > 0 (1.0 = the plain distributions)")
+    raise UserError(f"config.train.kd_temperature {temperature}: expected > 0 (1.0 = the plain distributions)")
   return loss, weight, temperature
 
 
@@ -280,30 +281,30 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
   """Applies `--config.a.b=value` command-line overrides, typed like the existing field."""
   for item in overrides:
     if not item.startswith("--config.") or "=" not in item:
-      raise ValueError(f"{item!r}: overrides look like --config.train.steps=100")
+      raise UserError(f"{item!r}: overrides look like --config.train.steps=100")
     path, raw = item[len("--config."):].split("=", 1)
     *parents, leaf = path.split(".")
     node = config
     for p in parents:
       if p not in node:
-        raise ValueError(f"--config.{path}: config has no section {p!r}")
+        raise UserError(f"--config.{path}: config has no section {p!r}")
       node = node[p]
     if leaf not in node:
-      raise ValueError(f"--config.{path}: unknown key {leaf!r}; keys here: {', '.join(sorted(node.keys()))}")
+      raise UserError(f"--config.{path}: unknown key {leaf!r}; keys here: {', '.join(sorted(node.keys()))}")
     node[leaf] = _parse_like(node[leaf], raw, path)
 
 
 def _parse_like(current: Any, raw: str, path: str) -> Any:
   if isinstance(current, bool):
     if raw.lower() not in ("true", "false", "1", "0"):
-      raise ValueError(f"--config.{path}={raw}: expected true or false")
+      raise UserError(f"--config.{path}={raw}: expected true or false")
     return raw.lower() in ("true", "1")
   if isinstance(current, (int, float)) and not isinstance(current, bool):
     try:
       return type(current)(float(raw)) if isinstance(current, int) and float(raw).is_integer() else float(raw) \
           if isinstance(current, float) else int(raw)
     except ValueError:
-      raise ValueError(f"--config.{path}={raw}: expected a {type(current).__name__}") from None
+      raise UserError(f"--config.{path}={raw}: expected a {type(current).__name__}") from None
   if isinstance(current, (tuple, list)):
     # A Python literal ('("adaptor/.*", "llm/.*")', "(128, 256)"), else text: one string, or
     # several separated by commas (regexes with a comma of their own need the literal form).
@@ -313,7 +314,7 @@ def _parse_like(current: Any, raw: str, path: str) -> Any:
     if not isinstance(value, (tuple, list)):
       value = (value,)
     if current and isinstance(current[0], str) and not all(isinstance(v, str) for v in value):
-      raise ValueError(f"--config.{path}={raw}: expected strings, e.g. --config.{path}=a,b or '(\"a\", \"b\")'")
+      raise UserError(f"--config.{path}={raw}: expected strings, e.g. --config.{path}=a,b or '(\"a\", \"b\")'")
     return tuple(value)
   if current is None:  # e.g. data.system: None stays None, anything else is the text
     return None if raw == "None" else raw

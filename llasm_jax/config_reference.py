@@ -30,6 +30,7 @@ from llasm_jax import config as config_lib
 from llasm_jax.models.llama import LLAMA_PRESETS, LlamaConfig, RopeScaling
 from llasm_jax.models.llasm import LLASM_PRESETS, LlasmConfig
 from llasm_jax.models.whisper import WHISPER_PRESETS, WhisperConfig
+from llasm_jax.errors import UserError
 
 REGENERATE = "python -m llasm_jax.config_reference --out docs/config_reference.md"
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
@@ -125,7 +126,7 @@ def _assignment(body: Sequence[ast.stmt], name: str) -> ast.stmt:
     targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] if isinstance(stmt, ast.AnnAssign) else []
     if any(isinstance(t, ast.Name) and t.id == name for t in targets):
       return stmt
-  raise ValueError(f"no assignment to {name!r} found")
+  raise UserError(f"no assignment to {name!r} found")
 
 
 def _where(obj: Any) -> str:

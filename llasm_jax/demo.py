@@ -28,6 +28,8 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
+from llasm_jax.errors import UserError
+
 WHISPER_REPO = "openai/whisper-tiny.en"
 LLM_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TEMPLATE = "chat-template"
@@ -348,7 +350,7 @@ def run_demo(opts: Options) -> dict[str, Any]:
   models = resolve_models(opts.whisper, opts.llm)
   earlier = phases.done.get("models", {}).get("result")
   if earlier and (earlier["whisper"], earlier["llm"]) != (models["whisper"], models["llm"]):
-    raise ValueError(f"--workdir {opts.workdir!r} was made from {earlier['whisper']} + {earlier['llm']}; "
+    raise UserError(f"--workdir {opts.workdir!r} was made from {earlier['whisper']} + {earlier['llm']}; "
                      "pass another --workdir for other models")
   phases.run("models", lambda: models)
   log(f"  Whisper: {models['whisper']} (from {models['whisper_from']})")

@@ -21,6 +21,8 @@ from typing import Any, Iterable, Iterator
 
 from etils import epath
 
+from llasm_jax.errors import UserError
+
 PathLike = str | os.PathLike
 
 
@@ -43,7 +45,7 @@ def join(path: PathLike, *parts: str) -> str:
 def require_local(path: PathLike, what: str, fix: str) -> str:
   """`path` if it is local, else a named error: some readers (ArrayRecord, tokenizers) need files."""
   if is_remote(path):
-    raise ValueError(f"{what} {os.fspath(path)!r} is an object-store URL, which it cannot read; {fix}")
+    raise UserError(f"{what} {os.fspath(path)!r} is an object-store URL, which it cannot read; {fix}")
   return os.fspath(path)
 
 

@@ -13,6 +13,7 @@ from flax.core import spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from llasm_jax.config import MESH_AXES
+from llasm_jax.errors import UserError
 
 Rules = Sequence[tuple[str, Any]]
 
@@ -26,18 +27,18 @@ def mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
   """Resolves one -1 entry of `config.mesh.shape` so that the product is `num_devices`."""
   unknown = [k for k in shape if k not in MESH_AXES]
   if unknown:
-    raise ValueError(f"config.mesh.shape: unknown axis {unknown[0]!r}; axes are {', '.join(MESH_AXES)}")
+    raise UserError(f"config.mesh.shape: unknown axis {unknown[0]!r}; axes are {', '.join(MESH_AXES)}")
   sizes = {axis: int(shape.get(axis, 1)) for axis in MESH_AXES}
   fill = [a for a, s in sizes.items() if s == -1]
   if len(fill) > 1:
-    raise ValueError(f"config.mesh.shape {sizes}: at most one axis may be -1")
+    raise UserError(f"config.mesh.shape {sizes}: at most one axis may be -1")
   known = math.prod(s for s in sizes.values() if s != -1)
   if fill:
     if known <= 0 or num_devices % known:
-      raise ValueError(f"config.mesh.shape {sizes}: {num_devices} devices do not divide by {known}")
+      raise UserError(f"config.mesh.shape {sizes}: {num_devices} devices do not divide by {known}")
     sizes[fill[0]] = num_devices // known
   if math.prod(sizes.values()) != num_devices:
-    raise ValueError(f"config.mesh product {math.prod(sizes.values())} != {num_devices} devices; "
+    raise UserError(f"config.mesh product {math.prod(sizes.values())} != {num_devices} devices; "
                      "fix config.mesh.shape or set one axis to -1")
   return sizes
 
@@ -55,7 +56,7 @@ def logical_spec(axes: Sequence[str | None], rules: Rules) -> PartitionSpec:
   """PartitionSpec of an array whose dimensions have logical names `axes`."""
   missing = [a for a in axes if a is not None and a not in dict(rules)]
   if missing:
-    raise ValueError(f"logical axis {missing[0]!r} has no entry in config.logical_axis_rules")
+    raise UserError(f"logical axis {missing[0]!r} has no entry in config.logical_axis_rules")
   return PartitionSpec(*spmd.from_sharding_rules(tuple(axes), rules))
 
 
@@ -133,7 +134,7 @@ def shard_batch(x: np.ndarray, mesh: Mesh, rules: Rules, axes: Sequence[str | No
     names = () if names is None else (names,) if isinstance(names, str) else names
     parts = math.prod(mesh.shape[n] for n in names)
     if size % parts:
-      raise ValueError(f"dimension {dim} ({axes[dim]}) of size {size} does not divide over mesh axes "
+      raise UserError(f"dimension {dim} ({axes[dim]}) of size {size} does not divide over mesh axes "
                        f"{names} of {parts} devices; use a {axes[dim]} size that is a multiple of {parts}")
   sharding = NamedSharding(mesh, spec)
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])

@@ -39,3 +39,21 @@ def test_forward_on_8_simulated_devices():
   assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in res.stdout
   assert expected_logits("configs/tiny_encoder.py", 4, 1, 2) in res.stdout, res.stdout
 
+
+
+def test_user_errors_are_one_line_and_other_errors_keep_their_traceback(monkeypatch, capsys):
+  from llasm_jax import cli
+  from llasm_jax.errors import UserError
+
+  def bad_input(args):
+    raise UserError("--config 'x.py': not found; pass a file from configs/")
+
+  def internal(args):
+    raise ValueError("an internal shape mismatch")  # e.g. from inside JAX: not the user's to fix
+
+  monkeypatch.setattr(cli, "train", bad_input)
+  assert cli.main(["train", "--config", "x.py"]) == 2
+  assert capsys.readouterr().err == "llasm-jax train: error: --config 'x.py': not found; pass a file from configs/\n"
+  monkeypatch.setattr(cli, "train", internal)
+  with pytest.raises(ValueError, match="internal shape mismatch"):
+    cli.main(["train", "--config", "x.py"])

@@ -7,6 +7,7 @@ from typing import Any
 
 from llasm_jax.models.llama import LlamaConfig, RopeScaling
 from llasm_jax.models.whisper import WhisperConfig
+from llasm_jax.errors import UserError
 
 # Architectures whose checkpoints load into the LLaMA port. Baichuan-7B and the LLaSM
 # checkpoints are stored in LLaMA layout under their own names.
@@ -18,11 +19,11 @@ def llama_config_from_hf(hf: dict[str, Any], **run) -> LlamaConfig:
   """`run` sets the run-time fields (dtype, scan_layers, ...)."""
   model_type = hf.get("model_type", "llama")
   if model_type not in LLAMA_FAMILY:
-    raise ValueError(f"model_type {model_type!r} is not supported; supported: "
+    raise UserError(f"model_type {model_type!r} is not supported; supported: "
                      + ", ".join(f"{k} ({v})" for k, v in LLAMA_FAMILY.items()))
   if model_type == "mistral" and hf.get("sliding_window") not in (None, 0) \
       and hf["sliding_window"] < hf.get("max_position_embeddings", 0):
-    raise ValueError(f"sliding_window={hf['sliding_window']} attention is not supported")
+    raise UserError(f"sliding_window={hf['sliding_window']} attention is not supported")
   rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
   rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
   rope_type = rope.pop("rope_type", rope.pop("type", "default"))
@@ -84,9 +85,9 @@ _WHISPER_FIELDS = ("num_mel_bins", "d_model", "encoder_layers", "encoder_attenti
 
 def whisper_config_from_hf(hf: dict[str, Any], **run) -> WhisperConfig:
   if hf.get("model_type") != "whisper":
-    raise ValueError(f"model_type {hf.get('model_type')!r} is not a Whisper checkpoint (expected 'whisper')")
+    raise UserError(f"model_type {hf.get('model_type')!r} is not a Whisper checkpoint (expected 'whisper')")
   if hf.get("activation_function", "gelu") != "gelu":
-    raise ValueError(f"Whisper activation_function {hf['activation_function']!r} is not supported (only 'gelu')")
+    raise UserError(f"Whisper activation_function {hf['activation_function']!r} is not supported (only 'gelu')")
   return WhisperConfig(**{k: hf[k] for k in _WHISPER_FIELDS if k in hf}, **run)
 
 

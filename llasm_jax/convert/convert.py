@@ -29,6 +29,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from llasm_jax import checkpoint, paths
+from llasm_jax.tokens import MARKERS
 from llasm_jax.convert.configs import llama_config_from_hf, whisper_config_from_hf
 from llasm_jax.convert.hf import check_complete, fill_params, flat_params, keymaps, whisper_name
 from llasm_jax.convert.keymap import KeyMap
@@ -37,8 +38,8 @@ from llasm_jax.convert.sources import open_source
 from llasm_jax.models.adaptor import LinearAdaptor, StackedMLPAdaptor
 from llasm_jax.models.llasm import LlasmConfig
 from llasm_jax.models.whisper import sinusoids
+from llasm_jax.errors import UserError
 
-AUDIO_TOKENS = ("<au_patch>", "<au_start>", "<au_end>")
 EMBED_ROWS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
@@ -60,8 +61,8 @@ def _audio_token_ids(llm) -> tuple[int, int, int]:
   """The ids of <au_patch>, <au_start>, <au_end> in a released LLaSM folder."""
   added = os.path.join(llm.folder, "added_tokens.json")
   table = read_json(added) if os.path.exists(added) else {}
-  if all(t in table for t in AUDIO_TOKENS):
-    return tuple(int(table[t]) for t in AUDIO_TOKENS)
+  if all(t in table for t in MARKERS):
+    return tuple(int(table[t]) for t in MARKERS)
   v = llm.config["vocab_size"]  # as released: appended after the base vocabulary, in this order
   return v - 3, v - 2, v - 1
 
@@ -72,8 +73,8 @@ def _with_audio_tokens(tokenizer, vocab_size: int, source: str):
     ids = (vocab_size, vocab_size + 1, vocab_size + 2)
     print(f"note: {source} has no tokenizer; audio tokens take ids {ids} and no tokenizer is written")
     return None, ids, vocab_size + 3
-  tokenizer.add_tokens(list(AUDIO_TOKENS), special_tokens=True)
-  ids = tuple(tokenizer.convert_tokens_to_ids(t) for t in AUDIO_TOKENS)
+  tokenizer.add_tokens(list(MARKERS), special_tokens=True)
+  ids = tuple(tokenizer.convert_tokens_to_ids(t) for t in MARKERS)
   return tokenizer, ids, max(vocab_size, max(ids) + 1)
 
 
@@ -185,7 +186,7 @@ def convert(llm_dir: str | None = None, whisper_dir: str | None = None, *, out: 
   `_on_tensor(name)` is a test hook, called before each tensor is placed.
   """
   if dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"--dtype {dtype!r}: expected float32 or bfloat16")
+    raise UserError(f"--dtype {dtype!r}: expected float32 or bfloat16")
   start = time.perf_counter()
   p = plan(llm_dir, whisper_dir, mode)
   with checkpoint.atomic_dir(out, overwrite=overwrite) as tmp:

@@ -24,8 +24,9 @@ from llasm_jax.convert.configs import llama_config_to_hf, whisper_config_to_hf
 from llasm_jax.checkpoint import FEATURE_FILES, TOKENIZER_FILES
 from llasm_jax.checkpoint import HF_LLM_CONFIG, HF_WHISPER_CONFIG
 from llasm_jax.convert import peft
-from llasm_jax.convert.convert import AUDIO_TOKENS
+from llasm_jax.tokens import MARKERS
 from llasm_jax.convert.hf import iter_hf_tensors, keymaps
+from llasm_jax.errors import UserError
 
 DEFAULT_SHARD_BYTES = 4 << 30
 LORA_EXPORTS = ("peft", "merge")  # how a model's LoRA factors leave: a PEFT adapter, or merged into llm/
@@ -86,7 +87,7 @@ def export(ckpt: str, out: str, *, shard_bytes: int = DEFAULT_SHARD_BYTES, overw
   folder when `out` is remote) and uploaded with each folder's config.json last. `lora`: what
   becomes of LoRA factors, one of LORA_EXPORTS (see the module docstring)."""
   if lora not in LORA_EXPORTS:
-    raise ValueError(f"lora={lora!r}: expected one of {LORA_EXPORTS}")
+    raise UserError(f"lora={lora!r}: expected one of {LORA_EXPORTS}")
   meta = checkpoint.read_meta(ckpt)
   kind = meta["kind"]
   cfg = checkpoint.config_from_dict(kind, meta["config"])
@@ -144,7 +145,7 @@ def export(ckpt: str, out: str, *, shard_bytes: int = DEFAULT_SHARD_BYTES, overw
       ids = (cfg.audio_patch_id, cfg.audio_start_id, cfg.audio_end_id)
       added_path = os.path.join(folder, "added_tokens.json")
       added = paths.read_json(added_path) if os.path.exists(added_path) else {}
-      added.update(dict(zip(AUDIO_TOKENS, ids)))
+      added.update(dict(zip(MARKERS, ids)))
       paths.write_json(added_path, added)
   bar.close()
   return written

@@ -11,6 +11,7 @@ from flax import nnx, traverse_util
 from llasm_jax.convert.keymap import (
     LINEAR_ADAPTOR_RULES, LLAMA_IGNORED, LLAMA_RULES, MLP_ADAPTOR_RULES, WHISPER_IGNORED, WHISPER_RULES, KeyMap,
     to_hf_layout, to_jax_layout)
+from llasm_jax.errors import UserError
 
 # In "encoder" mode the Whisper decoder is never run, so its tensors are left out.
 _WHISPER_DECODER = re.compile(r"^decoder\.")
@@ -33,7 +34,7 @@ def keymaps(kind: str, mode: str = "llasm") -> list[KeyMap]:
               KeyMap(WHISPER_RULES, "audio/", WHISPER_IGNORED)]
     return [KeyMap(LLAMA_RULES, "llm/", LLAMA_IGNORED), KeyMap(MLP_ADAPTOR_RULES, "adaptor/"),
             KeyMap(WHISPER_RULES, "audio/", WHISPER_IGNORED + [_WHISPER_DECODER])]
-  raise ValueError(f"unknown model kind {kind!r}: expected 'llama', 'whisper' or 'llasm'")
+  raise UserError(f"unknown model kind {kind!r}: expected 'llama', 'whisper' or 'llasm'")
 
 
 def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
@@ -60,17 +61,17 @@ def fill_params(dest: dict[str, np.ndarray], tensors: Iterable[tuple[str, np.nda
       except KeyError:
         continue
     else:
-      raise ValueError(f"checkpoint tensor {name!r} does not belong to this model")
+      raise UserError(f"checkpoint tensor {name!r} does not belong to this model")
     if target is None:
       continue
     if target.path not in dest:
-      raise ValueError(f"checkpoint tensor {name!r} maps to {target.path!r}, which this model config "
+      raise UserError(f"checkpoint tensor {name!r} maps to {target.path!r}, which this model config "
                        "does not have (a bias or head the config disables?)")
     value = to_jax_layout(np.asarray(array), target.hook)
     out = dest[target.path]
     want = out.shape if target.layer is None else out.shape[1:]
     if value.shape != want:
-      raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(np.asarray(array).shape)}, "
+      raise UserError(f"checkpoint tensor {name!r} has shape {tuple(np.asarray(array).shape)}, "
                        f"the config expects {want} for {target.path} (after {target.hook or 'no'} transform)")
     if target.layer is None:
       out[...] = value
@@ -85,7 +86,7 @@ def check_complete(dest: dict[str, np.ndarray], filled: dict[str, int], optional
   missing = [p for p, a in dest.items()
              if filled.get(p, 0) != (a.shape[0] if _stacked(p) else 1) and p not in optional]
   if missing:
-    raise ValueError(f"checkpoint lacks tensors for {len(missing)} parameters, e.g. {missing[:5]}")
+    raise UserError(f"checkpoint lacks tensors for {len(missing)} parameters, e.g. {missing[:5]}")
 
 
 def load_tensors(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]], maps: list[KeyMap],
@@ -123,7 +124,7 @@ def iter_hf_tensors(params: Mapping[str, np.ndarray], maps: list[KeyMap],
       except KeyError:
         continue
     else:
-      raise ValueError(f"parameter {path!r} has no Hugging Face name in the key maps")
+      raise UserError(f"parameter {path!r} has no Hugging Face name in the key maps")
     for name, layer, hook in names:
       yield name, np.ascontiguousarray(to_hf_layout(array if layer is None else array[layer], hook))
 

@@ -23,6 +23,7 @@ from llasm_jax import paths
 from llasm_jax.convert.hf import iter_hf_tensors
 from llasm_jax.convert.keymap import KeyMap
 from llasm_jax.layers.lora import LORA_FACTORS, LoraConfig, is_lora_path
+from llasm_jax.errors import UserError
 
 ADAPTER_DIR = "lora"  # OUT/lora/, next to OUT/llm/
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -91,7 +92,7 @@ def write_adapter(folder: str, factors: Mapping[str, np.ndarray], maps: list[Key
   """Writes the adapter folder (local) of the factors under `prefix`; returns its tensor bytes."""
   tensors = dict(adapter_tensors(factors, maps, prefix))
   if not tensors:
-    raise ValueError(f"no LoRA factors under {prefix!r} to write an adapter from")
+    raise UserError(f"no LoRA factors under {prefix!r} to write an adapter from")
   os.makedirs(folder, exist_ok=True)
   save_file(tensors, os.path.join(folder, ADAPTER_WEIGHTS), metadata={"format": "pt"})
   paths.write_json(os.path.join(folder, ADAPTER_CONFIG), adapter_config(lora, base_model))

@@ -15,11 +15,12 @@ import numpy as np
 
 from llasm_jax.checkpoint import FEATURE_FILES, WHISPER_FILES
 from llasm_jax.paths import copy_files
+from llasm_jax.errors import UserError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
   """A folder that is not a usable checkpoint; the message names the file and the fix."""
 
 

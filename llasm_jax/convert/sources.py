@@ -16,6 +16,7 @@ import os
 from llasm_jax.convert.ct2 import MODEL_FILE, CT2Whisper, is_ct2_file
 from llasm_jax.convert.gguf import GGUFCheckpoint, is_gguf_file
 from llasm_jax.convert.reader import WEIGHT_FILES, CheckpointError, HFCheckpoint
+from llasm_jax.errors import UserError
 
 ACCEPTED = {
     "llm": "a Hugging Face LLaMA-family folder (config.json + *.safetensors or pytorch_model*.bin), a released "
@@ -33,7 +34,7 @@ def _has_hf_weights(folder: str) -> bool:
 def open_source(path: str, role: str):
   """The source at `path` for `role` ("llm" or "whisper"), detected from what it holds."""
   if role not in ACCEPTED:
-    raise ValueError(f"role {role!r}: expected 'llm' or 'whisper'")
+    raise UserError(f"role {role!r}: expected 'llm' or 'whisper'")
   flag = f"--{role}"
   if not os.path.exists(path):
     raise CheckpointError(f"{path}: not a directory or file ({flag} takes {ACCEPTED[role]})")

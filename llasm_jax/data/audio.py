@@ -17,12 +17,14 @@ import warnings
 
 import numpy as np
 
+from llasm_jax.errors import UserError
+
 SAMPLE_RATE = 16000
 WINDOW_SAMPLES = 30 * SAMPLE_RATE  # Whisper's 30 s input window
 MIN_WINDOW_SAMPLES = SAMPLE_RATE // 10  # a trailing window shorter than 0.1 s is zero-padded to 0.1 s
 
 
-class AudioError(ValueError):
+class AudioError(UserError):
   """An audio file that cannot be used. `reason` is a short code for counting
   ("missing", "unreadable", "empty", "silent", "too_short", "too_long"); the message names the file."""
 

@@ -51,15 +51,16 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from llasm_jax import paths
+from llasm_jax import paths, tokens
 from llasm_jax.data.audio import SAMPLE_RATE, AudioError, check_audio, load_audio, to_int16
 from llasm_jax.data.templates import AUDIO, MARKERS
+from llasm_jax.errors import UserError
 
 VERSION = "1.0.0"
 REPORT = "build_report.json"
 
 
-class BuildError(ValueError):
+class BuildError(UserError):
   """The build as a whole cannot go on (unreadable manifest, too many bad rows)."""
 
 
@@ -321,15 +322,8 @@ def instruction_rows(json_path: str, audio_root: str | None = None) -> list[Row]
 # ---------------------------------------------------------------------------------------------
 # Turning rows into examples (in worker processes: decoding dominates).
 
-_TOKENIZERS: dict[str, Any] = {}
-
-
 def _count_tokens(texts: list[str], opts: Options) -> int:
-  if opts.tokenizer not in _TOKENIZERS:
-    from transformers import AutoTokenizer
-
-    _TOKENIZERS[opts.tokenizer] = AutoTokenizer.from_pretrained(opts.tokenizer)
-  tok = _TOKENIZERS[opts.tokenizer]
+  tok = tokens.load_tokenizer(opts.tokenizer)
   return sum(len(tok.encode(t, add_special_tokens=False)) for t in texts)
 
 
@@ -528,9 +522,9 @@ def build(kind: str, rows: list[Row], out: str, *, options: Options = Options(),
   from tqdm import tqdm
 
   if kind not in ("asr", "instructions"):
-    raise ValueError(f"kind {kind!r}: expected 'asr' or 'instructions'")
+    raise UserError(f"kind {kind!r}: expected 'asr' or 'instructions'")
   if not 0.0 <= max_skip_share <= 1.0:
-    raise ValueError(f"--max-skip-share {max_skip_share}: expected a fraction between 0 and 1")
+    raise UserError(f"--max-skip-share {max_skip_share}: expected a fraction between 0 and 1")
   cls = _builders()[kind]
   home = os.path.join(out, cls.name)
   path = os.path.join(home, VERSION)

@@ -58,6 +58,7 @@ from llasm_jax.data.builders import VERSION
 from llasm_jax.data.features import MAX_FRAMES
 from llasm_jax.models.llasm import Llasm, LlasmConfig
 from llasm_jax.models.whisper import encoder_frames
+from llasm_jax.errors import UserError
 
 DTYPES = ("bfloat16", "float32")
 REPORT = "encode_report.json"
@@ -108,10 +109,10 @@ class WhisperRunner:
                mesh_shape: dict[str, int] | None = None, rules=None):
     meta = checkpoint.read_meta(ckpt)
     if meta["kind"] != "llasm":
-      raise ValueError(f"--ckpt {ckpt!r} holds a {meta['kind']!r} model; encoding needs a LLaSM model folder (its "
+      raise UserError(f"--ckpt {ckpt!r} holds a {meta['kind']!r} model; encoding needs a LLaSM model folder (its "
                        "mode and Whisper decide the features): llasm-jax convert --llm LLM --whisper W --out DIR")
     if dtype not in DTYPES:
-      raise ValueError(f"--dtype {dtype!r}: expected one of {DTYPES}")
+      raise UserError(f"--dtype {dtype!r}: expected one of {DTYPES}")
     self.cfg: LlasmConfig = checkpoint.config_from_dict("llasm", meta["config"])
     self.ckpt, self.batch_size, self.dtype = ckpt, batch_size, dtype
     self.pcfg = pipeline.PipelineConfig.from_model(self.cfg, mel_frames=mel_frames)
@@ -120,7 +121,7 @@ class WhisperRunner:
     self.mesh = sharding.make_mesh(mesh_shape or {"data": -1}, devices=jax.local_devices())
     split = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     if batch_size < 1 or batch_size % split:
-      raise ValueError(f"--batch {batch_size} must be a positive multiple of data x fsdp = {split} "
+      raise UserError(f"--batch {batch_size} must be a positive multiple of data x fsdp = {split} "
                        f"(mesh {dict(self.mesh.shape)} over this process's {len(jax.local_devices())} devices)")
     whisper, _ = checkpoint.load_whisper(ckpt, mesh=self.mesh, rules=self.rules)
     _, self.whisper = nnx.split(whisper)
@@ -227,14 +228,14 @@ def encode(ckpt: str, data: str, out: str, *, dtype: str = "bfloat16", batch_siz
   t0 = time.time()
   source = pipeline.Source(data)
   if source.cache is not None:
-    raise ValueError(f"--data {data!r} already holds cached features; pass the raw dataset `llasm-jax data build` wrote")
+    raise UserError(f"--data {data!r} already holds cached features; pass the raw dataset `llasm-jax data build` wrote")
   if source.kind == pipeline.MIXED:
-    raise ValueError(f"--data {data!r} mixes asr and instructions datasets; encode each kind on its own "
+    raise UserError(f"--data {data!r} mixes asr and instructions datasets; encode each kind on its own "
                      "(training reads several caches together: config.data.dir=A,B)")
   name = f"llasm_{source.kind}_features"
   if paths.is_remote(out):
     if jax.process_count() > 1:
-      raise ValueError(f"--out {out!r}: processes of a multi-host encode write their shards into one folder, "
+      raise UserError(f"--out {out!r}: processes of a multi-host encode write their shards into one folder, "
                        "which must be a shared filesystem; pass the bucket's gcsfuse mount (launch/tpu.sh setup "
                        "--data-bucket) instead of its gs:// URL")
     return builders.staged_dataset(out, name, REPORT, overwrite, lambda local: encode(

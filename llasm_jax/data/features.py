@@ -25,6 +25,7 @@ import functools
 import numpy as np
 
 from llasm_jax.data.audio import SAMPLE_RATE, WINDOW_SAMPLES
+from llasm_jax.errors import UserError
 
 N_FFT = 400
 HOP = 160
@@ -90,17 +91,17 @@ def log_mel(audio: np.ndarray, num_mel_bins: int = 80, mode: str = "llasm") -> n
   """float32[N] at 16 kHz -> Whisper log-mel float32[M, F] (F = 3000 in "llasm" mode, N // 160 in
   "encoder" mode)."""
   if mode not in MODES:
-    raise ValueError(f"mode {mode!r}: expected one of {MODES}")
+    raise UserError(f"mode {mode!r}: expected one of {MODES}")
   audio = np.asarray(audio, np.float32).reshape(-1)
   n = len(audio)
   if mode == "llasm":
     n = min(n, WINDOW_SAMPLES)
     signal_len = WINDOW_SAMPLES
   elif n > WINDOW_SAMPLES:
-    raise ValueError(f"{n} samples ({n / SAMPLE_RATE:.1f} s) is more than one 30 s window; "
+    raise UserError(f"{n} samples ({n / SAMPLE_RATE:.1f} s) is more than one 30 s window; "
                      "split the audio with llasm_jax.data.audio.split_windows first")
   elif n < N_FFT:
-    raise ValueError(f"{n} samples is shorter than one {N_FFT}-sample frame; pad it to at least "
+    raise UserError(f"{n} samples is shorter than one {N_FFT}-sample frame; pad it to at least "
                      f"{N_FFT} samples (split_windows pads short tails)")
   else:
     signal_len = n

@@ -23,7 +23,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from llasm_jax.data.templates import IGNORE
+from llasm_jax.tokens import IGNORE
+from llasm_jax.errors import UserError
 
 AUDIO_LENGTHS = ("mel_lengths", "audio_feature_lengths")  # a sample's slot lengths: mel or cached features
 
@@ -38,7 +39,7 @@ def first_fit_decreasing(lengths: Sequence[int], slots: Sequence[int], seq_len: 
   for i in sorted(range(len(lengths)), key=lambda i: -int(lengths[i])):  # stable: ties keep stream order
     n, a = int(lengths[i]), int(slots[i])
     if n > seq_len or a > max_audios:
-      raise ValueError(f"sample of {n} tokens and {a} audio slots does not fit a row of {seq_len} tokens and "
+      raise UserError(f"sample of {n} tokens and {a} audio slots does not fit a row of {seq_len} tokens and "
                        f"{max_audios} slots")
     for row, u in zip(rows, used):
       if u[0] + n <= seq_len and u[1] + a <= max_audios:
@@ -151,7 +152,7 @@ class PackedIterator:
 
   def set_state(self, state: dict[str, Any]) -> None:
     if "window" not in state:
-      raise ValueError("the data iterator state was saved without config.data.packing; resume with "
+      raise UserError("the data iterator state was saved without config.data.packing; resume with "
                        "config.data.packing=False, or start a new workdir")
     window_state = {k: v for k, v in state.items() if k not in ("window", "row")}
     self.windows.set_state({**window_state, "step": int(state["window"])})

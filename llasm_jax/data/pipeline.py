@@ -58,21 +58,21 @@ import dataclasses
 import glob
 import logging
 import os
-import threading
 from typing import Any, Sequence
 
 import ml_dtypes
 import numpy as np
 
-from llasm_jax import checkpoint, paths
+from llasm_jax import paths
 from llasm_jax.config import needs_teacher
 from llasm_jax.data import features, packing, templates
 from llasm_jax.data.audio import SAMPLE_RATE, from_int16, split_windows
 from llasm_jax.data.features import MAX_FRAMES
 from llasm_jax.models.llasm import LlasmConfig, check_audio_markers
 from llasm_jax.models.whisper import encoder_frames
+from llasm_jax.errors import UserError
+from llasm_jax.tokens import IGNORE, LOAD_LOCK, load_tokenizer
 
-IGNORE = templates.IGNORE
 MIXED = "mixed"  # a Source over asr and instructions datasets together
 KIND_KEY = "_kind"  # a mixed Source's records: the kind of the dataset each came from
 FEATURES = ("mel", "cached")  # what a batch carries of the audio (see the contract above)
@@ -104,7 +104,7 @@ def target_positions(labels: np.ndarray, k: int | None = None) -> np.ndarray:
   if k is None:
     k = min(t, max(8, 1 << max(most - 1, 0).bit_length()))
   if k < most:
-    raise ValueError(f"target_positions: a row has {most} targets, more than k={k}")
+    raise UserError(f"target_positions: a row has {most} targets, more than k={k}")
   out = np.full((b, k), -1, np.int32)
   for i, row in enumerate(has):
     pos = np.flatnonzero(row)
@@ -118,7 +118,7 @@ def batch_keys(features: str = "mel", teacher: bool = False, prefix: bool = Fals
   distillation teacher's text sequences or not, with a shared prefix (prefix_ids) or not, of
   packed rows (segment_ids) or not."""
   if features not in FEATURES:
-    raise ValueError(f"features {features!r}: expected one of {FEATURES}")
+    raise UserError(f"features {features!r}: expected one of {FEATURES}")
   return (TEXT_KEYS + AUDIO_KEYS[features] + (TEACHER_KEYS if teacher else ()) + (("prefix_ids",) if prefix else ())
           + (PACKED_KEYS if packed else ()))
 
@@ -164,26 +164,26 @@ class PipelineConfig:
 
   def __post_init__(self):
     if self.mode not in features.MODES:
-      raise ValueError(f"mode {self.mode!r}: expected one of {features.MODES}")
+      raise UserError(f"mode {self.mode!r}: expected one of {features.MODES}")
     if self.mode == "encoder" and not 0 < self.mel_frames <= features.MAX_FRAMES:
-      raise ValueError(f"mel_frames {self.mel_frames}: encoder mode takes 1..{features.MAX_FRAMES} frames (30 s)")
+      raise UserError(f"mel_frames {self.mel_frames}: encoder mode takes 1..{features.MAX_FRAMES} frames (30 s)")
     if self.buckets is not None:
       b = tuple(self.buckets)
       if not b or list(b) != sorted(set(b)) or b[-1] != self.seq_len:
-        raise ValueError(f"buckets {b}: expected ascending lengths ending at seq_len {self.seq_len}")
+        raise UserError(f"buckets {b}: expected ascending lengths ending at seq_len {self.seq_len}")
     if self.max_audios < 1:
-      raise ValueError(f"max_audios {self.max_audios}: need at least one audio slot")
+      raise UserError(f"max_audios {self.max_audios}: need at least one audio slot")
     if self.packing and self.pack_window < 1:
-      raise ValueError(f"pack_window {self.pack_window}: packing needs a window of at least one sample")
+      raise UserError(f"pack_window {self.pack_window}: packing needs a window of at least one sample")
     if self.packing and self.teacher:
-      raise ValueError("config.data.packing does not pack the distillation teacher's sequences; set "
+      raise UserError("config.data.packing does not pack the distillation teacher's sequences; set "
                        "config.train.loss='ce' or config.data.packing=False")
     if self.features not in FEATURES:
-      raise ValueError(f"features {self.features!r}: expected one of {FEATURES}")
+      raise UserError(f"features {self.features!r}: expected one of {FEATURES}")
     if self.feature_buckets is not None:
       b = tuple(self.feature_buckets)
       if not b or list(b) != sorted(set(b)) or b[0] < 1 or b[-1] != self.feature_frames:
-        raise ValueError(f"feature_buckets {b}: expected ascending frame counts ending at {self.feature_frames} "
+        raise UserError(f"feature_buckets {b}: expected ascending frame counts ending at {self.feature_frames} "
                          f"(the encoder frames of a {self.mel_frames}-frame window)")
 
   @property
@@ -203,7 +203,7 @@ class PipelineConfig:
     for b in self.feature_buckets or default_feature_buckets(self.feature_frames):
       if frames <= b:
         return b
-    raise ValueError(f"a cached audio slot of {frames} feature frames is longer than one {self.mel_frames}-frame "
+    raise UserError(f"a cached audio slot of {frames} feature frames is longer than one {self.mel_frames}-frame "
                      "window; the dataset was encoded with longer windows than config.data.mel_frames")
 
   @property
@@ -270,13 +270,13 @@ class Source:
       self.parts.append(builder.as_data_source("train"))
     kinds = set(self.part_kinds)
     if not kinds or not kinds <= {"asr", "instructions"}:
-      raise ValueError(f"datasets {self.paths}: unknown kinds {sorted(map(str, kinds))}; give datasets of "
+      raise UserError(f"datasets {self.paths}: unknown kinds {sorted(map(str, kinds))}; give datasets of "
                        "`llasm-jax data build` (asr or instructions) or `data encode`")
     self.kind = kinds.pop() if len(kinds) == 1 else MIXED
     # The `data encode` marker (what made the cached features), None for raw audio datasets.
     self.cache = caches[0]
     if any(features_identity(c) != features_identity(self.cache) for c in caches):
-      raise ValueError(f"datasets {self.paths}: some hold raw audio and some cached features, or features of "
+      raise UserError(f"datasets {self.paths}: some hold raw audio and some cached features, or features of "
                        "different Whisper models; encode every dataset with the same `llasm-jax data encode --ckpt`")
     self.offsets = np.cumsum([0] + [len(s) for s in self.parts])
 
@@ -303,7 +303,7 @@ class SyntheticSource:
   def __init__(self, kind: str = "asr", size: int = 64, seed: int = 0, seconds: tuple[float, float] = (1.0, 6.0),
                max_turns: int = 2):
     if kind not in ("asr", "instructions"):
-      raise ValueError(f"kind {kind!r}: expected 'asr' or 'instructions'")
+      raise UserError(f"kind {kind!r}: expected 'asr' or 'instructions'")
     self.kind, self.size, self.seed, self.seconds, self.max_turns = kind, size, seed, seconds, max_turns
 
   def __len__(self) -> int:
@@ -345,25 +345,6 @@ def _str(x) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Per-sample transform and batching (run in the grain workers; picklable, state built lazily).
-
-
-_TOKENIZERS: dict[str, Any] = {}
-# grain's reader threads call the first sample together; transformers' lazy imports are not thread-safe.
-_LOAD_LOCK = threading.Lock()
-
-
-def load_tokenizer(tokenizer):
-  """A tokenizer object, or one loaded (once per process) from a path / hub name."""
-  if not isinstance(tokenizer, str):
-    return tokenizer
-  with _LOAD_LOCK:
-    if tokenizer not in _TOKENIZERS:
-      from transformers import AutoTokenizer
-
-      # A model folder in a bucket: its tokenizer files, downloaded (transformers reads local files).
-      local = checkpoint.companions(tokenizer) if paths.is_remote(tokenizer) else tokenizer
-      _TOKENIZERS[tokenizer] = AutoTokenizer.from_pretrained(local)
-    return _TOKENIZERS[tokenizer]
 
 
 def record_kind(record: dict[str, Any], kind: str) -> str:
@@ -416,7 +397,7 @@ class Featurize:
   def template(self) -> templates.Template:
     if self._template is None:
       tok = load_tokenizer(self.tokenizer)
-      with _LOAD_LOCK:
+      with LOAD_LOCK:
         templates.check_tokenizer_markers(tok, {templates.AU_PATCH: self.cfg.audio_patch_id,
                                                 templates.AU_START: self.cfg.audio_start_id,
                                                 templates.AU_END: self.cfg.audio_end_id})
@@ -438,11 +419,11 @@ class Featurize:
       spoken = [_str(record["text"])]
     else:
       if "transcripts" not in record:
-        raise ValueError(f"record {_str(record.get('id', '?'))!r}: the dataset {NO_TRANSCRIPTS}")
+        raise UserError(f"record {_str(record.get('id', '?'))!r}: the dataset {NO_TRANSCRIPTS}")
       spoken = [_str(t) for t in record["transcripts"]]
     holders = sum(m["content"].count(templates.AUDIO) for m in msgs)
     if holders != len(spoken):
-      raise ValueError(f"record {_str(record.get('id', '?'))!r}: {len(spoken)} transcripts for {holders} "
+      raise UserError(f"record {_str(record.get('id', '?'))!r}: {len(spoken)} transcripts for {holders} "
                        f"{templates.AUDIO!r} placeholders; build the dataset again with `llasm-jax data build`")
     if not all(spoken):
       return None
@@ -461,7 +442,7 @@ class Featurize:
       return {"teacher_input_ids": empty, "teacher_labels": empty}
     t_ids, t_labels = self.template.encode(msgs, [])
     if not np.array_equal(ids[labels != IGNORE], t_ids[t_labels != IGNORE]):
-      raise ValueError(f"record {_str(record.get('id', '?'))!r}: the distillation teacher's answer tokens differ "
+      raise UserError(f"record {_str(record.get('id', '?'))!r}: the distillation teacher's answer tokens differ "
                        f"from the student's under template {self.cfg.template!r} (the text before the answer "
                        "changes how it tokenizes); use the llasm-cllama2 template or config.train.loss='ce'")
     n = self.cfg.seq_len
@@ -500,7 +481,7 @@ class Featurize:
     p = len(self._prefix)
     # The first token after the prefix must not be a target: its prediction is made inside the prefix.
     if len(ids) <= p or not np.array_equal(ids[:p], self._prefix) or (labels[:p + 1] != IGNORE).any():
-      raise ValueError(f"config.data.shared_prefix: a sample does not start with the template's fixed prefix of "
+      raise UserError(f"config.data.shared_prefix: a sample does not start with the template's fixed prefix of "
                        f"{p} tokens followed by a prompt token; set config.data.shared_prefix=False for the "
                        f"{self.cfg.template!r} template")
     return ids[p:], labels[p:], self._prefix
@@ -625,7 +606,7 @@ def _check_transcripts(source, kind: str) -> None:
   parts = list(zip(source.parts, source.part_kinds)) if kind == MIXED else [(source, kind)]
   for part, part_kind in parts:
     if part_kind == "instructions" and len(part) and "transcripts" not in part[0]:
-      raise ValueError(f"{source} {NO_TRANSCRIPTS}")
+      raise UserError(f"{source} {NO_TRANSCRIPTS}")
 
 
 def batched_dataset(source, cfg: PipelineConfig, tokenizer, *, batch_size: int, seed: int = 0,
@@ -650,7 +631,7 @@ def batched_dataset(source, cfg: PipelineConfig, tokenizer, *, batch_size: int, 
     shard = grain.sharding.ShardByJaxProcess(drop_remainder=drop_shard_remainder)
     shard_index, shard_count = shard.shard_index, shard.shard_count
   if not 0 <= shard_index < shard_count:
-    raise ValueError(f"shard_index {shard_index} outside 0..{shard_count - 1}")
+    raise UserError(f"shard_index {shard_index} outside 0..{shard_count - 1}")
   if cfg.teacher:
     _check_transcripts(source, kind)
 
@@ -660,7 +641,7 @@ def batched_dataset(source, cfg: PipelineConfig, tokenizer, *, batch_size: int, 
     n -= n % shard_count
   ds = ds[shard_index:n:shard_count]
   if len(ds) < batch_size:
-    raise ValueError(f"shard {shard_index}/{shard_count} holds {len(ds)} samples, fewer than one batch of "
+    raise UserError(f"shard {shard_index}/{shard_count} holds {len(ds)} samples, fewer than one batch of "
                      f"{batch_size}; use a smaller batch or a bigger dataset")
   ds = ds.shuffle(seed=seed).repeat(num_epochs)
   ds = ds.random_map(Featurize(cfg, tokenizer, kind), seed=seed + 1)
@@ -731,7 +712,7 @@ class BatchIterator:
 
   def set_state(self, state: dict[str, Any]) -> None:
     if "window" in state and "pack_window" not in self.fingerprint:
-      raise ValueError("the data iterator state was saved with config.data.packing; resume with "
+      raise UserError("the data iterator state was saved with config.data.packing; resume with "
                        "config.data.packing=True, or start a new workdir")
     changed = {k: (state.get(k), v) for k, v in self.fingerprint.items() if k in state and state[k] != v}
     if changed:
@@ -795,12 +776,12 @@ def resolve_features(features: str, source) -> str:
   if features == "auto":
     return "cached" if cached else "mel"
   if features not in FEATURES:
-    raise ValueError(f"config.data.features {features!r}: expected 'auto', 'mel' or 'cached'")
+    raise UserError(f"config.data.features {features!r}: expected 'auto', 'mel' or 'cached'")
   if features == "cached" and not cached:
-    raise ValueError(f"config.data.features is 'cached' but {source} holds raw audio; cache its Whisper outputs "
+    raise UserError(f"config.data.features is 'cached' but {source} holds raw audio; cache its Whisper outputs "
                      "first (llasm-jax data encode --ckpt MODEL --data RAW --out DIR) and train on DIR")
   if features == "mel" and cached:
-    raise ValueError(f"config.data.features is 'mel' but {source} holds cached Whisper features and no audio; "
+    raise UserError(f"config.data.features is 'mel' but {source} holds cached Whisper features and no audio; "
                      "set config.data.features to 'cached' (or 'auto'), or train on the raw dataset")
   return features
 
@@ -810,7 +791,7 @@ def data_features(config) -> tuple[str, dict[str, Any] | None]:
   data = config.data
   if data.get("source", "tfds") != "tfds" or not data.get("dir"):
     if data.get("features", "auto") == "cached":
-      raise ValueError("config.data.features is 'cached' but config.data.source is not 'tfds'; cached features "
+      raise UserError("config.data.features is 'cached' but config.data.source is not 'tfds'; cached features "
                        "come from a dataset of `llasm-jax data encode` (config.data.source=tfds, config.data.dir=DIR)")
     return "mel", None
   source = Source(data.dir)
@@ -865,23 +846,23 @@ def check_cache(marker: dict[str, Any], cfg: LlasmConfig, *, mel_frames: int, wh
   fix = ("encode the raw dataset again with the model you train: "
          "llasm-jax data encode --ckpt MODEL --data RAW_DATASET --out DIR")
   if marker.get("format") != CACHE_FORMAT:
-    raise ValueError(f"{where}: cache format {marker.get('format')}, this llasm_jax reads format {CACHE_FORMAT}; {fix}")
+    raise UserError(f"{where}: cache format {marker.get('format')}, this llasm_jax reads format {CACHE_FORMAT}; {fix}")
   if marker["mode"] != cfg.mode:
-    raise ValueError(f"{where}: features cached in {marker['mode']!r} mode, but the model runs in {cfg.mode!r} "
+    raise UserError(f"{where}: features cached in {marker['mode']!r} mode, but the model runs in {cfg.mode!r} "
                      f"mode; {fix}")
   facts = {"num_mel_bins": cfg.audio.num_mel_bins, "feature_dim": cfg.audio.d_model}
   if cfg.mode == "llasm":
     facts.update(audio_token_len=cfg.audio_token_len, decoder_start_token_id=cfg.audio.decoder_start_token_id)
   for key, want in facts.items():
     if marker.get(key) != want:
-      raise ValueError(f"{where}: features cached with {key}={marker.get(key)}, the model has {key}={want} "
+      raise UserError(f"{where}: features cached with {key}={marker.get(key)}, the model has {key}={want} "
                        f"(another Whisper); {fix}")
   if cfg.mode == "encoder" and marker["mel_frames"] != mel_frames:
-    raise ValueError(f"{where}: features cached in {marker['mel_frames']}-frame windows but config.data.mel_frames "
+    raise UserError(f"{where}: features cached in {marker['mel_frames']}-frame windows but config.data.mel_frames "
                      f"is {mel_frames}; set --config.data.mel_frames={marker['mel_frames']}, or encode again with "
                      f"--mel-frames {mel_frames}")
   if whisper_fingerprint is not None and marker["whisper"]["fingerprint"] != whisper_fingerprint:
-    raise ValueError(f"{where}: features cached by another Whisper (weights {marker['whisper']['fingerprint']}, "
+    raise UserError(f"{where}: features cached by another Whisper (weights {marker['whisper']['fingerprint']}, "
                      f"the model's {whisper_fingerprint}); {fix}")
 
 
@@ -895,9 +876,9 @@ def train_iterator(config, cfg: LlasmConfig, *, host_batch: int):
   data = config.data
   tokenizer = data.get("tokenizer") or config.get("train", {}).get("init_from")
   if not data.get("dir"):
-    raise ValueError("config.data.dir is empty; set it to the folder(s) `llasm-jax data build` wrote")
+    raise UserError("config.data.dir is empty; set it to the folder(s) `llasm-jax data build` wrote")
   if not tokenizer:
-    raise ValueError("no tokenizer: set config.data.tokenizer or config.train.init_from (a model folder)")
+    raise UserError("no tokenizer: set config.data.tokenizer or config.train.init_from (a model folder)")
   source = Source(data.dir)
   pcfg = pipeline_config(config, cfg, resolve_features(data.get("features", "auto"), source))
   if pcfg.features == "cached":
@@ -916,14 +897,14 @@ def check_batch(batch: dict[str, np.ndarray], cfg: LlasmConfig) -> None:
   packed = [(k, (np.int32,)) for k in PACKED_KEYS] if "segment_ids" in batch else []
   for k, dtypes in [(k, (np.int32,)) for k in TEXT_KEYS] + audio + teacher + packed:
     if batch[k].dtype not in dtypes or batch[k].shape[0] != b:
-      raise ValueError(f"batch[{k!r}]: {batch[k].dtype}{list(batch[k].shape)}, expected "
+      raise UserError(f"batch[{k!r}]: {batch[k].dtype}{list(batch[k].shape)}, expected "
                        f"{'|'.join(np.dtype(d).name for d in dtypes)}[{b}, ...]")
   if teacher:
     if batch["teacher_target_positions"].shape != batch["target_positions"].shape:
-      raise ValueError(f"batch['teacher_target_positions'] {list(batch['teacher_target_positions'].shape)}: "
+      raise UserError(f"batch['teacher_target_positions'] {list(batch['teacher_target_positions'].shape)}: "
                        f"expected the shape of target_positions {list(batch['target_positions'].shape)}")
     if np.isin(batch["teacher_input_ids"], [cfg.audio_patch_id, cfg.audio_start_id, cfg.audio_end_id]).any():
-      raise ValueError("batch['teacher_input_ids'] holds audio marker tokens; the teacher reads text only")
+      raise UserError("batch['teacher_input_ids'] holds audio marker tokens; the teacher reads text only")
   if packed:
     check_segments(batch)
   if cached:
@@ -945,11 +926,11 @@ def check_segments(batch: dict[str, np.ndarray]) -> None:
     s, p = seg[b, :n], pos[b, :n]
     steps = np.diff(s)
     if np.any(seg[b, n:] != 0) or (n and s[0] != 1) or np.any((steps != 0) & (steps != 1)):
-      raise ValueError(f"row {b}: segment_ids {s[:16].tolist()}...: expected 1, 2, ... on its {n} real tokens "
+      raise UserError(f"row {b}: segment_ids {s[:16].tolist()}...: expected 1, 2, ... on its {n} real tokens "
                        "(consecutive, left to right) and 0 on padding")
     starts = np.maximum.accumulate(np.where(np.concatenate([[True], steps != 0]), np.arange(n), 0))
     if n and not np.array_equal(p, pos[b, 0] + np.arange(n) - starts):
-      raise ValueError(f"row {b}: positions do not restart at {int(pos[b, 0])} with each sample (segment_ids)")
+      raise UserError(f"row {b}: positions do not restart at {int(pos[b, 0])} with each sample (segment_ids)")
 
 
 def to_global(batch: dict[str, np.ndarray], mesh, rules, pad_id: int = 0, *, same_shape: bool = False) -> dict:
@@ -992,7 +973,7 @@ def pad_features(batch: dict[str, np.ndarray], s: int) -> dict[str, np.ndarray]:
   """A cached batch's audio_features zero-padded to S = s frames."""
   cur = batch["audio_features"].shape[2]
   if s < cur:
-    raise ValueError(f"cannot pad cached features of {cur} frames to {s}")
+    raise UserError(f"cannot pad cached features of {cur} frames to {s}")
   if s == cur:
     return batch
   return {**batch, "audio_features": np.pad(batch["audio_features"], ((0, 0), (0, 0), (0, s - cur), (0, 0)))}
@@ -1003,7 +984,7 @@ def pad_length(batch: dict[str, np.ndarray], t: int, pad_id: int = 0, prefix: st
   "teacher_": the teacher's sequences to Tt = t instead."""
   cur = batch[prefix + "input_ids"].shape[1]
   if t < cur:
-    raise ValueError(f"cannot pad a batch of length {cur} to {t}")
+    raise UserError(f"cannot pad a batch of length {cur} to {t}")
   if t == cur:
     return batch
   widths = ((0, 0), (0, t - cur))

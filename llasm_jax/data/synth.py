@@ -56,6 +56,7 @@ import numpy as np
 
 from llasm_jax.data import builders
 from llasm_jax.data.audio import SAMPLE_RATE, AudioError, check_audio, to_int16
+from llasm_jax.errors import UserError
 
 FORMATS = ("flac", "wav")
 MANIFEST = {"asr": "manifest.jsonl", "instructions": "instructions.jsonl"}
@@ -67,7 +68,7 @@ PRINT_FAILURES = 20
 MAX_CHARS_PER_SECOND = 40
 
 
-class SynthError(ValueError):
+class SynthError(UserError):
   """The run as a whole cannot go on (unreadable input, an engine that cannot start)."""
 
 
@@ -107,7 +108,7 @@ def register_engine(name: str, factory: str) -> None:
   importing it. Register in the process that runs `synthesize`; workers receive the path.
   """
   if ":" not in factory:
-    raise ValueError(f"engine factory {factory!r}: expected 'package.module:callable'")
+    raise UserError(f"engine factory {factory!r}: expected 'package.module:callable'")
   ENGINES[name] = factory
 
 

@@ -29,10 +29,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-IGNORE = -100
-AUDIO = "<audio>"
-AU_PATCH, AU_START, AU_END = "<au_patch>", "<au_start>", "<au_end>"
-MARKERS = (AU_PATCH, AU_START, AU_END)  # appended to the vocab in this order (LLASM.md)
+from llasm_jax.errors import UserError
+
+from llasm_jax.tokens import AU_END, AU_PATCH, AU_START, AUDIO, IGNORE, MARKERS  # noqa: F401 (templates' API)
 
 LLASM_SYSTEM = ("You are a helpful language and speech assistant. You are able to understand the speech "
                 "content that the user provides, and assist the user with a variety of tasks using natural "
@@ -83,7 +82,7 @@ def check_text(text: str, where: str) -> None:
   """Raises ValueError if `text` spells an audio marker, which would inject fake audio tokens."""
   for m in MARKERS:
     if m in text:
-      raise ValueError(f"{where}: text contains the audio marker {m!r}; remove it (audio is marked with {AUDIO!r})")
+      raise UserError(f"{where}: text contains the audio marker {m!r}; remove it (audio is marked with {AUDIO!r})")
 
 
 def _normalise(messages: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -91,13 +90,13 @@ def _normalise(messages: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
   for i, m in enumerate(messages):
     role = _ROLES.get(str(m.get("role", m.get("from", ""))).lower())
     if role is None:
-      raise ValueError(f"message {i}: role {m.get('role', m.get('from'))!r}; expected user/human or assistant/gpt")
+      raise UserError(f"message {i}: role {m.get('role', m.get('from'))!r}; expected user/human or assistant/gpt")
     content = m.get("content", m.get("value", ""))
     if not isinstance(content, str):
-      raise ValueError(f"message {i}: content should be a string, got {type(content).__name__}")
+      raise UserError(f"message {i}: content should be a string, got {type(content).__name__}")
     check_text(content, f"message {i}")
     if role == "assistant" and AUDIO in content:
-      raise ValueError(f"message {i}: an assistant message holds {AUDIO!r}; audio belongs to user turns")
+      raise UserError(f"message {i}: an assistant message holds {AUDIO!r}; audio belongs to user turns")
     out.append((role, content))
   return out
 
@@ -106,7 +105,7 @@ def _expand(content: str, audio_tokens: Sequence[int], next_audio: int) -> tuple
   """`content` with its k-th `<audio>` written as the span of audio `next_audio + k`."""
   parts = content.split(AUDIO)
   if next_audio + len(parts) - 1 > len(audio_tokens):
-    raise ValueError(f"the messages hold more {AUDIO!r} placeholders than the {len(audio_tokens)} audios given")
+    raise UserError(f"the messages hold more {AUDIO!r} placeholders than the {len(audio_tokens)} audios given")
   text = parts[0]
   for k, part in enumerate(parts[1:]):
     text += audio_span(int(audio_tokens[next_audio + k])) + part
@@ -211,10 +210,10 @@ class ChatTemplate(Template):
   def __init__(self, tokenizer, system: str | None = None):
     super().__init__(tokenizer, system)
     if not getattr(tokenizer, "chat_template", None):
-      raise ValueError("template 'chat-template': the tokenizer has no chat_template; pick 'llasm-cllama2' "
+      raise UserError("template 'chat-template': the tokenizer has no chat_template; pick 'llasm-cllama2' "
                        "or 'llasm-baichuan', or load a tokenizer that ships one")
     if not getattr(tokenizer, "is_fast", False):
-      raise ValueError("template 'chat-template' needs a fast tokenizer (character offsets for the labels)")
+      raise UserError("template 'chat-template' needs a fast tokenizer (character offsets for the labels)")
 
   def _render(self, messages, generation_prompt: bool) -> str:
     return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
@@ -239,7 +238,7 @@ class ChatTemplate(Template):
     text = self._render(messages, generation)
     for start, end in spans:
       if end > len(text):
-        raise ValueError("the tokenizer's chat template does not render a conversation as an extension of its "
+        raise UserError("the tokenizer's chat template does not render a conversation as an extension of its "
                          "prefix; labels cannot be placed, use another template")
     enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
@@ -256,13 +255,13 @@ TEMPLATES = {t.name: t for t in (LlasmCllama2, LlasmBaichuan, ChatTemplate)}
 
 def get_template(name: str, tokenizer, system: str | None = None) -> Template:
   if name not in TEMPLATES:
-    raise ValueError(f"template {name!r}: expected one of {', '.join(TEMPLATES)}")
+    raise UserError(f"template {name!r}: expected one of {', '.join(TEMPLATES)}")
   return TEMPLATES[name](tokenizer, system)
 
 
 def _check_used(used: int, audio_tokens: Sequence[int]) -> None:
   if used != len(audio_tokens):
-    raise ValueError(f"{len(audio_tokens)} audios given but the messages hold {used} {AUDIO!r} placeholders")
+    raise UserError(f"{len(audio_tokens)} audios given but the messages hold {used} {AUDIO!r} placeholders")
 
 
 def check_tokenizer_markers(tokenizer, expected: dict[str, int] | None = None) -> dict[str, int]:
@@ -273,13 +272,13 @@ def check_tokenizer_markers(tokenizer, expected: dict[str, int] | None = None) -
     got = tokenizer.encode(m, add_special_tokens=False)
     tid = tokenizer.convert_tokens_to_ids(m)
     if len(got) != 1 or got[0] != tid or tid == tokenizer.unk_token_id:
-      raise ValueError(f"tokenizer: {m!r} is not one token (got {got}); add the audio tokens with "
+      raise UserError(f"tokenizer: {m!r} is not one token (got {got}); add the audio tokens with "
                        f"tokenizer.add_tokens({list(MARKERS)}, special_tokens=True)")
     ids[m] = tid
   if expected is not None:
     for m, tid in ids.items():
       if expected.get(m, tid) != tid:
-        raise ValueError(f"tokenizer maps {m!r} to {tid} but the model config expects {expected[m]}; "
+        raise UserError(f"tokenizer maps {m!r} to {tid} but the model config expects {expected[m]}; "
                          "use the tokenizer that was saved with the checkpoint")
   return ids
 

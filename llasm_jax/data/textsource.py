@@ -14,6 +14,8 @@ from typing import Callable
 
 import numpy as np
 
+from llasm_jax.errors import UserError
+
 NAMES = ("Anna", "Ben", "Carlos", "Diana", "Emma", "Frank", "Grace", "Henry", "Isabel", "Jack", "Karen", "Leo",
          "Maria", "Nathan", "Olivia", "Peter", "Rachel", "Sam", "Tina", "Victor", "William", "Zoe", "Laura", "Omar")
 PEOPLE = ("my sister", "my brother", "the teacher", "our neighbor", "the doctor", "my friend", "the old man",
@@ -180,7 +182,7 @@ def _unique(patterns, n: int, seed: int, exclude: frozenset[str]) -> list[str]:
   while len(out) < n:
     tries += 1
     if tries > 50 * n + 1000:
-      raise ValueError(f"the grammar gave only {len(out)} distinct texts of the {n} asked for")
+      raise UserError(f"the grammar gave only {len(out)} distinct texts of the {n} asked for")
     text = _fill(patterns[int(rng.integers(len(patterns)))], rng)
     if text not in exclude:
       out[text] = None

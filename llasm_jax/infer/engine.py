@@ -36,6 +36,7 @@ from llasm_jax.layers import KVCache
 from llasm_jax.models.llama import LlamaForCausalLM
 from llasm_jax.models.llasm import Llasm, check_audio_markers, splice
 from llasm_jax.models.whisper import encoder_frames
+from llasm_jax.errors import UserError
 
 
 @flax.struct.dataclass
@@ -130,7 +131,7 @@ class MeshFunctions:
 
   def __init__(self, mesh: jax.sharding.Mesh | None, rules: Sequence[tuple[str, object]] | None):
     if (mesh is None) != (rules is None):
-      raise ValueError("pass both mesh and rules (e.g. config.DEFAULT_RULES), or neither")
+      raise UserError("pass both mesh and rules (e.g. config.DEFAULT_RULES), or neither")
     self.mesh, self.rules = mesh, None if rules is None else tuple(tuple(r) for r in rules)
     self.traces: collections.Counter[str] = collections.Counter()
     self._jitted: dict[tuple, Callable] = {}
@@ -218,7 +219,7 @@ class Engine(MeshFunctions):
                rules: Sequence[tuple[str, object]] | None = None, eos_ids: Sequence[int] | None = None,
                pad_id: int | None = None):
     if not isinstance(model, (LlamaForCausalLM, Llasm)):
-      raise ValueError(f"cannot generate with a {type(model).__name__}; pass a LlamaForCausalLM or a Llasm "
+      raise UserError(f"cannot generate with a {type(model).__name__}; pass a LlamaForCausalLM or a Llasm "
                        "(a Whisper-only checkpoint has no LLM)")
     super().__init__(mesh, rules)
     self.model = model
@@ -239,7 +240,7 @@ class Engine(MeshFunctions):
     evaluating as it goes): same shapes and shardings, so nothing compiles again. Remembered
     audio embeddings are dropped, since the adaptor changed."""
     if nnx.graphdef(model) != self.graphdef:
-      raise ValueError("update_params needs a model of the same architecture as the engine's")
+      raise UserError("update_params needs a model of the same architecture as the engine's")
     self._place(model)
     self.model = model
     self.llm = model.llm if isinstance(model, Llasm) else model
@@ -333,9 +334,9 @@ class Engine(MeshFunctions):
     disagree with its audios."""
     cfg = self.audio_cfg
     if cfg is None:
-      raise ValueError("this checkpoint is a text-only LLM; it cannot take audio (pass audios=None)")
+      raise UserError("this checkpoint is a text-only LLM; it cannot take audio (pass audios=None)")
     if len(mels) != len(prompts):
-      raise ValueError(f"{len(mels)} audio lists for {len(prompts)} prompts; pass one list (maybe empty) per prompt")
+      raise UserError(f"{len(mels)} audio lists for {len(prompts)} prompts; pass one list (maybe empty) per prompt")
     m, f_max, e = cfg.audio.num_mel_bins, cfg.audio.max_mel_frames, cfg.audio.d_model
     for b, (ids, row) in enumerate(zip(prompts, mels)):
       for j, mel in enumerate(row):
@@ -343,17 +344,17 @@ class Engine(MeshFunctions):
         if isinstance(mel, AudioFeatures):
           s = cfg.audio_token_len if cfg.mode == "llasm" else int(encoder_frames(f))
           if mel.features.ndim != 2 or mel.features.shape != (s, e):
-            raise ValueError(f"prompt {b} audio {j}: cached features of shape {mel.features.shape}, expected "
+            raise UserError(f"prompt {b} audio {j}: cached features of shape {mel.features.shape}, expected "
                              f"[{s}, {e}] ({cfg.mode!r} mode, {f} mel frames, Whisper width {e}); were they "
                              "encoded by this model's Whisper?")
         elif mel.ndim != 2 or mel.shape[0] != m:
-          raise ValueError(f"prompt {b} audio {j}: mel shape {mel.shape}, expected [{m}, frames] "
+          raise UserError(f"prompt {b} audio {j}: mel shape {mel.shape}, expected [{m}, frames] "
                            f"(this Whisper has num_mel_bins={m})")
         if f > f_max:
-          raise ValueError(f"prompt {b} audio {j}: {f} mel frames exceed 30 s ({f_max}); "
+          raise UserError(f"prompt {b} audio {j}: {f} mel frames exceed 30 s ({f_max}); "
                            "split long audio into 30 s windows, one audio each")
         if cfg.mode == "llasm" and f != f_max:
-          raise ValueError(f"prompt {b} audio {j}: {f} mel frames; 'llasm' mode reads features "
+          raise UserError(f"prompt {b} audio {j}: {f} mel frames; 'llasm' mode reads features "
                            f"padded to 30 s ({f_max} frames), as Whisper's feature extractor makes them")
       counts = [cfg.audio_tokens(mel_frames(x)) for x in row]
       check_audio_markers(cfg, np.asarray([ids]), np.asarray([counts or [0]]))
@@ -509,16 +510,16 @@ class Engine(MeshFunctions):
     """
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts:
-      raise ValueError("no prompts given")
+      raise UserError("no prompts given")
     if max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens {max_new_tokens}: expected >= 1")
+      raise UserError(f"max_new_tokens {max_new_tokens}: expected >= 1")
     cfg = self.llm.cfg
     for i, p in enumerate(prompts):
       if not p:
-        raise ValueError(f"prompt {i} is empty; give at least one token (e.g. BOS)")
+        raise UserError(f"prompt {i} is empty; give at least one token (e.g. BOS)")
       bad = [t for t in p if not 0 <= t < cfg.vocab_size]
       if bad:
-        raise ValueError(f"prompt {i}: token id {bad[0]} is outside the vocab (size {cfg.vocab_size})")
+        raise UserError(f"prompt {i}: token id {bad[0]} is outside the vocab (size {cfg.vocab_size})")
     real = len(prompts)
     timings = Timings(batch=real)
     input_ids, mask, active = self._pad_prompts(prompts)

@@ -33,9 +33,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from llasm_jax import checkpoint, paths
-from llasm_jax.data import pipeline, templates
+from llasm_jax import checkpoint, paths, tokens
+from llasm_jax.data import pipeline
 from llasm_jax.infer.engine import AudioFeatures
+from llasm_jax.errors import UserError
 
 CER_LANGUAGES = ("zh", "ja", "yue", "th", "lo", "my", "bo")  # scripts without spaces between words
 METRICS = ("wer", "cer", "f1")
@@ -245,7 +246,7 @@ def read_rows(source, limit: int | None = None) -> list[EvalRow]:
     else:
       roles = [int(r) for r in record["roles"]]
       if not roles or roles[-1] != 1:
-        raise ValueError(f"{source}: row {i} does not end with an assistant turn, so it has no reference answer")
+        raise UserError(f"{source}: row {i} does not end with an assistant turn, so it has no reference answer")
       reference = _str(record["values"][-1])
     rows.append(EvalRow(index=i, id=_str(record.get("id", str(i))), kind=kind,
                         language=_str(record.get("language", "")), reference=reference, record=record))
@@ -266,9 +267,9 @@ class _FirstChoices:
 
 def prompt_end(labels: np.ndarray) -> int:
   """Where the last labelled run (the reference answer and its end token) starts: the prompt ends there."""
-  target = np.flatnonzero(labels != templates.IGNORE)
+  target = np.flatnonzero(labels != tokens.IGNORE)
   if not len(target):
-    raise ValueError("the row has no answer tokens (labels); nothing to compare against")
+    raise UserError("the row has no answer tokens (labels); nothing to compare against")
   gaps = np.flatnonzero(np.diff(target) > 1)
   return int(target[gaps[-1] + 1] if len(gaps) else target[0])
 
@@ -278,7 +279,7 @@ class LlasmAnswers:
 
   def __init__(self, generator, kind: str, pcfg: pipeline.PipelineConfig, max_new_tokens: int = 128):
     if generator.tokenizer is None:
-      raise ValueError(f"{generator.folder or 'the model'} has no tokenizer; eval needs one to build prompts")
+      raise UserError(f"{generator.folder or 'the model'} has no tokenizer; eval needs one to build prompts")
     self.generator, self.max_new_tokens = generator, max_new_tokens
     self.pcfg = pcfg
     self.featurize = pipeline.Featurize(pcfg, generator.tokenizer, kind)
@@ -293,7 +294,7 @@ class LlasmAnswers:
     `system`: the system prompt as `PipelineConfig.system` (None = LLaSM's, "" = the template's own)."""
     cfg = generator.cfg
     if cfg is None:
-      raise ValueError("a text-only LLM cannot hear the dataset's audio; evaluate a LLaSM folder (or a Whisper one)")
+      raise UserError("a text-only LLM cannot hear the dataset's audio; evaluate a LLaSM folder (or a Whisper one)")
     features = pipeline.resolve_features("auto", source)
     if mel_frames is None:
       mel_frames = source.cache["mel_frames"] if features == "cached" else pipeline.MAX_FRAMES
@@ -361,13 +362,13 @@ def run(rows: Sequence[EvalRow], answer: Callable[[Sequence[EvalRow]], list[str]
         info: dict[str, Any] | None = None) -> Report:
   """Answers the rows `batch` at a time, scores them and reports."""
   if batch < 1:
-    raise ValueError(f"--batch {batch}: expected >= 1")
+    raise UserError(f"--batch {batch}: expected >= 1")
   t0 = time.perf_counter()
   for s in range(0, len(rows), batch):
     chunk = rows[s:s + batch]
     texts = answer(chunk)
     if len(texts) != len(chunk):
-      raise ValueError(f"{len(texts)} answers for {len(chunk)} rows")
+      raise UserError(f"{len(texts)} answers for {len(chunk)} rows")
     for row, text in zip(chunk, texts):
       row.hypothesis = text
   totals = score(rows)
@@ -386,7 +387,7 @@ def evaluate(ckpt: str, data: str, *, limit: int | None = None, batch: int = 8, 
   source = pipeline.Source(data)
   rows = read_rows(source, limit)
   if not rows:
-    raise ValueError(f"--data {data!r} holds no rows")
+    raise UserError(f"--data {data!r} holds no rows")
   info = {"ckpt": ckpt, "data": data, "dataset_kind": source.kind, "limit": limit, "max_new_tokens": max_new_tokens}
   if answer is None:
     answer, info["model_kind"] = load_answers(ckpt, source, batch=batch, max_new_tokens=max_new_tokens, mesh=mesh,
@@ -403,16 +404,16 @@ def load_answers(ckpt: str, source, *, batch: int, max_new_tokens: int, mesh=Non
   where = f"--data {','.join(source.paths)!r}"
   if kind == "whisper":
     if source.kind != "asr":
-      raise ValueError(f"--ckpt {ckpt!r} is a Whisper, which transcribes, but {where} holds {source.kind} "
+      raise UserError(f"--ckpt {ckpt!r} is a Whisper, which transcribes, but {where} holds {source.kind} "
                        "conversations; give an 'asr' dataset, or a LLaSM folder")
     if source.cache is not None:
-      raise ValueError(f"{where} holds cached Whisper features, no audio to transcribe; evaluate the Whisper on "
+      raise UserError(f"{where} holds cached Whisper features, no audio to transcribe; evaluate the Whisper on "
                        "the raw dataset it was encoded from")
     from llasm_jax.infer.transcribe import Transcriber
 
     return WhisperAnswers(Transcriber.load(ckpt, mesh=mesh, rules=rules, **run_options), max_new_tokens, batch), kind
   if kind != "llasm":
-    raise ValueError(f"--ckpt {ckpt!r} is a text-only LLM ({kind!r}), which cannot hear {where}'s audio; "
+    raise UserError(f"--ckpt {ckpt!r} is a text-only LLM ({kind!r}), which cannot hear {where}'s audio; "
                      "evaluate a LLaSM folder (or a Whisper folder on an 'asr' dataset)")
   from llasm_jax.infer.generator import Generator
 
@@ -432,17 +433,17 @@ class TrainingEval:
     ev = config.eval
     self.every = int(ev.get("every", 0))
     if not ev.get("data"):
-      raise ValueError("config.eval.every is set but config.eval.data is empty; set it to a held-out dataset "
+      raise UserError("config.eval.every is set but config.eval.data is empty; set it to a held-out dataset "
                        "of `llasm-jax data build`")
     tokenizer = config.data.get("tokenizer") or config.train.get("init_from")
     if not tokenizer:
-      raise ValueError("config.eval needs a tokenizer: set config.data.tokenizer or config.train.init_from "
+      raise UserError("config.eval needs a tokenizer: set config.data.tokenizer or config.train.init_from "
                        "(a model folder)")
     self.source = pipeline.Source(ev.data)
     self.rows = read_rows(self.source, ev.get("limit"))
     if not self.rows:
-      raise ValueError(f"config.eval.data {ev.data!r} holds no rows")
-    self.tokenizer_dir, self.tokenizer = tokenizer, pipeline.load_tokenizer(tokenizer)
+      raise UserError(f"config.eval.data {ev.data!r} holds no rows")
+    self.tokenizer_dir, self.tokenizer = tokenizer, tokens.load_tokenizer(tokenizer)
     self.cfg, self.mesh, self.rules = cfg, mesh, rules
     self.batch, self.max_new_tokens = int(ev.get("batch", 8)), int(ev.get("max_new_tokens", 64))
     self.template = config.data.get("template", "llasm-cllama2")

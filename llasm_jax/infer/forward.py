@@ -14,6 +14,7 @@ from llasm_jax.config import llasm_config
 from llasm_jax.data import features
 from llasm_jax.data.audio import synth_speech
 from llasm_jax.models.llasm import Llasm, LlasmConfig, check_audio_markers
+from llasm_jax.errors import UserError
 
 
 def _log(*args):
@@ -26,7 +27,7 @@ def forward_inputs(cfg: LlasmConfig, batch: int, seconds: float, text_tokens: in
   """input_ids int32[B, T], mel float32[B, 1, M, F], mel_lengths int32[B, 1]: one audio per sample
   between random text, marked `<au_start>` + P x `<au_patch>` + `<au_end>`."""
   if cfg.mode == "encoder" and seconds * 100 > cfg.audio.max_mel_frames:
-    raise ValueError(f"--seconds {seconds}: the encoder-mode forward takes one window of at most "
+    raise UserError(f"--seconds {seconds}: the encoder-mode forward takes one window of at most "
                      f"{cfg.audio.max_mel_frames / 100:g} s")
   mel = np.stack([features.log_mel(synth_speech(seconds, seed + b), cfg.audio.num_mel_bins, cfg.mode)
                   for b in range(batch)])

@@ -22,6 +22,7 @@ import numpy as np
 from llasm_jax import checkpoint
 from llasm_jax.infer.engine import Engine
 from llasm_jax.infer.sampling import SamplingParams
+from llasm_jax.errors import UserError
 
 RAW = "none"  # no chat template: BOS + the prompt text
 
@@ -83,7 +84,7 @@ class Generator:
     folder = os.fspath(folder)
     meta = checkpoint.read_meta(folder)
     if meta["kind"] == "whisper":
-      raise ValueError(f"--ckpt {folder!r} holds Whisper alone; generation needs a 'llasm' or 'llama' "
+      raise UserError(f"--ckpt {folder!r} holds Whisper alone; generation needs a 'llasm' or 'llama' "
                        "checkpoint (convert with --llm, and --whisper for audio)")
     local = checkpoint.companions(folder)  # tokenizer and configs; a bucket's are downloaded
     tokenizer = None
@@ -101,7 +102,7 @@ class Generator:
 
   def _need_tokenizer(self, what: str):
     if self.tokenizer is None:
-      raise ValueError(f"{what} needs a tokenizer, and {self.folder or 'this model'} has none "
+      raise UserError(f"{what} needs a tokenizer, and {self.folder or 'this model'} has none "
                        "(tokenizer.json / tokenizer.model); pass token ids instead, or convert from a "
                        "folder that holds the tokenizer")
 
@@ -112,10 +113,10 @@ class Generator:
 
     cfg = self.cfg
     if cfg is None:
-      raise ValueError("this checkpoint is a text-only LLM; it cannot take audio")
+      raise UserError("this checkpoint is a text-only LLM; it cannot take audio")
     if isinstance(audio, np.ndarray) and audio.ndim == 2:
       if audio.shape[0] != cfg.audio.num_mel_bins:
-        raise ValueError(f"a 2-D audio array {audio.shape} is taken as log-mel features and needs "
+        raise UserError(f"a 2-D audio array {audio.shape} is taken as log-mel features and needs "
                          f"{cfg.audio.num_mel_bins} mel bins first; pass mono 16 kHz samples float32[N] instead")
       return [audio.astype(np.float32)]
     if isinstance(audio, (str, os.PathLike)):
@@ -166,7 +167,7 @@ class Generator:
       templates.check_text(text, "prompt")
       pieces = text.split(templates.AUDIO)
       if len(pieces) - 1 != len(counts):
-        raise ValueError(f"{len(counts)} audio windows but the prompt holds {len(pieces) - 1} {templates.AUDIO!r}")
+        raise UserError(f"{len(counts)} audio windows but the prompt holds {len(pieces) - 1} {templates.AUDIO!r}")
       text = pieces[0] + "".join(templates.audio_span(c) + p for c, p in zip(counts, pieces[1:]))
       return self.tokenizer.encode(text, add_special_tokens=True)
     if messages[-1].get("role", messages[-1].get("from")) not in ("assistant", "gpt"):
@@ -195,10 +196,10 @@ class Generator:
     without placeholders gets them in front). stop: strings that end a reply (not included
     in its text). stream(row, text): called with each new piece of text as it is decoded."""
     if isinstance(prompts, (str, bytes)):
-      raise ValueError("prompts should be a list (one entry per prompt), got a single string")
+      raise UserError("prompts should be a list (one entry per prompt), got a single string")
     t_start = time.perf_counter()
     if audios is not None and len(audios) != len(prompts):
-      raise ValueError(f"{len(audios)} audio lists for {len(prompts)} prompts; pass one list (maybe empty) per prompt")
+      raise UserError(f"{len(audios)} audio lists for {len(prompts)} prompts; pass one list (maybe empty) per prompt")
     mels = [[self.features(a) for a in row] for row in (audios or [[]] * len(prompts))]
     features_s = time.perf_counter() - t_start
     ids = [self.encode_prompt(p, m, template) for p, m in zip(prompts, mels)]
@@ -290,7 +291,7 @@ class Chat:
     from llasm_jax.data.templates import AUDIO
 
     if not text and audio is None:
-      raise ValueError("send text, audio, or both")
+      raise UserError("send text, audio, or both")
     new = [] if audio is None else [self.gen.features(audio)]
     content = (AUDIO + ("\n" + text if text else "")) if new else text
     messages = self.messages + [{"role": "user", "content": content}]

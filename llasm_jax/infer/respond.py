@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from llasm_jax import paths
 from llasm_jax.data import templates
+from llasm_jax.errors import UserError
 
 _HUMAN = ("human", "user")
 
@@ -36,17 +37,17 @@ def read_conversations(path: str) -> list[dict[str, Any]]:
         try:
           rows.append(json.loads(line))
         except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{n}: not a JSON object ({e.msg}); expected one conversation per line") from e
+          raise UserError(f"{path}:{n}: not a JSON object ({e.msg}); expected one conversation per line") from e
   else:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     rows = [{"id": f"q{i:06d}", "conversations": [{"from": "human", "value": q}]} for i, q in enumerate(lines)]
   for i, row in enumerate(rows):
     turns = row.get("conversations") if isinstance(row, dict) else None
     if not turns or not isinstance(turns, list):
-      raise ValueError(f"{path}: row {i} has no 'conversations' list; expected "
+      raise UserError(f"{path}: row {i} has no 'conversations' list; expected "
                        '{"id": ..., "conversations": [{"from": "human", "value": ...}, ...]}')
     if any(templates.AUDIO in str(t.get("value", "")) for t in turns):
-      raise ValueError(f"{path}: row {i} ({row.get('id', '?')}) holds {templates.AUDIO}; respond reads text "
+      raise UserError(f"{path}: row {i} ({row.get('id', '?')}) holds {templates.AUDIO}; respond reads text "
                        "conversations (run it before `data synth` turns the human turns into speech)")
   return rows
 

@@ -10,6 +10,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from llasm_jax.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -23,9 +25,9 @@ class SamplingParams:
 
   def __post_init__(self):
     if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"top_p {self.top_p}: expected a value in (0, 1]")
+      raise UserError(f"top_p {self.top_p}: expected a value in (0, 1]")
     if self.temperature < 0:
-      raise ValueError(f"temperature {self.temperature}: expected >= 0 (0 = greedy)")
+      raise UserError(f"temperature {self.temperature}: expected >= 0 (0 = greedy)")
 
   @property
   def greedy(self) -> bool:

@@ -36,6 +36,7 @@ from flax import nnx
 from llasm_jax import checkpoint
 from llasm_jax.infer.engine import MeshFunctions, bucket
 from llasm_jax.models.whisper import WhisperConfig, WhisperModel
+from llasm_jax.errors import UserError
 
 START, EOT, NO_TIMESTAMPS, TRANSCRIBE = "<|startoftranscript|>", "<|endoftext|>", "<|notimestamps|>", "<|transcribe|>"
 
@@ -59,12 +60,12 @@ class WhisperTokens:
     eos = gen.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) else eos
     if eos is None:
-      raise ValueError("the Whisper generation config has no eos_token_id (<|endoftext|>)")
+      raise UserError("the Whisper generation config has no eos_token_id (<|endoftext|>)")
     languages = {str(k): int(v) for k, v in (gen.get("lang_to_id") or {}).items()}
     multilingual = bool(gen.get("is_multilingual", bool(languages)))
     transcribe = (gen.get("task_to_id") or {}).get("transcribe")
     if multilingual and (not languages or transcribe is None):
-      raise ValueError("the Whisper generation config says is_multilingual but lacks lang_to_id or "
+      raise UserError("the Whisper generation config says is_multilingual but lacks lang_to_id or "
                        "task_to_id['transcribe']")
     return cls(
         start=int(gen.get("decoder_start_token_id", cfg.decoder_start_token_id)), eos=int(eos),
@@ -82,7 +83,7 @@ class WhisperTokens:
       if os.path.exists(path) and (where != folder or checkpoint.read_meta(folder)["kind"] == "whisper"):
         with open(path) as f:
           return cls.from_generation_config(json.load(f), cfg)
-    raise ValueError(f"{folder}: no Whisper generation_config.json (in {checkpoint.WHISPER_DIR}/), so the special "
+    raise UserError(f"{folder}: no Whisper generation_config.json (in {checkpoint.WHISPER_DIR}/), so the special "
                      "and suppressed tokens are unknown; convert the Whisper again with `llasm-jax convert "
                      "--whisper W`, from a folder that holds generation_config.json")
 
@@ -115,7 +116,7 @@ class Transcriber(MeshFunctions):
   def __init__(self, model: WhisperModel, tokens: WhisperTokens, tokenizer=None, *,
                mesh: jax.sharding.Mesh | None = None, rules: Sequence[tuple[str, object]] | None = None):
     if not isinstance(model, WhisperModel) or not hasattr(model, "decoder"):
-      raise ValueError(f"transcription needs a Whisper with its decoder, got a {type(model).__name__} "
+      raise UserError(f"transcription needs a Whisper with its decoder, got a {type(model).__name__} "
                        f"{'without decoder' if isinstance(model, WhisperModel) else ''}".rstrip())
     super().__init__(mesh, rules)
     self.model, self.cfg, self.tokens, self.tokenizer = model, model.cfg, tokens, tokenizer
@@ -124,7 +125,7 @@ class Transcriber(MeshFunctions):
     v = self.cfg.vocab_size
     bad = [t for t in (*tokens.suppress, *tokens.begin_suppress, *tokens.languages.values()) if not 0 <= t < v]
     if bad:
-      raise ValueError(f"Whisper token id {bad[0]} from the generation config is outside the vocab ({v})")
+      raise UserError(f"Whisper token id {bad[0]} from the generation config is outside the vocab ({v})")
     self._suppress = np.zeros(v, bool)
     self._suppress[list(tokens.suppress)] = True
     self._begin = np.zeros(v, bool)
@@ -140,10 +141,10 @@ class Transcriber(MeshFunctions):
     folder = os.fspath(folder)
     meta = checkpoint.read_meta(folder)
     if meta["kind"] == "llama":
-      raise ValueError(f"--ckpt {folder!r} is a text-only LLM; transcription needs a Whisper "
+      raise UserError(f"--ckpt {folder!r} is a text-only LLM; transcription needs a Whisper "
                        "(`llasm-jax convert --whisper W --out DIR`)")
     if meta["kind"] == "llasm" and meta["config"].get("mode") != "llasm":
-      raise ValueError(f"--ckpt {folder!r} is an {meta['config'].get('mode')!r}-mode LLaSM, whose Whisper has no "
+      raise UserError(f"--ckpt {folder!r} is an {meta['config'].get('mode')!r}-mode LLaSM, whose Whisper has no "
                        "decoder; transcribe with a Whisper folder (`llasm-jax convert --whisper W --out DIR`)")
     model, _ = checkpoint.load_whisper(folder, mesh=mesh, rules=rules, **run)
     local = checkpoint.companions(folder)  # tokenizer and configs; a bucket's are downloaded
@@ -167,7 +168,7 @@ class Transcriber(MeshFunctions):
     m = self.cfg.num_mel_bins
     if isinstance(audio, np.ndarray) and audio.ndim == 2:
       if audio.shape != (m, features.MAX_FRAMES):
-        raise ValueError(f"a 2-D audio array {audio.shape} is taken as log-mel features and must be "
+        raise UserError(f"a 2-D audio array {audio.shape} is taken as log-mel features and must be "
                          f"[{m}, {features.MAX_FRAMES}] (30 s); pass 16 kHz samples float32[N] instead")
       return [audio.astype(np.float32)]
     if isinstance(audio, (str, os.PathLike)):
@@ -185,7 +186,7 @@ class Transcriber(MeshFunctions):
     if not self.tokens.multilingual:
       if language.lower().strip("<|>") in ("en", "english"):
         return None
-      raise ValueError(f"language {language!r}: this Whisper is English-only; pass language=None or 'en'")
+      raise UserError(f"language {language!r}: this Whisper is English-only; pass language=None or 'en'")
     code = language.lower().strip()
     if not code.startswith("<|"):
       if len(code) > 3:
@@ -194,7 +195,7 @@ class Transcriber(MeshFunctions):
         code = TO_LANGUAGE_CODE.get(code, code)
       code = f"<|{code}|>"
     if code not in self.tokens.languages:
-      raise ValueError(f"language {language!r}: not one of this Whisper's {len(self.tokens.languages)} languages "
+      raise UserError(f"language {language!r}: not one of this Whisper's {len(self.tokens.languages)} languages "
                        f"({', '.join(k.strip('<|>') for k in list(self.tokens.languages)[:12])}, ...)")
     return self.tokens.languages[code]
 
@@ -264,12 +265,12 @@ class Transcriber(MeshFunctions):
       return [], []
     langs = [self.language_id(x) for x in (languages if languages is not None else [None] * len(mels))]
     if len(langs) != len(mels):
-      raise ValueError(f"{len(langs)} languages for {len(mels)} audios; pass one per audio, or one language")
+      raise UserError(f"{len(langs)} languages for {len(mels)} audios; pass one per audio, or one language")
     p = len(self.tokens.prompt(None))
     limit = self.tokens.max_length - p
     max_new = limit if max_new_tokens is None else int(max_new_tokens)
     if not 1 <= max_new <= limit:
-      raise ValueError(f"max_new_tokens {max_new}: expected 1..{limit} (Whisper reads {self.tokens.max_length} "
+      raise UserError(f"max_new_tokens {max_new}: expected 1..{limit} (Whisper reads {self.tokens.max_length} "
                        f"tokens, {p} of them the prompt)")
     rows = self._rows(len(mels))
     mel = np.zeros((rows, self.cfg.num_mel_bins, self.cfg.max_mel_frames), np.float32)
@@ -294,7 +295,7 @@ class Transcriber(MeshFunctions):
 
   def decode(self, ids: Sequence[int]) -> str:
     if self.tokenizer is None:
-      raise ValueError("this Whisper folder has no tokenizer (whisper/tokenizer.json or vocab.json); convert it "
+      raise UserError("this Whisper folder has no tokenizer (whisper/tokenizer.json or vocab.json); convert it "
                        "again with `llasm-jax convert --whisper W` from a folder that holds one")
     return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
@@ -303,12 +304,12 @@ class Transcriber(MeshFunctions):
     """The text of each audio (paths, 16 kHz samples, or 30 s log-mels). language: one for all,
     one per audio, or None (multilingual models detect it per 30 s window)."""
     if isinstance(audios, (str, bytes, os.PathLike)):
-      raise ValueError("audios should be a list (one entry per audio), got a single path")
+      raise UserError("audios should be a list (one entry per audio), got a single path")
     if batch_size < 1:
-      raise ValueError(f"batch_size {batch_size}: expected >= 1")
+      raise UserError(f"batch_size {batch_size}: expected >= 1")
     per_audio = list(language) if isinstance(language, (list, tuple)) else [language] * len(audios)
     if len(per_audio) != len(audios):
-      raise ValueError(f"{len(per_audio)} languages for {len(audios)} audios; pass one per audio, or one language")
+      raise UserError(f"{len(per_audio)} languages for {len(audios)} audios; pass one per audio, or one language")
     if self.tokenizer is None:
       self.decode([])  # raises: the texts need the tokenizer
     self.timings = timings = TranscribeTimings()

@@ -12,6 +12,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from llasm_jax.errors import UserError
+
 
 @flax.struct.dataclass
 class KVCache:
@@ -70,7 +72,7 @@ def cached_mask(cache: KVCache, key_valid: jax.Array) -> tuple[jax.Array, jax.Ar
   except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):  # traced: under jit
     index = None
   if index is not None and index + t > cache.max_len:
-    raise ValueError(f"KV cache overflow: {t} tokens at slot {index} do not fit its {cache.max_len} slots; "
+    raise UserError(f"KV cache overflow: {t} tokens at slot {index} do not fit its {cache.max_len} slots; "
                      "allocate a longer cache (init_cache(batch, max_len))")
   slot_mask = jax.lax.dynamic_update_slice(cache.mask, key_valid.astype(bool), (0, cache.index))
   q_slot = cache.index + jnp.arange(t)

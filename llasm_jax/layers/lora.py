@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llasm_jax.layers.common import LogicalAxes, dense, dense_inits, next_dropout_key, param_init
+from llasm_jax.errors import UserError
 
 # The names of the two factors in a parameter path ("llm/.../q_proj/lora_a").
 LORA_FACTORS = ("lora_a", "lora_b")
@@ -35,11 +36,11 @@ class LoraConfig:
 
   def __post_init__(self):
     if self.rank < 0:
-      raise ValueError(f"LoRA rank {self.rank}: expected >= 0 (0 = no adapters)")
+      raise UserError(f"LoRA rank {self.rank}: expected >= 0 (0 = no adapters)")
     if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"LoRA dropout {self.dropout}: expected a probability in [0, 1)")
+      raise UserError(f"LoRA dropout {self.dropout}: expected a probability in [0, 1)")
     if self.rank and not self.targets:
-      raise ValueError(f"LoRA rank {self.rank} without targets: name the projections to adapt")
+      raise UserError(f"LoRA rank {self.rank} without targets: name the projections to adapt")
 
   @property
   def scale(self) -> float:

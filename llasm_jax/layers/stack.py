@@ -13,6 +13,7 @@ import jax
 from flax import nnx
 
 from llasm_jax.layers.common import current_dropout_rng, dropout_rng
+from llasm_jax.errors import UserError
 
 # Names accepted in model configs for `remat_policy`.
 REMAT_POLICIES: dict[str, Any] = {
@@ -61,7 +62,7 @@ class LayerStack(nnx.Module):
     of that key, which travels with its parameters through the scan, so layers drop differently.
     """
     if remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"remat_policy {remat_policy!r}: expected one of {sorted(REMAT_POLICIES)}")
+      raise UserError(f"remat_policy {remat_policy!r}: expected one of {sorted(REMAT_POLICIES)}")
     graphdef, params = nnx.split(self.layers)
     rng = current_dropout_rng()
     keys = None if rng is None else jax.random.split(rng, self.num_layers)

@@ -21,6 +21,7 @@ from llasm_jax.layers import KVCache, LayerStack, RMSNorm, attend, cached_mask, 
 from llasm_jax.layers.attention import write_kv_stacked
 from llasm_jax.layers.common import embed_lookup
 from llasm_jax.layers.lora import LoraConfig, lora_dense
+from llasm_jax.errors import UserError
 
 # The logit of a padded vocab column (LlamaConfig.vocab_multiple): its probability is exactly 0 in
 # float32. Finite, unlike -inf, so that a KL between two padded distributions stays 0 * finite = 0.
@@ -88,18 +89,18 @@ class LlamaConfig:
 
   def __post_init__(self):
     if self.vocab_multiple < 1:
-      raise ValueError(f"vocab_multiple {self.vocab_multiple}: expected >= 1 (1 = no padding; e.g. 128)")
+      raise UserError(f"vocab_multiple {self.vocab_multiple}: expected >= 1 (1 = no padding; e.g. 128)")
     if self.num_attention_heads % self.num_key_value_heads:
-      raise ValueError(
+      raise UserError(
           f"num_attention_heads {self.num_attention_heads} is not a multiple of "
           f"num_key_value_heads {self.num_key_value_heads}")
     if self.rope_scaling.rope_type not in ("default", "linear", "llama3"):
-      raise ValueError(
+      raise UserError(
           f"rope_scaling.rope_type {self.rope_scaling.rope_type!r} is not supported; "
           "use 'default', 'linear' or 'llama3'")
     unknown = [t for t in self.lora.targets if t not in LORA_MODULES]
     if unknown:
-      raise ValueError(f"lora.targets {unknown}: not projections of the LLM; expected some of {list(LORA_MODULES)}")
+      raise UserError(f"lora.targets {unknown}: not projections of the LLM; expected some of {list(LORA_MODULES)}")
 
   @property
   def kv_head_dim(self) -> int:
@@ -275,12 +276,12 @@ class LlamaModel(nnx.Module):
     attending to itself only (and to the prefix); no cache then."""
     cfg = self.cfg
     if segment_ids is not None and cache is not None:
-      raise ValueError("segment_ids are for packed training rows, which run without a KV cache")
+      raise UserError("segment_ids are for packed training rows, which run without a KV cache")
     x = constrain(inputs_embeds.astype(cfg.dtype), ("batch", "length", "act_embed"))
     cos, sin = rope_cos_sin(cfg, positions, cfg.dtype)
     if prefix_kv is not None:
       if cache is not None:
-        raise ValueError("pass a KV cache or prefix keys and values, not both")
+        raise UserError("pass a KV cache or prefix keys and values, not both")
       b, t = attention_mask.shape
       seen = jnp.ones((b, 1, t, prefix_kv[0].shape[2]), bool)  # every prefix token, from every position
       mask = jnp.concatenate([seen, causal_mask(attention_mask, segment_ids)], axis=-1)
@@ -347,7 +348,7 @@ class LlamaForCausalLM(nnx.Module):
     each sample (pass positions that restart per sample). None: one sequence per row.
     """
     if (input_ids is None) == (inputs_embeds is None):
-      raise ValueError("pass exactly one of input_ids or inputs_embeds")
+      raise UserError("pass exactly one of input_ids or inputs_embeds")
     if inputs_embeds is None:
       inputs_embeds = self.embed(input_ids)
     b, t = inputs_embeds.shape[:2]

@@ -25,6 +25,7 @@ from llasm_jax.layers import KVCache
 from llasm_jax.models.adaptor import LinearAdaptor, StackedMLPAdaptor
 from llasm_jax.models.llama import LLAMA_PRESETS, LlamaConfig, LlamaForCausalLM
 from llasm_jax.models.whisper import WHISPER_PRESETS, WhisperConfig, WhisperModel, encoder_frames
+from llasm_jax.errors import UserError
 
 MODES = ("llasm", "encoder")
 
@@ -45,10 +46,10 @@ class LlasmConfig:
 
   def __post_init__(self):
     if self.mode not in MODES:
-      raise ValueError(f"mode {self.mode!r}: expected one of {MODES}")
+      raise UserError(f"mode {self.mode!r}: expected one of {MODES}")
     top = max(self.audio_patch_id, self.audio_start_id, self.audio_end_id)
     if top >= self.llm.vocab_size:
-      raise ValueError(f"audio token id {top} is outside the LLM vocab ({self.llm.vocab_size}); "
+      raise UserError(f"audio token id {top} is outside the LLM vocab ({self.llm.vocab_size}); "
                        "append the audio tokens to the vocab first")
 
   def audio_tokens(self, mel_frames: int) -> int:
@@ -93,15 +94,15 @@ def check_audio_markers(cfg: LlasmConfig, input_ids: np.ndarray, audio_tokens: n
   """
   input_ids, audio_tokens = np.asarray(input_ids), np.asarray(audio_tokens)
   if audio_tokens.ndim != 2 or audio_tokens.shape[0] != input_ids.shape[0]:
-    raise ValueError(f"audio_tokens shape {audio_tokens.shape} should be [batch={input_ids.shape[0]}, audio slots]")
+    raise UserError(f"audio_tokens shape {audio_tokens.shape} should be [batch={input_ids.shape[0]}, audio slots]")
   for b, (ids, counts) in enumerate(zip(input_ids, audio_tokens)):
     counts = [int(c) for c in counts]
     filled = sum(c > 0 for c in counts)
     if any(c > 0 for c in counts[filled:]):
-      raise ValueError(f"sample {b}: audio slots {counts} have an empty slot before a filled one")
+      raise UserError(f"sample {b}: audio slots {counts} have an empty slot before a filled one")
     starts = np.flatnonzero(ids == cfg.audio_start_id)
     if len(starts) != filled:
-      raise ValueError(f"sample {b}: {len(starts)} <au_start> markers but {filled} audios; "
+      raise UserError(f"sample {b}: {len(starts)} <au_start> markers but {filled} audios; "
                        "each audio needs one <au_start> <au_patch>... <au_end> span")
     in_span = np.zeros(len(ids), bool)
     for j, s in enumerate(starts):
@@ -109,16 +110,16 @@ def check_audio_markers(cfg: LlasmConfig, input_ids: np.ndarray, audio_tokens: n
       span = ids[s + 1:s + 1 + n]
       if len(span) < n or not np.all(span == cfg.audio_patch_id) or s + 1 + n >= len(ids) \
           or ids[s + 1 + n] != cfg.audio_end_id:
-        raise ValueError(f"sample {b}: <au_start> at position {s} must be followed by exactly {n} "
+        raise UserError(f"sample {b}: <au_start> at position {s} must be followed by exactly {n} "
                          f"<au_patch> (id {cfg.audio_patch_id}) and <au_end> (id {cfg.audio_end_id})")
       in_span[s + 1:s + 1 + n] = True
     stray = np.flatnonzero((ids == cfg.audio_patch_id) & ~in_span)
     if len(stray):
-      raise ValueError(f"sample {b}: <au_patch> at positions {stray[:8].tolist()} outside any "
+      raise UserError(f"sample {b}: <au_patch> at positions {stray[:8].tolist()} outside any "
                        "<au_start>...<au_end> span")
     ends = int(np.sum(ids == cfg.audio_end_id))
     if ends != filled:
-      raise ValueError(f"sample {b}: {ends} <au_end> markers but {filled} audios")
+      raise UserError(f"sample {b}: {ends} <au_end> markers but {filled} audios")
 
 
 def splice(text_embeds, input_ids, audio_embeds, audio_valid, patch_id: int):

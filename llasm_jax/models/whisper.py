@@ -22,6 +22,7 @@ from flax import nnx
 from llasm_jax.layers import Buffer, KVCache, LayerStack, attend, cached_mask, causal_mask, constrain, dense, layer_norm, param_init
 from llasm_jax.layers.attention import write_kv
 from llasm_jax.layers.common import embed_lookup
+from llasm_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,9 +169,9 @@ class WhisperEncoder(nnx.Module):
     cfg = self.cfg
     b, m, f = mel.shape
     if m != cfg.num_mel_bins:
-      raise ValueError(f"mel has {m} bins, this Whisper expects num_mel_bins={cfg.num_mel_bins}")
+      raise UserError(f"mel has {m} bins, this Whisper expects num_mel_bins={cfg.num_mel_bins}")
     if f > cfg.max_mel_frames:
-      raise ValueError(f"mel has {f} frames, more than the {cfg.max_mel_frames} of 30 s; split long audio into windows")
+      raise UserError(f"mel has {f} frames, more than the {cfg.max_mel_frames} of 30 s; split long audio into windows")
     x = jnp.swapaxes(mel, 1, 2).astype(cfg.dtype)  # [B, F, M]
     if mel_lengths is None:
       mel_lengths = jnp.full((b,), f, jnp.int32)
@@ -267,7 +268,7 @@ class WhisperDecoder(nnx.Module):
       attention_mask = jnp.ones((b, u), bool)
     if cache is None:
       if encoder_states is None:
-        raise ValueError("the Whisper decoder needs encoder_states or a cache from init_cache")
+        raise UserError("the Whisper decoder needs encoder_states or a cache from init_cache")
       t = encoder_states.shape[1]
       if encoder_frames is None:
         encoder_frames = jnp.full((b,), t, jnp.int32)

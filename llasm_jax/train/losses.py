@@ -23,8 +23,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-IGNORE = -100
-
 
 def gather(x: jax.Array, positions: jax.Array) -> jax.Array:
   """x float[B, T, D], positions int[B, K] -> float[B, K, D]."""

@@ -19,6 +19,7 @@ import optax
 
 from llasm_jax.layers.lora import LoraConfig, is_lora_path
 from llasm_jax.models.llama import LORA_MODULES
+from llasm_jax.errors import UserError
 
 TRAIN, FROZEN = "train", "frozen"
 
@@ -35,7 +36,7 @@ def param_labels(params: Any, trainable: Sequence[str]) -> Any:
   labels = jax.tree_util.tree_map_with_path(
       lambda p, _: TRAIN if any(r.match(path_str(p)) for r in patterns) else FROZEN, params)
   if TRAIN not in jax.tree.leaves(labels):
-    raise ValueError(f"config.train.trainable {tuple(trainable)} matches no parameter; paths look like "
+    raise UserError(f"config.train.trainable {tuple(trainable)} matches no parameter; paths look like "
                      f"{path_str(jax.tree_util.tree_leaves_with_path(params)[0][0])!r}")
   return labels
 
@@ -51,7 +52,7 @@ def lora_config(train: Any) -> LoraConfig:
   for pattern in section.get("targets", ()):
     hits = [name for name, path in LORA_MODULES.items() if re.match(pattern, f"llm/{path}/kernel")]
     if not hits:
-      raise ValueError(f"config.train.lora.targets {pattern!r} matches no LLM projection; kernel paths look like "
+      raise UserError(f"config.train.lora.targets {pattern!r} matches no LLM projection; kernel paths look like "
                        f"'llm/{LORA_MODULES['q_proj']}/kernel', of {', '.join(LORA_MODULES)}")
     targets += hits
   return LoraConfig(rank=rank, alpha=float(section.get("alpha", 16.0)), dropout=float(section.get("dropout", 0.0)),

@@ -21,6 +21,7 @@ import ml_collections
 from llasm_jax import sharding
 from llasm_jax.layers.stack import REMAT_POLICIES
 from llasm_jax.train import trainer
+from llasm_jax.errors import UserError
 
 # The step-time estimate's model FLOPs utilisation: well-tuned dense LLM training on TPU reaches
 # 40-60 %; 40 % is a planning figure, not a measurement.
@@ -73,7 +74,7 @@ def topology_devices(name: str) -> tuple[list, Chip]:
   chip = chip_for(name)
   if not dims or chip is None:
     what = "is not GENERATION:CHIPS" if not dims else f"names no chip of {', '.join(CHIPS)}"
-    raise ValueError(f"--topology {name!r} {what}; use e.g. {EXAMPLES}")
+    raise UserError(f"--topology {name!r} {what}; use e.g. {EXAMPLES}")
   chips = math.prod(int(d) for d in dims.group(2).split("x"))
   # libtpu reads these when it initialises; without them it warns that it found no TPU host.
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", chip.accelerator_type.format(chips=chips, cores=2 * chips))
@@ -90,17 +91,17 @@ def topology_devices(name: str) -> tuple[list, Chip]:
   except RuntimeError as e:  # jax.errors.JaxRuntimeError, or "JAX TPU support not installed"
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "TPU support not installed" in msg:
-      raise ValueError("--topology needs libtpu, the TPU compiler: pip install 'jax[tpu]' (CPU-only hosts too)")
+      raise UserError("--topology needs libtpu, the TPU compiler: pip install 'jax[tpu]' (CPU-only hosts too)")
     if "lockfile" in msg:
-      raise ValueError("--topology: another JAX process holds libtpu (/tmp/libtpu_lockfile); wait for it, or "
+      raise UserError("--topology: another JAX process holds libtpu (/tmp/libtpu_lockfile); wait for it, or "
                        "drop ALLOW_MULTIPLE_LIBTPU_LOAD=0 from the environment")
     reason = re.sub(r"^[A-Z_]+: ", "", msg).split(" and does not match regex")[0]
-    raise ValueError(f"--topology {name!r}: libtpu does not know it ({reason}); use GENERATION:CHIPS such as "
+    raise UserError(f"--topology {name!r}: libtpu does not know it ({reason}); use GENERATION:CHIPS such as "
                      f"{EXAMPLES}")
   kind = devices[0].device_kind
   chip = next((c for c in CHIPS.values() if c.device_kind == kind), None)
   if chip is None:
-    raise ValueError(f"--topology {name!r}: {kind!r} has no HBM and FLOP/s figures; add them to CHIPS in "
+    raise UserError(f"--topology {name!r}: {kind!r} has no HBM and FLOP/s figures; add them to CHIPS in "
                      "llasm_jax/train/plan.py")
   return list(devices), chip
 
@@ -110,7 +111,7 @@ def data_parallel(config, num_devices: int, topology: str) -> int:
   try:
     sizes = sharding.mesh_shape(config.mesh.shape, num_devices)
   except ValueError as e:
-    raise ValueError(f"--topology {topology} ({num_devices} devices): {e}")
+    raise UserError(f"--topology {topology} ({num_devices} devices): {e}")
   return sizes["data"] * sizes["fsdp"]
 
 
@@ -121,7 +122,7 @@ def check_batch(config, dp: int, topology: str) -> None:
   if b <= 0 or b % step:
     near = " or ".join(map(str, sorted({max(step, b // step * step), (b // step + 1) * step})))
     fewer = " (or fewer data x fsdp: --config.mesh.shape.tensor=2 halves them)" if b < step else ""
-    raise ValueError(f"config.train.batch_size {b} does not divide over grad_accum {ga} x data x fsdp {dp} "
+    raise UserError(f"config.train.batch_size {b} does not divide over grad_accum {ga} x data x fsdp {dp} "
                      f"({topology}); use a multiple of {step}, e.g. --config.train.batch_size={near}{fewer}")
 
 
@@ -283,7 +284,7 @@ def search(config: ml_collections.ConfigDict, topology: str, *, policies: Sequen
   policies = list(policies) or list(REMAT_POLICIES)
   unknown = [p for p in policies if p not in REMAT_POLICIES]
   if unknown:
-    raise ValueError(f"--search {unknown[0]!r}: remat policies are {', '.join(REMAT_POLICIES)}")
+    raise UserError(f"--search {unknown[0]!r}: remat policies are {', '.join(REMAT_POLICIES)}")
   devices, chip = topology_devices(topology)
   n = len(devices)
   dp = data_parallel(config, n, topology)

@@ -38,8 +38,8 @@ from llasm_jax.config import LOSSES
 from llasm_jax.layers import dropout_rng
 from llasm_jax.train import losses
 from llasm_jax.train.optim import TRAIN, keep_new_rows, path_str
+from llasm_jax.errors import UserError
 
-IGNORE = -100
 # The batch entry that train_step adds: uint32[B, 2], one dropout key per row (see train_step).
 DROPOUT_KEY = "dropout_rng"
 
@@ -75,15 +75,15 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
   """
   trainable = [lab == TRAIN for lab in jax.tree.leaves(labels)]
   if loss not in LOSSES:
-    raise ValueError(f"config.train.loss {loss!r}: expected one of {', '.join(LOSSES)}")
+    raise UserError(f"config.train.loss {loss!r}: expected one of {', '.join(LOSSES)}")
   if loss_chunk < 0:
-    raise ValueError(f"config.train.loss_chunk {loss_chunk}: expected target positions per chunk, or 0 for all at once")
+    raise UserError(f"config.train.loss_chunk {loss_chunk}: expected target positions per chunk, or 0 for all at once")
   distil = loss != "ce"
   if distil:
     llm = [path_str(p) for p, lab in jax.tree_util.tree_leaves_with_path(labels)
            if lab == TRAIN and path_str(p).startswith("llm/")]
     if llm:
-      raise ValueError(f"config.train.loss={loss!r} distils from the frozen LLM, but config.train.trainable trains "
+      raise UserError(f"config.train.loss={loss!r} distils from the frozen LLM, but config.train.trainable trains "
                        f"{len(llm)} LLM parameters (e.g. {llm[0]!r}), as stage 2 does; use loss 'ce' there, or "
                        "train only the adaptor (stage 1)")
 

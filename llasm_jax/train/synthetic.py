@@ -14,8 +14,8 @@ import numpy as np
 
 from llasm_jax.data.pipeline import target_positions
 from llasm_jax.models.llasm import LlasmConfig
+from llasm_jax.tokens import IGNORE
 
-IGNORE = -100
 
 
 def make_example(cfg: LlasmConfig, data: ml_collections.ConfigDict, seed: int, index: int,

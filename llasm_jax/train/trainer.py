@@ -32,6 +32,7 @@ from llasm_jax.layers.lora import is_lora_path
 from llasm_jax.train.optim import (FROZEN, learning_rate, lora_config, lora_labels, make_optimizer, param_labels,
                                    path_str)
 from llasm_jax.train.step import TrainState, make_train_step
+from llasm_jax.errors import UserError
 
 
 def log(*args) -> None:
@@ -66,7 +67,7 @@ def model_config(config: ml_collections.ConfigDict) -> LlasmConfig:
     return cfg.replace(llm=cfg.llm.replace(lora=lora))
   meta = checkpoint.read_meta(init_from)
   if meta["kind"] != "llasm":
-    raise ValueError(f"config.train.init_from {init_from!r} holds a {meta['kind']!r} model; training needs a "
+    raise UserError(f"config.train.init_from {init_from!r} holds a {meta['kind']!r} model; training needs a "
                      "LLaSM model: `llasm-jax convert --llm LLM --whisper WHISPER --out DIR`")
   cfg = checkpoint.config_from_dict("llasm", meta["config"])
 
@@ -102,11 +103,11 @@ def make_data(config, cfg: LlasmConfig):
   """The host's data iterator (grain, with get_state/set_state) and the per-host batch size."""
   global_batch = config.train.batch_size
   if global_batch % jax.process_count():
-    raise ValueError(f"config.train.batch_size {global_batch} does not divide over {jax.process_count()} processes")
+    raise UserError(f"config.train.batch_size {global_batch} does not divide over {jax.process_count()} processes")
   host_batch = global_batch // jax.process_count()
   source = config.data.source
   if source == "synthetic" and config.data.get("packing"):
-    raise ValueError("config.data.packing packs the samples of config.data.source='tfds'; the synthetic batches "
+    raise UserError("config.data.packing packs the samples of config.data.source='tfds'; the synthetic batches "
                      "come as whole rows: set config.data.packing=False")
   if source == "synthetic":
     from llasm_jax.train.synthetic import synthetic_dataset
@@ -378,7 +379,7 @@ def prepare(config: ml_collections.ConfigDict, devices=None) -> Setup:
   mesh = sharding.make_mesh(config.mesh.shape, devices)
   tc = config.train
   if tc.batch_size % (tc.grad_accum * mesh.shape["data"] * mesh.shape["fsdp"]):
-    raise ValueError(f"config.train.batch_size {tc.batch_size} must divide by grad_accum ({tc.grad_accum}) x "
+    raise UserError(f"config.train.batch_size {tc.batch_size} must divide by grad_accum ({tc.grad_accum}) x "
                      f"data x fsdp ({mesh.shape['data'] * mesh.shape['fsdp']})")
   graphdef, abs_params, abs_rest = nnx.split(nnx.eval_shape(lambda: Llasm(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
   labels = param_labels(abs_params, tc.trainable)
@@ -502,7 +503,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   start = ckpts.latest_step()
   if start is not None and before.get("trained", trained) != trained:
     ckpts.close()
-    raise ValueError(f"{workdir} holds checkpoints of a run that trained {before['trained']}, and this config trains "
+    raise UserError(f"{workdir} holds checkpoints of a run that trained {before['trained']}, and this config trains "
                      f"{trained}: the optimizer state does not match; resume with the same config.train.trainable "
                      "and lora, or pass another --workdir")
   if jax.process_index() == 0:

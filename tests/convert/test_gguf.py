@@ -21,7 +21,8 @@ import transformers as tf
 
 from llasm_jax import checkpoint
 from llasm_jax.convert import registry
-from llasm_jax.convert.convert import AUDIO_TOKENS, convert, plan
+from llasm_jax.convert.convert import convert, plan
+from llasm_jax.tokens import MARKERS
 from llasm_jax.convert.ct2 import CT2Whisper
 from llasm_jax.convert.export import export
 from llasm_jax.convert.reader import CheckpointError
@@ -275,7 +276,7 @@ def test_smollm2_fresh_llasm_model(smol):
   assert meta["kind"] == "llasm" and cfg["mode"] == "encoder"
   assert meta["source_formats"] == {"llm": "gguf", "whisper": "ctranslate2"}
   assert (cfg["audio_patch_id"], cfg["audio_start_id"], cfg["audio_end_id"]) == (49152, 49153, 49154)
-  assert [tok.convert_tokens_to_ids(t) for t in AUDIO_TOKENS] == [49152, 49153, 49154]
+  assert [tok.convert_tokens_to_ids(t) for t in MARKERS] == [49152, 49153, 49154]
   llm = cfg["llm"]
   assert (llm["num_hidden_layers"], llm["num_attention_heads"], llm["num_key_value_heads"], llm["vocab_size"],
           llm["tie_word_embeddings"]) == (30, 9, 3, 49155, True)

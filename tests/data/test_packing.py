@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from llasm_jax.data import packing, pipeline
-from llasm_jax.data.templates import IGNORE
+from llasm_jax.tokens import IGNORE
 from tests.data.conftest import tiny_model
 
 SEQ, SLOTS, WINDOW = 1024, 12, 12

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from transformers import WhisperFeatureExtractor
 
+from llasm_jax import tokens
 from llasm_jax import sharding
 from llasm_jax.config import DEFAULT_RULES
 from llasm_jax.data import builders, pipeline
 from llasm_jax.data.audio import from_int16
-from llasm_jax.data.templates import IGNORE
+from llasm_jax.tokens import IGNORE
 from tests.conftest import assert_close
 from tests.data.conftest import ASSETS, tiny_model
 
@@ -49,7 +50,7 @@ def check_contract(batch, model, cfg, b):
     assert batch[k].shape == (b, t)
   # The target slots: each row's positions whose next label is a target, in order, -1 padded.
   for row, slots in zip(batch["labels"], batch["target_positions"]):
-    want = np.flatnonzero(row[1:] != pipeline.IGNORE)
+    want = np.flatnonzero(row[1:] != tokens.IGNORE)
     assert slots[:len(want)].tolist() == want.tolist() and np.all(slots[len(want):] == -1)
   mask = batch["attention_mask"]
   n = mask.sum(1)
@@ -256,7 +257,7 @@ def test_eval_prompts_use_the_training_system_prompt(assets_dataset, tokenizer_d
   from llasm_jax.infer.evaluate import LlasmAnswers, TrainingEval
   from tests.data.conftest import SYSTEM
 
-  tok = pipeline.load_tokenizer(tokenizer_dir)
+  tok = tokens.load_tokenizer(tokenizer_dir)
   generator = types.SimpleNamespace(cfg=tiny_model(), tokenizer=tok, template_name="llasm-cllama2")
   source = pipeline.Source(assets_dataset)
   for system, want in [(None, SYSTEM), ("", None), ("be brief", "be brief")]:

@@ -14,7 +14,7 @@ from llasm_jax.train.step import TrainState, make_train_step
 from llasm_jax.train.synthetic import synthetic_dataset
 from tests.train.test_train import tiny_config
 
-IGNORE = losses.IGNORE
+from llasm_jax.tokens import IGNORE
 
 
 def _inputs(cfg, b=3, k=10, seed=0):

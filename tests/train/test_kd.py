@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llasm_jax.data import builders, pipeline, templates
+from llasm_jax import tokens
+from llasm_jax.data import builders, pipeline
 from llasm_jax.train import trainer
 from llasm_jax.train.step import TrainState, make_train_step
 from llasm_jax.train.synthetic import synthetic_dataset
 from tests.data.conftest import ASSETS, tiny_model, train_llama_tokenizer
 from tests.train.test_train import tiny_config
 
-IGNORE = templates.IGNORE
+from llasm_jax.tokens import IGNORE
 
 
 def _log_softmax(x):
@@ -162,7 +163,7 @@ def _teacher_prompt(tok, batch, row):
 
 
 def test_teacher_sequences_read_the_transcripts(tokenizer_dir):
-  tok = pipeline.load_tokenizer(tokenizer_dir)
+  tok = tokens.load_tokenizer(tokenizer_dir)
   model = tiny_model()
   markers = [model.audio_patch_id, model.audio_start_id, model.audio_end_id]
   asr = pipeline.SyntheticSource("asr", 4, seed=1)

@@ -8,7 +8,7 @@ import optax
 from llasm_jax.data.pipeline import target_positions
 from llasm_jax.train import losses
 
-IGNORE = losses.IGNORE
+from llasm_jax.tokens import IGNORE
 
 
 def _labels():

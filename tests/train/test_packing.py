@@ -13,6 +13,7 @@ import optax
 import pytest
 from flax import nnx
 
+from llasm_jax import tokens
 from llasm_jax import checkpoint
 from llasm_jax.convert.convert import convert
 from llasm_jax.data import builders, packing, pipeline
@@ -66,7 +67,7 @@ def same_samples(setup, shared_prefix: bool):
   assert rows < 8 and packed["segment_ids"].max() > 1  # rows of several samples
   assert packed["attention_mask"].sum() == plain["attention_mask"].sum()
   pipeline.check_batch(packed, setup["cfg"])
-  fill = {"labels": pipeline.IGNORE, "target_positions": -1}
+  fill = {"labels": tokens.IGNORE, "target_positions": -1}
   empty = {k: np.full((8 - rows, *v.shape[1:]), fill.get(k, 0), v.dtype) for k, v in packed.items()
            if k != "prefix_ids"}
   return plain, {k: np.concatenate([v, empty[k]]) if k in empty else v for k, v in packed.items()}
