@@ -5,7 +5,7 @@ r"""LLaSM-Cllama2 as released: Whisper large-v2 (encoder + decoder) + linear ada
 
 import ml_collections
 
-from llasm_jax.config import DEFAULT_RULES
+from llasm_jax.sharding import DEFAULT_RULES
 
 
 def get_config():

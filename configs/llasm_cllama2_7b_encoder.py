@@ -5,7 +5,7 @@ r"""LLaSM-Cllama2 sizes in "encoder" mode: Whisper large-v2 encoder only, 8 fram
 
 import ml_collections
 
-from llasm_jax.config import DEFAULT_RULES
+from llasm_jax.sharding import DEFAULT_RULES
 
 
 def get_config():

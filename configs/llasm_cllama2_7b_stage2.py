@@ -8,7 +8,8 @@ r"""LLaSM-Cllama2 (Whisper large-v2 + Chinese-Llama-2-7B shape), stage 2, on a T
 
 import ml_collections
 
-from llasm_jax.config import DEFAULT_RULES, training_sections
+from llasm_jax.sharding import DEFAULT_RULES
+from llasm_jax.train.sections import training_sections
 
 
 def get_config():

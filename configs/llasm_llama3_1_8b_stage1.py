@@ -11,7 +11,8 @@ r"""LLaSM on Llama-3.1-8B with the Whisper large-v3 encoder ("encoder" mode), st
 
 import ml_collections
 
-from llasm_jax.config import DEFAULT_RULES, training_sections
+from llasm_jax.sharding import DEFAULT_RULES
+from llasm_jax.train.sections import training_sections
 
 
 def get_config():

@@ -5,7 +5,7 @@ r"""Tiny random LLaSM ("llasm" mode: Whisper encoder + decoder queries, linear a
 
 import ml_collections
 
-from llasm_jax.config import DEFAULT_RULES
+from llasm_jax.sharding import DEFAULT_RULES
 
 
 def get_config():

@@ -8,7 +8,8 @@ r"""Tiny random LLaSM, stage 2 on synthetic data: CPU smoke runs, tests and the 
 
 import ml_collections
 
-from llasm_jax.config import DEFAULT_RULES, training_sections
+from llasm_jax.sharding import DEFAULT_RULES
+from llasm_jax.train.sections import training_sections
 
 
 def get_config():

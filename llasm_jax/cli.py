@@ -96,7 +96,7 @@ AUDIO_EXTENSIONS = (".wav", ".mp3", ".flac", ".ogg", ".opus", ".m4a", ".aac", ".
 
 def _mesh_and_rules(args: argparse.Namespace):
   """(mesh, rules) of --config / --mesh, or (None, None): one device."""
-  from llasm_jax.config import DEFAULT_RULES
+  from llasm_jax.sharding import DEFAULT_RULES
 
   if not (args.config or args.mesh):
     return None, None

@@ -27,6 +27,8 @@ import tokenize
 from typing import Any, Mapping, Sequence
 
 from llasm_jax import config as config_lib
+from llasm_jax import sharding
+from llasm_jax.train import sections as sections_lib
 from llasm_jax.models.llama import LLAMA_PRESETS, LlamaConfig, RopeScaling
 from llasm_jax.models.llasm import LLASM_PRESETS, LlasmConfig
 from llasm_jax.models.whisper import WHISPER_PRESETS, WhisperConfig
@@ -134,10 +136,10 @@ def _where(obj: Any) -> str:
   return f"{obj.__module__.replace('.', '/')}.py {obj.__qualname__}"
 
 
-def _module_source(obj: Any = config_lib) -> tuple[str, ast.Module]:
-  """The source and syntax tree of the module of `obj`. Of config.py the whole file is read, not
-  `inspect.getsource(training_sections)`, so that a test may replace `config.training_sections`
-  without hiding the comments of the real one."""
+def _module_source(obj: Any) -> tuple[str, ast.Module]:
+  """The source and syntax tree of the module of `obj`. Of train/sections.py the whole file is
+  read, not `inspect.getsource(training_sections)`, so that a test may replace
+  `sections.training_sections` without hiding the comments of the real one."""
   source = inspect.getsource(inspect.getmodule(obj))
   return source, ast.parse(source)
 
@@ -159,7 +161,7 @@ def training_comments() -> tuple[dict[str, dict[str, str]], dict[str, str]]:
   """(section -> field -> description, section -> intro) from the source of `training_sections`:
   its returned `dict(train=train, ...)` names the variables whose `dict(...)` hold the fields;
   a section's intro is the comment above that variable's assignment."""
-  source, tree = _module_source()
+  source, tree = _module_source(sections_lib)
   fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "training_sections")
   returned = next(n for n in ast.walk(fn) if isinstance(n, ast.Return) and isinstance(n.value, ast.Call))
   _, alone = _comments(source)
@@ -219,7 +221,7 @@ def training_tables(by_stage: Mapping[int, Mapping[str, Any]], comments: Mapping
     keys += sorted({k for s in stages for k in values[s].get(name, {})} - set(keys))
     fields = tuple(Field(k, tuple(values[s].get(name, {}).get(k, ABSENT) for s in stages), documented.get(k, ""))
                    for k in keys)
-    out.append(Section(name, (intros or {}).get(name, ""), "llasm_jax/config.py training_sections", fields, stages))
+    out.append(Section(name, (intros or {}).get(name, ""), "llasm_jax/train/sections.py training_sections", fields, stages))
   return out
 
 
@@ -243,7 +245,7 @@ def model_sections() -> list[Section]:
 
 def mesh_sections() -> list[Section]:
   """`config.mesh` (from MESH_AXES) and `config.logical_axis_rules` (from DEFAULT_RULES)."""
-  source, tree = _module_source()
+  source, tree = _module_source(sharding)
   _, alone = _comments(source)
   sections = []
   mesh_stmt = _assignment(tree.body, "MESH_AXES")
@@ -253,16 +255,16 @@ def mesh_sections() -> list[Section]:
       "mesh", _join(_above(alone, mesh_stmt.lineno) + [
           "The defaults are `from_model_folder`'s (data parallelism over every device); each file in configs/ "
           "sets its own (see Config files)."]),
-      "llasm_jax/config.py MESH_AXES",
-      tuple(Field(f"shape.{axis}", (shape.get(axis, 1),), comments.get(axis, "")) for axis in config_lib.MESH_AXES)))
+      "llasm_jax/sharding.py MESH_AXES",
+      tuple(Field(f"shape.{axis}", (shape.get(axis, 1),), comments.get(axis, "")) for axis in sharding.MESH_AXES)))
   rules_stmt = _assignment(tree.body, "DEFAULT_RULES")
   comments = field_comments(source, entry_spans(rules_stmt.value))
   sections.append(Section(
       "logical_axis_rules", _join(_above(alone, rules_stmt.lineno) + [
           "config.logical_axis_rules is a tuple of these (logical axis, mesh axes) pairs, set whole; the "
           "defaults are DEFAULT_RULES, which every file in configs/ uses."]),
-      "llasm_jax/config.py DEFAULT_RULES",
-      tuple(Field(name, (axes,), comments.get(name, "")) for name, axes in config_lib.DEFAULT_RULES),
+      "llasm_jax/sharding.py DEFAULT_RULES",
+      tuple(Field(name, (axes,), comments.get(name, "")) for name, axes in sharding.DEFAULT_RULES),
       columns=("logical axis", "mesh axes", "what it names")))
   return sections
 
@@ -270,7 +272,7 @@ def mesh_sections() -> list[Section]:
 def reference_sections() -> list[Section]:
   """Every section of a run config, from the code as it is now."""
   comments, intros = training_comments()
-  training = training_tables({s: config_lib.training_sections(s) for s in (1, 2)}, comments, intros)
+  training = training_tables({s: sections_lib.training_sections(s) for s in (1, 2)}, comments, intros)
   return model_sections() + mesh_sections() + training
 
 
@@ -388,7 +390,7 @@ def render(sections: Sequence[Section] | None = None) -> str:
       "`--check docs/config_reference.md` exits 1 when it is stale, as tests/test_config_reference.py checks.", "",
       "A run config is an ml_collections file in `configs/` whose `get_config()` returns `model`, `mesh` and "
       "`logical_axis_rules` and, to train, the `train`, `optim`, `data` and `eval` sections of "
-      "`training_sections(stage)` (llasm_jax/config.py). Each table below is one section: its keys, their "
+      "`training_sections(stage)` (llasm_jax/train/sections.py). Each table below is one section: its keys, their "
       "defaults and what they do, taken from the code and the comments beside each field.", "",
       "## Overrides", "", OVERRIDES, "",
       "## Config files", "", *_configs_table(), "",

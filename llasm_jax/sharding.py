@@ -12,10 +12,46 @@ from flax import nnx
 from flax.core import spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from llasm_jax.config import MESH_AXES
 from llasm_jax.errors import UserError
 
 Rules = Sequence[tuple[str, Any]]
+
+# Logical axis -> mesh axis (or axes, or None = replicated), for the ("data", "fsdp", "tensor")
+# mesh. Weights: their width ("embed") over "fsdp", heads/MLP/vocab over "tensor". Activations
+# ("act_*", "batch", ...): the batch over "data" and "fsdp" together (FSDP is data parallelism
+# whose weights are gathered per layer), the width whole, heads/MLP/vocab over "tensor".
+# Vocab sizes such as 32003 (LLaSM-Cllama2) and 51865 (Whisper) do not divide by a tensor axis
+# > 1: keep tensor=1 for those models or map "vocab" and "act_vocab" to None.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # Weights:
+    ("embed", "fsdp"),  # the model width (LLM hidden_size, Whisper d_model), norms and biases too
+    ("heads", "tensor"),  # attention heads x head dim (LLM queries and o_proj; all of Whisper's q, k, v)
+    ("kv_heads", "tensor"),  # LLM key/value heads x head dim
+    ("mlp", "tensor"),  # MLP hidden width (and the "encoder"-mode adaptor's)
+    ("vocab", "tensor"),  # token embedding rows, LM-head columns
+    ("layers", None),  # the stacked-layers axis of LayerStack (what scan_layers scans)
+    ("conv", None),  # Whisper conv kernel taps (3)
+    ("mel", None),  # Whisper conv1 input channels: the mel bins
+    ("embed_in", None),  # Whisper conv2 input channels (d_model)
+    ("audio_embed", None),  # adaptor input: the Whisper width ("encoder" mode: times stack_factor)
+    # Activations:
+    ("batch", ("data", "fsdp")),  # rows of a batch
+    ("length", None),  # sequence positions (tokens, audio frames)
+    ("head_dim", None),  # features of one attention head
+    ("act_embed", None),  # hidden states' width between layers
+    ("act_heads", "tensor"),  # attention query heads and their outputs
+    ("act_kv_heads", "tensor"),  # attention key/value heads
+    ("act_mlp", "tensor"),  # MLP hidden activations
+    ("act_vocab", "tensor"),  # logits
+)
+
+# The device mesh, outermost axis first: config.mesh.shape gives each axis's size, and one of them
+# may be -1 (the devices left over). tensor is innermost, on the fastest links.
+MESH_AXES = (
+    "data",  # data parallelism: the batch splits, every device holds all the weights
+    "fsdp",  # the batch splits too, and so do the weights' "embed" dimension (gathered layer by layer)
+    "tensor",  # tensor parallelism: heads, MLP widths and the vocab split
+)
 
 log = logging.getLogger(__name__)
 # (array path, shape, mesh axes dropped) already warned about: once per array per process, however

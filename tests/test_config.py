@@ -11,7 +11,9 @@ import pytest
 from flax import nnx
 
 from llasm_jax import sharding
-from llasm_jax.config import MESH_AXES, apply_overrides, llasm_config, load_config_file, training_sections
+from llasm_jax.config import apply_overrides, llasm_config, load_config_file
+from llasm_jax.sharding import MESH_AXES
+from llasm_jax.train.sections import training_sections
 from llasm_jax.models.llama import RopeScaling
 from llasm_jax.models.llasm import Llasm
 

@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from llasm_jax import config as config_lib
+from llasm_jax.train import sections as sections_lib
 from llasm_jax import config_reference as ref
 
 DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "config_reference.md"
@@ -27,28 +27,28 @@ def test_every_field_has_a_description():
   # Fields come from the code as it runs: new ones appear without editing the generator.
   assert {"train.compilation_cache", "train.max_minutes", "model.preset", "model.llm.rope_scaling.factor",
           "mesh.shape.fsdp", "logical_axis_rules.act_vocab"} <= names
-  assert {f"train.{k}" for k in config_lib.training_sections(1)["train"]} <= names
+  assert {f"train.{k}" for k in sections_lib.training_sections(1)["train"]} <= names
 
 
 def test_stage_defaults_differ_where_the_code_says():
   optim = {s.path: s for s in ref.reference_sections()}["optim"]
   lr = next(f for f in optim.fields if f.name == "lr")
-  assert lr.defaults == (config_lib.training_sections(1)["optim"].lr, config_lib.training_sections(2)["optim"].lr)
+  assert lr.defaults == (sections_lib.training_sections(1)["optim"].lr, sections_lib.training_sections(2)["optim"].lr)
   assert "`0.001` (stage 1) / `2e-05` (stage 2)" in ref.render()
 
 
 def test_a_new_training_key_without_a_comment_is_reported(monkeypatch):
-  real = config_lib.training_sections
+  real = sections_lib.training_sections
 
   def with_new_key(stage):
     sections = real(stage)
     sections["train"].new_knob = 3
     return sections
 
-  monkeypatch.setattr(config_lib, "training_sections", with_new_key)
+  monkeypatch.setattr(sections_lib, "training_sections", with_new_key)
   sections = ref.reference_sections()
   assert ref.undocumented(sections) == ["train.new_knob"]
-  with pytest.raises(ref.UndocumentedFields, match=r"train\.new_knob.*llasm_jax/config\.py training_sections"):
+  with pytest.raises(ref.UndocumentedFields, match=r"train\.new_knob.*llasm_jax/train/sections\.py training_sections"):
     ref.render(sections)
 
 

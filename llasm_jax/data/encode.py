@@ -50,7 +50,7 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from llasm_jax import checkpoint, paths, sharding
-from llasm_jax.config import DEFAULT_RULES
+from llasm_jax.sharding import DEFAULT_RULES
 from llasm_jax.data import pipeline
 from llasm_jax.data.audio import SAMPLE_RATE
 from llasm_jax.data import builders

@@ -131,7 +131,7 @@ class MeshFunctions:
 
   def __init__(self, mesh: jax.sharding.Mesh | None, rules: Sequence[tuple[str, object]] | None):
     if (mesh is None) != (rules is None):
-      raise UserError("pass both mesh and rules (e.g. config.DEFAULT_RULES), or neither")
+      raise UserError("pass both mesh and rules (e.g. sharding.DEFAULT_RULES), or neither")
     self.mesh, self.rules = mesh, None if rules is None else tuple(tuple(r) for r in rules)
     self.traces: collections.Counter[str] = collections.Counter()
     self._jitted: dict[tuple, Callable] = {}

@@ -220,7 +220,7 @@ MESH_SCRIPT = textwrap.dedent("""
     from flax import nnx, traverse_util
     from jax.sharding import PartitionSpec as P
     from llasm_jax import checkpoint, sharding
-    from llasm_jax.config import DEFAULT_RULES
+    from llasm_jax.sharding import DEFAULT_RULES
     mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
     model, _ = checkpoint.load_model(sys.argv[1], mesh=mesh, rules=DEFAULT_RULES)
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model)), sep="/")

@@ -11,7 +11,7 @@ from transformers import WhisperFeatureExtractor
 
 from llasm_jax import tokens
 from llasm_jax import sharding
-from llasm_jax.config import DEFAULT_RULES
+from llasm_jax.sharding import DEFAULT_RULES
 from llasm_jax.data import builders, pipeline
 from llasm_jax.data.audio import from_int16
 from llasm_jax.tokens import IGNORE
@@ -227,7 +227,8 @@ def test_config_data_system_reaches_the_batches(tokenizer_dir, system):
   template writes its own default."""
   from transformers import AutoTokenizer
 
-  from llasm_jax.config import apply_overrides, training_sections
+  from llasm_jax.config import apply_overrides
+  from llasm_jax.train.sections import training_sections
   from tests.data.conftest import SYSTEM
 
   tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -253,7 +254,7 @@ def test_eval_prompts_use_the_training_system_prompt(assets_dataset, tokenizer_d
   """`LlasmAnswers.for_source(system=...)` and `TrainingEval` (config.data.system) prompt as training did."""
   import types
 
-  from llasm_jax.config import training_sections
+  from llasm_jax.train.sections import training_sections
   from llasm_jax.infer.evaluate import LlasmAnswers, TrainingEval
   from tests.data.conftest import SYSTEM
 

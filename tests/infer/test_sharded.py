@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent("""
     from flax import nnx, traverse_util
     from jax.sharding import PartitionSpec as P
     from llasm_jax import checkpoint, sharding
-    from llasm_jax.config import DEFAULT_RULES
+    from llasm_jax.sharding import DEFAULT_RULES
     from llasm_jax.infer import Engine, SamplingParams
     from llasm_jax.infer.generator import Generator
 

@@ -148,7 +148,7 @@ SHARDED = textwrap.dedent("""
     from flax import nnx
     from jax.sharding import PartitionSpec as P
     from llasm_jax import checkpoint, sharding
-    from llasm_jax.config import DEFAULT_RULES
+    from llasm_jax.sharding import DEFAULT_RULES
     logging.basicConfig(level=logging.WARNING, format="WARNING %(message)s")
     mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
     folder = sys.argv[1]
