@@ -244,37 +244,42 @@ PREEMPTED = textwrap.dedent("""
     sys.path.insert(0, os.environ["ROOT"])
     from tests.train.test_train import tiny_config
     from llasm_jax.train.trainer import train
-    # Only process 1 is preempted, between logging intervals (log_every 100).
-    config = tiny_config(steps=60, log_every=100, debug_sigterm_at_step=3 if os.environ["PROC"] == "1" else 0)
-    first = train(config, os.environ["WORK"])
-    second = train(tiny_config(steps=60, log_every=100), os.environ["WORK"])
-    print("RESULT " + json.dumps([first["stop_reason"], first["step"], second["stop_reason"], second["step"]]),
-          flush=True)
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("done")  # leave together: an early exit stops one host's heartbeats
-    jax.distributed.shutdown()
+    # First launch: only process 1 is preempted, between logging intervals (log_every 100). A
+    # preempted process exits; the job is launched again, as a scheduler would.
+    sigterm = 3 if os.environ["PROC"] == "1" and os.environ["LAUNCH"] == "first" else 0
+    summary = train(tiny_config(steps=60, log_every=100, debug_sigterm_at_step=sigterm), os.environ["WORK"])
+    print("RESULT " + json.dumps([summary["stop_reason"], summary["step"]]), flush=True)
 """)
 
 
-@pytest.mark.slow  # two processes of ~60 steps each; on a loaded 2-core machine the coordination service's
-# heartbeats have timed out at shutdown (2 of 5 runs), so it runs outside the default suite
+def _launch_pair(script, env, launch):
+  runs = [subprocess.Popen([sys.executable, str(script)], env=dict(env, PROC=str(i), LAUNCH=launch),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  results = []
+  for r in runs:
+    out, err = r.communicate(timeout=600)
+    lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+    assert lines, err[-4000:]
+    results.append(json.loads(lines[0][len("RESULT "):]))
+  return results
+
+
+# Slow, and not yet reliable here: on the loaded 2-core VM the coordination service declared the
+# SIGTERMed process's heartbeat timed out in 4 of 7 runs (whenever the run got through, both hosts
+# saved the same step and the next launch finished). Run it with `pytest -m slow` on a quiet host.
+@pytest.mark.slow
 def test_sigterm_on_one_host_saves_the_same_step_on_all(tmp_path):
   """JAX's preemption sync point: the other host learns of the signal without waiting for a
-  logging interval, both save the same step, and the rerun finishes from it."""
+  logging interval, both save the same step, and the next launch finishes from it."""
   script = tmp_path / "run.py"
   script.write_text(PREEMPTED)
-  env = dict(os.environ, ROOT=ROOT, WORK=str(tmp_path / "work"), JAX_PLATFORMS="cpu", PORT=str(_free_port()),
+  env = dict(os.environ, ROOT=ROOT, WORK=str(tmp_path / "work"), JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  runs = [subprocess.Popen([sys.executable, str(script)], env=dict(env, PROC=str(i)), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outs = [r.communicate(timeout=600) for r in runs]
-  results = []
-  for r, (out, err) in zip(runs, outs):
-    assert r.returncode == 0, err[-4000:]
-    results.append(json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[len("RESULT "):]))
-  (reason, step, again, final), other = results
-  assert reason.startswith("preempted") and 3 <= step < 60 and (again, final) == ("finished", 60), results
-  assert other == results[0]
+  first = _launch_pair(script, dict(env, PORT=str(_free_port())), "first")
+  (reason, step), other = first
+  assert reason.startswith("preempted") and 3 <= step < 60 and other == first[0], first
+  again = _launch_pair(script, dict(env, PORT=str(_free_port())), "again")
+  assert again == [["finished", 60]] * 2, again
 
 
 def test_resuming_with_other_trainable_parameters_names_the_difference(tmp_path):
