@@ -31,3 +31,16 @@ x() {
     "$@"
   fi
 }
+
+# After the arguments are read: --help prints the usage of the first step given (or the general
+# one), no step at all is a usage error. Each script defines its own `usage [STEP]`.
+usage_if_asked() {  # HELP STEP_COUNT FIRST_STEP
+  if (($1)); then
+    usage "$3"
+    exit 0
+  fi
+  if (($2 == 0)); then
+    usage >&2
+    exit 2
+  fi
+}

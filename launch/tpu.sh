@@ -202,14 +202,7 @@ while (($#)); do
   shift
 done
 
-if ((HELP)); then
-  usage "${STEPS[0]:-}"
-  exit 0
-fi
-if ((${#STEPS[@]} == 0)); then
-  usage >&2
-  exit 2
-fi
+usage_if_asked "$HELP" "${#STEPS[@]}" "${STEPS[0]:-}"
 
 # ---- internal step: the tarball of the checkout that setup copies (git's file list when a git checkout)
 pack() {

@@ -142,14 +142,7 @@ while (($#)); do
   shift
 done
 
-if ((HELP)); then
-  usage "${STEPS[0]:-}"
-  exit 0
-fi
-if ((${#STEPS[@]} == 0)); then
-  usage >&2
-  exit 2
-fi
+usage_if_asked "$HELP" "${#STEPS[@]}" "${STEPS[0]:-}"
 [[ "$NUM_SLICES" =~ ^[1-9][0-9]*$ ]] || die "--num-slices '$NUM_SLICES': a positive number"
 [[ "$SLICE$WORKER" =~ ^[0-9]+$ ]] || die "--slice and --worker take numbers"
 [[ -z "$LINES" || "$LINES" =~ ^[0-9]+$ ]] || die "--lines '$LINES': a number of lines"
