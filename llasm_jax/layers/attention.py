@@ -6,6 +6,7 @@ H head dim, L layers.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import flax.struct
@@ -21,7 +22,10 @@ class KVCache:
 
   k, v:  float[L, B, S, K, H]
   mask:  bool[B, S]   slots that hold a real (non-padding) token
-  index: int32[]      next slot to write; all rows advance together (prompts are left-padded)
+  index: int32[]      next slot to write, the same for every row (prompts left-padded, rows step
+                      together: `Engine.generate`), or
+         int32[B]     each row's own next slot (decode slots that hold different requests, each at
+                      its own length: `infer.batching`)
   """
 
   k: jax.Array
@@ -42,6 +46,11 @@ class KVCache:
   @property
   def max_len(self) -> int:
     return self.k.shape[2]
+
+  @property
+  def per_row(self) -> bool:
+    """Whether every row has its own write slot (index int32[B])."""
+    return self.index.ndim == 1
 
 
 def causal_mask(key_valid: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -68,17 +77,18 @@ def cached_mask(cache: KVCache, key_valid: jax.Array) -> tuple[jax.Array, jax.Ar
   inside a jitted loop the caller sizes the cache (the Engine allocates prompt + new tokens)."""
   t = key_valid.shape[1]
   try:
-    index = int(cache.index)
+    index = int(jnp.max(cache.index))
   except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):  # traced: under jit
     index = None
   if index is not None and index + t > cache.max_len:
     raise UserError(f"KV cache overflow: {t} tokens at slot {index} do not fit its {cache.max_len} slots; "
                      "allocate a longer cache (init_cache(batch, max_len))")
-  slot_mask = jax.lax.dynamic_update_slice(cache.mask, key_valid.astype(bool), (0, cache.index))
-  q_slot = cache.index + jnp.arange(t)
-  k_slot = jnp.arange(cache.max_len)
-  causal = k_slot[None, :] <= q_slot[:, None]
-  return causal[None, None] & slot_mask[:, None, None, :], slot_mask
+  starts = cache.index if cache.per_row else jnp.broadcast_to(cache.index, key_valid.shape[:1])
+  slot_mask = jax.vmap(lambda m, v, i: jax.lax.dynamic_update_slice(m, v, (i,)))(
+      cache.mask, key_valid.astype(bool), starts)
+  q_slot = starts[:, None] + jnp.arange(t)  # [B, T]
+  causal = jnp.arange(cache.max_len)[None, None, :] <= q_slot[:, :, None]  # [B, T, S]
+  return causal[:, None] & slot_mask[:, None, None, :], slot_mask
 
 
 def write_kv(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array):
@@ -90,14 +100,23 @@ def write_kv(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array,
 
 def write_kv_stacked(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array, layer, index):
   """Writes k, v float[B, T, K, H] into layer `layer` of the stacked caches float[L, B, S, K, H] at
-  slot `index`: returns the updated stacks and that layer's k, v float[B, S, K, H].
+  slot `index` (int32[], or int32[B]: each row at its own slot): returns the updated stacks and
+  that layer's k, v float[B, S, K, H].
 
   The write goes into the whole stack (a scan carry, so XLA updates it in place) and the
   layer's slice is read after it, so nothing but the T new slots is written.
   """
-  start = (layer, 0, index, 0, 0)
-  cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
-  cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
+  if index.ndim == 0:
+    def write(cache, x):
+      return jax.lax.dynamic_update_slice(cache, x[None].astype(cache.dtype), (layer, 0, index, 0, 0))
+  else:
+    @functools.partial(jax.vmap, in_axes=(1, 0, 0), out_axes=1)  # over rows: one scatter of T slots each
+    def write_row(cache, x, i):  # float[L, S, K, H], float[T, K, H], int32[]
+      return jax.lax.dynamic_update_slice(cache, x[None].astype(cache.dtype), (layer, i, 0, 0))
+
+    def write(cache, x):
+      return write_row(cache, x, index)
+  cache_k, cache_v = write(cache_k, k), write(cache_v, v)
   layer_kv = (jax.lax.dynamic_index_in_dim(cache_k, layer, keepdims=False),
               jax.lax.dynamic_index_in_dim(cache_v, layer, keepdims=False))
   return (cache_k, cache_v), layer_kv

@@ -355,7 +355,7 @@ class LlamaForCausalLM(nnx.Module):
     if attention_mask is None:
       attention_mask = jnp.ones((b, t), bool)
     if positions is None:
-      start = 0 if cache is None else cache.index
+      start = 0 if cache is None else cache.index[..., None] if cache.per_row else cache.index
       positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
     hidden, cache = self.model(inputs_embeds, positions, attention_mask, cache, prefix_kv, segment_ids)
     return (hidden if return_hidden else self.logits(hidden)), cache
