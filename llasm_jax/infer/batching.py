@@ -119,8 +119,10 @@ class SlotEngine(Engine):
     self.slots, self.max_len, self.chunk = slots, max_len, chunk
     self.greedy = np.ones(slots, bool)  # host copy: which rows are greedy (picks the compiled step)
     self._stop = np.zeros(slots, bool)  # rows `cancel` named, ended by the next step
+    self.prefix_ids: list[int] = []  # `set_prefix`: the opening every prompt shares, prefilled once
+    self._prefix: KVCache | None = None
     self.timings = Timings()
-    self.state = self._init_state()
+    self.slot_state = self._init_state()
 
   # ---- shardings -------------------------------------------------------------------------
 
@@ -147,15 +149,16 @@ class SlotEngine(Engine):
 
   # ---- pure functions (traced) -----------------------------------------------------------
 
-  def _insert_fn(self, llm_state, st: SlotState, input_ids, lengths, rows, audio, budget, greedy, temperature,
-                 top_k, top_p, seeds, *, any_sampled: bool) -> tuple[SlotState, jax.Array]:
+  def _insert_fn(self, llm_state, st: SlotState, prefix: KVCache | None, input_ids, lengths, rows, audio, budget,
+                 greedy, temperature, top_k, top_p, seeds, *, any_sampled: bool) -> tuple[SlotState, jax.Array]:
     """input_ids int32[k, T] right-padded to `lengths` int32[k], into decode rows `rows` int32[k]
-    (B = padding, dropped); audio None or (embeds float[N, P, D], valid bool[N, P], slots
-    int32[k, A]); per-request budget, sampling parameters and seeds [k] -> the new state and
-    each request's first token int32[k]."""
+    (B = padding, dropped), after `prefix` (the cache of the shared opening, 1 row, or None); audio
+    None or (embeds float[N, P, D], valid bool[N, P], slots int32[k, A]); per-request budget,
+    sampling parameters and seeds [k] -> the new state and each request's first token int32[k]."""
     self.traces["insert"] += 1
     llm = nnx.merge(self.llm_graphdef, llm_state)
     k, t = input_ids.shape
+    p = 0 if prefix is None else prefix.max_len
     mask = jnp.arange(t)[None] < lengths[:, None]
     embeds = llm.embed(input_ids)
     if audio is not None:
@@ -163,18 +166,22 @@ class SlotEngine(Engine):
       idx = jnp.maximum(slots, 0)
       embeds = splice(embeds, input_ids, audio_embeds[idx], audio_valid[idx] & (slots >= 0)[..., None],
                       self.audio_cfg.audio_patch_id)
-    fresh = llm.init_cache(k, t, dtype=st.cache.k.dtype)
-    hidden, fresh = llm(inputs_embeds=embeds, positions=jnp.broadcast_to(jnp.arange(t), (k, t)),
+    fresh = llm.init_cache(k, p + t, dtype=st.cache.k.dtype)
+    if prefix is not None:  # the shared opening's keys and values first, then these tokens after it
+      fresh = fresh.replace(index=jnp.zeros((k,), jnp.int32)).put_rows(
+          jnp.arange(k), prefix.replace(k=jnp.broadcast_to(prefix.k, (prefix.k.shape[0], k, *prefix.k.shape[2:])),
+                                        v=jnp.broadcast_to(prefix.v, (prefix.v.shape[0], k, *prefix.v.shape[2:]))),
+          jnp.full((k,), p, jnp.int32))
+    hidden, fresh = llm(inputs_embeds=embeds, positions=p + jnp.broadcast_to(jnp.arange(t), (k, t)),
                         attention_mask=mask, cache=fresh, return_hidden=True)
+    lengths = p + lengths
     last_hidden = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)
     keys = jax.vmap(jax.random.key)(seeds)
     keys, first_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
     first = sample_rows(llm.logits(last_hidden)[:, 0], first_keys, greedy, temperature, top_k, top_p,
                         any_sampled=any_sampled)
-    c = st.cache
     put = lambda table, values: table.at[rows].set(values, mode="drop")
-    cache = KVCache(k=c.k.at[:, rows, :t].set(fresh.k, mode="drop"), v=c.v.at[:, rows, :t].set(fresh.v, mode="drop"),
-                    mask=put(c.mask, jnp.arange(c.max_len)[None] < lengths[:, None]), index=put(c.index, lengths))
+    cache = st.cache.put_rows(rows, fresh, lengths)
     active = ~self._is_eos(first) & (budget > 1)
     st = SlotState(cache=cache, last=put(st.last, first), active=put(st.active, active),
                    generated=put(st.generated, jnp.ones_like(lengths)), budget=put(st.budget, budget),
@@ -209,7 +216,9 @@ class SlotEngine(Engine):
 
   # ---- host side -------------------------------------------------------------------------
 
-  def _check_request(self, r: SlotRequest) -> None:
+  def check(self, r: SlotRequest) -> None:
+    """Raises UserError if `r` cannot run: bad ids, more tokens than a slot holds, audio that
+    disagrees with the prompt's markers, audio for a text-only LLM."""
     if not 0 <= r.slot < self.slots:
       raise UserError(f"slot {r.slot}: expected 0..{self.slots - 1}")
     ids = list(r.prompt_ids)
@@ -224,6 +233,38 @@ class SlotEngine(Engine):
     if len(ids) + r.max_new_tokens > self.max_len:
       raise UserError(f"{len(ids)} prompt tokens + {r.max_new_tokens} new tokens exceed the {self.max_len} "
                        "tokens of a decode slot; shorten the prompt or ask for fewer tokens (the server's --max-len)")
+    mels = _mels(r)
+    if self.audio_cfg is None:
+      if mels:
+        raise UserError("this checkpoint is a text-only LLM; it cannot take audio")
+    elif mels:
+      self._check_audio([ids], [mels])
+    else:  # markers without audio are an input error too
+      check_audio_markers(self.audio_cfg, np.asarray([ids]), np.zeros((1, 1), np.int32))
+
+  def set_prefix(self, ids: Sequence[int]) -> None:
+    """Prefills `ids`, the opening most prompts share (a template's system block:
+    `Template.fixed_prefix`), once; a prompt that starts with it then prefills only what follows."""
+    ids = [int(t) for t in ids]
+    if len(ids) >= self.max_len:
+      raise UserError(f"a shared prefix of {len(ids)} tokens does not fit {self.max_len}-token slots")
+    self.prefix_ids, self._prefix = ids, None
+    if not ids:
+      return
+
+    def prefill(llm_state, input_ids):
+      llm = nnx.merge(self.llm_graphdef, llm_state)
+      _, cache = llm(input_ids, cache=llm.init_cache(1, input_ids.shape[1]), return_hidden=True)
+      return cache
+
+    fn = self._jit("prefix", prefill, None if self.mesh is None else (self._state_shardings(self.llm_state),
+                                                                       self._host_sharding()), None)
+    with self._tracing_context():
+      self._prefix = fn(self.llm_state, self._put(np.asarray([ids], np.int32), self._host_sharding()))
+
+  def _has_prefix(self, r: SlotRequest) -> bool:
+    n = len(self.prefix_ids)
+    return bool(n) and len(r.prompt_ids) > n and list(r.prompt_ids[:n]) == self.prefix_ids
 
   def insert(self, requests: Sequence[SlotRequest]) -> list[int]:
     """Prefills `requests` into their slots (any state the slots held is dropped); returns each
@@ -231,11 +272,22 @@ class SlotEngine(Engine):
     if not requests:
       return []
     for r in requests:
-      self._check_request(r)
+      self.check(r)
     if len({r.slot for r in requests}) != len(requests):
       raise UserError("two requests for the same slot")
+    first = {}
+    for with_prefix in (True, False):  # at most two prefills: after the shared prefix, and whole prompts
+      group = [i for i, r in enumerate(requests) if self._has_prefix(r) == with_prefix]
+      if group:
+        first.update(zip(group, self._insert([requests[i] for i in group], with_prefix)))
+    return [first[i] for i in range(len(requests))]
+
+  def _insert(self, requests: Sequence[SlotRequest], with_prefix: bool) -> list[int]:
+    skip = len(self.prefix_ids) if with_prefix else 0
+    for r in requests:
+      self._stop[r.slot] = False  # a cancel of the slot's previous request
     k = bucket(len(requests), minimum=1)
-    t = min(bucket(max(len(r.prompt_ids) for r in requests)), self.max_len)
+    t = min(bucket(max(len(r.prompt_ids) - skip for r in requests)), self.max_len - skip)
     input_ids = np.full((k, t), self.pad_id, np.int32)
     lengths = np.ones((k,), np.int32)
     rows = np.full((k,), self.slots, np.int32)  # padding rows are dropped by the scatter
@@ -243,47 +295,38 @@ class SlotEngine(Engine):
     greedy, temperature = np.ones((k,), bool), np.zeros((k,), np.float32)
     top_k, top_p = np.zeros((k,), np.int32), np.ones((k,), np.float32)
     for i, r in enumerate(requests):
-      n = len(r.prompt_ids)
-      input_ids[i, :n], lengths[i], rows[i] = r.prompt_ids, n, r.slot
+      ids = list(r.prompt_ids)[skip:]
+      input_ids[i, :len(ids)], lengths[i], rows[i] = ids, len(ids), r.slot
       budget[i], seeds[i] = r.max_new_tokens, r.sampling.seed % 2**32
       s = r.sampling
       greedy[i], temperature[i], top_k[i], top_p[i] = s.greedy, s.temperature, max(s.top_k, 0), s.top_p
       self.greedy[r.slot] = s.greedy
     audio = self._audio(requests, k)
+    prefix = self._prefix if with_prefix else None
     rep = self._host_sharding()
     in_sh = out_sh = None
     if self.mesh is not None:  # the new prompts are few: replicated; the slots keep their shardings
-      in_sh = (self._state_shardings(self.llm_state), self._slot_shardings(), rep, rep, rep,
+      in_sh = (self._state_shardings(self.llm_state), self._slot_shardings(),
+               None if prefix is None else jax.tree.map(lambda x: x.sharding, prefix), rep, rep, rep,
                None if audio is None else (rep,) * 3, *(rep,) * 6)
       out_sh = (self._slot_shardings(), rep)
-    fn = self._jit("insert_audio" if audio is not None else "insert", self._insert_fn, in_sh, out_sh,
-                   donate=(1,), any_sampled=not greedy.all())
+    name = "insert" + ("_audio" if audio is not None else "") + ("_prefix" if with_prefix else "")
+    fn = self._jit(name, self._insert_fn, in_sh, out_sh, donate=(1,), any_sampled=not greedy.all())
     with self._tracing_context():
       if audio is not None:
         audio = tuple(self._put(a, rep) for a in audio)
       arrays = [self._put(a, rep) for a in (input_ids, lengths, rows)]
       params = [self._put(a, rep) for a in (budget, greedy, temperature, top_k, top_p, seeds)]
-      self.state, first = fn(self.llm_state, self.state, *arrays, audio, *params)
+      self.slot_state, first = fn(self.llm_state, self.slot_state, prefix, *arrays, audio, *params)
     return self._get(first)[:len(requests)].tolist()
 
   def _host_sharding(self):
     return None if self.mesh is None else self._replicated()
 
   def _audio(self, requests: Sequence[SlotRequest], k: int):
-    """The packed audio of the requests (see `Engine._pack_audio`), or None when none has audio;
-    checks each prompt's markers against its audios."""
-    mels = [[x if isinstance(x, AudioFeatures) else np.asarray(x, np.float32) for x in r.mels] for r in requests]
-    prompts = [list(r.prompt_ids) for r in requests]
-    if self.audio_cfg is None:
-      if any(mels):
-        raise UserError("this checkpoint is a text-only LLM; it cannot take audio")
-      return None
-    if not any(mels):
-      for p in prompts:  # markers without audio are an input error too
-        check_audio_markers(self.audio_cfg, np.asarray([p]), np.zeros((1, 1), np.int32))
-      return None
-    self._check_audio(prompts, mels)
-    return self._pack_audio(mels, k, self.timings)
+    """The packed audio of the (checked) requests (see `Engine._pack_audio`), or None without audio."""
+    mels = [_mels(r) for r in requests]
+    return self._pack_audio(mels, k, self.timings) if any(mels) else None
 
   def step(self, stop: Sequence[int] = ()) -> Step:
     """`chunk` decode steps of every slot; rows in `stop` (and those `cancel` named) end first."""
@@ -298,9 +341,13 @@ class SlotEngine(Engine):
     fn = self._jit("step", self._step_fn, in_sh, out_sh, donate=(1,), steps=self.chunk,
                    any_sampled=not self.greedy.all())
     with self._tracing_context():
-      self.state, tokens, emitted = fn(self.llm_state, self.state, self._put(stop_rows, in_sh and in_sh[2]))
-    return Step(tokens=self._get(tokens), emitted=self._get(emitted), active=self._get(self.state.active))
+      self.slot_state, tokens, emitted = fn(self.llm_state, self.slot_state, self._put(stop_rows, in_sh and in_sh[2]))
+    return Step(tokens=self._get(tokens), emitted=self._get(emitted), active=self._get(self.slot_state.active))
 
   def cancel(self, rows: Sequence[int]) -> None:
     """Ends `rows` at the start of the next `step` (their slots are free for `insert` now)."""
     self._stop[list(rows)] = True
+
+
+def _mels(r: SlotRequest) -> list[np.ndarray | AudioFeatures]:
+  return [x if isinstance(x, AudioFeatures) else np.asarray(x, np.float32) for x in r.mels]

@@ -1,0 +1,1 @@
+"""`llasm-jax serve`: an OpenAI-compatible speech chat server with continuous batching."""
