@@ -174,8 +174,8 @@ class SlotEngine(Engine):
           jnp.full((k,), p, jnp.int32))
     hidden, fresh = llm(inputs_embeds=embeds, positions=p + jnp.broadcast_to(jnp.arange(t), (k, t)),
                         attention_mask=mask, cache=fresh, return_hidden=True)
-    lengths = p + lengths
     last_hidden = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)
+    lengths = p + lengths  # the row's tokens: the prefix's and its own
     keys = jax.vmap(jax.random.key)(seeds)
     keys, first_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
     first = sample_rows(llm.logits(last_hidden)[:, 0], first_keys, greedy, temperature, top_k, top_p,

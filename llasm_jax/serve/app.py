@@ -166,19 +166,26 @@ def create_app(scheduler: Scheduler, *, model_name: str, max_audio_bytes: int = 
                      param=param, code="audio_too_long")
     return samples
 
+  def plain_text(text: str, param: str) -> str:
+    for marker in (*templates.MARKERS, templates.AUDIO):
+      if marker in text:
+        raise ApiError(400, f"{param}: the text holds the reserved marker {marker!r}; send audio as an "
+                       "input_audio part", param=param)
+    return text
+
   def conversation(messages: list[Message]) -> tuple[list[dict[str, str]], list[np.ndarray]]:
     """OpenAI messages -> ours (audio parts as `<audio>` placeholders) and their audios in order."""
     out, audios = [], []
     for i, m in enumerate(messages):
       role = "system" if m.role == "developer" else m.role
       if isinstance(m.content, list):
-        text = ""
+        pieces = []  # joined by newlines: an audio then a question reads as `generate --audio A --prompt Q`
         for j, part in enumerate(m.content):
           param = f"messages.{i}.content.{j}"
           if part.type == "text":
             if part.text is None:
               raise ApiError(400, f"{param}: a text part needs `text`", param=param)
-            text += part.text
+            pieces.append(plain_text(part.text, param))
           else:
             if part.input_audio is None:
               raise ApiError(400, f"{param}: an input_audio part needs `input_audio` {{data, format}}", param=param)
@@ -194,13 +201,10 @@ def create_app(scheduler: Scheduler, *, model_name: str, max_audio_bytes: int = 
               raise ApiError(400, f"{param}.input_audio.data: not base64", param=param + ".input_audio.data",
                              code="invalid_audio") from None
             audios.append(decode_audio(data, fmt, param + ".input_audio"))
-            text += templates.AUDIO
+            pieces.append(templates.AUDIO)
+        text = "\n".join(pieces)
       else:
-        text = m.content or ""
-      for marker in (*templates.MARKERS, templates.AUDIO):
-        if marker in text and not (marker == templates.AUDIO and isinstance(m.content, list)):
-          raise ApiError(400, f"messages.{i}.content: the text holds the reserved marker {marker!r}; send audio "
-                         "as an input_audio part", param=f"messages.{i}.content")
+        text = plain_text(m.content or "", f"messages.{i}.content")
       out.append({"role": role, "content": text})
     return out, audios
 
