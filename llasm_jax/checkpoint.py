@@ -1,7 +1,9 @@
 """llasm_jax model folders: an Orbax checkpoint of the parameters plus a JSON model config.
 
 Layout of a folder (what `convert` writes and `generate`, `train` and `export` read):
-  llasm_jax.json   kind ("llasm", "llama" or "whisper"), the model config, stored dtype
+  llasm_jax.json   kind ("llasm", "llama" or "whisper"), the model config, stored dtype, and for a
+                   trained model "prompt": {"template", "system"} it was trained with (the
+                   default prompt format of `generate`, `chat`, `eval`; `prompt_record`)
   params/          Orbax checkpoint of the parameter tree
   tokenizer files, preprocessor_config.json (next to them, so one path loads everything)
   whisper/         Whisper's own tokenizer and generation_config.json (for transcription)
@@ -38,6 +40,7 @@ from llasm_jax.errors import UserError
 META_FILE = "llasm_jax.json"
 PARAMS_DIR = "params"
 FORMAT_VERSION = 1
+PROMPT_KEY = "prompt"  # meta: {"template": name, "system": text or None} a trained model was prompted with
 KINDS = ("llasm", "llama", "whisper")
 # What travels with the parameters so that one folder is enough to load and run a model.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -222,6 +225,12 @@ def save_params(folder: str, kind: str, cfg, params: dict[str, Any], *, stored_d
               **(extra or {}))
   if jax.process_index() == 0:  # last: its presence marks the folder complete (object stores)
     paths.write_json(paths.join(folder, META_FILE), meta)
+
+def prompt_record(meta: dict[str, Any]) -> dict[str, Any] | None:
+  """The {"template", "system"} a folder's meta records (what the model was trained with), or None
+  (a converted folder, or one written before the record existed)."""
+  record = meta.get(PROMPT_KEY)
+  return dict(record) if isinstance(record, dict) else None
 
 def read_meta(folder: str) -> dict[str, Any]:
   """The model folder's metadata (kind, config, ...); a missing folder or file is a named error."""

@@ -6,12 +6,14 @@ import argparse
 import os
 import pathlib
 import sys
+import time as time_module
 
 import jax
 
 from llasm_jax import sharding
 from llasm_jax.config import load_config_file
 from llasm_jax.errors import UserError
+from llasm_jax.quantize import QUANTIZE_HELP, QUANTIZE_MODES
 
 DEFAULT_CONFIG = "configs/tiny.py"
 
@@ -112,7 +114,7 @@ def _generator(args: argparse.Namespace):
   mesh, rules = _mesh_and_rules(args)
   run = {"dtype": args.dtype} if args.dtype else {}
   return Generator.load(args.ckpt, mesh=mesh, rules=rules, template=args.template,
-                        system=getattr(args, "system", None), **run)
+                        system=getattr(args, "system", None), quantize=getattr(args, "quantize", "none"), **run)
 
 
 def _generate_kw(args: argparse.Namespace) -> dict:
@@ -144,6 +146,13 @@ def evaluate(args: argparse.Namespace) -> None:
 
   mesh, rules = _mesh_and_rules(args)
   run_options = {"dtype": args.dtype} if args.dtype else {}
+  if args.quantize != "none":  # the LLM's kernels; a Whisper folder (transcription) has no LLM
+    from llasm_jax import checkpoint
+
+    if checkpoint.read_meta(args.ckpt)["kind"] == "whisper":
+      raise UserError(f"--quantize {args.quantize} applies to a LLaSM's LLM; --ckpt {args.ckpt!r} is a Whisper, "
+                       "which transcribes in float: drop --quantize")
+    run_options["quantize"] = args.quantize
   report = run(args.ckpt, args.data, limit=args.limit, batch=args.batch, max_new_tokens=args.max_new_tokens,
                mesh=mesh, rules=rules, template=args.template, system=args.system, mel_frames=args.mel_frames,
                **run_options)
@@ -190,6 +199,25 @@ def chat(args: argparse.Namespace) -> None:
       print(flush=True)
     except ValueError as e:  # a bad file or input: say so and keep the conversation going
       print(f"error: {e}", file=sys.stderr, flush=True)
+
+
+def serve(args: argparse.Namespace) -> None:
+  import uvicorn
+
+  from llasm_jax.serve.app import create_app
+  from llasm_jax.serve.scheduler import Scheduler
+
+  generator = _generator(args)
+  scheduler = Scheduler(generator, slots=args.slots, max_len=args.max_len, chunk=args.chunk, max_queue=args.max_queue)
+  name = args.model_name or os.path.basename(os.path.normpath(args.ckpt))
+  t0 = time_module.perf_counter()
+  scheduler.warmup()
+  print(f"llasm-jax serve: {name} ({'LLaSM' if generator.cfg is not None else 'text-only LLM'}, template "
+        f"{generator.template_name}), {args.slots} slots x {args.max_len} tokens, compiled in "
+        f"{time_module.perf_counter() - t0:.1f} s; OpenAI API at http://{args.host}:{args.port}/v1", flush=True)
+  app = create_app(scheduler, model_name=name, max_audio_bytes=int(args.max_audio_mb * 2**20),
+                   default_max_tokens=args.default_max_tokens)
+  uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 
 def maybe_initialize_distributed(args: argparse.Namespace) -> None:
@@ -291,8 +319,10 @@ def _data_parser(sub) -> None:
   p.add_argument("--input", required=True, help="conversations (JSON array or JSONL, ShareGPT shape) or a text "
                                                 "file with one question per line")
   p.add_argument("--out", required=True, help="output JSONL: the conversations with every assistant turn written")
-  p.add_argument("--template", help="prompt template (default: the model's; see `generate --help`)")
-  p.add_argument("--system", help="system prompt ('' = the template's own default)")
+  p.add_argument("--template", help="prompt template (default: the model folder's record, else the tokenizer's "
+                                    "chat template, else llasm-cllama2 / none; see `generate --help`)")
+  p.add_argument("--system", help="system prompt (default: the folder's record, else the template's own; "
+                                  "'' = none)")
   p.add_argument("--max-new-tokens", type=int, default=128)
   p.add_argument("--batch", type=int, default=16, help="conversations generated together (default: %(default)s)")
   p.add_argument("--mesh", type=_parse_mesh, help="shard on this mesh, e.g. fsdp=2,tensor=4 (DEFAULT_RULES)")
@@ -437,10 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
       p.add_argument("--audio", action="append", help="audio file (wav, flac, ogg, mp3, ...); repeat for several")
       p.add_argument("--json", action="store_true",
                      help="print one JSON object: text, token_ids, prompt_token_ids, finish_reason, timings")
-    p.add_argument("--template", help="prompt template: llasm-cllama2 (default for LLaSM), llasm-baichuan, "
-                                      "chat-template, or none (BOS + the text; default for a text-only LLM)")
-    p.add_argument("--system", help="system prompt (default: the template's LLaSM one; '' = a chat template's own, "
-                                    "as `llasm-jax demo` trains)")
+    p.add_argument("--template", help="prompt template: llasm-cllama2, llasm-baichuan, chat-template (the "
+                                      "tokenizer's), or none (BOS + the text). Default: the one the model folder "
+                                      "records (training's), else chat-template if the tokenizer has one, else "
+                                      "llasm-cllama2 for LLaSM and none for a text-only LLM")
+    p.add_argument("--system", help="system prompt (default: the model folder's record, else the template's own: "
+                                    "LLaSM's for llasm-*, the chat template's for chat-template; '' = none)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the released demo uses 0.2)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
@@ -448,9 +480,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", help="stop string (not printed); repeat for several")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's config)")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default="none", help=QUANTIZE_HELP)
     p.add_argument("--config", help="run config whose mesh and logical_axis_rules shard the model")
     p.add_argument("--mesh", type=_parse_mesh, help="shard on this mesh, e.g. fsdp=2,tensor=4 (DEFAULT_RULES)")
     p.set_defaults(func=generate if name == "generate" else chat)
+
+  p = sub.add_parser("serve", help="an OpenAI-compatible server (/v1/chat/completions with input_audio, "
+                                   "/v1/audio/transcriptions, /v1/models): continuous batching over decode slots")
+  p.add_argument("--ckpt", required=True, help="llasm_jax model folder (from convert or train), local or gs://")
+  p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only; "
+                                                      "0.0.0.0 serves the network)")
+  p.add_argument("--port", type=int, default=8000)
+  p.add_argument("--model-name", help="the model id clients send (default: the folder's name)")
+  p.add_argument("--slots", type=int, default=8, help="requests decoded together (default: %(default)s)")
+  p.add_argument("--max-len", type=int, default=2048, help="tokens per slot, prompt + reply (default: %(default)s)")
+  p.add_argument("--chunk", type=int, default=4, help="decode steps between two scheduling rounds (default: %(default)s)")
+  p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default: %(default)s)")
+  p.add_argument("--default-max-tokens", type=int, default=512, help="reply length when a request names none")
+  p.add_argument("--max-audio-mb", type=float, default=25.0, help="largest audio per part or file (default: %(default)s)")
+  p.add_argument("--template", help="prompt template (default: the folder's, else the tokenizer's chat template, "
+                                    "else llasm-cllama2 / none)")
+  p.add_argument("--system", help="system prompt when a request sends none (default: the template's own)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's config)")
+  p.add_argument("--config", help="run config whose mesh and logical_axis_rules shard the model")
+  p.add_argument("--mesh", type=_parse_mesh, help="shard on this mesh, e.g. data=2,tensor=4 (DEFAULT_RULES)")
+  p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+  p.set_defaults(func=serve)
 
   p = sub.add_parser("eval", help="greedy answers over a built dataset, scored: WER / CER (asr rows), answer F1 "
                                   "(instructions); a Whisper folder transcribes (the baseline)")
@@ -461,11 +516,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-new-tokens", type=int, default=128, help="per answer (default: %(default)s)")
   p.add_argument("--out", help="write the JSON report here (per-row answers and scores, totals, timings)")
   p.add_argument("--worst", type=int, default=5, help="rows of each metric to print, worst first")
-  p.add_argument("--template", help="prompt template training used (default: llasm-cllama2)")
-  p.add_argument("--system", help="system prompt training used (default: the template's; '' = a chat template's own)")
+  p.add_argument("--template", help="prompt template training used (default: the one the model folder records, "
+                                    "else chat-template if the tokenizer has one, else llasm-cllama2)")
+  p.add_argument("--system", help="system prompt training used (default: the folder's record, else the "
+                                  "template's own; '' = none)")
   p.add_argument("--mel-frames", type=int, help="'encoder' mode: the audio window training used, in mel frames "
                                                 "(default: 3000, or the cached dataset's)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's config)")
+  p.add_argument("--quantize", choices=QUANTIZE_MODES, default="none", help=QUANTIZE_HELP)
   p.add_argument("--config", help="run config whose mesh and logical_axis_rules shard the model")
   p.add_argument("--mesh", type=_parse_mesh, help="shard on this mesh, e.g. data=2,tensor=4 (DEFAULT_RULES)")
   p.set_defaults(func=evaluate)

@@ -65,8 +65,8 @@ import numpy as np
 
 from llasm_jax import paths
 from llasm_jax.config import needs_teacher
-from llasm_jax.data import features, packing, templates
-from llasm_jax.data.audio import SAMPLE_RATE, from_int16, split_windows
+from llasm_jax.data import features, packing, prompts, templates
+from llasm_jax.data.audio import SAMPLE_RATE, from_int16
 from llasm_jax.data.features import MAX_FRAMES
 from llasm_jax.models.llasm import LlasmConfig, check_audio_markers
 from llasm_jax.models.whisper import encoder_frames
@@ -128,7 +128,9 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
   """What a sample becomes. `buckets`: allowed T values (ascending); None = always `seq_len`.
-  `system`: the system prompt; None = `templates.LLASM_SYSTEM`, "" = none (a chat template's own)."""
+  `system`: the system prompt; None = the template's default (`templates.LLASM_SYSTEM` for the
+  LLaSM templates, the chat template's own for "chat-template"), "" = none (an empty one in the
+  LLaSM templates, the chat template's own default in "chat-template")."""
 
   mode: str = "llasm"
   num_mel_bins: int = 80
@@ -173,6 +175,8 @@ class PipelineConfig:
         raise UserError(f"buckets {b}: expected ascending lengths ending at seq_len {self.seq_len}")
     if self.max_audios < 1:
       raise UserError(f"max_audios {self.max_audios}: need at least one audio slot")
+    if self.template not in templates.TEMPLATES:
+      raise UserError(f"template {self.template!r}: training and eval take one of {', '.join(templates.TEMPLATES)}")
     if self.packing and self.pack_window < 1:
       raise UserError(f"pack_window {self.pack_window}: packing needs a window of at least one sample")
     if self.packing and self.teacher:
@@ -212,10 +216,9 @@ class PipelineConfig:
     return self.buckets is None and (self.features == "mel" or self.mode == "llasm")
 
   def audio_tokens(self, mel_frames: int) -> int:
-    """P of one slot: the same rule as `LlasmConfig.audio_tokens`."""
-    if self.mode == "llasm":
-      return self.audio_token_len
-    return -(-encoder_frames(mel_frames) // self.stack_factor)
+    """P of one slot: the model config's rule (`LlasmConfig.audio_tokens` reads only mode,
+    audio_token_len and stack_factor, which this config has too)."""
+    return LlasmConfig.audio_tokens(self, mel_frames)  # type: ignore[arg-type]
 
   def bucket(self, length: int) -> int:
     for b in self.buckets or (self.seq_len,):
@@ -362,17 +365,12 @@ def record_audios(record: dict[str, Any], kind: str) -> list[np.ndarray]:
 
 
 def audio_slots(audios: Sequence[np.ndarray], cfg: PipelineConfig) -> tuple[list[int], list[np.ndarray]]:
-  """Audios -> slots: windows per audio and the log-mel float32[M, F_j] of each slot.
-
-  One slot per audio in "llasm" mode (the features trim it to 30 s), one per `mel_frames`
-  window in "encoder" mode. `data encode` calls this too, so cached slots are these slots.
-  """
-  slots_per_audio, mels = [], []
-  for audio in audios:
-    windows = [audio] if cfg.mode == "llasm" else split_windows(audio, cfg.mel_frames * features.HOP)
-    slots_per_audio.append(len(windows))
-    mels += [features.log_mel(w, cfg.num_mel_bins, cfg.mode) for w in windows]
-  return slots_per_audio, mels
+  """Audios -> slots: windows per audio and the log-mel float32[M, F_j] of each slot
+  (`prompts.AudioPrompts.windows`: one slot per audio in "llasm" mode, one per `mel_frames`
+  window in "encoder" mode). `data encode` calls this too, so cached slots are these slots."""
+  owner = prompts.AudioPrompts.of(cfg)
+  per_audio = [owner.windows(a) for a in audios]
+  return [len(w) for w in per_audio], [m for w in per_audio for m in w]
 
 
 class Featurize:
@@ -383,6 +381,7 @@ class Featurize:
 
   def __init__(self, cfg: PipelineConfig, tokenizer, kind: str):
     self.cfg, self.tokenizer, self.kind = cfg, tokenizer, kind
+    self.audio = prompts.AudioPrompts.of(cfg)  # audio -> windows -> marker spans
     self._template = None
     self._prefix = None
     self._truncated = 0
@@ -454,13 +453,11 @@ class Featurize:
     teacher_msgs = self.teacher_messages(record, msgs) if cfg.teacher else None
     if cfg.features == "cached":
       # What `audio_slots` gave when the dataset was encoded: windows per audio, mel frames per slot.
-      slots_per_audio, frames = record["slots"].tolist(), record["mel_lengths"].tolist()
+      frames = record["mel_lengths"].tolist()
+      ids, labels = self.audio.encode_windows(self.template, msgs, record["slots"].tolist(), frames)
     else:
-      slots_per_audio, mels = audio_slots(record_audios(record, self.kind), cfg)
+      ids, labels, mels = self.audio.encode(self.template, msgs, record_audios(record, self.kind))
       frames = [m.shape[1] for m in mels]
-    if cfg.mode == "encoder" and any(n > 1 for n in slots_per_audio):
-      msgs = _repeat_placeholders(msgs, slots_per_audio)
-    ids, labels = self.template.encode(msgs, [cfg.audio_tokens(f) for f in frames])
     extra = self._teacher(record, teacher_msgs, ids, labels) if cfg.teacher else {}
     ids, labels, kept = self._fit(ids, labels)
     if cfg.shared_prefix:
@@ -513,11 +510,6 @@ def _fill_placeholders(msgs: list[dict], fills: Sequence[str]) -> list[dict]:
       k += 1
     out.append({**m, "content": text})
   return out
-
-
-def _repeat_placeholders(msgs: list[dict], counts: list[int]) -> list[dict]:
-  """Each audio's `<audio>` written once per window, so every window has its own marker span."""
-  return _fill_placeholders(msgs, [templates.AUDIO * c for c in counts])
 
 
 class Collate:

@@ -2,12 +2,14 @@
 
 Legend: T tokens, P audio tokens of one audio (`LlasmConfig.audio_tokens(mel_frames)`).
 
-Messages are `{"role": "user"|"assistant", "content": str}` ("human"/"gpt" also accepted). A
-user content marks each audio with the placeholder `<audio>`; the template writes it as
-`<au_start>` + P x `<au_patch>` + `<au_end>` with the P of that audio (audios numbered in
-order over the whole conversation). Labels follow the Hugging Face convention: same length
-as input_ids, -100 where there is no loss (the training step shifts them); only assistant
-replies (and the end-of-turn token after them) carry loss.
+Messages are `{"role": "user"|"assistant", "content": str}` ("human"/"gpt" also accepted), and
+optionally a first `{"role": "system", "content": str}` (OpenAI's shape), which sets that
+conversation's system prompt in place of the template's. A user content marks each audio
+with the placeholder `<audio>`; the template writes it as `<au_start>` + P x `<au_patch>` +
+`<au_end>` with the P of that audio (audios numbered in order over the whole conversation;
+`prompts` writes one placeholder per 30 s window first). Labels follow the Hugging Face
+convention: same length as input_ids, -100 where there is no loss (the training step shifts
+them); only assistant replies (and the end-of-turn token after them) carry loss.
 
 Templates (`get_template(name, tokenizer)`):
 - "llasm-cllama2": the released LLaSM-Cllama2 prompt, quirks kept (shared/design/LLASM.md):
@@ -21,6 +23,13 @@ Templates (`get_template(name, tokenizer)`):
   not checked against the released Baichuan code, which is not public.
 - "chat-template": the tokenizer's own chat template (Llama 3, Qwen2, Mistral, ...); loss on
   the characters each assistant message adds to the rendered text (its end-of-turn included).
+  Its default system prompt is the chat template's own (no system message is written).
+- "none" (prompting only, no labels): BOS + the turns' texts joined by newlines, which a plain
+  language model continues.
+System prompts: None = the template's default (LLASM_SYSTEM for the two LLaSM templates, the chat
+template's own for "chat-template", none for "none"); "" = an empty one (LLaSM templates) or
+none (a chat template writes its own default); any other text is written as the system prompt.
+Which template a model prompts with by default: `default_template`.
 """
 
 from __future__ import annotations
@@ -61,7 +70,11 @@ TRANSCRIBE_ZH = (
     "请把说话人说的话用文字写出来。",
 )
 
-_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system",
+          "developer": "system"}  # OpenAI's newer name of the system message
+RAW = "none"  # no template: BOS + the turns' texts (a plain language model continues them)
+CHAT_TEMPLATE = "chat-template"
+LLASM_DEFAULT = "llasm-cllama2"  # a LLaSM whose tokenizer has no chat template and whose folder records none
 
 
 def audio_span(p: int) -> str:
@@ -85,20 +98,28 @@ def check_text(text: str, where: str) -> None:
       raise UserError(f"{where}: text contains the audio marker {m!r}; remove it (audio is marked with {AUDIO!r})")
 
 
-def _normalise(messages: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
-  out = []
+def _normalise(messages: Sequence[dict[str, Any]]) -> tuple[str | None, list[tuple[str, str]]]:
+  """messages -> (the system message's content or None, [(role, content)] of the other turns)."""
+  system, out = None, []
   for i, m in enumerate(messages):
     role = _ROLES.get(str(m.get("role", m.get("from", ""))).lower())
     if role is None:
-      raise UserError(f"message {i}: role {m.get('role', m.get('from'))!r}; expected user/human or assistant/gpt")
+      raise UserError(f"message {i}: role {m.get('role', m.get('from'))!r}; expected user/human, "
+                       "assistant/gpt, or system (first)")
     content = m.get("content", m.get("value", ""))
     if not isinstance(content, str):
       raise UserError(f"message {i}: content should be a string, got {type(content).__name__}")
     check_text(content, f"message {i}")
-    if role == "assistant" and AUDIO in content:
-      raise UserError(f"message {i}: an assistant message holds {AUDIO!r}; audio belongs to user turns")
+    if role != "user" and AUDIO in content:
+      raise UserError(f"message {i}: a {role} message holds {AUDIO!r}; audio belongs to user turns")
+    if role == "system":
+      if i != 0:
+        raise UserError(f"message {i}: a system message must come first (it sets the conversation's system "
+                         "prompt); move it to the front or drop it")
+      system = content
+      continue
     out.append((role, content))
-  return out
+  return system, out
 
 
 def _expand(content: str, audio_tokens: Sequence[int], next_audio: int) -> tuple[str, int]:
@@ -113,13 +134,17 @@ def _expand(content: str, audio_tokens: Sequence[int], next_audio: int) -> tuple
 
 
 class Template:
-  """messages + audio token counts -> (input_ids int32[T], labels int32[T])."""
+  """messages + audio token counts -> (input_ids int32[T], labels int32[T]).
+
+  `system`: the system prompt of every conversation that has no system message; None = the
+  template's default (`default_system`)."""
 
   name = ""
+  default_system: str | None = None
 
   def __init__(self, tokenizer, system: str | None = None):
     self.tokenizer = tokenizer
-    self.system = LLASM_SYSTEM if system is None else system
+    self.system = self.default_system if system is None else system
     self._markers_checked = False  # text-only LLMs have no audio tokens: checked once audio shows up
 
   def _enc(self, text: str) -> list[int]:
@@ -127,22 +152,25 @@ class Template:
 
   def encode(self, messages: Sequence[dict[str, Any]], audio_tokens: Sequence[int] = (),
              ) -> tuple[np.ndarray, np.ndarray]:
-    turns = _normalise(messages)
+    system, turns = _normalise(messages)
     if len(audio_tokens) and not self._markers_checked:
       check_tokenizer_markers(self.tokenizer)
       self._markers_checked = True
-    ids, labels = self._encode(turns, list(audio_tokens))
+    ids, labels = self._encode(self.system if system is None else system, turns, list(audio_tokens))
     return np.asarray(ids, np.int32), np.asarray(labels, np.int32)
 
-  def _encode(self, turns, audio_tokens):
+  def _encode(self, system: str | None, turns, audio_tokens):
     raise NotImplementedError
 
   def fixed_prefix(self) -> np.ndarray:
     """int32[P]: the ids every conversation starts with, whatever its first user turn says (the
     system block and the opening of that turn): the longest common prefix of a few conversations
     whose first turns begin differently (an audio, a word, a digit, CJK). Training can compute it
-    once for a whole batch (`config.data.shared_prefix`)."""
-    probes = [(AUDIO, [1]), ("Hello there.", []), ("7 days", []), ("你好", []), ("(x)", [])]
+    once for a whole batch (`config.data.shared_prefix`), a server for every request. A tokenizer
+    without the audio tokens (a text-only LLM) is probed with text alone."""
+    probes = [("Hello there.", []), ("7 days", []), ("你好", []), ("(x)", [])]
+    if all(len(self.tokenizer.encode(m, add_special_tokens=False)) == 1 for m in MARKERS):
+      probes.insert(0, (AUDIO, [1]))
     rendered = [self.encode([{"role": "user", "content": c}, {"role": "assistant", "content": "ok"}], a)[0]
                 for c, a in probes]
     n = min(len(r) for r in rendered)
@@ -152,10 +180,11 @@ class Template:
 
 class LlasmCllama2(Template):
   name = "llasm-cllama2"
+  default_system = LLASM_SYSTEM
 
-  def _encode(self, turns, audio_tokens):
+  def _encode(self, system, turns, audio_tokens):
     tok = self.tokenizer
-    system_block = B_SYS + self.system + E_SYS
+    system_block = B_SYS + system + E_SYS
     ids = self._enc(system_block)
     labels = [IGNORE] * len(ids)
     used, first_user = 0, True
@@ -179,10 +208,11 @@ class LlasmCllama2(Template):
 
 class LlasmBaichuan(Template):
   name = "llasm-baichuan"
+  default_system = LLASM_SYSTEM
 
-  def _encode(self, turns, audio_tokens):
+  def _encode(self, system, turns, audio_tokens):
     tok = self.tokenizer
-    ids = [tok.bos_token_id] + self._enc(self.system)
+    ids = [tok.bos_token_id] + self._enc(system)
     labels = [IGNORE] * len(ids)
     used = 0
     for i, (role, content) in enumerate(turns):
@@ -205,7 +235,7 @@ class LlasmBaichuan(Template):
 
 
 class ChatTemplate(Template):
-  name = "chat-template"
+  name = CHAT_TEMPLATE
 
   def __init__(self, tokenizer, system: str | None = None):
     super().__init__(tokenizer, system)
@@ -218,8 +248,9 @@ class ChatTemplate(Template):
   def _render(self, messages, generation_prompt: bool) -> str:
     return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
-  def _encode(self, turns, audio_tokens):
-    messages = [] if self.system is None or self.system == "" else [{"role": "system", "content": self.system}]
+  def _encode(self, system, turns, audio_tokens):
+    # No system message (None or ""): the chat template writes its own default, if it has one.
+    messages = [{"role": "system", "content": system}] if system else []
     spans, used = [], 0
     for i, (role, content) in enumerate(turns):
       if role == "user":
@@ -250,13 +281,66 @@ class ChatTemplate(Template):
     return ids, labels
 
 
-TEMPLATES = {t.name: t for t in (LlasmCllama2, LlasmBaichuan, ChatTemplate)}
+class Raw(Template):
+  """No template, for prompting a plain language model: BOS + the turns' texts (a system prompt
+  first, when one is given) joined by newlines, tokenized as one text. No labels: training
+  takes one of TEMPLATES."""
+
+  name = RAW
+
+  def _encode(self, system, turns, audio_tokens):
+    texts, used = ([system] if system else []), 0
+    for role, content in turns:
+      if role == "user":
+        content, used = _expand(content, audio_tokens, used)
+      if content:
+        texts.append(content)
+    _check_used(used, audio_tokens)
+    ids = self.tokenizer.encode("\n".join(texts), add_special_tokens=True)
+    return ids, [IGNORE] * len(ids)
+
+
+TEMPLATES = {t.name: t for t in (LlasmCllama2, LlasmBaichuan, ChatTemplate)}  # what training takes
+PROMPT_TEMPLATES = {**TEMPLATES, RAW: Raw}  # what prompting takes
 
 
 def get_template(name: str, tokenizer, system: str | None = None) -> Template:
-  if name not in TEMPLATES:
-    raise UserError(f"template {name!r}: expected one of {', '.join(TEMPLATES)}")
-  return TEMPLATES[name](tokenizer, system)
+  """The template `name` (one of PROMPT_TEMPLATES) over `tokenizer`; `system` as `Template`."""
+  if name not in PROMPT_TEMPLATES:
+    raise UserError(f"template {name!r}: expected one of {', '.join(PROMPT_TEMPLATES)}")
+  return PROMPT_TEMPLATES[name](tokenizer, system)
+
+
+def has_chat_template(tokenizer) -> bool:
+  """Whether `tokenizer` ships a chat template (and so prompts with it by default)."""
+  return bool(getattr(tokenizer, "chat_template", None))
+
+
+def default_template(tokenizer, is_llasm: bool, recorded: dict[str, Any] | None = None, *,
+                     template: str | None = None, system: str | None = None) -> tuple[str, str | None]:
+  """The (template name, system prompt) a model prompts with: the one owner of that choice.
+
+  Template: `template` (the user's) > `recorded["template"]` (the model folder's record of what
+  it was trained with) > "chat-template" when the tokenizer has a chat template > "llasm-cllama2"
+  for a LLaSM, "none" for a text-only LLM. System prompt: `system` (the user's) > the record's,
+  when the record's template is the one chosen > None (the template's own default, see `Template`).
+  """
+  recorded = recorded or {}
+  chosen = recorded.get("template")
+  if template:
+    name = template
+  elif chosen:
+    name = chosen
+  elif tokenizer is not None and has_chat_template(tokenizer):
+    name = CHAT_TEMPLATE
+  else:
+    name = LLASM_DEFAULT if is_llasm else RAW
+  if name not in PROMPT_TEMPLATES:
+    where = "" if template else " (recorded in the model folder's llasm_jax.json)"
+    raise UserError(f"template {name!r}{where}: expected one of {', '.join(PROMPT_TEMPLATES)}")
+  if system is None and chosen == name:
+    system = recorded.get("system")
+  return name, system
 
 
 def _check_used(used: int, audio_tokens: Sequence[int]) -> None:

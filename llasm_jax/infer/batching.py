@@ -168,8 +168,8 @@ class SlotEngine(Engine):
                       self.audio_cfg.audio_patch_id)
     fresh = llm.init_cache(k, p + t, dtype=st.cache.k.dtype)
     if prefix is not None:  # the shared opening's keys and values first, then these tokens after it
-      fresh = fresh.replace(index=jnp.zeros((k,), jnp.int32)).put_rows(
-          jnp.arange(k), prefix.replace(k=jnp.broadcast_to(prefix.k, (prefix.k.shape[0], k, *prefix.k.shape[2:])),
+      fresh = put_rows(
+          fresh.replace(index=jnp.zeros((k,), jnp.int32)), jnp.arange(k), prefix.replace(k=jnp.broadcast_to(prefix.k, (prefix.k.shape[0], k, *prefix.k.shape[2:])),
                                         v=jnp.broadcast_to(prefix.v, (prefix.v.shape[0], k, *prefix.v.shape[2:]))),
           jnp.full((k,), p, jnp.int32))
     hidden, fresh = llm(inputs_embeds=embeds, positions=p + jnp.broadcast_to(jnp.arange(t), (k, t)),
@@ -181,7 +181,7 @@ class SlotEngine(Engine):
     first = sample_rows(llm.logits(last_hidden)[:, 0], first_keys, greedy, temperature, top_k, top_p,
                         any_sampled=any_sampled)
     put = lambda table, values: table.at[rows].set(values, mode="drop")
-    cache = st.cache.put_rows(rows, fresh, lengths)
+    cache = put_rows(st.cache, rows, fresh, lengths)
     active = ~self._is_eos(first) & (budget > 1)
     st = SlotState(cache=cache, last=put(st.last, first), active=put(st.active, active),
                    generated=put(st.generated, jnp.ones_like(lengths)), budget=put(st.budget, budget),
@@ -351,3 +351,13 @@ class SlotEngine(Engine):
 
 def _mels(r: SlotRequest) -> list[np.ndarray | AudioFeatures]:
   return [x if isinstance(x, AudioFeatures) else np.asarray(x, np.float32) for x in r.mels]
+
+
+def put_rows(cache: KVCache, rows: jax.Array, new: KVCache, lengths: jax.Array) -> KVCache:
+  """`cache` (per-row) with rows `rows` int32[k] replaced by the k rows of `new`, a cache of T <= S
+  slots holding prompts of `lengths` int32[k] from slot 0; rows >= B are dropped."""
+  t = new.max_len
+  k = cache.k.at[:, rows, :, :t].set(new.k.astype(cache.k.dtype), mode="drop")  # slots: axis 3 of [L, B, K, S, H]
+  v = cache.v.at[:, rows, :, :t].set(new.v.astype(cache.v.dtype), mode="drop")
+  mask = cache.mask.at[rows].set(jnp.arange(cache.max_len)[None] < lengths[:, None], mode="drop")
+  return KVCache(k=k, v=v, mask=mask, index=cache.index.at[rows].set(lengths, mode="drop"))

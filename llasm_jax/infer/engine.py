@@ -33,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llasm_jax import sharding
 from llasm_jax.infer.sampling import SamplingParams, sample
 from llasm_jax.layers import KVCache
+from llasm_jax.layers.stack import unstack_layers
 from llasm_jax.models.llama import LlamaForCausalLM
 from llasm_jax.models.llasm import Llasm, check_audio_markers, splice
 from llasm_jax.models.whisper import encoder_frames
@@ -234,6 +235,7 @@ class Engine(MeshFunctions):
     self.llm_graphdef, self.llm_state = nnx.split(self.llm)
     self._audio_memo: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
     self.audio_memo_size = 64  # audios whose embeddings are remembered
+    self.unstack_decode = True
 
   def update_params(self, model: LlamaForCausalLM | Llasm) -> None:
     """Takes the parameters of `model`, the same architecture with new values (a training run
@@ -250,8 +252,8 @@ class Engine(MeshFunctions):
 
   def _cache_shardings(self) -> KVCache:
     c = self.llm.cfg
-    kv = self._sh(("layers", "batch", "length", "act_kv_heads", "head_dim"),
-                  (c.num_hidden_layers, self.batch_multiple, 1, c.num_key_value_heads, c.kv_head_dim))
+    kv = self._sh(("layers", "batch", "act_kv_heads", "length", "head_dim"),
+                  (c.num_hidden_layers, self.batch_multiple, c.num_key_value_heads, 1, c.kv_head_dim))
     return KVCache(k=kv, v=kv, mask=self._sh(("batch", "length")), index=self._replicated())
 
   def _decode_state_shardings(self) -> DecodeState:
@@ -306,9 +308,15 @@ class Engine(MeshFunctions):
     """Runs decode steps while ds.length < until (int32[]) and some row is not done; stop bool[B]
     marks rows the host stopped (stop strings)."""
     self.traces["decode"] += 1
+    graphdef = self.llm_graphdef
+    if self.unstack_decode:
+      # Once per call, before the loop: every layer's weights and cache in buffers of their own,
+      # which each step then reads in place (see `unstack_layers`); the cache is restacked after.
+      graphdef, llm_state = nnx.split(unstack_layers(nnx.merge(graphdef, llm_state)))
+      ds = ds.replace(cache=ds.cache.unstack())
 
     def step(ds: DecodeState) -> DecodeState:
-      llm = nnx.merge(self.llm_graphdef, llm_state)
+      llm = nnx.merge(graphdef, llm_state)
       b = ds.last.shape[0]
       hidden, cache = llm(ds.last[:, None], positions=ds.positions[:, None], attention_mask=jnp.ones((b, 1), bool),
                           cache=ds.cache, return_hidden=True)
@@ -320,7 +328,8 @@ class Engine(MeshFunctions):
                          positions=ds.positions + 1, done=ds.done | self._is_eos(token), rng=rng)
 
     ds = ds.replace(done=ds.done | stop)
-    return jax.lax.while_loop(lambda ds: (ds.length < until) & ~jnp.all(ds.done), step, ds)
+    ds = jax.lax.while_loop(lambda ds: (ds.length < until) & ~jnp.all(ds.done), step, ds)
+    return ds.replace(cache=ds.cache.stack())
 
   def _is_eos(self, token):
     if not self.eos_ids:

@@ -291,7 +291,8 @@ class LlasmAnswers:
                  check_whisper: bool = True) -> "LlasmAnswers":
     """Prompts for `source`'s rows: its raw audio, or its cached features after checking they are
     what this model's Whisper computes (mode, sizes, windows and, with `check_whisper`, weights).
-    `system`: the system prompt as `PipelineConfig.system` (None = LLaSM's, "" = the template's own)."""
+    `template` / `system`: the prompt format training used; None = the generator's
+    (`Generator.prompt_format`: its folder's record, else its tokenizer's chat template, ...)."""
     cfg = generator.cfg
     if cfg is None:
       raise UserError("a text-only LLM cannot hear the dataset's audio; evaluate a LLaSM folder (or a Whisper one)")
@@ -309,9 +310,9 @@ class LlasmAnswers:
       pipeline.check_cache(source.cache, cfg, mel_frames=mel_frames, whisper_fingerprint=fingerprint,
                            where=f"--data {','.join(source.paths)!r}")
     # No cuts: the whole conversation and every audio slot (long audio takes several windows).
+    template, system = generator.prompt_format(template, system)
     pcfg = pipeline.PipelineConfig.from_model(cfg, seq_len=1 << 30, max_audios=1 << 16, mel_frames=mel_frames,
-                                              template=template or generator.template_name, system=system,
-                                              features=features)
+                                              template=template, system=system, features=features)
     return cls(generator, source.kind, pcfg, max_new_tokens)
 
   def prompt(self, record: dict[str, Any]) -> tuple[list[int], list[np.ndarray | AudioFeatures]]:
@@ -382,7 +383,8 @@ def evaluate(ckpt: str, data: str, *, limit: int | None = None, batch: int = 8, 
              mel_frames: int | None = None, answer: Callable[[Sequence[EvalRow]], list[str]] | None = None,
              **run_options) -> Report:
   """Evaluates the model folder `ckpt` on the built dataset `data` (see the module docstring).
-  `system`: the system prompt training used (None = LLaSM's, "" = the template's own).
+  `template` / `system`: the prompt format training used (None: the folder's record, else its
+  tokenizer's chat template with its own system prompt, else llasm-cllama2 with LLaSM's).
   `answer` replaces the model (rows -> texts), e.g. to check the scoring alone."""
   source = pipeline.Source(data)
   rows = read_rows(source, limit)

@@ -5,8 +5,13 @@
     result.text, result.token_ids, result.prompt_token_ids, result.timings
 
 A prompt is a string (one user message), a list of messages (a conversation, as in
-`llasm_jax.data.templates`), or token ids (audio spans already written). Audios are paths,
-float32[N] waveforms at 16 kHz, or log-mel features float32[M, F].
+`llasm_jax.data.templates`, optionally opening with a system message), or token ids (audio
+spans already written). Audios are paths, float32[N] waveforms at 16 kHz, or log-mel features
+float32[M, F]. `prepare` turns one prompt and its audios into what the engine takes.
+
+The prompt format (`templates.default_template`): the template and system prompt passed here >
+the ones the model folder records (what it was trained with) > the tokenizer's chat template,
+with the chat template's own system prompt > llasm-cllama2 (a LLaSM) or none (a text-only LLM).
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from llasm_jax import checkpoint
+from llasm_jax.data import templates
+from llasm_jax.data.prompts import AudioPrompts, conversation, user_content
 from llasm_jax.infer.engine import Engine
+from llasm_jax.quantize import quantize as quantize_model
 from llasm_jax.infer.sampling import SamplingParams
 from llasm_jax.errors import UserError
 
-RAW = "none"  # no chat template: BOS + the prompt text
+RAW = templates.RAW  # no template: BOS + the prompt text
 
 
 @dataclasses.dataclass
@@ -57,30 +65,35 @@ def checkpoint_eos_ids(folder: str, llm_cfg, tokenizer) -> list[int]:
 
 
 class Generator:
-  """A loaded model, its tokenizer and template; `generate` may be called any number of times
-  (each (batch, length) bucket compiles once)."""
+  """A loaded model, its tokenizer and prompt format; `generate` may be called any number of
+  times (each (batch, length) bucket compiles once).
+
+  template / system: the prompt format asked for (None: see the module docstring); recorded:
+  the model folder's {"template", "system"} (`checkpoint.prompt_record`). `template_name` and
+  `system` are the format chosen (system None: the template's own default)."""
 
   def __init__(self, engine: Engine, tokenizer=None, *, template: str | None = None, system: str | None = None,
-               folder: str = ""):
+               folder: str = "", recorded: dict[str, Any] | None = None):
     self.engine = engine
-    self.system = system  # None: the template's default (LLaSM's); "": a chat template's own
     self.tokenizer = tokenizer
     self.folder = folder
     self.cfg = engine.audio_cfg  # LlasmConfig, or None for a text-only LLM
-    self.template_name = template or ("llasm-cllama2" if self.cfg is not None else RAW)
-    self._template = None
+    self.audio = AudioPrompts.of(self.cfg)  # audio -> windows -> marker spans
+    self.recorded = dict(recorded or {})
+    self._asked = (template, system)
+    self.template_name, self.system = self.prompt_format()
+    self._templates: dict[tuple[str, str | None], templates.Template] = {}
     if tokenizer is not None and self.cfg is not None:
-      from llasm_jax.data import templates
-
       templates.check_tokenizer_markers(tokenizer, {
           templates.AU_PATCH: self.cfg.audio_patch_id, templates.AU_START: self.cfg.audio_start_id,
           templates.AU_END: self.cfg.audio_end_id})
 
   @classmethod
   def load(cls, folder: str, *, mesh=None, rules=None, template: str | None = None, system: str | None = None,
-           **run) -> "Generator":
+           quantize: str = "none", **run) -> "Generator":
     """Restores `folder` (a `llasm-jax convert`/`train` output) onto one device, or onto `mesh`
-    sharded by `rules`; `run` sets run-time model fields (dtype, scan_layers, attention_impl)."""
+    sharded by `rules`; `run` sets run-time model fields (dtype, scan_layers, attention_impl).
+    quantize: "int8" stores the LLM's projection kernels int8 (`llasm_jax.quantize`)."""
     folder = os.fspath(folder)
     meta = checkpoint.read_meta(folder)
     if meta["kind"] == "whisper":
@@ -93,10 +106,12 @@ class Generator:
 
       tokenizer = AutoTokenizer.from_pretrained(local)
     model, _ = checkpoint.load_model(folder, mesh=mesh, rules=rules, **run)
+    model = quantize_model(model, quantize)
     llm_cfg = model.llm.cfg if meta["kind"] == "llasm" else model.cfg
     engine = Engine(model, mesh=mesh, rules=rules, eos_ids=checkpoint_eos_ids(local, llm_cfg, tokenizer),
                     pad_id=None if tokenizer is None or tokenizer.pad_token_id is None else tokenizer.pad_token_id)
-    return cls(engine, tokenizer, template=template, system=system, folder=folder)
+    return cls(engine, tokenizer, template=template, system=system, folder=folder,
+               recorded=checkpoint.prompt_record(meta))
 
   # ---- inputs ----------------------------------------------------------------------------
 
@@ -106,74 +121,48 @@ class Generator:
                        "(tokenizer.json / tokenizer.model); pass token ids instead, or convert from a "
                        "folder that holds the tokenizer")
 
+  def prompt_format(self, template: str | None = None, system: str | None = None) -> tuple[str, str | None]:
+    """(template name, system prompt) of a prompt: `template` / `system` given here > those given
+    at load > the folder's record > the tokenizer's chat template > the old defaults."""
+    return templates.default_template(
+        self.tokenizer, self.cfg is not None, self.recorded, template=template or self._asked[0],
+        system=self._asked[1] if system is None else system)
+
+  def template(self, name: str | None = None) -> templates.Template:
+    """The template `name` (default: the generator's) with its system prompt, built once."""
+    key = self.prompt_format(name)
+    if key not in self._templates:
+      self._need_tokenizer("a text prompt")
+      self._templates[key] = templates.get_template(key[0], self.tokenizer, key[1])
+    return self._templates[key]
+
   def features(self, audio) -> list[np.ndarray]:
     """One audio -> its log-mel features float32[M, F], one per 30 s window ("encoder" mode
-    splits longer audio; "llasm" mode, as released, reads the first 30 s)."""
-    from llasm_jax.data import audio as audio_io, features
+    splits longer audio; "llasm" mode, as released, reads the first 30 s): `AudioPrompts.windows`."""
+    return self.audio.windows(audio)
 
-    cfg = self.cfg
-    if cfg is None:
-      raise UserError("this checkpoint is a text-only LLM; it cannot take audio")
-    if isinstance(audio, np.ndarray) and audio.ndim == 2:
-      if audio.shape[0] != cfg.audio.num_mel_bins:
-        raise UserError(f"a 2-D audio array {audio.shape} is taken as log-mel features and needs "
-                         f"{cfg.audio.num_mel_bins} mel bins first; pass mono 16 kHz samples float32[N] instead")
-      return [audio.astype(np.float32)]
-    if isinstance(audio, (str, os.PathLike)):
-      samples = audio_io.load_audio(audio)
-      name = os.fspath(audio)
-    else:
-      samples, name = np.asarray(audio, np.float32).reshape(-1), "waveform"
-    if samples.size == 0:
-      raise audio_io.AudioError(name, "empty", "no samples (0 s of audio)")
-    windows = [samples] if cfg.mode == "llasm" else audio_io.split_windows(samples)
-    # A clip shorter than one FFT frame still gives Whisper at least one frame of input.
-    windows = [np.pad(w, (0, max(0, features.N_FFT - len(w)))) for w in windows]
-    return [features.log_mel(w, cfg.audio.num_mel_bins, cfg.mode) for w in windows]
+  def prepare(self, prompt, audios: Sequence[Any] | None = None,
+              template: str | None = None) -> tuple[list[int], list[np.ndarray]]:
+    """One prompt -> (its token ids, the log-mel float32[M, F] of every audio window in order):
+    one row of `Engine.generate`'s (prompts, mels).
+
+    prompt: a user's text (without `<audio>` placeholders, the audios go in front of it),
+    messages ({"role": "system" (first) | "user" | "assistant", "content": ...}, `<audio>` where
+    each audio goes; a generation slot is added unless the last is an assistant's), or token ids
+    (audio spans already written: the audios only give their windows). audios: in placeholder
+    order, paths, 16 kHz waveforms float32[N], log-mels float32[M, F] or lists of them (the
+    windows of one audio). template: this prompt's (default: the generator's).
+    """
+    audios = list(audios or [])
+    if not isinstance(prompt, str) and len(prompt) and isinstance(prompt[0], (int, np.integer)):
+      return [int(t) for t in prompt], [w for a in audios for w in self.audio.windows(a)]
+    fmt = self.template(template)
+    ids, _, mels = self.audio.encode(fmt, conversation(prompt, len(audios)), audios)
+    return ids.tolist(), mels
 
   def encode_prompt(self, prompt, mels: Sequence[Sequence[np.ndarray]], template: str | None = None) -> list[int]:
-    """Token ids of one prompt whose audios have features `mels` (one list per audio, one
-    entry per 30 s window); audio placeholders `<audio>` become marker spans."""
-    if not isinstance(prompt, str) and len(prompt) and isinstance(prompt[0], (int, np.integer)):
-      return [int(t) for t in prompt]
-    self._need_tokenizer("a text prompt")
-    from llasm_jax.data import templates
-
-    name = template or self.template_name
-    # Every window of an audio is its own span; a placeholder stands for the whole audio.
-    counts = [self.cfg.audio_tokens(m.shape[-1]) for windows in mels for m in windows] if self.cfg else []
-    placeholder = [templates.AUDIO * len(windows) for windows in mels]
-    if isinstance(prompt, str):
-      holders = prompt.count(templates.AUDIO)
-      if holders == 0 and mels:  # audio first, then the question, as the LLaSM demo sends them
-        prompt = "".join([templates.AUDIO] * len(mels)) + ("\n" + prompt if prompt else "")
-      messages = [{"role": "user", "content": prompt}]
-    else:
-      messages = [dict(m) for m in prompt]
-    # Expand each audio's placeholder to one placeholder per window, in order.
-    k = 0
-    for m in messages:
-      content = m.get("content", m.get("value", ""))
-      parts = content.split(templates.AUDIO)
-      out = parts[0]
-      for part in parts[1:]:
-        out += (placeholder[k] if k < len(placeholder) else templates.AUDIO) + part
-        k += 1
-      m["content"] = out
-      m.pop("value", None)
-    if name == RAW:
-      # No template: the turns' texts one after the other (a plain language model continues them).
-      text = "\n".join(m["content"] for m in messages if m["content"])
-      templates.check_text(text, "prompt")
-      pieces = text.split(templates.AUDIO)
-      if len(pieces) - 1 != len(counts):
-        raise UserError(f"{len(counts)} audio windows but the prompt holds {len(pieces) - 1} {templates.AUDIO!r}")
-      text = pieces[0] + "".join(templates.audio_span(c) + p for c, p in zip(counts, pieces[1:]))
-      return self.tokenizer.encode(text, add_special_tokens=True)
-    if messages[-1].get("role", messages[-1].get("from")) not in ("assistant", "gpt"):
-      messages.append({"role": "assistant", "content": ""})  # the generation slot
-    ids, _ = templates.get_template(name, self.tokenizer, self.system).encode(messages, counts)
-    return ids.tolist()
+    """Token ids of one prompt whose audios have features `mels` (one list of windows per audio): `prepare`."""
+    return self.prepare(prompt, mels, template)[0]
 
   # ---- generation ------------------------------------------------------------------------
 
@@ -191,19 +180,19 @@ class Generator:
       stop: Sequence[str] = (),
       stream: Callable[[int, str], None] | None = None,
   ) -> list[Result]:
-    """Replies to each prompt. audios: per prompt, a list of audios (paths, 16 kHz waveforms or
-    mel features), in the order of the prompt's `<audio>` placeholders (a string prompt
-    without placeholders gets them in front). stop: strings that end a reply (not included
-    in its text). stream(row, text): called with each new piece of text as it is decoded."""
+    """Replies to each prompt (each made by `prepare`). audios: per prompt, a list of audios
+    (paths, 16 kHz waveforms or mel features), in the order of the prompt's `<audio>`
+    placeholders (a string prompt without placeholders gets them in front). stop: strings that
+    end a reply (not included in its text). stream(row, text): called with each new piece of
+    text as it is decoded."""
     if isinstance(prompts, (str, bytes)):
       raise UserError("prompts should be a list (one entry per prompt), got a single string")
     t_start = time.perf_counter()
     if audios is not None and len(audios) != len(prompts):
       raise UserError(f"{len(audios)} audio lists for {len(prompts)} prompts; pass one list (maybe empty) per prompt")
-    mels = [[self.features(a) for a in row] for row in (audios or [[]] * len(prompts))]
-    features_s = time.perf_counter() - t_start
-    ids = [self.encode_prompt(p, m, template) for p, m in zip(prompts, mels)]
-    flat_mels = [[w for windows in row for w in windows] for row in mels]
+    rows = [self.prepare(p, a, template) for p, a in zip(prompts, audios or [[]] * len(prompts))]
+    features_s = time.perf_counter() - t_start  # features and prompt ids
+    ids, flat_mels = [r[0] for r in rows], [r[1] for r in rows]
     if stop or stream:
       self._need_tokenizer("stop strings and streaming")
     texts = _Texts(self, len(ids), list(stop), stream)
@@ -280,7 +269,7 @@ class Chat:
   def __init__(self, generator: Generator, *, template: str | None = None):
     self.gen, self.template = generator, template
     self.messages: list[dict[str, str]] = []
-    self.mels: list[list[np.ndarray]] = []  # per audio so far, its windows
+    self.mels: list[list[np.ndarray]] = []  # per audio so far, its windows' log-mels
 
   def reset(self) -> None:
     self.messages, self.mels = [], []
@@ -288,16 +277,13 @@ class Chat:
   def send(self, text: str = "", audio=None, **generate_kw) -> Result:
     """Replies to `text` and/or `audio` (a path, a 16 kHz waveform or mel features); a failed
     turn (say, an undecodable file) leaves the conversation as it was."""
-    from llasm_jax.data.templates import AUDIO
-
     if not text and audio is None:
       raise UserError("send text, audio, or both")
     new = [] if audio is None else [self.gen.features(audio)]
-    content = (AUDIO + ("\n" + text if text else "")) if new else text
-    messages = self.messages + [{"role": "user", "content": content}]
+    messages = self.messages + [{"role": "user", "content": user_content(text, len(new))}]
     mels = self.mels + new
-    ids = self.gen.encode_prompt(messages, mels, self.template)
-    [result] = self.gen.generate([ids], [[w for windows in mels for w in windows]], **generate_kw)
+    ids, flat = self.gen.prepare(messages, mels, self.template)
+    [result] = self.gen.generate([ids], [flat], **generate_kw)
     self.messages = messages + [{"role": "assistant", "content": result.text}]
     self.mels = mels
     return result

@@ -69,11 +69,11 @@ def respond(generator, rows: Sequence[dict[str, Any]], *, template: str | None =
             max_new_tokens: int = 128, batch_size: int = 16, progress: bool = True) -> list[dict[str, Any]]:
   """The rows with every assistant turn written by `generator` (greedy); see the module docstring.
 
-  `template` / `system`: the prompt format (default: the generator's); system "" leaves the
-  system prompt to the template (a chat template's own default).
+  `template` / `system`: the prompt format (default: the generator's, `Generator.prompt_format`);
+  system "" leaves the system prompt to the template (a chat template's own default).
   """
-  name = template or generator.template_name
-  fmt = templates.get_template(name, generator.tokenizer, system) if name != "none" else None
+  name, system = generator.prompt_format(template, system)
+  fmt = templates.get_template(name, generator.tokenizer, system)
   out = [dict(row, conversations=[dict(t) for t in row["conversations"]]) for row in rows]
   todo = [(r, s) for r, row in enumerate(out) for s in _slots(row)]
   # Turn by turn: a later reply is conditioned on the earlier ones, already replaced.
@@ -89,8 +89,8 @@ def respond(generator, rows: Sequence[dict[str, Any]], *, template: str | None =
       for r, s in chunk:
         messages = [{"role": _role(t), "content": str(t["value"])} for t in out[r]["conversations"][:s]]
         messages.append({"role": "assistant", "content": ""})
-        prompts.append(fmt.encode(messages)[0].tolist() if fmt is not None else messages)
-      results = generator.generate(prompts, template=name if fmt is None else None, max_new_tokens=max_new_tokens)
+        prompts.append(fmt.encode(messages)[0].tolist())
+      results = generator.generate(prompts, max_new_tokens=max_new_tokens)
       for (r, s), res in zip(chunk, results):
         turns = out[r]["conversations"]
         reply = {"from": "gpt", "value": res.text.strip()}

@@ -28,6 +28,7 @@ import os
 import time
 from typing import Any, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +36,7 @@ from flax import nnx
 
 from llasm_jax import checkpoint
 from llasm_jax.infer.engine import MeshFunctions, bucket
-from llasm_jax.models.whisper import WhisperConfig, WhisperModel
+from llasm_jax.models.whisper import WhisperConfig, WhisperDecoderCache, WhisperModel
 from llasm_jax.errors import UserError
 
 START, EOT, NO_TIMESTAMPS, TRANSCRIBE = "<|startoftranscript|>", "<|endoftext|>", "<|notimestamps|>", "<|transcribe|>"
@@ -95,6 +96,25 @@ class WhisperTokens:
     if self.no_timestamps is not None:
       ids.append(self.no_timestamps)
     return ids
+
+
+@flax.struct.dataclass
+class TranscribeState:
+  """What the greedy decode loop carries (the cache is updated in place, step after step).
+
+  cache:  the decoder's self-attention KV cache (P + slots) and the encoder's cross-attention
+          keys and values (`WhisperDecoderCache`)
+  tokens: int32[B, slots] generated tokens, EOS after a row's end
+  length: int32[]        tokens generated so far (rows step together)
+  last:   int32[B]       the newest token, the next decoder input
+  done:   bool[B]        rows that produced EOS (or are batch padding)
+  """
+
+  cache: WhisperDecoderCache
+  tokens: jax.Array
+  length: jax.Array
+  last: jax.Array
+  done: jax.Array
 
 
 @dataclasses.dataclass
@@ -227,19 +247,18 @@ class Transcriber(MeshFunctions):
     hidden, cache = model.decoder(prompt, cache=cache)
     first = pick(hidden[:, -1:], suppress | begin)
     tokens = jnp.full((b, slots), eos, jnp.int32).at[:, 0].set(first)
-    done = ~active | (first == eos)
 
-    def step(carry):
-      cache, tokens, length, last, done = carry
+    def step(st: TranscribeState) -> TranscribeState:
       step_model = nnx.merge(self.graphdef, state)
-      hidden, cache = step_model.decoder(last[:, None], cache=cache)
-      token = jnp.where(done, eos, pick(hidden, suppress))
-      tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, length))
-      return cache, tokens, length + 1, token, done | (token == eos)
+      hidden, cache = step_model.decoder(st.last[:, None], cache=st.cache)
+      token = jnp.where(st.done, eos, pick(hidden, suppress))
+      tokens = jax.lax.dynamic_update_slice(st.tokens, token[:, None], (0, st.length))
+      return TranscribeState(cache=cache, tokens=tokens, length=st.length + 1, last=token,
+                             done=st.done | (token == eos))
 
-    carry = (cache, tokens, jnp.int32(1), first, done)
-    carry = jax.lax.while_loop(lambda c: (c[2] < until) & ~jnp.all(c[4]), step, carry)
-    return carry[1], prompt
+    st = TranscribeState(cache=cache, tokens=tokens, length=jnp.int32(1), last=first, done=~active | (first == eos))
+    st = jax.lax.while_loop(lambda st: (st.length < until) & ~jnp.all(st.done), step, st)
+    return st.tokens, prompt
 
   def _input_shardings(self) -> tuple:
     """Shardings of the host inputs of `_transcribe_fn` after the parameters (None on one device)."""

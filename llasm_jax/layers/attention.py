@@ -20,12 +20,17 @@ from llasm_jax.errors import UserError
 class KVCache:
   """Preallocated keys/values of every layer, written in place as decoding advances.
 
-  k, v:  float[L, B, S, K, H]
+  k, v:  float[L, B, K, S, H]   heads before slots: a layer's float[B, K, S, H] is what the
+                               attention products read (batch B, K; contract H, then S)
+                               without a transposing copy of the cache at every step
   mask:  bool[B, S]   slots that hold a real (non-padding) token
   index: int32[]      next slot to write, the same for every row (prompts left-padded, rows step
                       together: `Engine.generate`), or
          int32[B]     each row's own next slot (decode slots that hold different requests, each at
                       its own length: `infer.batching`)
+
+  Inside a decode loop whose layers run unrolled, k and v may be tuples of L arrays
+  float[B, K, S, H] instead (`unstack`, `stack`).
   """
 
   k: jax.Array
@@ -35,7 +40,7 @@ class KVCache:
 
   @classmethod
   def zeros(cls, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype):
-    shape = (num_layers, batch, max_len, kv_heads, head_dim)
+    shape = (num_layers, batch, kv_heads, max_len, head_dim)
     return cls(
         k=jnp.zeros(shape, dtype),
         v=jnp.zeros(shape, dtype),
@@ -45,7 +50,26 @@ class KVCache:
 
   @property
   def max_len(self) -> int:
-    return self.k.shape[2]
+    return (self.k[0] if self.unstacked else self.k).shape[-2]
+
+  @property
+  def unstacked(self) -> bool:
+    """Whether k, v are tuples of L arrays float[B, K, S, H] (`unstack`) rather than one stack each."""
+    return isinstance(self.k, tuple)
+
+  def unstack(self) -> "KVCache":
+    """k, v as tuples of L arrays float[B, K, S, H], a buffer per layer (a copy), for a decode loop
+    whose layers run unrolled (`layers.stack.unstack_layers`): each layer then reads and writes its
+    own buffer in place, where XLA:CPU would copy a layer's slice of the stack at every step."""
+    if self.unstacked:
+      return self
+    return self.replace(k=tuple(self.k), v=tuple(self.v))
+
+  def stack(self) -> "KVCache":
+    """The inverse of `unstack`: k, v float[L, B, K, S, H]."""
+    if not self.unstacked:
+      return self
+    return self.replace(k=jnp.stack(self.k), v=jnp.stack(self.v))
 
   @property
   def per_row(self) -> bool:
@@ -91,31 +115,34 @@ def cached_mask(cache: KVCache, key_valid: jax.Array) -> tuple[jax.Array, jax.Ar
   return causal[:, None] & slot_mask[:, None, None, :], slot_mask
 
 
-def write_kv(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array):
-  """Writes k, v float[B, T, K, H] into one layer's cache float[B, S, K, H] at slot `index`."""
-  cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
-  cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
-  return cache_k, cache_v
-
-
-def write_kv_stacked(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array, layer, index):
-  """Writes k, v float[B, T, K, H] into layer `layer` of the stacked caches float[L, B, S, K, H] at
+def write_kv_stacked(cache_k, cache_v, k: jax.Array, v: jax.Array, layer, index: jax.Array):
+  """Writes k, v float[B, T, K, H] into layer `layer` of the stacked caches float[L, B, K, S, H] at
   slot `index` (int32[], or int32[B]: each row at its own slot): returns the updated stacks and
-  that layer's k, v float[B, S, K, H].
+  that layer's k, v float[B, K, S, H].
 
   The write goes into the whole stack (a scan carry, so XLA updates it in place) and the
-  layer's slice is read after it, so nothing but the T new slots is written.
+  layer's slice is read after it, so nothing but the T new slots is written. The caches may also
+  be tuples of L arrays float[B, K, S, H] (`KVCache.unstack`; `layer` a Python int): the write
+  then goes into that layer's array and the layer's k, v are that array, read without a copy.
   """
-  if index.ndim == 0:
-    def write(cache, x):
-      return jax.lax.dynamic_update_slice(cache, x[None].astype(cache.dtype), (layer, 0, index, 0, 0))
-  else:
-    @functools.partial(jax.vmap, in_axes=(1, 0, 0), out_axes=1)  # over rows: one scatter of T slots each
-    def write_row(cache, x, i):  # float[L, S, K, H], float[T, K, H], int32[]
-      return jax.lax.dynamic_update_slice(cache, x[None].astype(cache.dtype), (layer, i, 0, 0))
+  per_layer = isinstance(cache_k, tuple)
+  lead = () if per_layer else (layer,)  # the layer's start in a stack
 
-    def write(cache, x):
-      return write_row(cache, x, index)
+  def write(cache, x):  # cache float[(L,) B, K, S, H], x float[B, T, K, H]
+    x = jnp.swapaxes(x, 1, 2).astype(cache.dtype)  # [B, K, T, H]
+    if index.ndim == 0:
+      return jax.lax.dynamic_update_slice(cache, x.reshape((1,) * len(lead) + x.shape), (*lead, 0, 0, index, 0))
+
+    @functools.partial(jax.vmap, in_axes=(len(lead), 0, 0), out_axes=len(lead))  # over rows: T slots each
+    def write_row(c, xr, i):  # float[(L,) K, S, H], float[K, T, H], int32[]
+      return jax.lax.dynamic_update_slice(c, xr.reshape((1,) * len(lead) + xr.shape), (*lead, 0, i, 0))
+
+    return write_row(cache, x, index)
+
+  if per_layer:
+    layer_kv = write(cache_k[layer], k), write(cache_v[layer], v)
+    replace = lambda stack, new: stack[:layer] + (new,) + stack[layer + 1:]
+    return (replace(cache_k, layer_kv[0]), replace(cache_v, layer_kv[1])), layer_kv
   cache_k, cache_v = write(cache_k, k), write(cache_v, v)
   layer_kv = (jax.lax.dynamic_index_in_dim(cache_k, layer, keepdims=False),
               jax.lax.dynamic_index_in_dim(cache_v, layer, keepdims=False))

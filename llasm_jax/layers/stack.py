@@ -3,6 +3,9 @@
 The parameter layout is the same either way (float[L, ...] per leaf), so a checkpoint does
 not depend on `scan`: scanning compiles one layer body (a 32-layer model compiles in
 seconds), unrolling lets XLA schedule across layers. Both give the same numbers.
+
+`unstack_layers` turns the stacks of a (traced) model into L layers with arrays of their own, for
+a decode loop: see there.
 """
 
 from __future__ import annotations
@@ -63,11 +66,16 @@ class LayerStack(nnx.Module):
     """
     if remat_policy not in REMAT_POLICIES:
       raise UserError(f"remat_policy {remat_policy!r}: expected one of {sorted(REMAT_POLICIES)}")
-    graphdef, params = nnx.split(self.layers)
+    if self.unstacked:  # L modules: nothing to scan over
+      graphdef, params, scan = nnx.graphdef(self.layers[0]), [nnx.state(m) for m in self.layers], False
+      at = lambda i: params[i]
+    else:
+      graphdef, params = nnx.split(self.layers)
+      at = lambda i: jax.tree.map(lambda a: a[i], params)
     rng = current_dropout_rng()
     keys = None if rng is None else jax.random.split(rng, self.num_layers)
     if carry_per_layer:
-      return self._carried(graphdef, params, keys, x, per_layer, method, scan, remat_policy, shared)
+      return self._carried(graphdef, params, at, keys, x, per_layer, method, scan, remat_policy, shared)
 
     def body(carry, xs):
       layer_params, layer_in, key = xs
@@ -81,11 +89,11 @@ class LayerStack(nnx.Module):
       return jax.lax.scan(body, x, (params, per_layer, keys))
     outs = []
     for i in range(self.num_layers):
-      x, out = body(x, jax.tree.map(lambda a: a[i], (params, per_layer, keys)))
+      x, out = body(x, (at(i), *jax.tree.map(lambda a: a[i], (per_layer, keys))))
       outs.append(out)
     return x, jax.tree.map(lambda *a: jax.numpy.stack(a), *outs)
 
-  def _carried(self, graphdef, params, keys, x, state, method, scan, remat_policy, shared):
+  def _carried(self, graphdef, params, at, keys, x, state, method, scan, remat_policy, shared):
     def body(carry, xs):
       x, state = carry
       layer_params, l, key = xs
@@ -99,5 +107,28 @@ class LayerStack(nnx.Module):
       (x, state), _ = jax.lax.scan(body, (x, state), (params, jax.numpy.arange(self.num_layers), keys))
       return x, state
     for i in range(self.num_layers):
-      (x, state), _ = body((x, state), (jax.tree.map(lambda a: a[i], params), i, None if keys is None else keys[i]))
+      (x, state), _ = body((x, state), (at(i), i, None if keys is None else keys[i]))
     return x, state
+
+  @property
+  def unstacked(self) -> bool:
+    """Whether the layers are held as L modules (`unstack_layers`) rather than one stacked module."""
+    return isinstance(self.layers, nnx.List)
+
+
+def unstack_layers(module: nnx.Module) -> nnx.Module:
+  """Makes every `LayerStack` in `module` hold its L layers as L modules, each with its own arrays
+  (sliced from the stack: a copy), so that they run unrolled and each layer reads buffers of its
+  own; returns `module`. Meant for a traced copy (`nnx.merge` inside jit), before a decode loop.
+
+  Why: XLA:CPU does not fuse a slice into the dot that reads it: a layer's slice of a stacked
+  weight (scanned or unrolled) is copied before every use, so a decode step read each weight
+  about three times (read, write the copy, read it). Slicing once before the loop leaves one read
+  per step, at the cost of one copy of the layer weights per loop (and their memory meanwhile).
+  """
+  for _, m in nnx.iter_modules(module):
+    if isinstance(m, LayerStack) and not m.unstacked:
+      graphdef, params = nnx.split(m.layers)
+      m.layers = nnx.List([nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], params))
+                           for i in range(m.num_layers)])
+  return module

@@ -199,7 +199,7 @@ class LlamaAttention(nnx.Module):
   def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None, prefix_kv=None):
     """x float[B, T, D] -> float[B, T, D], and the updated (k, v) cache of this layer.
 
-    prefix_kv: this layer's keys and values float[B or 1, P, K, H] of P tokens before x, attended
+    prefix_kv: this layer's keys and values float[B or 1, K, P, H] of P tokens before x, attended
     to as if they came first (a shared prompt prefix computed once; see LlamaModel)."""
     cfg = self.cfg
     b, t, _ = x.shape
@@ -213,9 +213,10 @@ class LlamaAttention(nnx.Module):
     if cache_kv is not None:
       (cache_k, cache_v), layer = cache_kv  # the whole stack and this layer's index
       cache_kv, (k, v) = write_kv_stacked(cache_k, cache_v, k, v, layer, cache_index)
+      k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, S, K, H] views: XLA folds them into the dots
     if prefix_kv is not None:
       k, v = (jnp.concatenate([jnp.broadcast_to(p, (b, *p.shape[1:])).astype(x_.dtype), x_], axis=1)
-              for p, x_ in zip(prefix_kv, (k, v)))
+              for p, x_ in zip((jnp.swapaxes(p, 1, 2) for p in prefix_kv), (k, v)))
     out = attend(q, k, v, mask, implementation=cfg.attention_impl)
     out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
     return self.o_proj(out.reshape(b, t, -1)), cache_kv
@@ -270,7 +271,7 @@ class LlamaModel(nnx.Module):
 
   def __call__(self, inputs_embeds, positions, attention_mask, cache: KVCache | None, prefix_kv=None,
                segment_ids=None):
-    """prefix_kv: (k, v) float[L, B or 1, P, K, H] of P tokens that come before these in every row
+    """prefix_kv: (k, v) float[L, B or 1, K, P, H] of P tokens that come before these in every row
     (no padding), e.g. `KVCache.k, .v` of a prefill of a shared prompt prefix; no cache then.
     segment_ids int[B, T]: packed training rows (1..n per sample, 0 = padding), each sample
     attending to itself only (and to the prefix); no cache then."""
@@ -283,7 +284,7 @@ class LlamaModel(nnx.Module):
       if cache is not None:
         raise UserError("pass a KV cache or prefix keys and values, not both")
       b, t = attention_mask.shape
-      seen = jnp.ones((b, 1, t, prefix_kv[0].shape[2]), bool)  # every prefix token, from every position
+      seen = jnp.ones((b, 1, t, prefix_kv[0].shape[3]), bool)  # every prefix token, from every position
       mask = jnp.concatenate([seen, causal_mask(attention_mask, segment_ids)], axis=-1)
       x, _ = self.layers(x, tuple(prefix_kv), scan=cfg.scan_layers, remat_policy=cfg.remat_policy, cos=cos,
                          sin=sin, mask=mask, cache_index=None, prefix=True)

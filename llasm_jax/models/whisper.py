@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from llasm_jax.layers import Buffer, KVCache, LayerStack, attend, cached_mask, causal_mask, constrain, dense, layer_norm, param_init
-from llasm_jax.layers.attention import write_kv
+from llasm_jax.layers.attention import write_kv_stacked
 from llasm_jax.layers.common import embed_lookup
 from llasm_jax.errors import UserError
 
@@ -190,12 +190,21 @@ class WhisperEncoder(nnx.Module):
 
 @flax.struct.dataclass
 class WhisperDecoderCache:
-  """Self-attention KVCache plus the cross-attention k, v float[L, B, T, N, H] of the encoder."""
+  """What the decoder carries from call to call: `init_cache` makes it, each cached call returns
+  the next (the same protocol as the LLM's: `LayerStack(carry_per_layer=True)`, `write_kv_stacked`).
+
+  self_kv:      the self-attention `KVCache`: k, v float[L, B, N, S, H], written in place U slots
+                per call; mask bool[B, S]; index int32[] (or int32[B], a slot per row)
+  cross_k,
+  cross_v:      float[L, B, N, T, H] every layer's cross-attention keys and values of the encoder
+                states, projected once by `init_cache` and only read
+  encoder_mask: bool[B, T] encoder frames that are real (not padding)
+  """
 
   self_kv: KVCache
   cross_k: jax.Array
   cross_v: jax.Array
-  encoder_mask: jax.Array  # bool[B, T]
+  encoder_mask: jax.Array
 
 
 class WhisperDecoderLayer(nnx.Module):
@@ -210,21 +219,30 @@ class WhisperDecoderLayer(nnx.Module):
     self.fc1, self.fc2 = _mlp(cfg, cfg.decoder_ffn_dim, rngs)
 
   def cross_kv(self, encoder_states, _):
-    return encoder_states, self.encoder_attn.project_kv(encoder_states)
+    """float[B, T, D] -> this layer's cross-attention k, v float[B, N, T, H] (heads first, as cached)."""
+    k, v = self.encoder_attn.project_kv(encoder_states)
+    return encoder_states, (jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
 
-  def __call__(self, x, layer_cache, *, self_mask, cross_mask, index, encoder_states):
-    self_kv, cross_kv = layer_cache
+  def __call__(self, x, cache, *, self_mask, cross_mask, index, encoder_states):
+    """x float[B, U, D] -> float[B, U, D], and the carried cache.
+
+    cache: None (a full forward: keys and values from x and encoder_states), or
+    ((self_k, self_v, cross_k, cross_v), l): the stacked arrays of a `WhisperDecoderCache` and this
+    layer's index; they come back with this layer's U new self-attention slots written at `index`."""
     h = self.self_attn_layer_norm(x)
     k, v = self.self_attn.project_kv(h)
-    if self_kv is not None:
-      self_kv = write_kv(*self_kv, k, v, index)
-      k, v = self_kv
+    if cache is None:
+      cross_k, cross_v = self.encoder_attn.project_kv(encoder_states)
+    else:
+      (self_k, self_v, cross_k, cross_v), layer = cache
+      (self_k, self_v), (k, v) = write_kv_stacked(self_k, self_v, k, v, layer, index)
+      cache = (self_k, self_v, cross_k, cross_v)
+      k, v, cross_k, cross_v = (jnp.swapaxes(a, 1, 2) for a in (
+          k, v, *(jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in (cross_k, cross_v))))
     x = x + self.self_attn(h, k, v, self_mask)
-    if cross_kv is None:
-      cross_kv = self.encoder_attn.project_kv(encoder_states)
-    x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), *cross_kv, cross_mask)
+    x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), cross_k, cross_v, cross_mask)
     x = x + self.fc2(_gelu(self.fc1(self.final_layer_norm(x))))
-    return constrain(x, ("batch", "length", "act_embed")), self_kv
+    return constrain(x, ("batch", "length", "act_embed")), cache
 
 
 class WhisperDecoder(nnx.Module):
@@ -260,7 +278,8 @@ class WhisperDecoder(nnx.Module):
     """input_ids int[B, U] -> final hidden states float[B, U, D] (HF `last_hidden_state`).
 
     Without a cache, pass `encoder_states` float[B, T, D] (and `encoder_frames` int[B] if
-    some frames are padding); with a cache, positions continue from `cache.self_kv.index`.
+    some frames are padding); with a cache (`init_cache`), positions continue from
+    `cache.self_kv.index` and the updated cache comes back.
     """
     cfg = self.cfg
     b, u = input_ids.shape
@@ -273,21 +292,21 @@ class WhisperDecoder(nnx.Module):
       if encoder_frames is None:
         encoder_frames = jnp.full((b,), t, jnp.int32)
       cross_valid = jnp.arange(t)[None, :] < encoder_frames[:, None]
-      self_mask, per_layer, start = causal_mask(attention_mask), (None, None), 0
+      self_mask, carried, start = causal_mask(attention_mask), None, jnp.zeros((), jnp.int32)
     else:
+      kv = cache.self_kv
       cross_valid = cache.encoder_mask
-      self_mask, slot_mask = cached_mask(cache.self_kv, attention_mask)
-      per_layer = ((cache.self_kv.k, cache.self_kv.v), (cache.cross_k, cache.cross_v))
-      start = cache.self_kv.index
-    positions = start + jnp.arange(u)
+      self_mask, slot_mask = cached_mask(kv, attention_mask)
+      carried, start = (kv.k, kv.v, cache.cross_k, cache.cross_v), kv.index
+    positions = jnp.broadcast_to((start[:, None] if start.ndim else start) + jnp.arange(u), (b, u))
     x = embed_lookup(self.embed_tokens, input_ids) * (math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0)
-    x = x + self.embed_positions(positions)[None].astype(x.dtype)
-    x, new_kv = self.layers(
-        constrain(x, ("batch", "length", "act_embed")), per_layer, scan=cfg.scan_layers,
-        remat_policy=cfg.remat_policy, self_mask=self_mask, cross_mask=cross_valid[:, None, None, :],
-        index=start, encoder_states=encoder_states)
+    x = x + self.embed_positions(positions).astype(x.dtype)
+    x, carried = self.layers(
+        constrain(x, ("batch", "length", "act_embed")), carried, scan=cfg.scan_layers,
+        remat_policy=cfg.remat_policy, carry_per_layer=cache is not None, self_mask=self_mask,
+        cross_mask=cross_valid[:, None, None, :], index=start, encoder_states=encoder_states)
     if cache is not None:
-      cache = cache.replace(self_kv=KVCache(new_kv[0], new_kv[1], slot_mask, start + u))
+      cache = cache.replace(self_kv=KVCache(carried[0], carried[1], slot_mask, start + u))
     return self.layer_norm(x), cache
 
 

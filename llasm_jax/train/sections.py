@@ -81,9 +81,12 @@ def training_sections(stage: int) -> dict[str, ml_collections.ConfigDict]:
       source="synthetic",  # or "tfds": the datasets of `llasm-jax data build`
       dir="",  # "tfds": comma-separated folders written by `llasm-jax data build`
       tokenizer="",  # "tfds": tokenizer folder; default: config.train.init_from (a model folder)
-      template="llasm-cllama2",  # "tfds": llasm-cllama2 | llasm-baichuan | chat-template
-      # The system prompt, in training and in config.eval: None = LLaSM's (templates.LLASM_SYSTEM),
-      # "" = none, so a chat template writes its own default (e.g. SmolLM2's), or any text.
+      # "tfds": llasm-cllama2 | llasm-baichuan | chat-template; recorded in the model folder, whose
+      # generate / chat / eval then default to it.
+      template="llasm-cllama2",
+      # The system prompt, in training and in config.eval (recorded with the template): None = the
+      # template's default, LLaSM's (templates.LLASM_SYSTEM) for llasm-cllama2 / llasm-baichuan and
+      # the chat template's own (e.g. SmolLM2's) for chat-template; "" = none; or any text.
       system=None,
       # "tfds": the template's fixed opening (system block, start of the first user turn) is sent
       # once per batch and run once, its keys and values shared by every row (exact; stage 1 with

@@ -652,8 +652,11 @@ def run_eval(evaluator, setup: Setup, state: TrainState, step: int, metrics: Met
 def save_model(folder: str, cfg: LlasmConfig, state: TrainState, config) -> None:
   """The trained model as a model folder (what `generate` and `export` read)."""
   flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.merge_state(state.params, state.rest)), sep="/")
+  # The prompt format the batches had (synthetic batches have none): generate / chat / eval default to it.
+  extra = {} if config.data.get("source") != "tfds" else {checkpoint.PROMPT_KEY: {
+      "template": config.data.get("template", "llasm-cllama2"), "system": config.data.get("system")}}
   with checkpoint.atomic_dir(folder, overwrite=True) as tmp:
-    checkpoint.save_params(tmp, "llasm", cfg, flat, stored_dtype=cfg.llm.param_dtype)
+    checkpoint.save_params(tmp, "llasm", cfg, flat, stored_dtype=cfg.llm.param_dtype, extra=extra)
     init_from = config.train.get("init_from")
     if init_from:
       checkpoint.copy_companions(init_from, tmp)

@@ -221,10 +221,11 @@ CHATML_DEFAULT_SYSTEM = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-@pytest.mark.parametrize("system", [None, ""], ids=["llasm_default", "template_own"])
+@pytest.mark.parametrize("system", [None, "", "be brief"], ids=["default", "empty", "text"])
 def test_config_data_system_reaches_the_batches(tokenizer_dir, system):
-  """config.data.system None: LLaSM's system prompt; "" (--config.data.system=): none, so the chat
-  template writes its own default."""
+  """config.data.system None or "" (--config.data.system=) with a chat template: no system message,
+  so the chat template writes its own default (LLaSM's belongs to the LLaSM templates); a text
+  is written as the system message."""
   from transformers import AutoTokenizer
 
   from llasm_jax.config import apply_overrides
@@ -246,20 +247,22 @@ def test_config_data_system_reaches_the_batches(tokenizer_dir, system):
   for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
     text = tok.decode(ids[mask == 1])
     assert text.startswith("<|im_start|>system\n")
-    assert (SYSTEM in text) == (system is None)
-    assert ("you are a sample model" in text) == (system == "")
+    assert SYSTEM not in text
+    assert ("you are a sample model" in text) == (not system)
+    assert ("be brief" in text) == bool(system)
 
 
 def test_eval_prompts_use_the_training_system_prompt(assets_dataset, tokenizer_dir):
   """`LlasmAnswers.for_source(system=...)` and `TrainingEval` (config.data.system) prompt as training did."""
   import types
 
-  from llasm_jax.train.sections import training_sections
   from llasm_jax.infer.evaluate import LlasmAnswers, TrainingEval
+  from llasm_jax.infer.generator import Generator
+  from llasm_jax.train.sections import training_sections
   from tests.data.conftest import SYSTEM
 
   tok = tokens.load_tokenizer(tokenizer_dir)
-  generator = types.SimpleNamespace(cfg=tiny_model(), tokenizer=tok, template_name="llasm-cllama2")
+  generator = Generator(types.SimpleNamespace(audio_cfg=tiny_model()), tok, template="llasm-cllama2")
   source = pipeline.Source(assets_dataset)
   for system, want in [(None, SYSTEM), ("", None), ("be brief", "be brief")]:
     answers = LlasmAnswers.for_source(generator, source, system=system)
@@ -267,6 +270,15 @@ def test_eval_prompts_use_the_training_system_prompt(assets_dataset, tokenizer_d
     assert (SYSTEM in text) == (system is None)
     if want:
       assert text.count(want) == 2  # llasm-cllama2 writes the system block twice
+  # The model folder's record (what training used) is the default; the caller's choice beats it.
+  recorded = Generator(types.SimpleNamespace(audio_cfg=tiny_model()), tok,
+                       recorded={"template": "llasm-baichuan", "system": "be brief"})
+  answers = LlasmAnswers.for_source(recorded, source)
+  assert (answers.pcfg.template, answers.pcfg.system) == ("llasm-baichuan", "be brief")
+  text = tok.decode(answers.prompt(source[0])[0])
+  assert text.count("be brief") == 1 and "USER:" in text and SYSTEM not in text
+  answers = LlasmAnswers.for_source(recorded, source, template="llasm-cllama2")
+  assert (answers.pcfg.template, answers.pcfg.system) == ("llasm-cllama2", None)
   config = ml_collections.ConfigDict(training_sections(1))
   config.data.update(dict(tokenizer=tokenizer_dir, system=""))
   config.eval.update(dict(every=1, data=assets_dataset, limit=1))

@@ -161,3 +161,64 @@ def test_errors(tokenizer):
     check_tokenizer_markers(tokenizer, {"<au_patch>": 32000})
   with pytest.raises(ValueError, match="template 'nope'"):
     get_template("nope", tokenizer)
+
+
+def chatml_tokenizer(tokenizer_dir, chat_template=CHATML):
+  from transformers import AutoTokenizer
+
+  tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+  tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+  tok.chat_template = chat_template
+  return tok
+
+
+@pytest.mark.parametrize("name", ["llasm-cllama2", "llasm-baichuan", "chat-template", "none"])
+def test_a_system_message_sets_the_system_prompt(tokenizer_dir, name):
+  """OpenAI-style {"role": "system"} first: the conversation's system prompt, as `system=` would set it."""
+  tok = chatml_tokenizer(tokenizer_dir)
+  talk = [{"role": "user", "content": "<audio> hello world"}, {"role": "assistant", "content": "one two"},
+          {"role": "user", "content": "and this"}, {"role": "assistant", "content": ""}]
+  system = {"role": "system", "content": "be brief"}
+  ids, labels = get_template(name, tok).encode([system] + talk, [3])
+  want_ids, want_labels = get_template(name, tok, system="be brief").encode(talk, [3])
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_array_equal(labels, want_labels)
+  assert "be brief" in tok.decode(ids) and SYSTEM not in tok.decode(ids)
+  # It beats the template's system prompt too, and must come first.
+  np.testing.assert_array_equal(get_template(name, tok, system="other").encode([system] + talk, [3])[0], ids)
+  with pytest.raises(ValueError, match="system message must come first"):
+    get_template(name, tok).encode(talk[:1] + [system] + talk[1:], [3])
+  with pytest.raises(ValueError, match="audio belongs to user turns"):
+    get_template(name, tok).encode([{"role": "system", "content": "<audio>"}] + talk, [3, 3])
+
+
+def test_default_system_prompts(tokenizer_dir):
+  """LLaSM's system prompt belongs to the LLaSM templates; a chat template writes its own (none here)."""
+  tok = chatml_tokenizer(tokenizer_dir)
+  assert get_template("llasm-cllama2", tok).system == get_template("llasm-baichuan", tok).system == SYSTEM
+  assert get_template("chat-template", tok).system is None and get_template("none", tok).system is None
+  ids, _ = get_template("chat-template", tok).encode([{"role": "user", "content": "hello"},
+                                                      {"role": "assistant", "content": ""}])
+  assert tok.decode(ids) == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+  ids, labels = get_template("none", tok).encode([{"role": "user", "content": "hello"},
+                                                  {"role": "assistant", "content": ""}])
+  assert ids.tolist() == tok.encode("hello") and np.all(labels == IGNORE)
+
+
+def test_default_template_precedence():
+  import types
+
+  from llasm_jax.data.templates import default_template
+
+  plain, chat = types.SimpleNamespace(chat_template=None), types.SimpleNamespace(chat_template="{{ x }}")
+  assert default_template(plain, True) == ("llasm-cllama2", None)
+  assert default_template(plain, False) == default_template(None, False) == ("none", None)
+  assert default_template(chat, True) == default_template(chat, False) == ("chat-template", None)
+  rec = {"template": "llasm-baichuan", "system": "R"}
+  assert default_template(chat, True, rec) == ("llasm-baichuan", "R")
+  assert default_template(chat, True, rec, template="llasm-baichuan") == ("llasm-baichuan", "R")
+  assert default_template(chat, True, rec, template="chat-template") == ("chat-template", None)
+  assert default_template(chat, True, rec, system="S") == ("llasm-baichuan", "S")
+  assert default_template(chat, True, {"template": "llasm-baichuan", "system": None}) == ("llasm-baichuan", None)
+  with pytest.raises(ValueError, match="template 'nope'"):
+    default_template(chat, True, template="nope")

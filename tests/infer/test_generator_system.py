@@ -14,12 +14,15 @@ CHAT = ("{% if messages[0]['role'] != 'system' %}<|system|>" + OWN + "\n{% endif
         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-@pytest.mark.parametrize("system, expected", [(None, LLASM_SYSTEM), ("", OWN), ("Be brief.", "Be brief.")])
-def test_system_prompt(system, expected):
+@pytest.mark.parametrize("template, system, expected", [
+    ("chat-template", None, OWN), ("chat-template", "", OWN), ("chat-template", "Be brief.", "Be brief."),
+    ("llasm-cllama2", None, LLASM_SYSTEM), ("llasm-cllama2", "Be brief.", "Be brief.")])
+def test_system_prompt(template, system, expected):
+  """LLaSM's system prompt belongs to the LLaSM templates; a chat template writes its own."""
   tok = tiny_tokenizer()
   tok.chat_template = CHAT
-  gen = Generator(types.SimpleNamespace(audio_cfg=None), tok, template="chat-template", system=system)
-  text = tok.decode(gen.encode_prompt("What is the weather?", []))
+  gen = Generator(types.SimpleNamespace(audio_cfg=None), tok, template=template, system=system)
+  text = tok.decode(gen.prepare("What is the weather?")[0])
   assert expected in text and "What is the weather?" in text
   for other in {LLASM_SYSTEM, OWN, "Be brief."} - {expected}:
     assert other not in text
