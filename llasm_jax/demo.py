@@ -328,7 +328,7 @@ def report(opts: Options, phases: Phases, before: dict, after: dict, answers: di
   lines.append(f"train: {train['steps']} steps of batch {opts.batch}, {train['samples_per_s']:.1f} samples/s, "
                f"final loss {train['final_loss']:.3f}" + (f", loss curve {train['plot']}" if train.get("plot") else ""))
   model = train["model"]
-  lines += ["", "go on:", f"  llasm-jax chat --ckpt {model} --template {TEMPLATE} --system ''",
+  lines += ["", "go on:", f"  llasm-jax chat --ckpt {model}   (the folder records its template)",
             "  (type a question, or the path of an audio file to send it)",
             "the same recipe at 7B on a TPU pod (Whisper large-v2 + LLaMA-2-7B; see README 'From the demo to 7B'):",
             "  llasm-jax convert --llm Llama-2-7b-chat/ --whisper whisper-large-v2/ --mode encoder --out gs://B/fresh",
