@@ -47,7 +47,7 @@ setup(
         "fastapi",
         "uvicorn",
         "python-multipart",
-        "qwix",  # int8 weight-only decoding (`--quantize int8`): Google's JAX quantization library
+        "qwix>=0.1.8,<0.2",  # int8 weight-only decoding (`--quantize int8`): Google's JAX quantization library
     ],
     extras_require={
         "torch": [TORCH],
