@@ -501,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--template", help="prompt template (default: the folder's, else the tokenizer's chat template, "
                                     "else llasm-cllama2 / none)")
   p.add_argument("--system", help="system prompt when a request sends none (default: the template's own)")
+  p.add_argument("--quantize", choices=QUANTIZE_MODES, default="none", help=QUANTIZE_HELP)
   p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's config)")
   p.add_argument("--config", help="run config whose mesh and logical_axis_rules shard the model")
   p.add_argument("--mesh", type=_parse_mesh, help="shard on this mesh, e.g. data=2,tensor=4 (DEFAULT_RULES)")

@@ -1,4 +1,4 @@
-"""`llasm-jax serve` as a user starts it: a process on 127.0.0.1 that answers, then stops on SIGTERM."""
+"""`llasm-jax serve` as a user starts it (int8 weights): a process on 127.0.0.1 that answers, then stops on SIGTERM."""
 
 import os
 import signal
@@ -21,7 +21,8 @@ def test_serve_command_answers_and_stops(ckpts):
   port = free_port()
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.Popen([sys.executable, "-m", "llasm_jax.cli", "serve", "--ckpt", ckpts["llama"], "--port", str(port),
-                           "--slots", "2", "--max-len", "128", "--model-name", "tiny", "--log-level", "warning"],
+                           "--slots", "2", "--max-len", "128", "--model-name", "tiny", "--log-level", "warning",
+                           "--quantize", "int8"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
   try:
     deadline = time.monotonic() + 180
