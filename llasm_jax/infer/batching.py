@@ -35,6 +35,7 @@ from llasm_jax.errors import UserError
 from llasm_jax.infer.engine import AudioFeatures, Engine, Timings, bucket
 from llasm_jax.infer.sampling import SamplingParams, sample
 from llasm_jax.layers import KVCache
+from llasm_jax.layers.stack import unstack_layers
 from llasm_jax.models.llasm import check_audio_markers, splice
 
 
@@ -193,7 +194,11 @@ class SlotEngine(Engine):
     """`steps` decode steps of every row; stop bool[B] ends rows first (the host's stop strings,
     cancellations). -> the new state, tokens int32[B, K] and emitted bool[B, K]."""
     self.traces["step"] += 1
-    llm = nnx.merge(self.llm_graphdef, llm_state)
+    graphdef = self.llm_graphdef
+    if self.unstack_decode:  # as `Engine._decode_fn`: per-layer buffers for the steps of this call
+      graphdef, llm_state = nnx.split(unstack_layers(nnx.merge(graphdef, llm_state)))
+      st = st.replace(cache=st.cache.unstack())
+    llm = nnx.merge(graphdef, llm_state)
 
     def one(st: SlotState, _):
       index = st.cache.index
@@ -212,7 +217,7 @@ class SlotEngine(Engine):
 
     st = st.replace(active=st.active & ~stop)
     st, (tokens, emitted) = jax.lax.scan(one, st, None, length=steps)
-    return st, tokens.T, emitted.T
+    return st.replace(cache=st.cache.stack()), tokens.T, emitted.T
 
   # ---- host side -------------------------------------------------------------------------
 
