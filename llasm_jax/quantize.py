@@ -93,9 +93,10 @@ class _QuantizedDots(qwix.PtqProvider):
     return super().dot_general(lhs, rhs, dimension_numbers, out_sharding=out_sharding)
 
 
-def quantize(model: LlamaForCausalLM | Llasm, mode: str = "int8", *, lm_head: bool = True):
+def quantize(model: LlamaForCausalLM | Llasm, mode: str = "int8", *, lm_head: bool = True, embedding: bool = True):
   """A copy of `model` whose LLM projection kernels are int8 + scales (see the module docstring);
-  "none" returns `model` itself. lm_head=False keeps an untied LM head float.
+  "none" returns `model` itself. lm_head=False keeps an untied LM head float; embedding=False the
+  token embedding (and a tied head with it).
 
   Works on stacked (scan_layers) and unrolled models alike, and on sharded parameters: the int8
   kernels keep their kernels' shardings, so `Engine(model, mesh=..., rules=...)` runs it as it
@@ -107,7 +108,7 @@ def quantize(model: LlamaForCausalLM | Llasm, mode: str = "int8", *, lm_head: bo
     return model
   if isinstance(model, Llasm):
     out = nnx.clone(model)
-    out.llm = quantize(model.llm, mode, lm_head=lm_head)
+    out.llm = quantize(model.llm, mode, lm_head=lm_head, embedding=embedding)
     return out
   if not isinstance(model, LlamaForCausalLM):
     raise UserError(f"cannot quantize a {type(model).__name__}; pass a LlamaForCausalLM or a Llasm "
@@ -119,6 +120,8 @@ def quantize(model: LlamaForCausalLM | Llasm, mode: str = "int8", *, lm_head: bo
   for path, module in nnx.iter_modules(llm):
     if isinstance(module, nnx.Linear) and (lm_head or path != ("lm_head",)):
       module.kernel = _int8_kernel(module.kernel, dtype)
+  if embedding:
+    llm.model.embed_tokens = Int8Embed(llm.model.embed_tokens)
   provider = _QuantizedDots(jnp.int8 if mode == "w8a8" else None)
   # quantize_model names every module for qwix's rules and intercepts `__call__`; nothing runs
   # (skip_nnx_init: the kernels are quantized already), so the dummy input is never read.
@@ -154,6 +157,54 @@ def _int8_kernel(kernel: nnx.Param, scale_dtype) -> ptq.WithAux:
   scale_names = None if names is None else tuple(None if d == axis else n for d, n in enumerate(names))
   return ptq.WithAux(qarray.QArray(kernel.replace(qvalue), kernel.replace(scale, out_sharding=scale_names),
                                    qtype=jnp.int8), how)
+
+
+class Int8Embed(nnx.Module):
+  """A token embedding stored as int8 rows and one scale per row (symmetric absmax), in place of
+  an `nnx.Embed` float[V, D]:
+
+    qvalue  int8[V, D]   round(row / scale), clipped to [-127, 127]
+    scale   float[V, 1]  absmax of the row / 127
+
+  A lookup gathers the int8 rows and their scales, then multiplies: exact per row, and the float
+  table never exists. A tied LM head (`attend`) multiplies by the dequantized table; inside a
+  decode loop XLA computes that once per call, outside the loop (a float temporary of the table's
+  size while it runs)."""
+
+  def __init__(self, embed: nnx.Embed):
+    table = embed.embedding
+    self.dtype = jnp.dtype(embed.dtype or table.dtype)
+    value = table.get_value()
+    how = qarray.HowToQuantize(qtype=jnp.int8, channelwise_axes=(0,))
+
+    def run(w):
+      q = qarray.quantize(jnp.asarray(w, jnp.float32), how)
+      return q.qvalue, q.scale.astype(self.dtype)
+
+    sh = getattr(value, "sharding", None)
+    if isinstance(sh, NamedSharding):
+      rows = tuple(sh.spec)[:1] or (None,)
+      qvalue, scale = jax.jit(run, out_shardings=(sh, NamedSharding(sh.mesh, PartitionSpec(*rows, None))))(value)
+    else:
+      qvalue, scale = jax.jit(run)(value)
+    names = table.get_metadata().get("out_sharding")
+    self.qvalue = table.replace(qvalue)
+    self.scale = table.replace(scale, out_sharding=None if names is None else (names[0], None))
+    self.num_embeddings, self.features = value.shape
+
+  def lookup(self, ids: jax.Array) -> jax.Array:
+    """int[B, T] -> float[B, T, D] in the compute dtype."""
+    rows = jnp.take(self.qvalue[...], ids, axis=0).astype(self.dtype)
+    return rows * jnp.take(self.scale[...], ids, axis=0)
+
+  @property
+  def embedding(self) -> jax.Array:
+    """The dequantized table float[V, D] (what an `nnx.Embed` holds)."""
+    return self.qvalue[...].astype(self.dtype) * self.scale[...]
+
+  def attend(self, query: jax.Array) -> jax.Array:
+    """float[..., D] -> float[..., V]: the tied LM head, as `nnx.Embed.attend`."""
+    return jnp.dot(query.astype(self.dtype), self.embedding.T)
 
 
 def weight_bytes(model: nnx.Module) -> dict[str, int]:

@@ -145,5 +145,7 @@ def embed_lookup(embed: nnx.Embed, ids: jax.Array) -> jax.Array:
   them into the batch-sharded activation. Left to itself, XLA looked up in the width-sharded table
   and could not reshard the result ("Involuntary full rematerialization" on data x fsdp x tensor
   meshes): it replicated the whole [B, T, D] first."""
+  if hasattr(embed, "lookup"):  # a table stored otherwise (int8 rows + scales: `quantize.Int8Embed`)
+    return constrain(embed.lookup(ids), ("batch", "length", "act_embed"))
   table = constrain(embed.embedding[...].astype(embed.dtype or embed.embedding.dtype), ("vocab", None))
   return constrain(jnp.take(table, ids, axis=0), ("batch", "length", "act_embed"))

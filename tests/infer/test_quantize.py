@@ -56,20 +56,27 @@ def test_kernels_stored_int8_with_per_layer_per_channel_scales(small):
   back = kernel.qvalue.get_value().astype(jnp.float32) * kernel.scale.get_value()
   assert float(jnp.max(jnp.abs(back - w) / kernel.scale.get_value())) <= 0.5 + 1e-4
   assert int(jnp.min(jnp.max(jnp.abs(kernel.qvalue.get_value().astype(jnp.int32)), axis=1))) == 127
-  # The float model is untouched; the embedding, norms stay float32.
+  # The float model is untouched; the embedding is int8 rows with a scale each.
   assert small.model.layers.layers.mlp.up_proj.kernel[...].dtype == jnp.float32
-  assert q.model.embed_tokens.embedding[...].dtype == jnp.float32
+  table = small.model.embed_tokens.embedding[...]
+  assert q.model.embed_tokens.qvalue.get_value().dtype == jnp.int8 and q.model.embed_tokens.scale.shape == (
+      table.shape[0], 1)
+  assert float(jnp.max(jnp.abs(q.model.embed_tokens.embedding - table) / q.model.embed_tokens.scale[...])) <= 0.5 + 1e-4
+  ids = jnp.asarray([[3, 7, 3]])
+  np.testing.assert_allclose(q.embed(ids), q.model.embed_tokens.embedding[ids], rtol=1e-6)
 
 
-def test_weight_bytes_a_quarter_of_float32_for_the_quantized_matrices(small):
+def test_weight_bytes_about_half_of_bfloat16(small):
   f32, i8 = weight_bytes(small), weight_bytes(quantize(small, "int8"))
   bf16 = weight_bytes(LlamaForCausalLM(SMALL.replace(param_dtype="bfloat16"), rngs=nnx.Rngs(0)))
   assert set(f32) == {"float32", "total"} and bf16["bfloat16"] * 2 == f32["float32"]
-  matrices = sum(np.prod(x.shape) for p, x in _flat(small).items() if any(p.startswith(m) for m in PROJECTIONS))
-  scales = i8["float32"] - (f32["float32"] - 4 * matrices)  # the float32 left over is the unquantized part
-  assert i8["int8"] == matrices  # one byte per weight
-  assert (i8["int8"] + scales) / (4 * matrices) < 0.26  # the scales add 1/hidden_size of a float32 matrix
-  assert (i8["int8"] + scales) / (2 * matrices) < 0.52  # about half of bfloat16
+  flat = _flat(small)
+  matrices = sum(np.prod(x.shape) for p, x in flat.items() if any(p.startswith(m) for m in PROJECTIONS))
+  table = np.prod(flat["model/embed_tokens/embedding"].shape)
+  assert i8["int8"] == matrices + table  # one byte per weight
+  # The rest: a float32 scale per output channel (1/hidden_size of an int8 matrix) and the norms.
+  assert i8["total"] / f32["total"] < 0.27
+  assert i8["total"] / bf16["total"] < 0.54  # about half of bfloat16
 
 
 def _flat(model):
