@@ -13,8 +13,10 @@ large, 429 queue full with `Retry-After`) and 500 for ours; the server keeps ser
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import json
 import os
 import tempfile
 import time
@@ -236,18 +238,27 @@ def create_app(scheduler: Scheduler, *, model_name: str, max_audio_bytes: int = 
       raise ApiError(400, str(e), param="messages") from None
 
   async def collect(job, request: Request) -> Finished:
-    """Waits for a job's end; a client that disconnects cancels it."""
-    events = job.events()
+    """Waits for a job's end. A client that disconnects meanwhile cancels it (its slot is freed at
+    the scheduler's next step): uvicorn does not cancel the handler, so a task waits for the
+    connection's `http.disconnect`, as Starlette's streaming responses do."""
+
+    async def watch():
+      while (await request.receive())["type"] != "http.disconnect":
+        pass
+      job.cancel()
+
+    watcher = asyncio.create_task(watch())
     try:
-      async for event in events:
+      async for event in job.events():
         if isinstance(event, Failed):
           raise ApiError(500, event.message, kind="server_error")
         if isinstance(event, Finished):
           return event
+      raise ApiError(500, "the job ended without a result", kind="server_error")
     finally:
+      watcher.cancel()
       if not job.done:
         job.cancel()
-    raise ApiError(500, "the job ended without a result", kind="server_error")
 
   def usage(done: Finished) -> dict[str, int]:
     n = len(done.token_ids)
@@ -287,27 +298,28 @@ def create_app(scheduler: Scheduler, *, model_name: str, max_audio_bytes: int = 
               "usage": usage(done)}
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, **extra) -> str:
-      import json
-
-      body_ = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-               "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+    def sse(body_: dict[str, Any]) -> str:
       return f"data: {json.dumps(body_, ensure_ascii=False)}\n\n"
 
-    async def stream():
-      import json
+    def chunk(choices: list, **extra) -> str:
+      return sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                  "choices": choices, **extra})
 
+    def choice(delta: dict[str, Any], finish: str | None = None) -> list:
+      return [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+
+    async def stream():
       try:
-        yield chunk({"role": "assistant", "content": ""})
+        yield chunk(choice({"role": "assistant", "content": ""}))
         async for event in job.events():
           if isinstance(event, Delta) and event.text:
-            yield chunk({"content": event.text})
+            yield chunk(choice({"content": event.text}))
           elif isinstance(event, Finished):
-            yield chunk({}, event.reason)
-            if include_usage:
-              yield f"data: {json.dumps({'id': rid, 'object': 'chat.completion.chunk', 'created': now, 'model': model_name, 'choices': [], 'usage': usage(event)})}\n\n"
-          elif isinstance(event, Failed):
-            yield f"data: {json.dumps({'error': {'message': event.message, 'type': 'server_error'}})}\n\n"
+            yield chunk(choice({}, event.reason))
+            if include_usage:  # OpenAI's last chunk: no choices, the usage
+              yield chunk([], usage=usage(event))
+          elif isinstance(event, Failed):  # the status line is sent already: an error event instead
+            yield sse({"error": {"message": event.message, "type": "server_error", "param": None, "code": None}})
         yield "data: [DONE]\n\n"
       finally:
         if not job.done:  # the client went away mid-stream
