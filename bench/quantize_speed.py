@@ -310,7 +310,8 @@ def markdown(results: dict) -> str:
   for name, r in results["models"].items():
     lines += [f"## {name}", ""]
     if "gguf" in r:
-      lines += [f"Weights: {r['gguf']}; tied LM head (stays float: it is the embedding).", ""]
+      lines += [f"Weights: {r['gguf']}; tied LM head (int8 with the embedding: each step multiplies by the "
+                "dequantized table, which XLA:CPU writes out first).", ""]
     batches = [b for b in r["decode"] if str(b).isdigit()]  # ints here, strings when read back from OUT.json
     lines += ["| variant | weights MiB (int8 + float) | decode temp MiB | greedy tokens = float32 (to 1st diff) | "
               "answers = float32 | logits rel. error (teacher-forced) | argmax = float32 (teacher-forced) | "
