@@ -169,10 +169,10 @@ class SlotEngine(Engine):
                       self.audio_cfg.audio_patch_id)
     fresh = llm.init_cache(k, p + t, dtype=st.cache.k.dtype)
     if prefix is not None:  # the shared opening's keys and values first, then these tokens after it
-      fresh = put_rows(
-          fresh.replace(index=jnp.zeros((k,), jnp.int32)), jnp.arange(k), prefix.replace(k=jnp.broadcast_to(prefix.k, (prefix.k.shape[0], k, *prefix.k.shape[2:])),
-                                        v=jnp.broadcast_to(prefix.v, (prefix.v.shape[0], k, *prefix.v.shape[2:]))),
-          jnp.full((k,), p, jnp.int32))
+      every_row = lambda a: jnp.broadcast_to(a, (a.shape[0], k, *a.shape[2:]))  # [L, 1, ...] -> [L, k, ...]
+      opening = prefix.replace(k=every_row(prefix.k), v=every_row(prefix.v))
+      fresh = put_rows(fresh.replace(index=jnp.zeros((k,), jnp.int32)), jnp.arange(k), opening,
+                       jnp.full((k,), p, jnp.int32))
     hidden, fresh = llm(inputs_embeds=embeds, positions=p + jnp.broadcast_to(jnp.arange(t), (k, t)),
                         attention_mask=mask, cache=fresh, return_hidden=True)
     last_hidden = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)
