@@ -44,7 +44,8 @@ from llasm_jax.errors import UserError
 class DecodeState:
   """Everything the decode loop carries; donated from call to call so the cache stays in place.
 
-  cache:     the KV cache, S slots (prompt bucket first, then generated tokens)
+  cache:     the KV cache, S slots (prompt bucket first, then generated tokens); a buffer per
+             layer with `Engine.unstack_decode`
   tokens:    int32[B, S] generated tokens, `pad_id` after a row stopped
   length:    int32[]     tokens generated so far (rows step together)
   last:      int32[B]    the newest token, the next decode input
@@ -214,11 +215,18 @@ class Engine(MeshFunctions):
   """Generation for a `LlamaForCausalLM` or a `Llasm`, on one device or on `mesh`.
 
   The model's parameters are split once (`nnx.split`); pure functions merge them inside jit.
+
+  unstack_decode: generate from a copy of the LLM whose layers hold their own arrays
+  (`decode_graphdef`, `decode_state`, made once) and with a KV cache of one buffer per layer
+  (`KVCache.unstack`), instead of slices of the stacks; None = on XLA:CPU only. XLA:CPU copies a
+  layer's slice of a stacked array before every dot that reads it, so a decode step read each
+  weight three times (and copied each layer's cache); unstacked, once. The copy of the layer
+  weights is memory the engine holds in addition to the model's.
   """
 
   def __init__(self, model: LlamaForCausalLM | Llasm, *, mesh: jax.sharding.Mesh | None = None,
                rules: Sequence[tuple[str, object]] | None = None, eos_ids: Sequence[int] | None = None,
-               pad_id: int | None = None):
+               pad_id: int | None = None, unstack_decode: bool | None = None):
     if not isinstance(model, (LlamaForCausalLM, Llasm)):
       raise UserError(f"cannot generate with a {type(model).__name__}; pass a LlamaForCausalLM or a Llasm "
                        "(a Whisper-only checkpoint has no LLM)")
@@ -235,7 +243,8 @@ class Engine(MeshFunctions):
     self.llm_graphdef, self.llm_state = nnx.split(self.llm)
     self._audio_memo: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
     self.audio_memo_size = 64  # audios whose embeddings are remembered
-    self.unstack_decode = True
+    self.unstack_decode = jax.default_backend() == "cpu" if unstack_decode is None else bool(unstack_decode)
+    self._split_decode()
 
   def update_params(self, model: LlamaForCausalLM | Llasm) -> None:
     """Takes the parameters of `model`, the same architecture with new values (a training run
@@ -248,17 +257,33 @@ class Engine(MeshFunctions):
     self.llm = model.llm if isinstance(model, Llasm) else model
     self.graphdef, self.state = nnx.split(model)
     self.llm_graphdef, self.llm_state = nnx.split(self.llm)
+    self._split_decode()
     self._audio_memo.clear()
 
-  def _cache_shardings(self) -> KVCache:
+  def _split_decode(self) -> None:
+    """`decode_graphdef`, `decode_state`: the LLM that prefill and decode run, its layers unstacked
+    (their own arrays, copied once) with `unstack_decode`, else `llm_graphdef`, `llm_state`."""
+    self.decode_graphdef, self.decode_state = self.llm_graphdef, self.llm_state
+    if self.unstack_decode:
+      with self._tracing_context():
+        self.decode_graphdef, self.decode_state = nnx.split(
+            unstack_layers(nnx.merge(self.llm_graphdef, self.llm_state)))
+
+  def _cache_shardings(self, unstacked: bool = False) -> KVCache:
+    """Shardings of a KV cache: k, v float[L, B, K, S, H], or (`unstacked`) tuples of L float[B, K, S, H]."""
     c = self.llm.cfg
-    kv = self._sh(("layers", "batch", "act_kv_heads", "length", "head_dim"),
-                  (c.num_hidden_layers, self.batch_multiple, c.num_key_value_heads, 1, c.kv_head_dim))
+    if unstacked:
+      kv = (self._sh(("batch", "act_kv_heads", "length", "head_dim"),
+                     (self.batch_multiple, c.num_key_value_heads, 1, c.kv_head_dim)),) * c.num_hidden_layers
+    else:
+      kv = self._sh(("layers", "batch", "act_kv_heads", "length", "head_dim"),
+                    (c.num_hidden_layers, self.batch_multiple, c.num_key_value_heads, 1, c.kv_head_dim))
     return KVCache(k=kv, v=kv, mask=self._sh(("batch", "length")), index=self._replicated())
 
   def _decode_state_shardings(self) -> DecodeState:
     rows = self._sh(("batch",))
-    return DecodeState(cache=self._cache_shardings(), tokens=self._sh(("batch", "length")),
+    cache = self._cache_shardings(unstacked=self.unstack_decode)
+    return DecodeState(cache=cache, tokens=self._sh(("batch", "length")),
                        length=self._replicated(), last=rows, positions=rows, done=rows, rng=self._replicated())
 
   # ---- pure functions (traced) -----------------------------------------------------------
@@ -283,7 +308,7 @@ class Engine(MeshFunctions):
     batch padding), audio None or (embeds float[N, P, D], valid bool[N, P], slots int32[B, A]
     indexing N, -1 = empty) -> the decode state after the first generated token."""
     self.traces["prefill"] += 1
-    llm = nnx.merge(self.llm_graphdef, llm_state)
+    llm = nnx.merge(self.decode_graphdef, llm_state)
     b, t = input_ids.shape
     positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
     embeds = llm.embed(input_ids)
@@ -294,6 +319,8 @@ class Engine(MeshFunctions):
       embeds = splice(embeds, input_ids, audio_embeds[idx], audio_valid[idx] & filled[..., None],
                       self.audio_cfg.audio_patch_id)
     cache = llm.init_cache(b, max_len)
+    if self.unstack_decode:
+      cache = cache.unstack()
     hidden, cache = llm(inputs_embeds=embeds, positions=positions, attention_mask=attention_mask, cache=cache,
                         return_hidden=True)
     # Left padding puts every row's last prompt token at T - 1: logits of that position only.
@@ -308,15 +335,9 @@ class Engine(MeshFunctions):
     """Runs decode steps while ds.length < until (int32[]) and some row is not done; stop bool[B]
     marks rows the host stopped (stop strings)."""
     self.traces["decode"] += 1
-    graphdef = self.llm_graphdef
-    if self.unstack_decode:
-      # Once per call, before the loop: every layer's weights and cache in buffers of their own,
-      # which each step then reads in place (see `unstack_layers`); the cache is restacked after.
-      graphdef, llm_state = nnx.split(unstack_layers(nnx.merge(graphdef, llm_state)))
-      ds = ds.replace(cache=ds.cache.unstack())
 
     def step(ds: DecodeState) -> DecodeState:
-      llm = nnx.merge(graphdef, llm_state)
+      llm = nnx.merge(self.decode_graphdef, llm_state)
       b = ds.last.shape[0]
       hidden, cache = llm(ds.last[:, None], positions=ds.positions[:, None], attention_mask=jnp.ones((b, 1), bool),
                           cache=ds.cache, return_hidden=True)
@@ -328,8 +349,7 @@ class Engine(MeshFunctions):
                          positions=ds.positions + 1, done=ds.done | self._is_eos(token), rng=rng)
 
     ds = ds.replace(done=ds.done | stop)
-    ds = jax.lax.while_loop(lambda ds: (ds.length < until) & ~jnp.all(ds.done), step, ds)
-    return ds.replace(cache=ds.cache.stack())
+    return jax.lax.while_loop(lambda ds: (ds.length < until) & ~jnp.all(ds.done), step, ds)
 
   def _is_eos(self, token):
     if not self.eos_ids:
@@ -485,7 +505,7 @@ class Engine(MeshFunctions):
       prefill_in = decode_in = ds_sh = None
     else:
       sh = dict(table=self._sh(("batch", "length")), rows=self._sh(("batch",)), scalar=self._replicated())
-      llm_sh = self._state_shardings(self.llm_state)
+      llm_sh = self._state_shardings(self.decode_state)
       ds_sh = self._decode_state_shardings()
       sh["audio"] = (self._sh(("batch", None, "act_embed")), self._sh(("batch", None)), self._sh(("batch", None)))
       audio_sh = sh["audio"] if with_audio else None
@@ -552,7 +572,7 @@ class Engine(MeshFunctions):
       t0 = time.perf_counter()
       if audio is not None:
         audio = tuple(self._put(a, s) for a, s in zip(audio, sh["audio"]))
-      ds = prefill(self.llm_state, self._put(input_ids, sh["table"]), self._put(mask, sh["table"]),
+      ds = prefill(self.decode_state, self._put(input_ids, sh["table"]), self._put(mask, sh["table"]),
                    self._put(active, sh["rows"]), audio, rng, *params)
       length, done, tokens = self._get(ds.length), self._get(ds.done), self._get(ds.tokens)
       timings.prefill_s = time.perf_counter() - t0
@@ -572,7 +592,7 @@ class Engine(MeshFunctions):
         if int(length) >= max_new_tokens or np.all(done | stopped):
           break
         until = min(int(length) + chunk, max_new_tokens)
-        ds = decode(self.llm_state, ds, self._put(np.int32(until), sh["scalar"]), self._put(stopped, sh["rows"]), *params)
+        ds = decode(self.decode_state, ds, self._put(np.int32(until), sh["scalar"]), self._put(stopped, sh["rows"]), *params)
         length, done, tokens = self._get(ds.length), self._get(ds.done), self._get(ds.tokens)
       timings.decode_s = time.perf_counter() - t0
       timings.decode_steps = int(length) - 1

@@ -157,11 +157,17 @@ def attend(
     *,
     scale: float | None = None,
     implementation: Literal["xla", "cudnn"] | None = None,
+    heads_first: bool = False,
 ) -> jax.Array:
-  """Softmax attention, 'BTNH,BSKH->BTNH' with N a multiple of K (grouped-query attention).
+  """Softmax attention, 'BTNH,BSKH->BTNH' with N a multiple of K (grouped-query attention);
+  with `heads_first`, k and v are float[B, K, S, H] (a layer of a `KVCache`).
 
   Goes through `jax.nn.dot_product_attention` so XLA, cuDNN flash attention (GPU) or a TPU
-  kernel can serve it without touching the models.
+  kernel can serve it without touching the models. (The heads-first operands are handed over
+  transposed; XLA folds that into the products. Writing the products out for that layout here
+  instead was no faster on XLA:CPU: it keeps its own operand layouts at batch 1 either way.)
   """
+  if heads_first:
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
   return jax.nn.dot_product_attention(
       q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=scale, implementation=implementation)

@@ -210,14 +210,14 @@ class LlamaAttention(nnx.Module):
     q = constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", "head_dim"))
     k = constrain(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", "head_dim"))
     v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
+    heads_first = cache_kv is not None
     if cache_kv is not None:
       (cache_k, cache_v), layer = cache_kv  # the whole stack and this layer's index
-      cache_kv, (k, v) = write_kv_stacked(cache_k, cache_v, k, v, layer, cache_index)
-      k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, S, K, H] views: XLA folds them into the dots
+      cache_kv, (k, v) = write_kv_stacked(cache_k, cache_v, k, v, layer, cache_index)  # [B, K, S, H]
     if prefix_kv is not None:
       k, v = (jnp.concatenate([jnp.broadcast_to(p, (b, *p.shape[1:])).astype(x_.dtype), x_], axis=1)
               for p, x_ in zip((jnp.swapaxes(p, 1, 2) for p in prefix_kv), (k, v)))
-    out = attend(q, k, v, mask, implementation=cfg.attention_impl)
+    out = attend(q, k, v, mask, implementation=cfg.attention_impl, heads_first=heads_first)
     out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
     return self.o_proj(out.reshape(b, t, -1)), cache_kv
 
@@ -294,8 +294,10 @@ class LlamaModel(nnx.Module):
     else:
       mask, slot_mask = cached_mask(cache, attention_mask)
       per_layer, index = (cache.k, cache.v), cache.index
+    # A cache of one buffer per layer (KVCache.unstack) is indexed by Python ints: layers unrolled.
+    scan = cfg.scan_layers and not (cache is not None and cache.unstacked)
     x, new_kv = self.layers(
-        x, per_layer, scan=cfg.scan_layers, remat_policy=cfg.remat_policy, carry_per_layer=cache is not None,
+        x, per_layer, scan=scan, remat_policy=cfg.remat_policy, carry_per_layer=cache is not None,
         cos=cos, sin=sin, mask=mask, cache_index=index)
     if cache is not None:
       cache = KVCache(k=new_kv[0], v=new_kv[1], mask=slot_mask, index=cache.index + x.shape[1])

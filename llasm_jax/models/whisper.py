@@ -110,10 +110,11 @@ class WhisperAttention(nnx.Module):
     """float[B, S, D] -> k, v float[B, S, N, H]."""
     return self._split(self.k_proj(x)), self._split(self.v_proj(x))
 
-  def __call__(self, x, k, v, mask):
+  def __call__(self, x, k, v, mask, heads_first: bool = False):
+    """x float[B, U, D]; k, v float[B, S, N, H] (or [B, N, S, H], `heads_first`: cached) -> float[B, U, D]."""
     q = self._split(self.q_proj(x) * self.head_dim**-0.5)
     q = constrain(q, ("batch", "length", "act_heads", "head_dim"))
-    out = attend(q, k, v, mask, scale=1.0, implementation=self.impl)
+    out = attend(q, k, v, mask, scale=1.0, implementation=self.impl, heads_first=heads_first)
     return self.out_proj(out.reshape(*x.shape[:2], -1))
 
 
@@ -235,12 +236,12 @@ class WhisperDecoderLayer(nnx.Module):
       cross_k, cross_v = self.encoder_attn.project_kv(encoder_states)
     else:
       (self_k, self_v, cross_k, cross_v), layer = cache
-      (self_k, self_v), (k, v) = write_kv_stacked(self_k, self_v, k, v, layer, index)
+      (self_k, self_v), (k, v) = write_kv_stacked(self_k, self_v, k, v, layer, index)  # [B, N, S, H]
       cache = (self_k, self_v, cross_k, cross_v)
-      k, v, cross_k, cross_v = (jnp.swapaxes(a, 1, 2) for a in (
-          k, v, *(jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in (cross_k, cross_v))))
-    x = x + self.self_attn(h, k, v, self_mask)
-    x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), cross_k, cross_v, cross_mask)
+      cross_k, cross_v = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in (cross_k, cross_v))
+    cached = cache is not None
+    x = x + self.self_attn(h, k, v, self_mask, heads_first=cached)
+    x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), cross_k, cross_v, cross_mask, heads_first=cached)
     x = x + self.fc2(_gelu(self.fc1(self.final_layer_norm(x))))
     return constrain(x, ("batch", "length", "act_embed")), cache
 

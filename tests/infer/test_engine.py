@@ -59,11 +59,16 @@ def hf_generate(hf, batch, max_new_tokens, eos=None):
   return [row[:row.index(eos) + 1] if eos in row else row for row in out]
 
 
-def test_greedy_matches_transformers_generate(pair):
+@pytest.mark.parametrize("unstack", [True, False], ids=["unstacked", "stacked"])
+def test_greedy_matches_transformers_generate(pair, unstack):
+  """Both decode layouts: per-layer copies of the weights and cache (`unstack_decode`, the CPU
+  default) and the stacked arrays they replace."""
   hf, model = pair
   batch = prompts()
   free = hf_generate(hf, batch, 14)
-  outs, timings = Engine(model, eos_ids=[]).generate(batch, max_new_tokens=14)
+  engine = Engine(model, eos_ids=[], unstack_decode=unstack)
+  assert engine.unstack_decode == unstack
+  outs, timings = engine.generate(batch, max_new_tokens=14)
   assert [o.token_ids for o in outs] == free
   assert [o.prompt_token_ids for o in outs] == batch
   assert all(o.finish_reason == "length" for o in outs)
@@ -72,7 +77,7 @@ def test_greedy_matches_transformers_generate(pair):
   # Stop at EOS: take a token that row 0 first produces at step 5 as the EOS id.
   eos = next(tok for i, tok in enumerate(free[0]) if i >= 4 and tok not in free[0][:i])
   ref = hf_generate(hf, batch, 14, eos=eos)
-  outs, _ = Engine(model, eos_ids=[eos]).generate(batch, max_new_tokens=14)
+  outs, _ = Engine(model, eos_ids=[eos], unstack_decode=unstack).generate(batch, max_new_tokens=14)
   assert [o.token_ids for o in outs] == ref
   assert outs[0].finish_reason == "eos" and outs[0].token_ids[-1] == eos
 

@@ -9,6 +9,7 @@ from flax import nnx
 
 from llasm_jax.convert.configs import llama_config_from_hf
 from llasm_jax.convert.hf import keymaps, load_tensors
+from llasm_jax.layers.stack import unstack_layers
 from llasm_jax.models.llama import LlamaForCausalLM
 from tests.conftest import assert_close, hf_tensors
 
@@ -47,6 +48,11 @@ def jax_model(torch_model, tmp_path, **run):
   return model
 
 
+def jax_model_copy(model):
+  """A second module over the same arrays (unstack_layers changes the module it is given)."""
+  return nnx.merge(*nnx.split(model))
+
+
 def torch_logits(torch_model, ids, mask=None):
   with torch.no_grad():
     kw = {} if mask is None else dict(attention_mask=torch.tensor(mask))
@@ -80,12 +86,17 @@ def test_padding_mask_matches_transformers(tmp_path):
   assert_close(out[mask == 1], ref[mask == 1], atol=TOL)
 
 
-@pytest.mark.parametrize("scan", [True, False])
-def test_kv_cache_decoding_equals_full_forward(scan, tmp_path):
-  _, model = build("gqa", tmp_path, scan_layers=scan)
+@pytest.mark.parametrize("layout", ["scan", "unrolled", "unstacked"])
+def test_kv_cache_decoding_equals_full_forward(layout, tmp_path):
+  """"unstacked": layers with arrays of their own and a cache of a buffer per layer, as the Engine
+  decodes on CPU (`unstack_layers`, `KVCache.unstack`)."""
+  _, model = build("gqa", tmp_path, scan_layers=layout == "scan")
   ids = jnp.asarray(np.random.RandomState(4).randint(0, 96, (2, 14)))
   full = np.asarray(model(ids)[0])
   cache = model.init_cache(batch=2, max_len=20)
+  if layout == "unstacked":
+    model, cache = unstack_layers(model), cache.unstack()
+    assert model.model.layers.unstacked and cache.unstacked and cache.max_len == 20
   logits, cache = model(ids[:, :8], cache=cache)  # prefill
   steps = [np.asarray(logits)]
   for t in range(8, 14):
@@ -93,6 +104,28 @@ def test_kv_cache_decoding_equals_full_forward(scan, tmp_path):
     steps.append(np.asarray(logits))
   assert_close(np.concatenate(steps, axis=1), full, atol=TOL)
   assert int(cache.index) == 14
+  assert cache.unstacked == (layout == "unstacked")
+
+
+def test_unstacked_cache_with_rows_at_their_own_lengths(tmp_path):
+  """index int32[B] into a cache of a buffer per layer: each row equals the full forward, and
+  stacking the cache back gives the stacked path's cache."""
+  _, model = build("gqa", tmp_path)
+  ids = np.random.RandomState(5).randint(0, 96, (2, 12))
+  full = np.asarray(model(jnp.asarray(ids))[0])
+  lengths = np.array([5, 8])
+  x = np.where(np.arange(8)[None] < lengths[:, None], ids[:, :8], 0)
+  mask = jnp.asarray(np.arange(8)[None] < lengths[:, None])
+  start = model.init_cache(2, 16).replace(index=jnp.zeros(2, jnp.int32))
+  _, stacked = model(jnp.asarray(x), attention_mask=mask, cache=start)
+  unstacked_model = unstack_layers(jax_model_copy(model))
+  _, cache = unstacked_model(jnp.asarray(x), attention_mask=mask, cache=start.unstack())
+  np.testing.assert_allclose(np.asarray(cache.stack().k), np.asarray(stacked.k), rtol=1e-6, atol=1e-6)
+  cache = cache.replace(index=jnp.asarray(lengths, jnp.int32))
+  for k in range(3):
+    out, cache = unstacked_model(jnp.asarray(ids[np.arange(2), lengths + k])[:, None], cache=cache)
+    for b, n in enumerate(lengths):
+      assert_close(np.asarray(out[b, 0]), full[b, n + k], atol=TOL)
 
 
 def test_writing_past_the_end_of_the_kv_cache_raises(tmp_path):

@@ -78,6 +78,29 @@ def test_decoder_matches_transformers_with_and_without_cache(pair):
   assert_close(np.concatenate(steps, axis=1), ref, atol=TOL)
 
 
+def test_cached_decoder_rows_at_their_own_lengths(pair):
+  """Cache index int32[B] (each row at its own slot, as the LLM's `KVCache.per_row`): rows
+  prefilled with 3 and 6 tokens (right-padded), then stepped, equal the HF decoder on each row."""
+  torch_model, model = pair
+  x = mel(2, model.cfg.num_mel_bins, 3000, seed=11)
+  ids = np.random.RandomState(12).randint(0, 100, (2, 9))
+  with torch.no_grad():
+    ref = torch_model(input_features=torch.tensor(x), decoder_input_ids=torch.tensor(ids)).last_hidden_state.numpy()
+  states, frames = model.encoder(jnp.asarray(x))
+  cache = model.decoder.init_cache(states, frames, max_len=16)
+  cache = cache.replace(self_kv=cache.self_kv.replace(index=jnp.zeros(2, jnp.int32)))
+  lengths = np.array([3, 6])
+  mask = np.arange(6)[None] < lengths[:, None]
+  out, cache = model.decoder(jnp.asarray(np.where(mask, ids[:, :6], 0)), attention_mask=jnp.asarray(mask), cache=cache)
+  for b, n in enumerate(lengths):
+    assert_close(np.asarray(out[b, :n]), ref[b, :n], atol=TOL)
+  cache = cache.replace(self_kv=cache.self_kv.replace(index=jnp.asarray(lengths, jnp.int32)))
+  for k in range(3):
+    out, cache = model.decoder(jnp.asarray(ids[np.arange(2), lengths + k])[:, None], cache=cache)
+    for b, n in enumerate(lengths):
+      assert_close(np.asarray(out[b, 0]), ref[b, n + k], atol=TOL)
+
+
 def test_llasm_queries_match_transformers(pair):
   """LLaSM's audio feature: decoder over 64 start tokens = HF WhisperModel last_hidden_state."""
   torch_model, model = pair
