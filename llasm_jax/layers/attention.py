@@ -29,8 +29,9 @@ class KVCache:
          int32[B]     each row's own next slot (decode slots that hold different requests, each at
                       its own length: `infer.batching`)
 
-  Inside a decode loop whose layers run unrolled, k and v may be tuples of L arrays
-  float[B, K, S, H] instead (`unstack`, `stack`).
+  With layers that run unrolled from arrays of their own (`layers.stack.unstack_layers`, as the
+  Engine decodes on XLA:CPU), k and v may be tuples of L arrays float[B, K, S, H] instead
+  (`unstack`, `stack`).
   """
 
   k: jax.Array
