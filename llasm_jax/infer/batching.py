@@ -35,7 +35,6 @@ from llasm_jax.errors import UserError
 from llasm_jax.infer.engine import AudioFeatures, Engine, Timings, bucket
 from llasm_jax.infer.sampling import SamplingParams, sample
 from llasm_jax.layers import KVCache
-from llasm_jax.layers.stack import unstack_layers
 from llasm_jax.models.llasm import check_audio_markers, splice
 
 
@@ -131,7 +130,7 @@ class SlotEngine(Engine):
     if self.mesh is None:
       return None
     rows = self._sh(("batch",))
-    cache = self._cache_shardings().replace(index=rows)
+    cache = self._cache_shardings(unstacked=self.unstack_decode).replace(index=rows)
     return SlotState(cache=cache, last=rows, active=rows, generated=rows, budget=rows, greedy=rows,
                      temperature=rows, top_k=rows, top_p=rows, rng=rows)
 
@@ -139,6 +138,8 @@ class SlotEngine(Engine):
     def init():
       b = self.slots
       cache = self.llm.init_cache(b, self.max_len)
+      if self.unstack_decode:  # one buffer per layer, as the engine's decode copy of the LLM reads it
+        cache = cache.unstack()
       zeros = jnp.zeros((b,), jnp.int32)
       return SlotState(cache=cache.replace(index=zeros), last=zeros, active=jnp.zeros((b,), bool), generated=zeros,
                        budget=zeros, greedy=jnp.ones((b,), bool), temperature=jnp.zeros((b,), jnp.float32),
@@ -157,7 +158,7 @@ class SlotEngine(Engine):
     None or (embeds float[N, P, D], valid bool[N, P], slots int32[k, A]); per-request budget,
     sampling parameters and seeds [k] -> the new state and each request's first token int32[k]."""
     self.traces["insert"] += 1
-    llm = nnx.merge(self.llm_graphdef, llm_state)
+    llm = nnx.merge(self.decode_graphdef, llm_state)
     k, t = input_ids.shape
     p = 0 if prefix is None else prefix.max_len
     mask = jnp.arange(t)[None] < lengths[:, None]
@@ -167,7 +168,7 @@ class SlotEngine(Engine):
       idx = jnp.maximum(slots, 0)
       embeds = splice(embeds, input_ids, audio_embeds[idx], audio_valid[idx] & (slots >= 0)[..., None],
                       self.audio_cfg.audio_patch_id)
-    fresh = llm.init_cache(k, p + t, dtype=st.cache.k.dtype)
+    fresh = llm.init_cache(k, p + t, dtype=jax.tree.leaves(st.cache.k)[0].dtype)
     if prefix is not None:  # the shared opening's keys and values first, then these tokens after it
       every_row = lambda a: jnp.broadcast_to(a, (a.shape[0], k, *a.shape[2:]))  # [L, 1, ...] -> [L, k, ...]
       opening = prefix.replace(k=every_row(prefix.k), v=every_row(prefix.v))
@@ -194,11 +195,7 @@ class SlotEngine(Engine):
     """`steps` decode steps of every row; stop bool[B] ends rows first (the host's stop strings,
     cancellations). -> the new state, tokens int32[B, K] and emitted bool[B, K]."""
     self.traces["step"] += 1
-    graphdef = self.llm_graphdef
-    if self.unstack_decode:  # as `Engine._decode_fn`: per-layer buffers for the steps of this call
-      graphdef, llm_state = nnx.split(unstack_layers(nnx.merge(graphdef, llm_state)))
-      st = st.replace(cache=st.cache.unstack())
-    llm = nnx.merge(graphdef, llm_state)
+    llm = nnx.merge(self.decode_graphdef, llm_state)  # per-layer weights and cache on XLA:CPU (`Engine`)
 
     def one(st: SlotState, _):
       index = st.cache.index
@@ -217,7 +214,7 @@ class SlotEngine(Engine):
 
     st = st.replace(active=st.active & ~stop)
     st, (tokens, emitted) = jax.lax.scan(one, st, None, length=steps)
-    return st.replace(cache=st.cache.stack()), tokens.T, emitted.T
+    return st, tokens.T, emitted.T
 
   # ---- host side -------------------------------------------------------------------------
 
@@ -258,14 +255,14 @@ class SlotEngine(Engine):
       return
 
     def prefill(llm_state, input_ids):
-      llm = nnx.merge(self.llm_graphdef, llm_state)
+      llm = nnx.merge(self.decode_graphdef, llm_state)
       _, cache = llm(input_ids, cache=llm.init_cache(1, input_ids.shape[1]), return_hidden=True)
-      return cache
+      return cache.stack()
 
-    fn = self._jit("prefix", prefill, None if self.mesh is None else (self._state_shardings(self.llm_state),
+    fn = self._jit("prefix", prefill, None if self.mesh is None else (self._state_shardings(self.decode_state),
                                                                        self._host_sharding()), None)
     with self._tracing_context():
-      self._prefix = fn(self.llm_state, self._put(np.asarray([ids], np.int32), self._host_sharding()))
+      self._prefix = fn(self.decode_state, self._put(np.asarray([ids], np.int32), self._host_sharding()))
 
   def _has_prefix(self, r: SlotRequest) -> bool:
     n = len(self.prefix_ids)
@@ -311,7 +308,7 @@ class SlotEngine(Engine):
     rep = self._host_sharding()
     in_sh = out_sh = None
     if self.mesh is not None:  # the new prompts are few: replicated; the slots keep their shardings
-      in_sh = (self._state_shardings(self.llm_state), self._slot_shardings(),
+      in_sh = (self._state_shardings(self.decode_state), self._slot_shardings(),
                None if prefix is None else jax.tree.map(lambda x: x.sharding, prefix), rep, rep, rep,
                None if audio is None else (rep,) * 3, *(rep,) * 6)
       out_sh = (self._slot_shardings(), rep)
@@ -322,7 +319,7 @@ class SlotEngine(Engine):
         audio = tuple(self._put(a, rep) for a in audio)
       arrays = [self._put(a, rep) for a in (input_ids, lengths, rows)]
       params = [self._put(a, rep) for a in (budget, greedy, temperature, top_k, top_p, seeds)]
-      self.slot_state, first = fn(self.llm_state, self.slot_state, prefix, *arrays, audio, *params)
+      self.slot_state, first = fn(self.decode_state, self.slot_state, prefix, *arrays, audio, *params)
     return self._get(first)[:len(requests)].tolist()
 
   def _host_sharding(self):
@@ -341,12 +338,12 @@ class SlotEngine(Engine):
     in_sh = out_sh = None
     if self.mesh is not None:
       rows = self._sh(("batch",))
-      in_sh = (self._state_shardings(self.llm_state), self._slot_shardings(), rows)
+      in_sh = (self._state_shardings(self.decode_state), self._slot_shardings(), rows)
       out_sh = (self._slot_shardings(), self._sh(("batch", None)), self._sh(("batch", None)))
     fn = self._jit("step", self._step_fn, in_sh, out_sh, donate=(1,), steps=self.chunk,
                    any_sampled=not self.greedy.all())
     with self._tracing_context():
-      self.slot_state, tokens, emitted = fn(self.llm_state, self.slot_state, self._put(stop_rows, in_sh and in_sh[2]))
+      self.slot_state, tokens, emitted = fn(self.decode_state, self.slot_state, self._put(stop_rows, in_sh and in_sh[2]))
     return Step(tokens=self._get(tokens), emitted=self._get(emitted), active=self._get(self.slot_state.active))
 
   def cancel(self, rows: Sequence[int]) -> None:
@@ -360,9 +357,19 @@ def _mels(r: SlotRequest) -> list[np.ndarray | AudioFeatures]:
 
 def put_rows(cache: KVCache, rows: jax.Array, new: KVCache, lengths: jax.Array) -> KVCache:
   """`cache` (per-row) with rows `rows` int32[k] replaced by the k rows of `new`, a cache of T <= S
-  slots holding prompts of `lengths` int32[k] from slot 0; rows >= B are dropped."""
+  slots holding prompts of `lengths` int32[k] from slot 0; rows >= B are dropped. Either cache may
+  be stacked or one buffer per layer (`KVCache.unstack`); the result has `cache`'s form."""
   t = new.max_len
-  k = cache.k.at[:, rows, :, :t].set(new.k.astype(cache.k.dtype), mode="drop")  # slots: axis 3 of [L, B, K, S, H]
-  v = cache.v.at[:, rows, :, :t].set(new.v.astype(cache.v.dtype), mode="drop")
+
+  def put(dst, src):  # float[(L,) B, K, S, H] <- float[(L,) k, K, T, H]
+    lead = (slice(None),) * (dst.ndim - 4)
+    return dst.at[(*lead, rows, slice(None), slice(0, t))].set(src.astype(dst.dtype), mode="drop")
+
+  if cache.unstacked:
+    new = new.unstack()
+    k, v = tuple(map(put, cache.k, new.k)), tuple(map(put, cache.v, new.v))
+  else:
+    new = new.stack()
+    k, v = put(cache.k, new.k), put(cache.v, new.v)
   mask = cache.mask.at[rows].set(jnp.arange(cache.max_len)[None] < lengths[:, None], mode="drop")
   return KVCache(k=k, v=v, mask=mask, index=cache.index.at[rows].set(lengths, mode="drop"))
