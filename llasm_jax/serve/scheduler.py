@@ -167,9 +167,10 @@ class Scheduler:
     """Compiles the prefill of one short prompt and the decode step before the first client waits."""
     bos = self.generator.tokenizer.bos_token_id if self.generator.tokenizer is not None else None
     ids = self.engine.prefix_ids + [bos if bos is not None else self.engine.pad_id]
-    self.engine.insert([SlotRequest(slot=0, prompt_ids=ids, max_new_tokens=2)])
-    self.engine.step()
-    self.engine.cancel([0])
+    for _ in range(2):  # the second round on the state the first left: XLA:CPU compiled once more there
+      self.engine.insert([SlotRequest(slot=0, prompt_ids=ids, max_new_tokens=2)])
+      self.engine.step()
+      self.engine.cancel([0])
 
   def decode(self, ids: Sequence[int]) -> str:
     return self.generator.decode(ids)
