@@ -109,8 +109,18 @@ class SlotEngine(Engine):
   `chunk` decode steps run per `step` call: more amortizes the host round trip, fewer reacts
   sooner to stop strings and cancellations (streams still get every token)."""
 
-  def __init__(self, model, *, slots: int = 8, max_len: int = 1024, chunk: int = 4, **engine_kw):
+  def __init__(self, model, *, slots: int = 8, max_len: int = 1024, chunk: int = 4, share: Engine | None = None,
+               **engine_kw):
+    """share: an Engine of the same model (a Generator's) whose decode copy of the LLM these slots
+    run from, instead of making another (on XLA:CPU that copy holds every layer's weights)."""
+    if share is not None:
+      if share.model is not model:
+        raise UserError("share= needs the Engine of the same model")
+      engine_kw["unstack_decode"] = False  # no copy of our own: the shared one below
     super().__init__(model, **engine_kw)
+    if share is not None:
+      self.unstack_decode, self.decode_graphdef, self.decode_state = (
+          share.unstack_decode, share.decode_graphdef, share.decode_state)
     if slots < 1 or max_len < 2 or chunk < 1:
       raise UserError(f"slots {slots}, max_len {max_len}, chunk {chunk}: expected slots >= 1, max_len >= 2, chunk >= 1")
     if slots % self.batch_multiple:
