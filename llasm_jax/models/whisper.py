@@ -299,7 +299,9 @@ class WhisperDecoder(nnx.Module):
       cross_valid = cache.encoder_mask
       self_mask, slot_mask = cached_mask(kv, attention_mask)
       carried, start = (kv.k, kv.v, cache.cross_k, cache.cross_v), kv.index
-    positions = jnp.broadcast_to((start[:, None] if start.ndim else start) + jnp.arange(u), (b, u))
+    # Rows at one position share one lookup of [U] positions; a per-row cache index needs [B, U]
+    # (a batch-dependent gather, which XLA could not reshard on data x fsdp x tensor meshes).
+    positions = start[:, None] + jnp.arange(u) if jnp.ndim(start) else (start + jnp.arange(u))[None]
     x = embed_lookup(self.embed_tokens, input_ids) * (math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0)
     x = x + self.embed_positions(positions).astype(x.dtype)
     x, carried = self.layers(
