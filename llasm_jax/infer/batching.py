@@ -182,8 +182,8 @@ class SlotEngine(Engine):
     if prefix is not None:  # the shared opening's keys and values first, then these tokens after it
       every_row = lambda a: jnp.broadcast_to(a, (a.shape[0], k, *a.shape[2:]))  # [L, 1, ...] -> [L, k, ...]
       opening = prefix.replace(k=every_row(prefix.k), v=every_row(prefix.v))
-      fresh = put_rows(fresh.replace(index=jnp.zeros((k,), jnp.int32)), jnp.arange(k), opening,
-                       jnp.full((k,), p, jnp.int32))
+      fresh = fresh.replace(index=jnp.zeros((k,), jnp.int32)).put_rows(jnp.arange(k), opening,
+                                                                        jnp.full((k,), p, jnp.int32))
     hidden, fresh = llm(inputs_embeds=embeds, positions=p + jnp.broadcast_to(jnp.arange(t), (k, t)),
                         attention_mask=mask, cache=fresh, return_hidden=True)
     last_hidden = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)
@@ -193,7 +193,7 @@ class SlotEngine(Engine):
     first = sample_rows(llm.logits(last_hidden)[:, 0], first_keys, greedy, temperature, top_k, top_p,
                         any_sampled=any_sampled)
     put = lambda table, values: table.at[rows].set(values, mode="drop")
-    cache = put_rows(st.cache, rows, fresh, lengths)
+    cache = st.cache.put_rows(rows, fresh, lengths)
     active = ~self._is_eos(first) & (budget > 1)
     st = SlotState(cache=cache, last=put(st.last, first), active=put(st.active, active),
                    generated=put(st.generated, jnp.ones_like(lengths)), budget=put(st.budget, budget),
@@ -363,23 +363,3 @@ class SlotEngine(Engine):
 
 def _mels(r: SlotRequest) -> list[np.ndarray | AudioFeatures]:
   return [x if isinstance(x, AudioFeatures) else np.asarray(x, np.float32) for x in r.mels]
-
-
-def put_rows(cache: KVCache, rows: jax.Array, new: KVCache, lengths: jax.Array) -> KVCache:
-  """`cache` (per-row) with rows `rows` int32[k] replaced by the k rows of `new`, a cache of T <= S
-  slots holding prompts of `lengths` int32[k] from slot 0; rows >= B are dropped. Either cache may
-  be stacked or one buffer per layer (`KVCache.unstack`); the result has `cache`'s form."""
-  t = new.max_len
-
-  def put(dst, src):  # float[(L,) B, K, S, H] <- float[(L,) k, K, T, H]
-    lead = (slice(None),) * (dst.ndim - 4)
-    return dst.at[(*lead, rows, slice(None), slice(0, t))].set(src.astype(dst.dtype), mode="drop")
-
-  if cache.unstacked:
-    new = new.unstack()
-    k, v = tuple(map(put, cache.k, new.k)), tuple(map(put, cache.v, new.v))
-  else:
-    new = new.stack()
-    k, v = put(cache.k, new.k), put(cache.v, new.v)
-  mask = cache.mask.at[rows].set(jnp.arange(cache.max_len)[None] < lengths[:, None], mode="drop")
-  return KVCache(k=k, v=v, mask=mask, index=cache.index.at[rows].set(lengths, mode="drop"))

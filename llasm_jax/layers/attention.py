@@ -72,6 +72,25 @@ class KVCache:
       return self
     return self.replace(k=jnp.stack(self.k), v=jnp.stack(self.v))
 
+  def put_rows(self, rows: jax.Array, new: "KVCache", lengths: jax.Array) -> "KVCache":
+    """This per-row cache with rows `rows` int32[k] replaced by the k rows of `new`, a cache of
+    T <= S slots holding prompts of `lengths` int32[k] from slot 0; rows >= B are dropped. Either
+    cache may be stacked or one buffer per layer; the result has this cache's form."""
+    t = new.max_len
+
+    def put(dst, src):  # float[(L,) B, K, S, H] <- float[(L,) k, K, T, H]
+      lead = (slice(None),) * (dst.ndim - 4)
+      return dst.at[(*lead, rows, slice(None), slice(0, t))].set(src.astype(dst.dtype), mode="drop")
+
+    if self.unstacked:
+      new = new.unstack()
+      k, v = tuple(map(put, self.k, new.k)), tuple(map(put, self.v, new.v))
+    else:
+      new = new.stack()
+      k, v = put(self.k, new.k), put(self.v, new.v)
+    mask = self.mask.at[rows].set(jnp.arange(self.max_len)[None] < lengths[:, None], mode="drop")
+    return KVCache(k=k, v=v, mask=mask, index=self.index.at[rows].set(lengths, mode="drop"))
+
   @property
   def per_row(self) -> bool:
     """Whether every row has its own write slot (index int32[B])."""
