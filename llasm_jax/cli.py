@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pathlib
 import sys
@@ -82,7 +83,8 @@ def train(args: argparse.Namespace) -> None:
 def convert(args: argparse.Namespace) -> None:
   from llasm_jax.convert.convert import convert as run
 
-  print(run(args.llm, args.whisper, out=args.out, dtype=args.dtype, mode=args.mode, overwrite=args.overwrite))
+  print(run(args.llm, args.whisper, out=args.out, dtype=args.dtype, mode=args.mode, adaptor=args.adaptor,
+            overwrite=args.overwrite))
 
 
 def export(args: argparse.Namespace) -> None:
@@ -378,30 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
 
   from llasm_jax.demo import Options
 
-  defaults = Options()
   p = sub.add_parser("demo", help="the LLaSM recipe for real: pretrained Whisper + instruct LLM, spoken data, "
-                                  "adaptor training, held-out WER and answers before and after (resumable)")
-  p.add_argument("--workdir", default=defaults.workdir, help="everything the demo makes (default: %(default)s); "
-                                                             "run again to resume")
-  p.add_argument("--whisper", help="Whisper folder (HF or CTranslate2; default: the HF cache's "
-                                   "openai/whisper-tiny.en, else the [demo] extra's tiny.en)")
-  p.add_argument("--llm", help="LLM folder or GGUF file (default: the HF cache's SmolLM2-135M-Instruct, "
-                               "else the [demo] extra's GGUF)")
-  p.add_argument("--minutes", type=float, default=defaults.minutes,
-                 help="training time budget in minutes (default: %(default)s; the other phases take about 4 "
-                      "more on 2 cores)")
-  p.add_argument("--sentences", type=int, default=defaults.sentences, help="spoken training sentences")
-  p.add_argument("--held-out", type=int, default=defaults.held_out, help="held-out grammar sentences")
-  p.add_argument("--questions", type=int, default=defaults.questions, help="spoken training questions")
-  p.add_argument("--held-out-questions", type=int, default=defaults.held_out_questions)
-  p.add_argument("--batch", type=int, default=defaults.batch)
-  p.add_argument("--lr", type=float, default=defaults.lr, help="adaptor learning rate (default: %(default)s)")
-  p.add_argument("--loss", choices=("ce", "kd", "mix"), default=defaults.loss,
-                 help="ce: the targets' cross-entropy; kd: KL to the LLM reading the text; mix: both")
-  p.add_argument("--samples-per-s", type=float, default=defaults.samples_per_s,
-                 help="expected training speed, sizes the LR schedule for --minutes (default: %(default)s)")
-  p.add_argument("--seed", type=int, default=defaults.seed)
-  p.add_argument("--workers", type=int, default=defaults.workers, help="synth / build processes")
+                                  "adaptor training, held-out WER and answers beside Whisper's own (resumable)")
+  for field in dataclasses.fields(Options):  # one flag per option, its help and choices beside the field
+    kind = str if field.default is None else type(field.default)
+    p.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default,
+                   choices=field.metadata.get("choices"), help=field.metadata["help"] + ("" if "default" in field.metadata["help"] else " (default: %(default)s)"))
   p.set_defaults(func=demo)
 
   p = sub.add_parser("forward", help="random-weight forward pass on synthetic speech: shapes and timings")
@@ -443,6 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="stored dtype")
   p.add_argument("--mode", choices=("llasm", "encoder"), default="llasm",
                  help="audio path of a new LLaSM model (--llm BASE --whisper W)")
+  # No argparse choices: convert() names the choices in its UserError, for CLI and Python alike.
+  p.add_argument("--adaptor", metavar="{mlp,ultravox}",
+                 help="--mode encoder: the new model's projector, mlp (stacked frames, Linear-GELU-Linear; the "
+                      "default) or ultravox (RMSNorm-Linear-SwiGLU-Linear-RMSNorm, output scale = the LLM's "
+                      "embedding RMS); a released folder keeps the one it records")
   p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
   p.set_defaults(func=convert)
 
