@@ -31,7 +31,8 @@ renamed, so an existing file is complete). Failures (empty text, unknown languag
 too long output, engine errors) are counted with their reason, never fatal one by one.
 
 Engines: `Engine.synthesize(text, language, rng) -> float32[N] at 16 kHz`; "espeak" (espeak-ng
-through ctypes, `tts_espeak.py`) is built in, others register as "module:callable" (a
+through ctypes, `tts_espeak.py`) and "piper" (a neural English voice, `tts_piper.py`) are
+built in, others register as "module:callable" (a
 factory) with `register_engine`, or are named so directly (`--engine mypkg.tts:Engine`):
 worker processes import them by that name.
 """
@@ -54,7 +55,7 @@ from typing import Any, Iterator, Protocol
 
 import numpy as np
 
-from llasm_jax.data import builders
+from llasm_jax.data import augment, builders
 from llasm_jax.data.audio import SAMPLE_RATE, AudioError, check_audio, to_int16
 from llasm_jax.errors import UserError
 
@@ -98,7 +99,8 @@ class Engine(Protocol):
     ...
 
 
-ENGINES: dict[str, str] = {"espeak": "llasm_jax.data.tts_espeak:EspeakEngine"}
+ENGINES: dict[str, str] = {"espeak": "llasm_jax.data.tts_espeak:EspeakEngine",
+                           "piper": "llasm_jax.data.tts_piper:PiperEngine"}
 
 
 def register_engine(name: str, factory: str) -> None:
@@ -360,6 +362,16 @@ class Options:
   min_seconds: float = 0.1
   max_seconds: float | None = 30.0  # what the builders keep by default (llasm mode sees 30 s)
   silence_peak: float = 1e-4
+  # Augmentation after the engine (augment.py): reverb from a folder of impulse responses or
+  # "builtin" (synthetic rooms), noise at an SNR drawn from snr_db; each with its probability.
+  reverb: str | None = None
+  reverb_p: float = 0.5
+  snr_db: tuple[float, float] | None = None
+  noise_p: float = 0.5
+
+  @property
+  def augmentation(self) -> augment.Augment:
+    return augment.Augment(reverb=self.reverb, reverb_p=self.reverb_p, snr_db=self.snr_db, noise_p=self.noise_p)
 
 
 _ENGINE: dict[str, Any] = {}  # engine name -> instance or the SynthError that stopped it, per process
@@ -406,6 +418,8 @@ def render(utt: Utterance, out: str, options: Options) -> tuple[str, float, str,
       raise UtteranceError("engine_error", f"engine gave samples of shape {audio.shape}; expected float32[N] mono")
     if not np.all(np.isfinite(audio)):
       raise UtteranceError("engine_error", "engine gave NaN or Inf samples")
+    if options.augmentation.active:  # its own rng: the voice drawn is the same with or without augmentation
+      audio, _ = augment.augment(audio, utterance_rng(options.seed, f"{utt.id}\0augment"), options.augmentation)
     check_audio(audio, utt.id, min_seconds=options.min_seconds, max_seconds=options.max_seconds,
                 silence_peak=options.silence_peak)
     write_audio(path, audio)
@@ -501,6 +515,8 @@ def synthesize(plan: Plan, out: str, *, options: Options = Options(), workers: i
 
   # Workers get the factory path: a name registered in this process means nothing to a spawned one.
   run_options = dataclasses.replace(options, engine=engine_factory(options.engine))
+  if options.reverb not in (None, augment.BUILTIN):
+    augment.load_impulses(options.reverb)  # an unusable folder stops the run here, not once per utterance
   t0 = time.time()
   os.makedirs(out, exist_ok=True)
   for stale in glob.glob(os.path.join(out, AUDIO_DIR, "*", ".*.tmp")):  # left by a killed run
