@@ -36,6 +36,20 @@ def _parse_mesh(text: str) -> dict[str, int]:
     raise argparse.ArgumentTypeError(f"--mesh {text!r}: expected axis=size pairs such as data=2,fsdp=2,tensor=2")
 
 
+def _parse_snr(text: str) -> tuple[float, float]:
+  """"5,20" -> (5.0, 20.0); "10" -> (10.0, 10.0)."""
+  try:
+    values = [float(v) for v in text.split(",")]
+  except ValueError:
+    values = []
+  if len(values) not in (1, 2):
+    raise argparse.ArgumentTypeError(f"--snr {text!r}: expected LO,HI in dB such as 5,20 (or one value)")
+  lo, hi = values[0], values[-1]
+  if lo > hi:
+    raise argparse.ArgumentTypeError(f"--snr {text!r}: LO above HI; give the range low first, e.g. 5,20")
+  return lo, hi
+
+
 def forward(args: argparse.Namespace) -> None:
   from llasm_jax.infer.forward import run_forward
 
@@ -267,7 +281,8 @@ def data_synth(args: argparse.Namespace) -> None:
 
   if args.limit is not None and args.limit < 1:
     raise UserError(f"--limit {args.limit}: expected a positive number of rows")
-  options = synth.Options(engine=args.engine, seed=args.seed, max_seconds=args.max_seconds or None)
+  options = synth.Options(engine=args.engine, seed=args.seed, max_seconds=args.max_seconds or None,
+                          reverb=args.reverb, reverb_p=args.reverb_p, snr_db=args.snr, noise_p=args.noise_p)
   if args.text:
     plan = synth.plan_text(args.text, args.format, args.language, args.limit)
   else:
@@ -349,6 +364,12 @@ def _data_parser(sub) -> None:
   p.add_argument("--limit", type=int, help="only the first N sentences / conversations")
   p.add_argument("--language", default="auto",
                  help="language of rows without one: en, zh, ... or auto (CJK text -> zh, else en; default)")
+  p.add_argument("--reverb", metavar="DIR", help="reverberate utterances with room impulse responses: a folder of "
+                                                 "wav/flac files, or 'builtin' (synthetic rooms); default: none")
+  p.add_argument("--reverb-p", type=float, default=0.5, help="share of utterances reverberated (default: %(default)s)")
+  p.add_argument("--snr", type=_parse_snr, metavar="LO,HI", help="add white/pink/brown noise at an SNR drawn from "
+                                                                   "LO..HI dB (e.g. 5,20); default: none")
+  p.add_argument("--noise-p", type=float, default=0.5, help="share of utterances given noise (default: %(default)s)")
   p.add_argument("--max-seconds", type=float, default=30.0,
                  help="longer utterances fail, 0 = no limit (default: %(default)s, what `data build` keeps)")
   p.set_defaults(func=data_synth)
