@@ -154,8 +154,12 @@ class KeyMap:
       return
     raise KeyError(path)
 
-# "encoder" mode is ours: its adaptor is stored under a name of our choosing.
+# "encoder" mode is ours: its adaptor is stored under a name of our choosing, `model.audio_adaptor.`
+# followed by the module names. Both of its projectors are covered: the MLP (linear_1, linear_2 with
+# biases) and the Ultravox one, whose names are Ultravox's own (ln_pre, linear_1, linear_2, ln_post;
+# no biases). A tensor of the other projector maps to a parameter the config lacks and is refused.
 MLP_ADAPTOR_RULES = [
     Rule("model.audio_adaptor.{n:linear_1|linear_2}.weight", "{n:linear_1|linear_2}/kernel", "linear"),
     Rule("model.audio_adaptor.{n:linear_1|linear_2}.bias", "{n:linear_1|linear_2}/bias"),
+    Rule("model.audio_adaptor.{n:ln_pre|ln_post}.weight", "{n:ln_pre|ln_post}/weight"),
 ]

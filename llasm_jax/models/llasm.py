@@ -22,12 +22,13 @@ import numpy as np
 from flax import nnx
 
 from llasm_jax.layers import KVCache
-from llasm_jax.models.adaptor import LinearAdaptor, StackedMLPAdaptor
+from llasm_jax.models.adaptor import LinearAdaptor, StackedMLPAdaptor, UltravoxAdaptor, text_scale
 from llasm_jax.models.llama import LLAMA_PRESETS, LlamaConfig, LlamaForCausalLM
 from llasm_jax.models.whisper import WHISPER_PRESETS, WhisperConfig, WhisperModel, encoder_frames
 from llasm_jax.errors import UserError
 
 MODES = ("llasm", "encoder")
+ADAPTORS = ("mlp", "ultravox")  # "encoder"-mode projectors: `StackedMLPAdaptor`, `UltravoxAdaptor`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,9 @@ class LlasmConfig:
   audio_token_len: int = 64  # "llasm" mode: decoder queries, hence tokens, per audio
   stack_factor: int = 8  # "encoder" mode: frames per audio token
   adaptor_hidden: int | None = None  # "encoder" mode MLP width; None = LLM width
+  # "encoder" mode projector: "mlp" (Linear -> GELU -> Linear) or "ultravox" (RMSNorm -> Linear ->
+  # SwiGLU -> Linear -> RMSNorm scaled like the text embeddings): config.model.adaptor.
+  adaptor: str = "mlp"
   audio_patch_id: int = 32000  # <au_patch>: each stands for one audio embedding
   audio_start_id: int = 32001  # <au_start>: opens an audio's span of patches
   audio_end_id: int = 32002  # <au_end>: closes it
@@ -47,6 +51,11 @@ class LlasmConfig:
   def __post_init__(self):
     if self.mode not in MODES:
       raise UserError(f"mode {self.mode!r}: expected one of {MODES}")
+    if self.adaptor not in ADAPTORS:
+      raise UserError(f"adaptor {self.adaptor!r}: expected one of {ADAPTORS}")
+    if self.adaptor != "mlp" and self.mode != "encoder":
+      raise UserError(f"adaptor {self.adaptor!r} is an 'encoder'-mode projector; mode {self.mode!r} has the "
+                       "released linear mm_projector: set mode='encoder' or adaptor='mlp'")
     top = max(self.audio_patch_id, self.audio_start_id, self.audio_end_id)
     if top >= self.llm.vocab_size:
       raise UserError(f"audio token id {top} is outside the LLM vocab ({self.llm.vocab_size}); "
@@ -141,6 +150,15 @@ def splice(text_embeds, input_ids, audio_embeds, audio_valid, patch_id: int):
   return jnp.where(is_patch[..., None], gathered.astype(text_embeds.dtype), text_embeds)
 
 
+def build_adaptor(cfg: LlasmConfig, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Module:
+  """The adaptor that `cfg.mode` and `cfg.adaptor` name, randomly initialised (also `convert`'s fresh one)."""
+  if cfg.mode == "llasm":
+    return LinearAdaptor(cfg.audio.d_model, cfg.llm.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  cls = UltravoxAdaptor if cfg.adaptor == "ultravox" else StackedMLPAdaptor
+  return cls(cfg.audio.d_model, cfg.llm.hidden_size, cfg.stack_factor, cfg.adaptor_hidden, dtype=dtype,
+             param_dtype=param_dtype, rngs=rngs)
+
+
 class Llasm(nnx.Module):
   """Whisper (`audio`) + adaptor (`adaptor`) + LLaMA-family LLM (`llm`)."""
 
@@ -148,12 +166,18 @@ class Llasm(nnx.Module):
     self.cfg = cfg
     kw = dict(dtype=cfg.llm.dtype, param_dtype=cfg.llm.param_dtype, rngs=rngs)
     self.audio = WhisperModel(cfg.audio, rngs=rngs, with_decoder=cfg.mode == "llasm")
-    if cfg.mode == "llasm":
-      self.adaptor = LinearAdaptor(cfg.audio.d_model, cfg.llm.hidden_size, **kw)
-    else:
-      self.adaptor = StackedMLPAdaptor(cfg.audio.d_model, cfg.llm.hidden_size, cfg.stack_factor,
-                                       cfg.adaptor_hidden, **kw)
+    self.adaptor = build_adaptor(cfg, **kw)
     self.llm = LlamaForCausalLM(cfg.llm, rngs=rngs)
+    if cfg.adaptor == "ultravox":
+      self.match_text_scale()
+
+  def match_text_scale(self) -> None:
+    """Ultravox adaptor: its output scale (ln_post) := the RMS of the LLM's text embeddings
+    (`text_scale`). Done at construction; call again after loading other LLM weights (`convert`
+    applies the same rule to the converted table)."""
+    weight = self.adaptor.ln_post.weight
+    scale = text_scale(self.llm.model.embed_tokens.embedding[...], self.cfg.llm.vocab_size)
+    weight[...] = scale.astype(weight.dtype)
 
   def encode_audio(self, mel: jax.Array, mel_lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The frozen Whisper part: mel float[B, A, M, F], mel_lengths int[B, A] (0 = empty slot) ->
