@@ -3,7 +3,8 @@
 Sources (see LLASM.md for the released layout):
   --llm LLASM --whisper W   a released LLaSM checkpoint (`model_type: "llaaa"`): everything
   --llm BASE  --whisper W   a base LLM: a fresh model for stage 1 (audio tokens appended,
-                            new embedding rows = mean of the old rows, adaptor initialised)
+                            new embedding rows = mean of the old rows, adaptor initialised;
+                            --mode encoder: --adaptor mlp or ultravox, see `plan`)
   --whisper W               Whisper alone
   --llm BASE                a text-only LLM
 
@@ -35,8 +36,8 @@ from llasm_jax.convert.hf import check_complete, fill_params, flat_params, keyma
 from llasm_jax.convert.keymap import KeyMap
 from llasm_jax.convert.reader import CheckpointError, read_json
 from llasm_jax.convert.sources import open_source
-from llasm_jax.models.adaptor import LinearAdaptor, StackedMLPAdaptor
-from llasm_jax.models.llasm import LlasmConfig
+from llasm_jax.models.adaptor import text_scale
+from llasm_jax.models.llasm import ADAPTORS, LlasmConfig, build_adaptor
 from llasm_jax.models.whisper import sinusoids
 from llasm_jax.errors import UserError
 
@@ -88,11 +89,7 @@ def _with_mean_rows(tensors: Iterator[tuple[str, np.ndarray]], vocab: int) -> It
 
 
 def _fresh_adaptor(cfg: LlasmConfig, seed: int) -> dict[str, np.ndarray]:
-  kw = dict(dtype=cfg.llm.dtype, param_dtype="float32", rngs=nnx.Rngs(seed))
-  if cfg.mode == "llasm":
-    adaptor = LinearAdaptor(cfg.audio.d_model, cfg.llm.hidden_size, **kw)
-  else:
-    adaptor = StackedMLPAdaptor(cfg.audio.d_model, cfg.llm.hidden_size, cfg.stack_factor, cfg.adaptor_hidden, **kw)
+  adaptor = build_adaptor(cfg, dtype=cfg.llm.dtype, param_dtype="float32", rngs=nnx.Rngs(seed))
   return {f"adaptor/{k}": np.asarray(v) for k, v in flat_params(adaptor).items()}
 
 
@@ -107,7 +104,8 @@ class Plan:
   sources: (role, source, wrap) triples; `wrap` turns the source's tensor stream into the one
   to store (renamed, rows appended) or is None. extra: parameters made here rather than read
   (a fresh adaptor). tokenizer: the LLM tokenizer with the audio tokens added, to save, or None
-  (the source's own tokenizer files are then copied as they are).
+  (the source's own tokenizer files are then copied as they are). match_text_scale: the fresh
+  adaptor's output scale is set from the converted embedding table (`Llasm.match_text_scale`'s rule).
   """
 
   kind: str
@@ -117,10 +115,16 @@ class Plan:
   meta: Mapping[str, Any]
   keymaps: tuple[KeyMap, ...]
   tokenizer: Any = None
+  match_text_scale: bool = False
 
 
-def plan(llm_path: str | None, whisper_path: str | None, mode: str = "llasm") -> Plan:
-  """Works out the model kind, its config and where each parameter comes from; reads only."""
+def plan(llm_path: str | None, whisper_path: str | None, mode: str = "llasm", adaptor: str | None = None) -> Plan:
+  """Works out the model kind, its config and where each parameter comes from; reads only.
+
+  adaptor: the "encoder"-mode projector of a new model (one of ADAPTORS; None = "mlp"); a released
+  folder's is the one it records."""
+  if adaptor is not None and adaptor not in ADAPTORS:
+    raise UserError(f"--adaptor {adaptor!r}: expected one of {', '.join(ADAPTORS)}")
   if llm_path is None and whisper_path is None:
     raise CheckpointError("nothing to convert: pass --llm PATH, --whisper PATH, or both")
   llm = open_source(llm_path, "llm") if llm_path else None
@@ -128,9 +132,9 @@ def plan(llm_path: str | None, whisper_path: str | None, mode: str = "llasm") ->
   meta: dict[str, Any] = {"sources": {"llm": llm_path, "whisper": whisper_path},
                           "source_formats": {r: s.format for r, s in (("llm", llm), ("whisper", whisper)) if s}}
 
-  def done(kind, cfg, sources, maps, extra=None, tokenizer=None):
+  def done(kind, cfg, sources, maps, extra=None, tokenizer=None, match_text_scale=False):
     return Plan(kind, cfg, tuple(sources), MappingProxyType(extra or {}), MappingProxyType(meta), tuple(maps),
-                tokenizer)
+                tokenizer, match_text_scale)
 
   if whisper is not None:
     wcfg = whisper_config_from_hf(whisper.config)
@@ -147,19 +151,25 @@ def plan(llm_path: str | None, whisper_path: str | None, mode: str = "llasm") ->
     saved_mode = llm.config.get("llasm_jax_mode", "llasm")
     if mode != saved_mode:
       raise CheckpointError(f"{llm_path} holds a {saved_mode!r}-mode adaptor; convert it with --mode {saved_mode}")
+    saved_adaptor = llm.config.get("llasm_jax_adaptor", "mlp")
+    if adaptor not in (None, saved_adaptor):
+      raise CheckpointError(f"{llm_path} holds a {saved_adaptor!r} adaptor; convert it with --adaptor {saved_adaptor} "
+                            "(or without --adaptor)")
     ids = _audio_token_ids(llm)
     cfg = LlasmConfig(audio=wcfg, llm=lcfg, mode=mode, audio_token_len=llm.config.get("audio_token_len", 64),
                       stack_factor=llm.config.get("llasm_jax_stack_factor", 8),
-                      adaptor_hidden=llm.config.get("llasm_jax_adaptor_hidden"),
+                      adaptor_hidden=llm.config.get("llasm_jax_adaptor_hidden"), adaptor=saved_adaptor,
                       audio_patch_id=ids[0], audio_start_id=ids[1], audio_end_id=ids[2])
     return done("llasm", cfg, [("llm", llm, None), ("whisper", whisper, _whisper_stream)], keymaps("llasm", mode))
   tokenizer, ids, vocab = _with_audio_tokens(llm.tokenizer(), lcfg.vocab_size, llm_path)
   lcfg = lcfg.replace(vocab_size=vocab)
-  cfg = LlasmConfig(audio=wcfg, llm=lcfg, mode=mode, audio_patch_id=ids[0], audio_start_id=ids[1],
-                    audio_end_id=ids[2])
-  meta["fresh"] = "audio token rows = mean of existing rows; adaptor randomly initialised"
+  cfg = LlasmConfig(audio=wcfg, llm=lcfg, mode=mode, adaptor=adaptor or "mlp", audio_patch_id=ids[0],
+                    audio_start_id=ids[1], audio_end_id=ids[2])
+  scaled = cfg.adaptor == "ultravox"
+  meta["fresh"] = ("audio token rows = mean of existing rows; adaptor randomly initialised"
+                   + ("; its ln_post scale = the RMS of the embedding rows" if scaled else ""))
   return done("llasm", cfg, [("llm", llm, lambda t: _with_mean_rows(t, vocab)), ("whisper", whisper, _whisper_stream)],
-              keymaps("llasm", mode), extra=_fresh_adaptor(cfg, seed=0), tokenizer=tokenizer)
+              keymaps("llasm", mode), extra=_fresh_adaptor(cfg, seed=0), tokenizer=tokenizer, match_text_scale=scaled)
 
 
 def _save_files(p: Plan, folder: str) -> None:
@@ -179,16 +189,18 @@ def _save_files(p: Plan, folder: str) -> None:
 
 
 def convert(llm_dir: str | None = None, whisper_dir: str | None = None, *, out: str, dtype: str = "float32",
-            mode: str = "llasm", overwrite: bool = False, progress: bool = True, _on_tensor=None) -> Summary:
+            mode: str = "llasm", adaptor: str | None = None, overwrite: bool = False, progress: bool = True,
+            _on_tensor=None) -> Summary:
   """Converts the checkpoints at `llm_dir` / `whisper_dir` (folders, or a GGUF file) into a
   llasm_jax model folder at `out` (see the module docstring for the combinations and formats).
+  `adaptor`: a new "encoder"-mode model's projector, "mlp" (default) or "ultravox" (see `plan`).
 
   `_on_tensor(name)` is a test hook, called before each tensor is placed.
   """
   if dtype not in ("float32", "bfloat16"):
     raise UserError(f"--dtype {dtype!r}: expected float32 or bfloat16")
   start = time.perf_counter()
-  p = plan(llm_dir, whisper_dir, mode)
+  p = plan(llm_dir, whisper_dir, mode, adaptor)
   with checkpoint.atomic_dir(out, overwrite=overwrite) as tmp:
     abstract = nnx.eval_shape(lambda: checkpoint.build_model(p.kind, p.cfg, nnx.Rngs(0)))
     shapes = jax.tree.map(lambda v: v.shape, flat_params(abstract))
@@ -215,6 +227,11 @@ def convert(llm_dir: str | None = None, whisper_dir: str | None = None, *, out: 
       dest[k][...] = sinusoids(*dest[k].shape)
     check_complete(dest, filled, optional=positions)
     dest.update({k: v.astype(np_dtype) for k, v in p.extra.items()})
+    if p.match_text_scale:
+      # Only now is the LLM's embedding table here (mean rows appended): the Ultravox adaptor's
+      # outputs start at the size of its rows.
+      dest["adaptor/ln_post/weight"] = np.asarray(
+          text_scale(dest["llm/model/embed_tokens/embedding"], p.cfg.llm.vocab_size)).astype(np_dtype)
     with paths.staged(tmp) as local:  # tokenizers save local files only
       _save_files(p, local)
     checkpoint.save_params(tmp, p.kind, p.cfg, dest, stored_dtype=dtype, extra=dict(p.meta))  # its meta file last

@@ -4,7 +4,9 @@
   whisper/  a `WhisperForConditionalGeneration` folder (encoder only for "encoder"-mode models),
             with Whisper's tokenizer and generation config when the model folder has them
   llasm/    LLaSM models only: the released layout (`model_type: "llaaa"`, `model.mm_projector.*`
-            in the LLM checkpoint), which `llasm-jax convert --llm llasm/ --whisper whisper/` reads back
+            in the LLM checkpoint), which `llasm-jax convert --llm llasm/ --whisper whisper/` reads back;
+            an "encoder"-mode model's adaptor is `model.audio_adaptor.*` there, its kind (mlp or ultravox)
+            in config.json's `llasm_jax_adaptor`
   lora/     a model with LoRA factors, `lora="peft"` (the default): a PEFT adapter of llm/, which then
             holds the base weights; `lora="merge"`: no lora/, llm/ holds W + (alpha / r) B A. llasm/
             always holds the merged weights (its layout has no place for an adapter).
@@ -70,7 +72,7 @@ def _hf_config(ckpt: str, source_name: str, ours: dict) -> dict:
   path = paths.resolve(ckpt) / source_name
   base = paths.read_json(path) if path.exists() else {}
   for key in ("model_type", "architectures", "mm_audio_tower", "mm_hidden_size", "audio_token_len", "use_mm_proj",
-              "rope_scaling", "rope_parameters", "attention_bias", "llasm_jax_mode"):
+              "rope_scaling", "rope_parameters", "attention_bias", "llasm_jax_mode", "llasm_jax_adaptor"):
     base.pop(key, None)
   out = {**base, **ours}
   # LlamaConfig keeps one EOS id; a source listing several (Llama 3) keeps its list.
@@ -139,7 +141,7 @@ def export(ckpt: str, out: str, *, shard_bytes: int = DEFAULT_SHARD_BYTES, overw
       hf.update(architectures=["LlaaaLlamaForCausalLM"], model_type="llaaa", mm_audio_tower="../whisper",
                 mm_hidden_size=cfg.audio.d_model, audio_token_len=cfg.audio_token_len, use_mm_proj=True,
                 llasm_jax_mode=cfg.mode, llasm_jax_stack_factor=cfg.stack_factor,
-                llasm_jax_adaptor_hidden=cfg.adaptor_hidden)
+                llasm_jax_adaptor_hidden=cfg.adaptor_hidden, llasm_jax_adaptor=cfg.adaptor)
       paths.write_json(os.path.join(folder, "config.json"), hf)
       paths.copy_files(ckpt, folder, TOKENIZER_FILES)
       ids = (cfg.audio_patch_id, cfg.audio_start_id, cfg.audio_end_id)
