@@ -335,7 +335,8 @@ def _fortune_entries(text: str) -> Iterator[str]:
       if re.match(r"^\W*--", line.strip()):  # an attribution: it and what follows are not the saying
         break
       lines.append(line)
-    yield " ".join(lines)
+    if text := " ".join(" ".join(lines).split()):
+      yield text
 
 
 @functools.cache
