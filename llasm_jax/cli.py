@@ -277,7 +277,7 @@ def data_encode(args: argparse.Namespace) -> None:
 
 
 def data_synth(args: argparse.Namespace) -> None:
-  from llasm_jax.data import synth
+  from llasm_jax.data import synth, textsource
 
   if args.limit is not None and args.limit < 1:
     raise UserError(f"--limit {args.limit}: expected a positive number of rows")
@@ -287,8 +287,12 @@ def data_synth(args: argparse.Namespace) -> None:
     plan = synth.plan_text(args.text, args.format, args.language, args.limit)
   else:
     plan = synth.plan_instructions(args.instructions, args.format, args.language, args.limit)
+  # Read before synthesis so that a bad --held-out file fails at once, printed after the summary.
+  held_out = textsource.held_out_line(args.held_out, [u.text for u in plan.utterances]) if args.held_out else None
   result = synth.synthesize(plan, args.out, options=options, workers=args.workers, source=args.text or args.instructions)
   print(synth.summary(result))
+  if held_out:
+    print(held_out)
 
 
 def data_respond(args: argparse.Namespace) -> None:
@@ -372,6 +376,8 @@ def _data_parser(sub) -> None:
   p.add_argument("--noise-p", type=float, default=0.5, help="share of utterances given noise (default: %(default)s)")
   p.add_argument("--max-seconds", type=float, default=30.0,
                  help="longer utterances fail, 0 = no limit (default: %(default)s, what `data build` keeps)")
+  p.add_argument("--held-out", help="text file, one sentence a line: print the share of its word types (and "
+                                    "tokens) that the spoken text holds, and the missing words")
   p.set_defaults(func=data_synth)
 
   p = data_sub.add_parser("encode", help="run the frozen Whisper once over a built dataset and store its outputs "
