@@ -224,7 +224,7 @@ _ASCII = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '
 _URL = re.compile(r"https?:|www\.|\.(com|org|net|edu)\b|@", re.I)
 _ODD = re.compile(r"[^A-Za-z ,.!?;:'-]")  # anything else (brackets, symbols, code) drops the row
 _LABEL = re.compile(r"^(?:[A-Z][A-Za-z]{0,11}|[QA]):\s+")  # "Q: ...", "Kirk: ..." speaker labels
-_ABBREV = re.compile(r"\b(?:Mr|Mrs|Ms|Dr|St|Jr|Sr|Prof|Mt|vs|etc|[A-Z])\.$")
+_ABBREV = re.compile(r"\b(?:Mr|Mrs|Ms|Dr|St|Jr|Sr|Prof|Mt|Lt|Col|Gen|Capt|Sgt|Rev|Gov|Sen|vs|etc|[A-Z])\.$")
 
 
 def norm(text: str) -> str:
