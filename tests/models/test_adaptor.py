@@ -110,3 +110,13 @@ def test_adaptor_choice_is_checked():
     LLASM_PRESETS["tiny"].replace(adaptor="ultravox")
   with pytest.raises(UserError, match="even width"):
     Llasm(base.replace(adaptor="ultravox", adaptor_hidden=33), rngs=nnx.Rngs(0))
+
+
+def test_run_config_selects_the_projector():
+  from llasm_jax.config import llasm_config
+
+  cfg = llasm_config({"preset": "tiny_encoder", "adaptor": "ultravox"})
+  assert cfg.adaptor == "ultravox" and isinstance(Llasm(cfg, rngs=nnx.Rngs(0)).adaptor, UltravoxAdaptor)
+  assert llasm_config({"preset": "tiny_encoder"}).adaptor == "mlp"
+  with pytest.raises(UserError, match="adaptor 'bogus'"):
+    llasm_config({"preset": "tiny_encoder", "adaptor": "bogus"})
