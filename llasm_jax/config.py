@@ -27,9 +27,12 @@ from llasm_jax.train.sections import training_sections
 
 
 # config.train.loss: cross-entropy on the reference answer, distillation from the frozen LLM
-# reading the transcript as text (KL between next-token distributions on the answer tokens), or
-# (1 - kd_weight) * CE + kd_weight * KL, each a mean over the batch's answer tokens.
-LOSSES = ("ce", "kd", "mix")
+# reading the transcript as text (KL between next-token distributions on the answer tokens),
+# (1 - kd_weight) * CE + kd_weight * KL, each a mean over the batch's answer tokens, or CTC alone:
+# the adaptor's outputs scored against the LLM's embedding table and aligned to each row's
+# transcript (no LLM pass at all: a cheap warm-up of the adaptor). config.train.ctc_weight > 0 adds
+# ctc_weight * the CTC mean (per transcript token) to "ce", "kd" or "mix".
+LOSSES = ("ce", "kd", "mix", "ctc")
 
 
 def _fields(cls) -> list[str]:
@@ -101,14 +104,30 @@ def loss_options(train: Any) -> tuple[str, float, float]:
     raise UserError(f"config.train.loss {loss!r}: expected one of {', '.join(LOSSES)}")
   if loss == "mix" and not 0.0 <= weight <= 1.0:
     raise UserError(f"config.train.kd_weight {weight}: expected a share between 0 and 1 (loss = (1 - w) CE + w KL)")
-  if loss != "ce" and not temperature > 0:
+  if loss in ("kd", "mix") and not temperature > 0:
     raise UserError(f"config.train.kd_temperature {temperature}: expected > 0 (1.0 = the plain distributions)")
   return loss, weight, temperature
 
 
+def ctc_weight(train: Any) -> float:
+  """`config.train.ctc_weight`, checked (absent: 0.0): the CTC mean's weight beside a "ce", "kd" or
+  "mix" loss; loss "ctc" is CTC alone, whatever the weight."""
+  weight = float(train.get("ctc_weight", 0.0))
+  if not weight >= 0.0:
+    raise UserError(f"config.train.ctc_weight {weight}: expected >= 0 (0 = no CTC term)")
+  return weight
+
+
 def needs_teacher(config: Any) -> bool:
   """Whether the batches of `config` carry the distillation teacher's text sequences."""
-  return loss_options(config.get("train") or {})[0] != "ce"
+  return loss_options(config.get("train") or {})[0] in ("kd", "mix")
+
+
+def needs_ctc(config: Any) -> bool:
+  """Whether `config` trains with CTC (loss "ctc" or ctc_weight > 0): its batches then carry each
+  row's transcript tokens, and its model the CTC blank (LlasmConfig.ctc)."""
+  train = config.get("train") or {}
+  return loss_options(train)[0] == "ctc" or ctc_weight(train) > 0
 
 
 def from_model_folder(stage: int, init_from: str) -> ml_collections.ConfigDict:

@@ -1,4 +1,5 @@
-"""Token losses over the positions that carry a target: cross-entropy and distillation KL.
+"""Token losses over the positions that carry a target: cross-entropy and distillation KL; and
+the adaptor's CTC loss against each row's transcript (`ctc_feasible`, `ctc_loss`).
 
 Legend: B batch, T length, K target slots per row (static), C slots per chunk, D width, V vocab
 (padded: LlamaConfig.padded_vocab, its extra logits masked by the head).
@@ -94,3 +95,37 @@ def token_losses(head: Callable[[jax.Array], jax.Array], hidden: jax.Array, targ
   zero = jnp.zeros((), jnp.float32)
   (ce, count, kl), _ = jax.lax.scan(step, (zero, zero, zero), xs)
   return ce, count, kl
+
+
+def ctc_repeats(labels: jax.Array, lengths: jax.Array) -> jax.Array:
+  """labels int[N, U], lengths int[N] -> int32[N]: adjacent equal labels within each length, each of
+  which needs a blank frame between its two tokens."""
+  u = labels.shape[1]
+  inside = jnp.arange(1, u)[None, :] < jnp.minimum(lengths, u)[:, None]
+  return jnp.sum(inside & (labels[:, 1:] == labels[:, :-1]), axis=1).astype(jnp.int32)
+
+
+def ctc_feasible(labels: jax.Array, lengths: jax.Array, frames: jax.Array) -> jax.Array:
+  """bool[N]: rows whose transcript CTC can align to their frames: labels int[N, U] (the first
+  lengths[n] count; a length past U means the labels were cut), frames int[N] valid frames per
+  row. A row without labels (length 0: no audio, or no known text) is not feasible either: it has
+  no CTC loss, nor is it counted as infeasible (see `ctc_loss`)."""
+  u = labels.shape[1]
+  return (lengths > 0) & (lengths <= u) & (lengths + ctc_repeats(labels, lengths) <= frames)
+
+
+def ctc_loss(logits: jax.Array, valid: jax.Array, labels: jax.Array, lengths: jax.Array,
+             feasible: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(summed CTC negative log-likelihood, label tokens, infeasible rows), float32 scalars, over the
+  `feasible` rows: logits float32[N, S, V + 1] (the blank is the last class, `Llasm.ctc_logits`),
+  valid bool[N, S] (a row's frames need not be contiguous: padding frames anywhere are skipped,
+  so the frames of a row's several audio slots align as one sequence), labels int[N, U], lengths
+  int[N], feasible bool[N] (`ctc_feasible`). Infeasible rows are given no labels before the loss,
+  so their (masked) loss and gradient stay finite."""
+  u = labels.shape[1]
+  n = jnp.where(feasible, lengths, 0)
+  label_paddings = (jnp.arange(u)[None, :] >= n[:, None]).astype(jnp.float32)
+  per_row = optax.ctc_loss(logits.astype(jnp.float32), 1.0 - valid.astype(jnp.float32), labels, label_paddings,
+                           blank_id=logits.shape[-1] - 1)
+  infeasible = jnp.sum((lengths > 0) & ~feasible).astype(jnp.float32)
+  return jnp.sum(jnp.where(feasible, per_row, 0.0)), jnp.sum(n).astype(jnp.float32), infeasible

@@ -52,12 +52,17 @@ def training_sections(stage: int) -> dict[str, ml_collections.ConfigDict]:
       # again: "" = WORKDIR/compilation_cache, "none" = off, or any folder (gs:// too) that
       # several runs share.
       compilation_cache="",
-      # "ce", "kd" or "mix" (see LOSSES). The teacher of "kd"/"mix" is the frozen LLM reading each
+      # "ce", "kd", "mix" or "ctc" (see LOSSES). The teacher of "kd"/"mix" is the frozen LLM reading each
       # audio's transcript as text, so the LLM must stay frozen (stage 1) and the data must carry
-      # transcripts (ASR datasets; instruction datasets built with their spoken turns' text).
+      # transcripts (ASR datasets; instruction datasets built with their spoken turns' text). "ctc":
+      # the adaptor alone, its outputs scored against the LLM's embedding table plus a learned blank
+      # and aligned to the transcripts (no LLM pass: a cheap warm-up before "ce"); not with packing.
       loss="ce",
       kd_weight=0.5,  # "mix": loss = (1 - kd_weight) * CE + kd_weight * KL
       kd_temperature=1.0,  # softmax temperature of both distributions (the KL is scaled by its square)
+      # "ce" / "kd" / "mix": loss += ctc_weight * the CTC mean per transcript token (0 = none); a
+      # model without the CTC blank gets a fresh one (ctc_blank/..., trained beside the adaptor).
+      ctc_weight=0.0,
       # Target positions per row whose LM head and loss run at once (teacher's too), recomputed in the
       # backward pass: the float32[B, K, V] logits never exist whole (llasm_jax/train/losses.py). 0 = all at once.
       loss_chunk=0,

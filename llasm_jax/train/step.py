@@ -16,10 +16,17 @@ With config.data.packing also segment_ids int32[B, T] (1..n per sample of a row,
 With a distilling loss ("kd", "mix") also the teacher's text sequences: teacher_input_ids,
   teacher_attention_mask, teacher_positions int32[B, Tt] and teacher_target_positions int32[B, K]
   (slot i predicts the same answer token as slot i of target_positions; -1 = none).
+With CTC (loss "ctc" or ctc_weight > 0) also each row's transcript in the LLM's tokens:
+  ctc_labels int32[B, U], ctc_label_lengths int32[B] (0 = no known text; a length past U: cut,
+  and too long to align). A row's audio slots align as one sequence of frames (an audio longer
+  than a window spans several slots; several audios speak their transcripts in order).
 The loss is the mean over target tokens of the whole global batch, accumulation included:
   "ce":  CE summed over target slots / their count;
   "kd":  KL(teacher || student) summed over slots where both exist / their count;
-  "mix": (1 - w) * the "ce" mean + w * the "kd" mean.
+  "mix": (1 - w) * the "ce" mean + w * the "kd" mean;
+  "ctc": CTC summed over the rows it can align / their transcript tokens; the adaptor's outputs
+         scored against the LLM's embedding table (`Llasm.ctc_logits`), and no LLM pass at all;
+  and with ctc_weight > 0, "ce" / "kd" / "mix" + ctc_weight * the "ctc" mean.
 The teacher is the frozen LLM reading the transcripts as text (no audio), in the same step and
 on the same weights as the student (stage 1: the LLM is frozen, so both passes share it).
 """
@@ -36,12 +43,15 @@ from flax import nnx
 
 from llasm_jax.config import LOSSES
 from llasm_jax.layers import dropout_rng
+from llasm_jax.models.llasm import splice
 from llasm_jax.train import losses
 from llasm_jax.train.optim import TRAIN, keep_new_rows, path_str
 from llasm_jax.errors import UserError
 
 # The batch entry that train_step adds: uint32[B, 2], one dropout key per row (see train_step).
 DROPOUT_KEY = "dropout_rng"
+# The batch entry that train_step adds with CTC: bool[B], the rows whose transcript their frames can align.
+CTC_FEASIBLE = "ctc_feasible"
 
 
 @flax.struct.dataclass
@@ -61,12 +71,22 @@ def microbatches(batch: dict[str, jax.Array], grad_accum: int) -> dict[str, jax.
   return {k: v.reshape(v.shape[0] // grad_accum, grad_accum, *v.shape[1:]).swapaxes(0, 1) for k, v in batch.items()}
 
 
+def audio_frames(cfg, batch: dict[str, jax.Array]) -> jax.Array:
+  """int32[B]: the adaptor frames of each row's audio slots together, by the model config's own
+  rule (`LlasmConfig.audio_tokens`, as `pipeline.check_batch` asks it): from the mel lengths, or
+  from cached encoder frames S (which 2S mel frames give)."""
+  mel = 2 * batch["audio_feature_lengths"] if "audio_features" in batch else batch["mel_lengths"]
+  tokens = jnp.where(mel > 0, cfg.audio_tokens(jnp.maximum(mel, 1)), 0)
+  return jnp.sum(tokens, axis=1).astype(jnp.int32)
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, labels: Any, *, grad_accum: int,
                     first_new_row: int | None = None, loss: str = "ce", kd_weight: float = 0.5,
-                    kd_temperature: float = 1.0, loss_chunk: int = 0):
+                    kd_temperature: float = 1.0, loss_chunk: int = 0, ctc_weight: float = 0.0):
   """Builds the step function. `labels` marks leaves "train"/"frozen"; with `first_new_row`
-  the embedding rows below it stay frozen. `loss`, `kd_weight`, `kd_temperature`, `loss_chunk`:
-  as config.train (see the module docstring); "kd"/"mix" need the batch's teacher keys.
+  the embedding rows below it stay frozen. `loss`, `kd_weight`, `kd_temperature`, `loss_chunk`,
+  `ctc_weight`: as config.train (see the module docstring); "kd"/"mix" need the batch's teacher
+  keys, CTC its ctc keys and a model with the CTC blank (LlasmConfig.ctc).
 
   Gradients are taken with respect to the trainable leaves only. Differentiating all of them
   and dropping the frozen ones is not enough: XLA does not prune the unused weight gradients
@@ -78,7 +98,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
     raise UserError(f"config.train.loss {loss!r}: expected one of {', '.join(LOSSES)}")
   if loss_chunk < 0:
     raise UserError(f"config.train.loss_chunk {loss_chunk}: expected target positions per chunk, or 0 for all at once")
-  distil = loss != "ce"
+  if not ctc_weight >= 0:
+    raise UserError(f"config.train.ctc_weight {ctc_weight}: expected >= 0 (0 = no CTC term)")
+  distil = loss in ("kd", "mix")
+  # Fixed at trace time: loss "ctc" traces no LLM at all, and ctc_weight 0 traces no CTC.
+  ctc_only = loss == "ctc"
+  use_ctc = ctc_only or ctc_weight > 0
   if distil:
     llm = [path_str(p) for p, lab in jax.tree_util.tree_leaves_with_path(labels)
            if lab == TRAIN and path_str(p).startswith("llm/")]
@@ -95,10 +120,28 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
     train, frozen = iter(train), iter(frozen)
     return jax.tree.unflatten(treedef, [next(train) if t else next(frozen) for t in trainable])
 
-  def summed_loss(train_leaves, frozen_leaves, treedef, rest, batch, kd_scale):
-    """-> (what is differentiated, (summed CE, target count, summed KL)); see train_step for kd_scale."""
+  def audio_embeddings(model, batch):
+    """The adaptor's outputs float[B, A, P, D] and their validity bool[B, A, P]."""
+    if "audio_features" in batch:  # which audio input is fixed by the batch's keys at trace time
+      return model.adapt(batch["audio_features"], batch["audio_feature_lengths"])
+    return model.embed_audio(batch["mel"], batch["mel_lengths"])
+
+  def ctc_terms(model, embeds, valid, batch):
+    """(summed CTC, its label tokens, infeasible rows): a row's A slots align as one sequence."""
+    b = valid.shape[0]
+    logits = model.ctc_logits(embeds.reshape(b, -1, embeds.shape[-1]))
+    return losses.ctc_loss(logits, valid.reshape(b, -1), batch["ctc_labels"], batch["ctc_label_lengths"],
+                           batch[CTC_FEASIBLE])
+
+  def summed_loss(train_leaves, frozen_leaves, treedef, rest, batch, kd_scale, ctc_scale):
+    """-> (what is differentiated, {summed CE, target count, summed KL, summed CTC, infeasible
+    rows}); see train_step for kd_scale and ctc_scale."""
     params = join(treedef, train_leaves, jax.lax.stop_gradient(frozen_leaves))
     model = nnx.merge(graphdef, params, rest)
+    zero = jnp.zeros((), jnp.float32)
+    if ctc_only:
+      ctc, _, infeasible = ctc_terms(model, *audio_embeddings(model, batch), batch)
+      return ctc, dict(ce=zero, tokens=zero, kl=zero, ctc=ctc, ctc_infeasible=infeasible)
     if "audio_features" in batch:  # which audio input is fixed by the batch's keys at trace time
       audio = dict(audio_features=batch["audio_features"], audio_feature_lengths=batch["audio_feature_lengths"])
     else:
@@ -108,9 +151,18 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
       prefix = batch["prefix_ids"][None]
       _, cache = model.llm(prefix, cache=model.llm.init_cache(1, prefix.shape[1]), return_hidden=True)
       prefix_kv = (cache.k, cache.v)
-    hidden, _ = model(batch["input_ids"], **audio, attention_mask=batch["attention_mask"],
-                      positions=batch["positions"], prefix_kv=prefix_kv, segment_ids=batch.get("segment_ids"),
-                      return_hidden=True)
+    ctc = infeasible = zero
+    if use_ctc:  # the audio embeddings once, for both the LLM (what `Llasm.__call__` does) and CTC
+      embeds, valid = audio_embeddings(model, batch)
+      ctc, _, infeasible = ctc_terms(model, embeds, valid, batch)
+      inputs = splice(model.llm.embed(batch["input_ids"]), batch["input_ids"], embeds, valid, model.cfg.audio_patch_id)
+      hidden, _ = model.llm(inputs_embeds=inputs, attention_mask=batch["attention_mask"],
+                            positions=batch["positions"], prefix_kv=prefix_kv, segment_ids=batch.get("segment_ids"),
+                            return_hidden=True)
+    else:
+      hidden, _ = model(batch["input_ids"], **audio, attention_mask=batch["attention_mask"],
+                        positions=batch["positions"], prefix_kv=prefix_kv, segment_ids=batch.get("segment_ids"),
+                        return_hidden=True)
     # The LM head and softmax on the K target slots only, not all T positions.
     slots = batch["target_positions"]
     valid = slots >= 0
@@ -128,16 +180,21 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
     ce, count, kl = losses.token_losses(model.llm.logits, losses.gather(hidden, slots), jnp.where(valid, targets, 0),
                                         valid, teacher=teacher, both=both, temperature=kd_temperature,
                                         chunk=loss_chunk)
+    aux = dict(ce=ce, tokens=count, kl=jnp.zeros(()) if not distil else kl, ctc=ctc, ctc_infeasible=infeasible)
     if not distil:
-      return ce, (ce, count, jnp.zeros(()))
-    if loss == "kd":
-      return kl, (ce, count, kl)
-    return (1.0 - kd_weight) * ce + kd_weight * kd_scale * kl, (ce, count, kl)
+      main = ce
+    elif loss == "kd":
+      main = kl
+    else:
+      main = (1.0 - kd_weight) * ce + kd_weight * kd_scale * kl
+    if use_ctc:
+      main = main + ctc_weight * ctc_scale * ctc
+    return main, aux
 
-  def dropout_loss(train_leaves, frozen_leaves, treedef, rest, batch, kd_scale):
+  def dropout_loss(train_leaves, frozen_leaves, treedef, rest, batch, kd_scale, ctc_scale):
     # Dropout draws from the key of the (micro)batch's first row; models without dropout ignore it.
     with dropout_rng(jax.random.wrap_key_data(batch[DROPOUT_KEY][0])):
-      return summed_loss(train_leaves, frozen_leaves, treedef, rest, batch, kd_scale)
+      return summed_loss(train_leaves, frozen_leaves, treedef, rest, batch, kd_scale, ctc_scale)
 
   value_and_grad = jax.value_and_grad(dropout_loss, has_aux=True)
 
@@ -156,19 +213,32 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
     if distil:
       n_kd = jnp.sum((batch["target_positions"] >= 0) & (batch["teacher_target_positions"] >= 0)).astype(jnp.float32)
     kd_scale = jnp.maximum(n_ce, 1.0) / jnp.maximum(n_kd, 1.0)
+    # Likewise CTC: which rows can align (their frames, the owner's count: `LlasmConfig.audio_tokens`)
+    # and their label tokens n_ctc are known up front; the CTC sum weighed by n_main / n_ctc makes one
+    # division by n_main give the main mean + ctc_weight * the CTC mean.
+    n_ctc = jnp.zeros(())
+    if use_ctc:
+      frames = audio_frames(nnx.merge(graphdef, state.params, state.rest).cfg, batch)  # no work: a config
+      feasible = losses.ctc_feasible(batch["ctc_labels"], batch["ctc_label_lengths"], frames)
+      batch = {**batch, CTC_FEASIBLE: feasible}
+      n_ctc = jnp.sum(jnp.where(feasible, batch["ctc_label_lengths"], 0)).astype(jnp.float32)
+    n_main = n_ctc if ctc_only else n_kd if loss == "kd" else n_ce
+    ctc_scale = jnp.maximum(n_main, 1.0) / jnp.maximum(n_ctc, 1.0)
     if grad_accum == 1:
-      (objective, (ce, tokens, kl)), train_grads = value_and_grad(train, frozen, treedef, state.rest, batch, kd_scale)
+      (objective, aux), train_grads = value_and_grad(train, frozen, treedef, state.rest, batch, kd_scale, ctc_scale)
     else:
       shared = {k: v for k, v in batch.items() if k == "prefix_ids"}  # one for all rows: not split
       micro = microbatches({k: v for k, v in batch.items() if k not in shared}, grad_accum)
 
       def accumulate(carry, mb):
-        (o, (c, n, k)), g = value_and_grad(train, frozen, treedef, state.rest, {**mb, **shared}, kd_scale)
-        return jax.tree.map(jnp.add, carry, (o, c, n, k, g)), None
+        (o, a), g = value_and_grad(train, frozen, treedef, state.rest, {**mb, **shared}, kd_scale, ctc_scale)
+        return jax.tree.map(jnp.add, carry, (o, a, g)), None
 
-      zeros = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), [jnp.zeros_like(x) for x in train])
-      (objective, ce, tokens, kl, train_grads), _ = jax.lax.scan(accumulate, zeros, micro)
-    denom = jnp.maximum(n_kd if loss == "kd" else tokens, 1.0)
+      zeros = (jnp.zeros(()), {k: jnp.zeros(()) for k in ("ce", "tokens", "kl", "ctc", "ctc_infeasible")},
+               [jnp.zeros_like(x) for x in train])
+      (objective, aux, train_grads), _ = jax.lax.scan(accumulate, zeros, micro)
+    ce, tokens, kl = aux["ce"], aux["tokens"], aux["kl"]
+    denom = jnp.maximum(n_ctc if ctc_only else n_kd if loss == "kd" else tokens, 1.0)
     # Frozen leaves get zeros that nothing reads (set_to_zero): XLA drops them.
     grads = join(treedef, [g / denom for g in train_grads], [jnp.zeros_like(x) for x in frozen])
     if first_new_row is not None:
@@ -180,13 +250,19 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
     metrics = {
         "loss": objective / denom,
         "ce": ce / jnp.maximum(tokens, 1.0),
-        "target_tokens": tokens,
+        "target_tokens": n_ctc if ctc_only else tokens,  # the tokens this loss has targets on
         "grad_norm": optax.tree.norm([g for g, t in zip(jax.tree.leaves(grads), trainable) if t]),
         "nonfinite_steps": opt_state.total_notfinite,
         "update_applied": opt_state.last_finite,
     }
     if distil:
       metrics.update(kd=kl / jnp.maximum(n_kd, 1.0), kd_tokens=n_kd)
+    if ctc_only:
+      del metrics["ce"]  # no LLM pass, no CE
+    if use_ctc:
+      metrics.update(ctc=aux["ctc"] / jnp.maximum(n_ctc, 1.0), ctc_tokens=n_ctc,
+                     ctc_infeasible=aux["ctc_infeasible"],
+                     ctc_rows=jnp.sum(batch["ctc_label_lengths"] > 0).astype(jnp.float32))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
