@@ -190,7 +190,8 @@ def test_a_ctc_step_has_no_llm_work():
 
 def test_ctc_trains_a_tiny_adaptor():
   config, setup = tiny_setup("ctc", steps=40)
-  config.optim.lr = 3e-3
+  # Measured (lr 1e-2, 40 steps): 6.27 -> 2.70 with the blank's bias at log V; 16.97 -> 2.61 at 0.
+  config.optim.lr = 1e-2
   setup = trainer.prepare(config)
   host = ctc_batch(setup.cfg, config)
   host["ctc_label_lengths"][3] = 4  # every row with a transcript feasible
