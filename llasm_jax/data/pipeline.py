@@ -37,6 +37,12 @@ conversation as the frozen LLM reads it as text, each `<audio>` replaced by the 
   teacher_target_positions int32[B, K]  slot i predicts the same answer token as slot i of
                                     target_positions; -1 where either sequence lost it to a cut,
                                     and in rows whose audio has no known text
+With CTC (`ctc=True`: config.train.loss "ctc" or ctc_weight > 0), also what the row's audios say, in
+the LLM's own tokens (`ctc_token_ids`), the transcripts of its audios back to back in order:
+  ctc_labels       int32[B, U]      0-padded; U = `ctc_width` (every frame of a row's slots) with
+                                    fixed shapes, else a power of two >= the longest
+  ctc_label_lengths int32[B]        0 = none (no audio, an audio without known text, or one cut
+                                    partway); may exceed U (labels cut: more than the frames hold)
 
 Order of the pipeline: source -> this host's shard -> seeded shuffle -> repeat -> per-sample
 featurize + tokenize (seeded `random_map`: the stage-1 instruction and its side) -> batch with
@@ -64,7 +70,7 @@ import ml_dtypes
 import numpy as np
 
 from llasm_jax import paths
-from llasm_jax.config import needs_teacher
+from llasm_jax.config import needs_ctc, needs_teacher
 from llasm_jax.data import features, packing, prompts, templates
 from llasm_jax.data.audio import SAMPLE_RATE, from_int16
 from llasm_jax.data.features import MAX_FRAMES
@@ -80,6 +86,7 @@ AUDIO_KEYS = {"mel": ("mel", "mel_lengths"), "cached": ("audio_features", "audio
 TEXT_KEYS = ("input_ids", "labels", "attention_mask", "positions", "target_positions")
 PACKED_KEYS = ("segment_ids",)  # what packed batches carry more
 TEACHER_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_positions", "teacher_target_positions")
+CTC_KEYS = ("ctc_labels", "ctc_label_lengths")
 BATCH_KEYS = TEXT_KEYS + AUDIO_KEYS["mel"]
 BATCH_AXES = {"input_ids": ("batch", "length"), "labels": ("batch", "length"),
               "attention_mask": ("batch", "length"), "positions": ("batch", "length"),
@@ -87,7 +94,8 @@ BATCH_AXES = {"input_ids": ("batch", "length"), "labels": ("batch", "length"),
               "audio_features": ("batch", None, None, None), "audio_feature_lengths": ("batch", None),
               "teacher_input_ids": ("batch", "length"), "teacher_attention_mask": ("batch", "length"),
               "teacher_positions": ("batch", "length"), "teacher_target_positions": ("batch", None),
-              "prefix_ids": (None,), "segment_ids": ("batch", "length")}
+              "prefix_ids": (None,), "segment_ids": ("batch", "length"),
+              "ctc_labels": ("batch", None), "ctc_label_lengths": ("batch",)}
 NO_TRANSCRIPTS = ("holds no `transcripts` (what each audio says), which the distillation teacher reads: it was "
                   "built before they were stored. Build it again with `llasm-jax data build instructions` (and "
                   "`data encode` it again if cached), or set config.train.loss='ce'")
@@ -113,14 +121,26 @@ def target_positions(labels: np.ndarray, k: int | None = None) -> np.ndarray:
 
 
 def batch_keys(features: str = "mel", teacher: bool = False, prefix: bool = False,
-               packed: bool = False) -> tuple[str, ...]:
+               packed: bool = False, ctc: bool = False) -> tuple[str, ...]:
   """The keys of a batch whose audio comes as `features` ("mel" or "cached"), with the
   distillation teacher's text sequences or not, with a shared prefix (prefix_ids) or not, of
-  packed rows (segment_ids) or not."""
+  packed rows (segment_ids) or not, with CTC targets or not."""
   if features not in FEATURES:
     raise UserError(f"features {features!r}: expected one of {FEATURES}")
   return (TEXT_KEYS + AUDIO_KEYS[features] + (TEACHER_KEYS if teacher else ()) + (("prefix_ids",) if prefix else ())
-          + (PACKED_KEYS if packed else ()))
+          + (PACKED_KEYS if packed else ()) + (CTC_KEYS if ctc else ()))
+
+
+def ctc_token_ids(tok, text: str) -> list[int]:
+  """`text` in the tokens it has in the middle of a sentence (after a word and a space), as the
+  LLM reads it in a prompt or an answer: with the space that BPE vocabularies (GPT-2 / SmolLM2 'Ġ')
+  fold into the first word, and no second one where SentencePiece adds its own ('▁'). The
+  anchor's tokens are cut off; where they merge with the text, the text alone is tokenized."""
+  anchor = tok.encode("a", add_special_tokens=False)
+  ids = tok.encode("a " + text.strip(), add_special_tokens=False)
+  if ids[:len(anchor)] == anchor:
+    return ids[len(anchor):]
+  return tok.encode(text.strip(), add_special_tokens=False)
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +170,7 @@ class PipelineConfig:
   # "cached", "encoder" mode: allowed S values (ascending, ending at `feature_frames`); None = quarters.
   feature_buckets: tuple[int, ...] | None = None
   teacher: bool = False  # also the distillation teacher's text sequences (the TEACHER_KEYS)
+  ctc: bool = False  # also each row's transcript tokens for the CTC loss (the CTC_KEYS)
   # The template's fixed opening (`Template.fixed_prefix`) once per batch as prefix_ids, the rows
   # starting after it: training runs it once instead of once per row.
   shared_prefix: bool = False
@@ -182,6 +203,9 @@ class PipelineConfig:
     if self.packing and self.teacher:
       raise UserError("config.data.packing does not pack the distillation teacher's sequences; set "
                        "config.train.loss='ce' or config.data.packing=False")
+    if self.packing and self.ctc:
+      raise UserError("config.data.packing does not pack CTC targets (loss 'ctc' or ctc_weight > 0); set "
+                       "config.data.packing=False for the CTC stage, or train it without CTC")
     if self.features not in FEATURES:
       raise UserError(f"features {self.features!r}: expected one of {FEATURES}")
     if self.feature_buckets is not None:
@@ -209,6 +233,12 @@ class PipelineConfig:
         return b
     raise UserError(f"a cached audio slot of {frames} feature frames is longer than one {self.mel_frames}-frame "
                      "window; the dataset was encoded with longer windows than config.data.mel_frames")
+
+  @property
+  def ctc_width(self) -> int:
+    """U of fixed-shape CTC targets: the adaptor frames of a row's full slots; a longer
+    transcript cannot align (CTC emits at most one token per frame)."""
+    return self.max_audios * self.audio_tokens(self.frames)
 
   @property
   def fixed_shapes(self) -> bool:
@@ -410,16 +440,32 @@ class Featurize:
     roles = ("user", "assistant")
     return [{"role": roles[int(r)], "content": _str(v)} for r, v in zip(record["roles"], record["values"])]
 
+  def spoken(self, record: dict[str, Any]) -> list[str]:
+    """What each audio of `record` says, in order (ASR: the transcript; instructions: the
+    record's `transcripts`); "" where unknown."""
+    if record_kind(record, self.kind) == "asr":
+      return [_str(record["text"])]
+    if "transcripts" not in record:
+      raise UserError(f"record {_str(record.get('id', '?'))!r}: the dataset {NO_TRANSCRIPTS}")
+    return [_str(t) for t in record["transcripts"]]
+
+  def ctc_labels(self, record: dict[str, Any], windows: Sequence[int], kept: int) -> np.ndarray:
+    """int32[u]: the transcripts of the audios whose `windows` (slots per audio) the sample
+    keeps in its first `kept` slots, back to back in the LLM's tokens; empty when an audio among
+    them has no known text or is kept only in part (its frames would have no text)."""
+    bounds = np.cumsum([0] + list(windows))
+    if kept not in bounds:
+      return np.zeros(0, np.int32)
+    texts = self.spoken(record)[:int(np.searchsorted(bounds, kept))]
+    if not all(t.strip() for t in texts):
+      return np.zeros(0, np.int32)
+    tok = self.template.tokenizer
+    return np.int32([i for t in texts for i in ctc_token_ids(tok, t)]).reshape(-1)
+
   def teacher_messages(self, record: dict[str, Any], msgs: list[dict]) -> list[dict] | None:
     """`msgs` as the distillation teacher reads them: each `<audio>` replaced by the text that
-    audio speaks (ASR: the transcript; instructions: the record's `transcripts`). None when an
-    audio's text is unknown (an empty transcript)."""
-    if record_kind(record, self.kind) == "asr":
-      spoken = [_str(record["text"])]
-    else:
-      if "transcripts" not in record:
-        raise UserError(f"record {_str(record.get('id', '?'))!r}: the dataset {NO_TRANSCRIPTS}")
-      spoken = [_str(t) for t in record["transcripts"]]
+    audio speaks (`spoken`). None when an audio's text is unknown (an empty transcript)."""
+    spoken = self.spoken(record)
     holders = sum(m["content"].count(templates.AUDIO) for m in msgs)
     if holders != len(spoken):
       raise UserError(f"record {_str(record.get('id', '?'))!r}: {len(spoken)} transcripts for {holders} "
@@ -454,12 +500,16 @@ class Featurize:
     if cfg.features == "cached":
       # What `audio_slots` gave when the dataset was encoded: windows per audio, mel frames per slot.
       frames = record["mel_lengths"].tolist()
-      ids, labels = self.audio.encode_windows(self.template, msgs, record["slots"].tolist(), frames)
+      windows = record["slots"].tolist()
+      ids, labels = self.audio.encode_windows(self.template, msgs, windows, frames)
     else:
-      ids, labels, mels = self.audio.encode(self.template, msgs, record_audios(record, self.kind))
+      windows, mels = audio_slots(record_audios(record, self.kind), cfg)  # what `self.audio.encode` does
       frames = [m.shape[1] for m in mels]
+      ids, labels = self.audio.encode_windows(self.template, msgs, windows, frames)
     extra = self._teacher(record, teacher_msgs, ids, labels) if cfg.teacher else {}
     ids, labels, kept = self._fit(ids, labels)
+    if cfg.ctc:
+      extra["ctc_labels"] = self.ctc_labels(record, windows, kept)
     if cfg.shared_prefix:
       ids, labels, extra["prefix_ids"] = self._strip_prefix(ids, labels)
     if cfg.features == "cached":
@@ -544,6 +594,8 @@ class Collate:
     out["target_positions"] = target_positions(out["labels"], t if cfg.fixed_shapes else None)
     if cfg.teacher:
       out.update(self._teacher(samples, out["target_positions"]))
+    if cfg.ctc:
+      out.update(self._ctc(samples))
     if cfg.features == "cached":
       out.update(self._features(samples))
       return out
@@ -573,6 +625,17 @@ class Collate:
     return {"teacher_input_ids": ids, "teacher_attention_mask": mask,
             "teacher_positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
             "teacher_target_positions": slots}
+
+  def _ctc(self, samples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """ctc_labels int32[B, U] (cut at U) and their full lengths int32[B]."""
+    lengths = np.int32([len(s["ctc_labels"]) for s in samples])
+    cap = self.cfg.ctc_width
+    u = cap if self.cfg.fixed_shapes else min(cap, max(8, 1 << max(int(lengths.max(initial=0)) - 1, 0).bit_length()))
+    labels = np.zeros((len(samples), u), np.int32)
+    for i, s in enumerate(samples):
+      n = min(u, len(s["ctc_labels"]))
+      labels[i, :n] = s["ctc_labels"][:n]
+    return {"ctc_labels": labels, "ctc_label_lengths": lengths}
 
   def _features(self, samples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Cached slots back to back per sample -> float[B, A, S, E] (S: the feature bucket)."""
@@ -800,6 +863,7 @@ def pipeline_config(config, cfg: LlasmConfig, features: str = "mel") -> Pipeline
       buckets=tuple(buckets) if buckets else None, template=data.get("template", "llasm-cllama2"),
       system=data.get("system"), features=features, shared_prefix=bool(data.get("shared_prefix", False)),
       feature_buckets=tuple(feature_buckets) if feature_buckets else None, teacher=needs_teacher(config),
+      ctc=needs_ctc(config),
       packing=bool(data.get("packing", False)), pack_window=int(data.get("pack_window", 128)))
 
 
@@ -955,7 +1019,13 @@ def to_global(batch: dict[str, np.ndarray], mesh, rules, pad_id: int = 0, *, sam
     if cached:
       batch = pad_features(batch, int(s))
   out = {}
-  for name in batch_keys("cached" if cached else "mel", teacher, "prefix_ids" in batch, "segment_ids" in batch):
+  if jax.process_count() > 1 and not same_shape and "ctc_labels" in batch:  # U: every host pads to the largest
+    from jax.experimental import multihost_utils
+
+    u = int(np.max(multihost_utils.process_allgather(np.int32(batch["ctc_labels"].shape[1]))))
+    batch = {**batch, "ctc_labels": np.pad(batch["ctc_labels"], ((0, 0), (0, u - batch["ctc_labels"].shape[1])))}
+  for name in batch_keys("cached" if cached else "mel", teacher, "prefix_ids" in batch, "segment_ids" in batch,
+                         "ctc_labels" in batch):
     spec = sharding.logical_spec(BATCH_AXES[name], rules)
     out[name] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), batch[name])
   return out

@@ -25,9 +25,9 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from llasm_jax import checkpoint, compilation_cache, paths, sharding
-from llasm_jax.config import llasm_config, loss_options, needs_teacher
+from llasm_jax.config import ctc_weight, llasm_config, loss_options, needs_ctc, needs_teacher
 from llasm_jax.data import encode, pipeline
-from llasm_jax.models.llasm import Llasm, LlasmConfig
+from llasm_jax.models.llasm import CtcBlank, Llasm, LlasmConfig
 from llasm_jax.layers.lora import is_lora_path
 from llasm_jax.train.optim import (FROZEN, learning_rate, lora_config, lora_labels, make_optimizer, param_labels,
                                    path_str)
@@ -59,12 +59,13 @@ RUN_OPTIONS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention
 def model_config(config: ml_collections.ConfigDict) -> LlasmConfig:
   """From `config.model`, or from the model folder / stage-1 workdir in `config.train.init_from`
   (its architecture wins; `config.model.llm`/`audio` still set run options such as dtype), with
-  the LLM's LoRA from `config.train.lora`."""
+  the LLM's LoRA from `config.train.lora`, and the CTC blank when config.train trains with CTC
+  (a folder without one gets a fresh one: `initial_params`)."""
   init_from = config.train.get("init_from")
   lora = lora_config(config.train)
   if not init_from:
     cfg = llasm_config(config.model)
-    return cfg.replace(llm=cfg.llm.replace(lora=lora))
+    return cfg.replace(llm=cfg.llm.replace(lora=lora), ctc=cfg.ctc or needs_ctc(config))
   meta = checkpoint.read_meta(init_from)
   if meta["kind"] != "llasm":
     raise UserError(f"config.train.init_from {init_from!r} holds a {meta['kind']!r} model; training needs a "
@@ -75,7 +76,7 @@ def model_config(config: ml_collections.ConfigDict) -> LlasmConfig:
     return {k: v for k, v in config.model.get(part, {}).items() if k in RUN_OPTIONS}
 
   return cfg.replace(llm=cfg.llm.replace(lora=lora, **run_options("llm")),
-                     audio=cfg.audio.replace(**run_options("audio")))
+                     audio=cfg.audio.replace(**run_options("audio")), ctc=cfg.ctc or needs_ctc(config))
 
 
 def initial_params(config, cfg: LlasmConfig, mesh, rules, param_sharding, rest_sharding):
@@ -89,8 +90,14 @@ def initial_params(config, cfg: LlasmConfig, mesh, rules, param_sharding, rest_s
     with jax.set_mesh(mesh):
       return jax.jit(init, out_shardings=(param_sharding, rest_sharding))()
   # New LoRA factors (a base model adapted in stage 2) start as the random init above would.
-  model, _ = checkpoint.load_model(init_from, mesh=mesh, rules=rules, cfg=cfg, seed=config.train.seed)
+  stored_ctc = bool(checkpoint.read_meta(init_from)["config"].get("ctc", False))
+  model, _ = checkpoint.load_model(init_from, mesh=mesh, rules=rules, cfg=cfg.replace(ctc=cfg.ctc and stored_ctc),
+                                   seed=config.train.seed)
+  if cfg.ctc and not stored_ctc:  # CTC on a folder without the blank (e.g. a fresh `convert`): a new one
+    model.ctc_blank = CtcBlank(cfg.llm.hidden_size, cfg.llm.vocab_size, param_dtype=cfg.llm.param_dtype)
+    log(f"added a new CTC blank (ctc_blank/) to the model of {init_from}")
   _, params, rest = nnx.split(model, nnx.Param, ...)
+  params = jax.device_put(params, param_sharding)
   log(f"initialised from {init_from}")
   return params, rest
 
@@ -109,6 +116,9 @@ def make_data(config, cfg: LlasmConfig):
   if source == "synthetic" and config.data.get("packing"):
     raise UserError("config.data.packing packs the samples of config.data.source='tfds'; the synthetic batches "
                      "come as whole rows: set config.data.packing=False")
+  if source == "synthetic" and needs_ctc(config):
+    raise UserError("config.train CTC (loss 'ctc' or ctc_weight > 0) aligns the audio to its transcript, which "
+                     "synthetic batches lack: set config.data.source='tfds' with built datasets")
   if source == "synthetic":
     from llasm_jax.train.synthetic import synthetic_dataset
 
@@ -238,6 +248,19 @@ class Metrics:
     if "kd" in values[-1]:  # a distilling loss: its two terms, each a mean per target token
       row.update(ce=float(np.mean([v["ce"] for v in values])), kd=float(np.mean([v["kd"] for v in values])))
       line += f" (ce {row['ce']:.4f}, kd {row['kd']:.4f})"
+    if "ctc" in values[-1]:  # CTC alone or beside the main loss: its mean per transcript token
+      row.update(ctc=float(np.mean([v["ctc"] for v in values])),
+                 ctc_infeasible=int(sum(v["ctc_infeasible"] for v in values)))
+      if "ce" in values[-1] and "kd" not in values[-1]:
+        row["ce"] = float(np.mean([v["ce"] for v in values]))
+        line += f" (ce {row['ce']:.4f}, ctc {row['ctc']:.4f})"
+      else:
+        line += f" (ctc {row['ctc']:.4f})"
+      rows = sum(v["ctc_rows"] for v in values)
+      if rows and row["ctc_infeasible"] > 0.05 * rows:
+        log(f"warning: {row['ctc_infeasible']} of {int(rows)} rows with a transcript have fewer adaptor frames than "
+            "CTC needs (tokens + repeats) and train no CTC. Check that adaptor frames outnumber target tokens "
+            "(stack factor): a smaller config.model.stack_factor (a new adaptor) gives more frames per second")
     line += f" | grad norm {row['grad_norm']:.3f} | lr {lr:.2e} | {tokens_s:,.0f} tok/s | {seconds:.3f} s/step"
     if self.flops_per_step:
       tflops = sum(w["flops"] for w in self.window) / (seconds * len(self.window)) / 1e12 / jax.device_count()
@@ -287,6 +310,8 @@ def model_flops_per_step(cfg: LlasmConfig, config, trainable_llm: bool, whisper:
   llm_flops = tokens * ((6 if trainable_llm else 4) * llm_weights + (3 if trainable_llm else 2) * 2 * attn)
   if needs_teacher(config):
     llm_flops += tokens * (2 * llm_weights + 2 * attn)
+  if loss_options(config.train)[0] == "ctc":  # no LLM pass (the CTC head is not counted either)
+    llm_flops = 0
   frames = w.max_source_positions if cfg.mode == "llasm" else config.data.get("mel_frames", 3000) // 2
   enc = w.encoder_layers * (4 * w.d_model ** 2 + 2 * w.d_model * w.encoder_ffn_dim)
   audios = config.train.batch_size * config.data.max_audios
@@ -382,7 +407,8 @@ def prepare(config: ml_collections.ConfigDict, devices=None) -> Setup:
     raise UserError(f"config.train.batch_size {tc.batch_size} must divide by grad_accum ({tc.grad_accum}) x "
                      f"data x fsdp ({mesh.shape['data'] * mesh.shape['fsdp']})")
   graphdef, abs_params, abs_rest = nnx.split(nnx.eval_shape(lambda: Llasm(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
-  labels = param_labels(abs_params, tc.trainable)
+  # The CTC blank trains whenever CTC does (it is part of the CTC loss, not of the model's answers).
+  labels = param_labels(abs_params, tuple(tc.trainable) + (("ctc_blank/.*",) if needs_ctc(config) else ()))
   if cfg.llm.lora.rank:
     labels = lora_labels(labels)
   tx = make_optimizer(config.optim, labels, tc.steps)
@@ -406,12 +432,12 @@ def prepare(config: ml_collections.ConfigDict, devices=None) -> Setup:
   loss, kd_weight, kd_temperature = loss_options(tc)
   step_fn = make_train_step(graphdef, tx, labels, grad_accum=tc.grad_accum, first_new_row=first_new_row,
                             loss=loss, kd_weight=kd_weight, kd_temperature=kd_temperature,
-                            loss_chunk=int(tc.get("loss_chunk", 0)))
+                            loss_chunk=int(tc.get("loss_chunk", 0)), ctc_weight=ctc_weight(tc))
   features, cache = pipeline.data_features(config)
   batch_sh = {k: jax.sharding.NamedSharding(mesh, sharding.logical_spec(pipeline.BATCH_AXES[k], rules))
               for k in pipeline.batch_keys(features, teacher=needs_teacher(config),
                                            prefix=bool(config.data.get("shared_prefix", False)),
-                                           packed=bool(config.data.get("packing", False)))}
+                                           packed=bool(config.data.get("packing", False)), ctc=needs_ctc(config))}
   jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
                    donate_argnums=(0,))
   return Setup(cfg, mesh, rules, graphdef, labels, tx, state_sh, abs_state, batch_sh, jitted, features, cache)
@@ -446,6 +472,9 @@ def abstract_batch(config, setup: Setup) -> dict[str, jax.ShapeDtypeStruct]:
     shapes["prefix_ids"] = ((64,), jnp.int32)  # a long system prompt's opening; the rows keep all of T
   if data.get("packing"):
     shapes["segment_ids"] = ((b, t), jnp.int32)
+  if needs_ctc(config):
+    shapes["ctc_labels"] = ((b, pipeline.pipeline_config(config, cfg, setup.features).ctc_width), jnp.int32)
+    shapes["ctc_label_lengths"] = ((b,), jnp.int32)
   return {k: jax.ShapeDtypeStruct(s, d, sharding=setup.batch_sharding[k]) for k, (s, d) in shapes.items()}
 
 
