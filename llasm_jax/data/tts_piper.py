@@ -13,10 +13,15 @@ by inputs (`noise_dp`, `noise_prior`: float[1, C, L], tiled to the shape the op 
 drawn and cut to it), which are drawn from the utterance's rng. With ONNX Runtime on 1 thread
 the same (text, rng state) then gives the same samples, bit for bit.
 
-Variation per utterance, all from `rng`: pace (length_scale), the two noise scales (prosody,
-timing), pitch (resampling: +s semitones plays the voice 2^(s/12) faster, so the pace is
-stretched by the same factor first; formants move with the pitch, a shorter or longer vocal
-tract, like a different speaker), peak level, silence before, between sentences and after.
+Variation per utterance, all from `rng`: pace (length_scale; each phoneme lasts a whole number
+of frames, at least one, so 0.85-1.25 stretches the speech by ~1.2, not 1.47), the two noise
+scales (prosody, timing), pitch, peak level, silence before, between sentences and after.
+Pitch is shifted by resampling (free: the 22.05 -> 16 kHz resampling is needed anyway): +s
+semitones plays the voice 2^(s/12) faster, so it also speaks that much faster (+-12% at +-2
+semitones, on top of the pace drawn) and its formants move with the pitch, like a shorter or
+longer vocal tract. Not compensated through length_scale, which does not stretch in proportion;
+a phase vocoder (librosa.effects.pitch_shift, ~3 ms per second of speech) would keep the pace but
+adds phasiness.
 """
 
 from __future__ import annotations
@@ -156,18 +161,16 @@ class PiperEngine:
 
   def _sentence(self, ids: list[int], style: PiperStyle, noise_rng: np.random.Generator) -> np.ndarray:
     """float32[S] audio of one sentence at the voice's rate; its noises drawn from `noise_rng`."""
-    # Resampling raises the pitch by `speed` and shortens the speech by as much: speak slower first.
-    length_scale = style.length_scale * 2 ** (style.semitones / 12)
-    frames = int(np.ceil(_FRAMES_PER_ID * length_scale * len(ids))) + 8
+    frames = int(np.ceil(_FRAMES_PER_ID * style.length_scale * len(ids))) + 8
     seed = int(noise_rng.integers(2**63))
     draw = lambda name, n: np.random.default_rng([seed, _NOISE_INPUTS.index(name), n]).standard_normal(
         (1, self.channels[name], n), dtype=np.float32)
     noises = {"noise_dp": draw("noise_dp", len(ids)), "noise_prior": draw("noise_prior", frames)}
-    audio, shapes = self._run(ids, length_scale, style.noise_scale, style.noise_w, noises)
+    audio, shapes = self._run(ids, style.length_scale, style.noise_scale, style.noise_w, noises)
     wanted = shapes["noise_prior"][2]
     if wanted > frames:  # a slow sentence: its prior noise would have repeated; run it on its own
       noises["noise_prior"] = draw("noise_prior", wanted)
-      audio, _ = self._run(ids, length_scale, style.noise_scale, style.noise_w, noises)
+      audio, _ = self._run(ids, style.length_scale, style.noise_scale, style.noise_w, noises)
     return audio
 
   def pick_style(self, rng: np.random.Generator) -> PiperStyle:
