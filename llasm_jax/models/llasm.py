@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llasm_jax.layers import KVCache
+from llasm_jax.layers import KVCache, param_init
 from llasm_jax.models.adaptor import LinearAdaptor, StackedMLPAdaptor, UltravoxAdaptor, text_scale
 from llasm_jax.models.llama import LLAMA_PRESETS, LlamaConfig, LlamaForCausalLM
 from llasm_jax.models.whisper import WHISPER_PRESETS, WhisperConfig, WhisperModel, encoder_frames
@@ -47,6 +47,9 @@ class LlasmConfig:
   audio_patch_id: int = 32000  # <au_patch>: each stands for one audio embedding
   audio_start_id: int = 32001  # <au_start>: opens an audio's span of patches
   audio_end_id: int = 32002  # <au_end>: closes it
+  # A learned CTC blank over the LLM's vocab (`ctc_blank`, `Llasm.ctc_logits`): the adaptor's CTC loss
+  # (config.train.loss "ctc" / ctc_weight). A training aid: export leaves it out.
+  ctc: bool = False
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -159,8 +162,21 @@ def build_adaptor(cfg: LlasmConfig, *, dtype, param_dtype, rngs: nnx.Rngs) -> nn
              param_dtype=param_dtype, rngs=rngs)
 
 
+class CtcBlank(nnx.Module):
+  """The one class CTC adds to the LLM's vocab (LegoSLM, arXiv 2505.11352): its logit is
+  x . kernel + bias. The kernel starts at zero and the bias at log V, so that at first the blank
+  holds about as much probability as all V tokens together (whose logits against the embedding
+  table start near zero): CTC's early alignments are mostly blanks, as its optimum mostly is."""
+
+  def __init__(self, width: int, vocab_size: int, *, param_dtype):
+    zeros = param_init(nnx.initializers.zeros_init(), ("embed",))
+    self.kernel = nnx.Param(zeros(jax.random.key(0), (width,), param_dtype))
+    self.bias = nnx.Param(jnp.full((), np.log(vocab_size), param_dtype))
+
+
 class Llasm(nnx.Module):
-  """Whisper (`audio`) + adaptor (`adaptor`) + LLaMA-family LLM (`llm`)."""
+  """Whisper (`audio`) + adaptor (`adaptor`) + LLaMA-family LLM (`llm`), and with `cfg.ctc` the
+  CTC blank (`ctc_blank`)."""
 
   def __init__(self, cfg: LlasmConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -168,6 +184,8 @@ class Llasm(nnx.Module):
     self.audio = WhisperModel(cfg.audio, rngs=rngs, with_decoder=cfg.mode == "llasm")
     self.adaptor = build_adaptor(cfg, **kw)
     self.llm = LlamaForCausalLM(cfg.llm, rngs=rngs)
+    if cfg.ctc:
+      self.ctc_blank = CtcBlank(cfg.llm.hidden_size, cfg.llm.vocab_size, param_dtype=cfg.llm.param_dtype)
     if cfg.adaptor == "ultravox":
       self.match_text_scale()
 
@@ -211,6 +229,21 @@ class Llasm(nnx.Module):
     embeds, tokens = self.adaptor(features.reshape(b * a, s, e), feature_lengths.reshape(b * a))
     valid = jnp.arange(embeds.shape[1])[None, :] < tokens[:, None]
     return embeds.reshape(b, a, *embeds.shape[1:]), valid.reshape(b, a, -1)
+
+  def ctc_logits(self, audio_embeds: jax.Array) -> jax.Array:
+    """Audio embeddings float[..., P, D] -> CTC logits float32[..., P, V + 1]: each scored against
+    the LLM's input embedding rows of the real vocab (V = vocab_size, not the padded table), and
+    the blank (`ctc_blank`) as class V, so token ids stay the LLM's. The table is constant here:
+    CTC shapes the adaptor, not the vocab."""
+    if not self.cfg.ctc:
+      raise UserError("this model has no CTC blank (LlasmConfig.ctc=False); the CTC loss needs "
+                       "config.train.loss='ctc' or ctc_weight > 0, which turn it on")
+    v = self.cfg.llm.vocab_size
+    table = jax.lax.stop_gradient(self.llm.model.embed_tokens.embedding[...][:v]).astype(jnp.float32)
+    x = audio_embeds.astype(jnp.float32)
+    tokens = jnp.einsum("...pd,vd->...pv", x, table)
+    blank = x @ self.ctc_blank.kernel[...].astype(jnp.float32) + self.ctc_blank.bias[...].astype(jnp.float32)
+    return jnp.concatenate([tokens, blank[..., None]], axis=-1)
 
   def embed_audio(self, mel: jax.Array, mel_lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
     """mel float[B, A, M, F], mel_lengths int[B, A] (0 = empty slot) ->
