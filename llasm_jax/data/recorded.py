@@ -28,6 +28,7 @@ import json
 import os
 import re
 import tarfile
+from typing import Iterator
 
 import numpy as np
 
@@ -124,24 +125,38 @@ def decode(archive: tarfile.TarFile, clip: Clip) -> np.ndarray:
   return np.ascontiguousarray(audio, np.float32)
 
 
+def _open_all(recordings: str | os.PathLike | None) -> Iterator[tuple[str, tarfile.TarFile]]:
+  """(path, open archive) of each archive `find_recordings` finds; none found is a UserError."""
+  archives = find_recordings(recordings)
+  if not archives:
+    raise UserError(f"no recorded speech: {POCKETSPHINX} is not in {FOLDER} (here or in the checkout) and "
+                    f"${ENV} is unset; fetch it with `{DOWNLOAD}`")
+  for path in archives:
+    try:
+      yield path, tarfile.open(path, "r:gz")
+    except (tarfile.TarError, OSError) as e:
+      raise UserError(f"recordings archive {path!r} cannot be read ({e}); delete it and fetch it again with "
+                      f"`{DOWNLOAD}`") from None
+
+
+def transcripts(recordings: str | os.PathLike | None = None) -> list[str]:
+  """What the recorded clips say, read without decoding them: the texts no training source may yield."""
+  out = []
+  for _, archive in _open_all(recordings):
+    with archive:
+      out += [clip.text for clip in clips(archive)]
+  return out
+
+
 def write_held_out(out_dir: str | os.PathLike, recordings: str | os.PathLike | None = None) -> str:
   """Writes the recorded clips and their manifest under `out_dir`; returns the manifest's path.
   `recordings`: where the archive is (see `find_recordings`)."""
   import soundfile as sf
 
-  archives = find_recordings(recordings)
-  if not archives:
-    raise UserError(f"no recorded speech: {POCKETSPHINX} is not in {FOLDER} (here or in the checkout) and "
-                    f"${ENV} is unset; fetch it with `{DOWNLOAD}`")
   out_dir = os.fspath(out_dir)
   os.makedirs(os.path.join(out_dir, "audio"), exist_ok=True)
   rows = []
-  for path in archives:
-    try:
-      archive = tarfile.open(path, "r:gz")
-    except (tarfile.TarError, OSError) as e:
-      raise UserError(f"recordings archive {path!r} cannot be read ({e}); delete it and fetch it again with "
-                      f"`{DOWNLOAD}`") from None
+  for path, archive in _open_all(recordings):
     with archive:
       for clip in clips(archive):
         audio = decode(archive, clip)
