@@ -255,3 +255,46 @@ def tokenizer_dir(tmp_path_factory):
   folder = tmp_path_factory.mktemp("ctc_tok")
   train_llama_tokenizer(folder).save_pretrained(str(folder / "hf"))
   return str(folder / "hf")
+
+
+# ---- the trainer: a CTC warm phase from a fresh `convert`, then CE + CTC, then export ---------------
+
+
+def test_ctc_warm_phase_then_ce_plus_ctc_from_a_converted_folder(tmp_path):
+  import os
+
+  from llasm_jax import checkpoint
+  from llasm_jax.convert.export import export
+  from llasm_jax.data import builders
+  from tests.data.conftest import ASSETS
+  from tests.train.test_cached import WINDOW, llasm_folders, stage1
+
+  raw = str(tmp_path / "asr")
+  builders.build("asr", builders.manifest_rows(os.path.join(ASSETS, "manifest.jsonl")), raw, quiet=True)
+  fresh = llasm_folders(tmp_path)["encoder"]
+  assert "ctc" not in checkpoint.read_meta(fresh)["config"] or not checkpoint.read_meta(fresh)["config"]["ctc"]
+  warm = stage1(fresh, raw)
+  warm.train.loss = "ctc"
+  warm.data.seq_len, warm.data.mel_frames = 448, WINDOW
+  first = trainer.train(warm, str(tmp_path / "warm"))
+  assert first["stop_reason"] == "finished" and all("ctc" in h for h in first["history"])
+  warmed = str(tmp_path / "warm" / "model")
+  stored = checkpoint.load_params_numpy(warmed)
+  assert {"ctc_blank/kernel", "ctc_blank/bias"} <= set(stored) and checkpoint.read_meta(warmed)["config"]["ctc"]
+  then = stage1(warmed, raw)
+  then.train.ctc_weight = 0.2
+  second = trainer.train(then, str(tmp_path / "ce_ctc"))
+  # The asset clips (3-4.5 s: ~25 adaptor frames at this folder's stack factor 8) say ~45 tokens of the tiny
+  # 300-token BPE: no row can align, so every one is counted infeasible, CTC adds nothing, and the trainer warns.
+  row = second["history"][-1]
+  assert second["stop_reason"] == "finished" and row["loss"] == row["ce"] and row["ctc"] == 0
+  assert row["ctc_infeasible"] == then.train.batch_size
+  # Export leaves the blank out (a training aid); the LLM and adaptor go to PyTorch as before.
+  export(warmed, str(tmp_path / "hf"), progress=False)
+  names = []
+  for root, _, files in os.walk(tmp_path / "hf"):
+    for f in files:
+      if f.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+        names += list(load_file(os.path.join(root, f)))
+  assert names and not any("ctc" in n for n in names)
