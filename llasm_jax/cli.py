@@ -98,7 +98,7 @@ def convert(args: argparse.Namespace) -> None:
   from llasm_jax.convert.convert import convert as run
 
   print(run(args.llm, args.whisper, out=args.out, dtype=args.dtype, mode=args.mode, adaptor=args.adaptor,
-            overwrite=args.overwrite))
+            stack_factor=args.stack_factor, overwrite=args.overwrite))
 
 
 def export(args: argparse.Namespace) -> None:
@@ -364,16 +364,16 @@ def _data_parser(sub) -> None:
   p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                  help="synthesis processes, one engine each (default: %(default)s; 0 = in this process)")
   p.add_argument("--seed", type=int, default=0, help="voices are drawn from (seed, utterance id) (default: %(default)s)")
-  p.add_argument("--format", choices=("flac", "wav"), default="flac", help="16 kHz 16-bit audio files (default: %(default)s)")
-  p.add_argument("--limit", type=int, help="only the first N sentences / conversations")
-  p.add_argument("--language", default="auto",
-                 help="language of rows without one: en, zh, ... or auto (CJK text -> zh, else en; default)")
   p.add_argument("--reverb", metavar="DIR", help="reverberate utterances with room impulse responses: a folder of "
                                                  "wav/flac files, or 'builtin' (synthetic rooms); default: none")
   p.add_argument("--reverb-p", type=float, default=0.5, help="share of utterances reverberated (default: %(default)s)")
   p.add_argument("--snr", type=_parse_snr, metavar="LO,HI", help="add white/pink/brown noise at an SNR drawn from "
                                                                    "LO..HI dB (e.g. 5,20); default: none")
   p.add_argument("--noise-p", type=float, default=0.5, help="share of utterances given noise (default: %(default)s)")
+  p.add_argument("--format", choices=("flac", "wav"), default="flac", help="16 kHz 16-bit audio files (default: %(default)s)")
+  p.add_argument("--limit", type=int, help="only the first N sentences / conversations")
+  p.add_argument("--language", default="auto",
+                 help="language of rows without one: en, zh, ... or auto (CJK text -> zh, else en; default)")
   p.add_argument("--max-seconds", type=float, default=30.0,
                  help="longer utterances fail, 0 = no limit (default: %(default)s, what `data build` keeps)")
   p.add_argument("--held-out", help="text file, one sentence a line: print the share of its word types (and "
@@ -412,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
   for field in dataclasses.fields(Options):  # one flag per option, its help and choices beside the field
     kind = str if field.default is None else type(field.default)
     p.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default,
-                   choices=field.metadata.get("choices"), help=field.metadata["help"] + ("" if "default" in field.metadata["help"] else " (default: %(default)s)"))
+                   choices=field.metadata.get("choices"),
+                   help=field.metadata["help"] + ("" if "default" in field.metadata["help"] else " (default: %(default)s)"))
   p.set_defaults(func=demo)
 
   p = sub.add_parser("forward", help="random-weight forward pass on synthetic speech: shapes and timings")
@@ -459,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="--mode encoder: the new model's projector, mlp (stacked frames, Linear-GELU-Linear; the "
                       "default) or ultravox (RMSNorm-Linear-SwiGLU-Linear-RMSNorm, output scale = the LLM's "
                       "embedding RMS); a released folder keeps the one it records")
+  p.add_argument("--stack-factor", type=int, help="--mode encoder: encoder frames per audio token of a new model "
+                                                  "(default 8: 6.25 tokens per second of audio)")
   p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
   p.set_defaults(func=convert)
 
