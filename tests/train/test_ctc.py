@@ -259,42 +259,95 @@ def tokenizer_dir(tmp_path_factory):
 
 # ---- the trainer: a CTC warm phase from a fresh `convert`, then CE + CTC, then export ---------------
 
+# The asset clips (2.9-4.5 s, each two 3 s windows) say 22-41 tokens of the tiny 300-token BPE (0-1
+# repeats): at the default stack factor 8 they become 18-29 adaptor frames and no row can align.
+# At 3 (50 frames per 3 s window) they become 48-76, every clip 1.3x-2.3x its tokens + repeats.
+CTC_STACK = 3
 
-def test_ctc_warm_phase_then_ce_plus_ctc_from_a_converted_folder(tmp_path):
+
+@pytest.fixture(scope="module")
+def asset_run(tmp_path_factory):
+  """The asset clips as an ASR dataset, and the tiny HF LLaMA + Whisper pair to convert."""
+  import os
+
+  from llasm_jax.data import builders
+  from tests.data.conftest import ASSETS
+  from tests.infer.conftest import save_hf_pair
+
+  root = tmp_path_factory.mktemp("ctc_assets")
+  raw = str(root / "asr")
+  builders.build("asr", builders.manifest_rows(os.path.join(ASSETS, "manifest.jsonl")), raw, quiet=True)
+  save_hf_pair(root)
+  return root, raw
+
+
+def fresh_encoder(root, out, stack_factor=None):
+  from llasm_jax.convert.convert import convert
+
+  convert(str(root / "hf_llm"), str(root / "hf_whisper"), out=str(out), mode="encoder", stack_factor=stack_factor,
+          progress=False)
+  return str(out)
+
+
+def test_ctc_warm_phase_then_ce_plus_ctc_from_a_converted_folder(asset_run, tmp_path):
   import os
 
   from llasm_jax import checkpoint
   from llasm_jax.convert.export import export
-  from llasm_jax.data import builders
-  from tests.data.conftest import ASSETS
-  from tests.train.test_cached import WINDOW, llasm_folders, stage1
+  from tests.train.test_cached import stage1
 
-  raw = str(tmp_path / "asr")
-  builders.build("asr", builders.manifest_rows(os.path.join(ASSETS, "manifest.jsonl")), raw, quiet=True)
-  fresh = llasm_folders(tmp_path)["encoder"]
-  assert "ctc" not in checkpoint.read_meta(fresh)["config"] or not checkpoint.read_meta(fresh)["config"]["ctc"]
+  root, raw = asset_run
+  fresh = fresh_encoder(root, tmp_path / "encoder", CTC_STACK)
+  meta = checkpoint.read_meta(fresh)["config"]
+  assert not meta.get("ctc") and meta["stack_factor"] == CTC_STACK
   warm = stage1(fresh, raw)
-  warm.train.loss = "ctc"
-  warm.data.seq_len, warm.data.mel_frames = 448, WINDOW
+  warm.data.seq_len = 512  # 2 x 50 audio tokens per row (38 at stack factor 8)
+  # Every step's batch is all 7 clips (step 1 runs at lr 0, so steps 1 and 2 score the same
+  # batch with the same weights), so the losses compare across steps.
+  warm.train.loss, warm.train.steps, warm.train.batch_size = "ctc", 20, 7
+  warm.optim.lr = 1e-2
   first = trainer.train(warm, str(tmp_path / "warm"))
-  assert first["stop_reason"] == "finished" and all("ctc" in h for h in first["history"])
+  ctc = [h["ctc"] for h in first["history"]]
+  assert first["stop_reason"] == "finished" and len(ctc) == warm.train.steps
+  assert all(h["ctc_infeasible"] == 0 for h in first["history"]) and all(np.isfinite(ctc))
+  np.testing.assert_allclose(ctc[0], ctc[1], rtol=1e-5)
+  # Measured: 5.86 -> 4.50 per transcript token in 20 steps (0.77).
+  assert ctc[-1] < 0.85 * ctc[0], ctc
   warmed = str(tmp_path / "warm" / "model")
   stored = checkpoint.load_params_numpy(warmed)
   assert {"ctc_blank/kernel", "ctc_blank/bias"} <= set(stored) and checkpoint.read_meta(warmed)["config"]["ctc"]
   then = stage1(warmed, raw)
+  then.data.seq_len = warm.data.seq_len
   then.train.ctc_weight = 0.2
   second = trainer.train(then, str(tmp_path / "ce_ctc"))
-  # The asset clips (3-4.5 s: ~25 adaptor frames at this folder's stack factor 8) say ~45 tokens of the tiny
-  # 300-token BPE: no row can align, so every one is counted infeasible, CTC adds nothing, and the trainer warns.
-  row = second["history"][-1]
-  assert second["stop_reason"] == "finished" and row["loss"] == row["ce"] and row["ctc"] == 0
-  assert row["ctc_infeasible"] == then.train.batch_size
+  assert second["stop_reason"] == "finished"
+  for row in second["history"]:
+    assert row["ce"] > 0 and row["ctc"] > 0 and row["ctc_infeasible"] == 0
+    np.testing.assert_allclose(row["loss"], row["ce"] + 0.2 * row["ctc"], rtol=1e-5)
   # Export leaves the blank out (a training aid); the LLM and adaptor go to PyTorch as before.
   export(warmed, str(tmp_path / "hf"), progress=False)
   names = []
-  for root, _, files in os.walk(tmp_path / "hf"):
+  for folder, _, files in os.walk(tmp_path / "hf"):
     for f in files:
       if f.endswith(".safetensors"):
         from safetensors.numpy import load_file
-        names += list(load_file(os.path.join(root, f)))
+        names += list(load_file(os.path.join(folder, f)))
   assert names and not any("ctc" in n for n in names)
+
+
+def test_infeasible_rows_train_no_ctc_and_warn(asset_run, tmp_path, capsys):
+  """At the default stack factor 8 the clips are 18-29 adaptor frames for 22-42 tokens + repeats:
+  the rows without enough frames are masked (no CTC loss, no tokens), counted, and the trainer
+  says which setting gives more frames."""
+  from tests.train.test_cached import stage1
+
+  root, raw = asset_run
+  config = stage1(fresh_encoder(root, tmp_path / "encoder"), raw)
+  config.train.loss, config.train.steps = "ctc", 1
+  summary = trainer.train(config, str(tmp_path / "run"))
+  row = summary["history"][-1]
+  assert row["loss"] == row["ctc"] == 0 and row["grad_norm"] == 0
+  assert row["ctc_infeasible"] == config.train.batch_size
+  out = capsys.readouterr().out
+  assert f"{config.train.batch_size} of {config.train.batch_size} rows with a transcript have fewer adaptor " \
+         "frames than CTC needs" in out and "stack_factor" in out
