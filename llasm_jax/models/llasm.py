@@ -230,18 +230,24 @@ class Llasm(nnx.Module):
     valid = jnp.arange(embeds.shape[1])[None, :] < tokens[:, None]
     return embeds.reshape(b, a, *embeds.shape[1:]), valid.reshape(b, a, -1)
 
-  def ctc_logits(self, audio_embeds: jax.Array) -> jax.Array:
+  def ctc_logits(self, audio_embeds: jax.Array, classes: jax.Array | None = None,
+                 class_valid: jax.Array | None = None) -> jax.Array:
     """Audio embeddings float[..., P, D] -> CTC logits float32[..., P, V + 1]: each scored against
     the LLM's input embedding rows of the real vocab (V = vocab_size, not the padded table), and
     the blank (`ctc_blank`) as class V, so token ids stay the LLM's. The table is constant here:
-    CTC shapes the adaptor, not the vocab."""
+    CTC shapes the adaptor, not the vocab. With `classes` int[C] (and their validity bool[C]) only
+    those rows are scored: float32[..., P, C + 1], the blank last, invalid classes at -1e9."""
     if not self.cfg.ctc:
       raise UserError("this model has no CTC blank (LlasmConfig.ctc=False); the CTC loss needs "
                        "config.train.loss='ctc' or ctc_weight > 0, which turn it on")
     v = self.cfg.llm.vocab_size
-    table = jax.lax.stop_gradient(self.llm.model.embed_tokens.embedding[...][:v]).astype(jnp.float32)
+    table = jax.lax.stop_gradient(self.llm.model.embed_tokens.embedding[...][:v])
+    if classes is not None:
+      table = jnp.take(table, classes, axis=0, mode="clip")  # padding classes (id V) are masked below
     x = audio_embeds.astype(jnp.float32)
-    tokens = jnp.einsum("...pd,vd->...pv", x, table)
+    tokens = jnp.einsum("...pd,vd->...pv", x, table.astype(jnp.float32))
+    if class_valid is not None:
+      tokens = jnp.where(class_valid, tokens, -1e9)
     blank = x @ self.ctc_blank.kernel[...].astype(jnp.float32) + self.ctc_blank.bias[...].astype(jnp.float32)
     return jnp.concatenate([tokens, blank[..., None]], axis=-1)
 

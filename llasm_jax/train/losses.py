@@ -114,6 +114,29 @@ def ctc_feasible(labels: jax.Array, lengths: jax.Array, frames: jax.Array) -> ja
   return (lengths > 0) & (lengths <= u) & (lengths + ctc_repeats(labels, lengths) <= frames)
 
 
+def ctc_classes(labels: jax.Array, lengths: jax.Array, key: jax.Array, negatives: int,
+                vocab: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The classes of a sampled CTC softmax: every token the batch's transcripts hold, and `negatives`
+  random other tokens of the vocab (as sampled-softmax LMs do: the full [N, S, V] logits of a
+  49k vocab cost as much as the LLM pass the warm phase skips).
+
+  labels int[N, U] (the first lengths[n] of each row count), key a PRNG key -> classes int32[C]
+  (C = N * U + negatives), their validity bool[C] (padding, and negatives drawn twice or equal to
+  a target, are not classes), and the labels as indices into `classes`. Exact when the classes
+  cover the vocab: the softmax is then the full one."""
+  n, u = labels.shape
+  inside = jnp.arange(u)[None, :] < jnp.minimum(lengths, u)[:, None]
+  # Sorted unique targets, padded with `vocab` (past every id, so the padding sorts last).
+  targets = jnp.unique(jnp.where(inside, labels, vocab).reshape(-1), size=n * u, fill_value=vocab)
+  noise = jnp.sort(jax.random.randint(key, (negatives,), 0, vocab))
+  repeated = jnp.concatenate([jnp.zeros((1,), bool), noise[1:] == noise[:-1]])
+  fresh = ~repeated & (targets[jnp.clip(jnp.searchsorted(targets, noise), 0, n * u - 1)] != noise)
+  classes = jnp.concatenate([targets, noise]).astype(jnp.int32)
+  class_valid = jnp.concatenate([targets < vocab, fresh])
+  index = jnp.searchsorted(targets, jnp.where(inside, labels, 0)).astype(jnp.int32)
+  return classes, class_valid, jnp.where(inside, index, 0)
+
+
 def ctc_loss(logits: jax.Array, valid: jax.Array, labels: jax.Array, lengths: jax.Array,
              feasible: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(summed CTC negative log-likelihood, label tokens, infeasible rows), float32 scalars, over the

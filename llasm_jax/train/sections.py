@@ -63,6 +63,9 @@ def training_sections(stage: int) -> dict[str, ml_collections.ConfigDict]:
       # "ce" / "kd" / "mix": loss += ctc_weight * the CTC mean per transcript token (0 = none); a
       # model without the CTC blank gets a fresh one (ctc_blank/..., trained beside the adaptor).
       ctc_weight=0.0,
+      # CTC classes: 0 = the whole vocab; N = a sampled softmax over the batch's transcript tokens and N
+      # random others (the [B, P, V] logits of a large vocab cost as much as the LLM pass "ctc" skips).
+      ctc_negatives=0,
       # Target positions per row whose LM head and loss run at once (teacher's too), recomputed in the
       # backward pass: the float32[B, K, V] logits never exist whole (llasm_jax/train/losses.py). 0 = all at once.
       loss_chunk=0,

@@ -26,6 +26,8 @@ The loss is the mean over target tokens of the whole global batch, accumulation 
   "mix": (1 - w) * the "ce" mean + w * the "kd" mean;
   "ctc": CTC summed over the rows it can align / their transcript tokens; the adaptor's outputs
          scored against the LLM's embedding table (`Llasm.ctc_logits`), and no LLM pass at all;
+         with ctc_negatives > 0 against the batch's transcript tokens and that many random others
+         only (a sampled softmax, `losses.ctc_classes`);
   and with ctc_weight > 0, "ce" / "kd" / "mix" + ctc_weight * the "ctc" mean.
 The teacher is the frozen LLM reading the transcripts as text (no audio), in the same step and
 on the same weights as the student (stage 1: the LLM is frozen, so both passes share it).
@@ -82,10 +84,11 @@ def audio_frames(cfg, batch: dict[str, jax.Array]) -> jax.Array:
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, labels: Any, *, grad_accum: int,
                     first_new_row: int | None = None, loss: str = "ce", kd_weight: float = 0.5,
-                    kd_temperature: float = 1.0, loss_chunk: int = 0, ctc_weight: float = 0.0):
+                    kd_temperature: float = 1.0, loss_chunk: int = 0, ctc_weight: float = 0.0,
+                    ctc_negatives: int = 0):
   """Builds the step function. `labels` marks leaves "train"/"frozen"; with `first_new_row`
   the embedding rows below it stay frozen. `loss`, `kd_weight`, `kd_temperature`, `loss_chunk`,
-  `ctc_weight`: as config.train (see the module docstring); "kd"/"mix" need the batch's teacher
+  `ctc_weight`, `ctc_negatives`: as config.train (see the module docstring); "kd"/"mix" need the batch's teacher
   keys, CTC its ctc keys and a model with the CTC blank (LlasmConfig.ctc).
 
   Gradients are taken with respect to the trainable leaves only. Differentiating all of them
@@ -100,6 +103,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
     raise UserError(f"config.train.loss_chunk {loss_chunk}: expected target positions per chunk, or 0 for all at once")
   if not ctc_weight >= 0:
     raise UserError(f"config.train.ctc_weight {ctc_weight}: expected >= 0 (0 = no CTC term)")
+  if ctc_negatives < 0:
+    raise UserError(f"config.train.ctc_negatives {ctc_negatives}: expected >= 0 (0 = the whole vocab)")
   distil = loss in ("kd", "mix")
   # Fixed at trace time: loss "ctc" traces no LLM at all, and ctc_weight 0 traces no CTC.
   ctc_only = loss == "ctc"
@@ -129,9 +134,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
   def ctc_terms(model, embeds, valid, batch):
     """(summed CTC, its label tokens, infeasible rows): a row's A slots align as one sequence."""
     b = valid.shape[0]
-    logits = model.ctc_logits(embeds.reshape(b, -1, embeds.shape[-1]))
-    return losses.ctc_loss(logits, valid.reshape(b, -1), batch["ctc_labels"], batch["ctc_label_lengths"],
-                           batch[CTC_FEASIBLE])
+    labels, lengths = batch["ctc_labels"], batch["ctc_label_lengths"]
+    classes = class_valid = None
+    if ctc_negatives:  # a sampled softmax: the batch's tokens and ctc_negatives others
+      key = jax.random.fold_in(jax.random.wrap_key_data(batch[DROPOUT_KEY][0]), 1)
+      classes, class_valid, labels = losses.ctc_classes(labels, lengths, key, ctc_negatives, model.cfg.llm.vocab_size)
+    logits = model.ctc_logits(embeds.reshape(b, -1, embeds.shape[-1]), classes, class_valid)
+    return losses.ctc_loss(logits, valid.reshape(b, -1), labels, lengths, batch[CTC_FEASIBLE])
 
   def summed_loss(train_leaves, frozen_leaves, treedef, rest, batch, kd_scale, ctc_scale):
     """-> (what is differentiated, {summed CE, target count, summed KL, summed CTC, infeasible

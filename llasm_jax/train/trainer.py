@@ -432,7 +432,8 @@ def prepare(config: ml_collections.ConfigDict, devices=None) -> Setup:
   loss, kd_weight, kd_temperature = loss_options(tc)
   step_fn = make_train_step(graphdef, tx, labels, grad_accum=tc.grad_accum, first_new_row=first_new_row,
                             loss=loss, kd_weight=kd_weight, kd_temperature=kd_temperature,
-                            loss_chunk=int(tc.get("loss_chunk", 0)), ctc_weight=ctc_weight(tc))
+                            loss_chunk=int(tc.get("loss_chunk", 0)), ctc_weight=ctc_weight(tc),
+                            ctc_negatives=int(tc.get("ctc_negatives", 0)))
   features, cache = pipeline.data_features(config)
   batch_sh = {k: jax.sharding.NamedSharding(mesh, sharding.logical_spec(pipeline.BATCH_AXES[k], rules))
               for k in pipeline.batch_keys(features, teacher=needs_teacher(config),
