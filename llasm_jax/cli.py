@@ -98,7 +98,7 @@ def convert(args: argparse.Namespace) -> None:
   from llasm_jax.convert.convert import convert as run
 
   print(run(args.llm, args.whisper, out=args.out, dtype=args.dtype, mode=args.mode, adaptor=args.adaptor,
-            stack_factor=args.stack_factor, overwrite=args.overwrite))
+            stack_factor=args.stack_factor, adaptor_hidden=args.adaptor_hidden, overwrite=args.overwrite))
 
 
 def export(args: argparse.Namespace) -> None:
@@ -462,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "embedding RMS); a released folder keeps the one it records")
   p.add_argument("--stack-factor", type=int, help="--mode encoder: encoder frames per audio token of a new model "
                                                   "(default 8: 6.25 tokens per second of audio)")
+  p.add_argument("--adaptor-hidden", type=int, help="--mode encoder: a new model's adaptor inner width (default: "
+                                                    "the LLM's hidden size)")
   p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
   p.set_defaults(func=convert)
 

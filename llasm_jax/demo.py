@@ -79,8 +79,10 @@ class Options:
                    choices=("encoder", "llasm"))
   adaptor: str = _opt("ultravox", "encoder-mode projector", choices=("ultravox", "mlp"))
   stack_factor: int = _opt(8, "encoder frames per audio token (8: 6.25 tokens per second)")
+  adaptor_hidden: int = _opt(2048, "the encoder-mode adaptor's inner width")
   batch: int = _opt(8, "rows per step of the CE phase")
-  ctc_batch: int = _opt(32, "rows per step of the CTC warm phase")
+  ctc_batch: int = _opt(64, "rows per step of the CTC warm phase")
+  ctc_negatives: int = _opt(4096, "CTC classes besides the batch's transcript tokens (0: the whole vocab)")
   lr: float = _opt(3e-3, "adaptor learning rate of the CE phase")
   ctc_lr: float = _opt(3e-3, "adaptor learning rate of the CTC warm phase")
   loss: str = _opt("ce", "ce: the targets' cross-entropy; kd: KL to the LLM reading the text; mix: both",
@@ -216,14 +218,15 @@ def make_texts(opts: Options, folder: str) -> dict[str, Any]:
   q_train, q_held = textsource.split(questions, opts.held_out_questions, seed=opts.seed)
   spoken = recorded.transcripts()  # what the recorded utterances say: held out too
   exclude = [*grammar_held, *textsource.EVERYDAY, *q_held, *spoken]
-  train = textsource.mixed(opts.sentences, seed=opts.seed, mix=parse_mix(opts.mix), exclude=exclude)
+  train = textsource.mixed(opts.sentences, seed=opts.seed, mix=parse_mix(opts.mix) or textsource.DEFAULT_MIX,
+                           exclude=exclude)
   files = {"asr_held": grammar_held, "everyday": list(textsource.EVERYDAY), "questions_held": q_held}
   for voice, rows in split_voices(train, opts.piper_share, opts.seed).items():
     files[f"asr_train_{voice}"] = rows
   for voice, rows in split_voices(q_train, opts.piper_share, opts.seed + 1).items():
     files[f"questions_train_{voice}"] = rows
-  coverage = textsource.coverage(list(textsource.EVERYDAY), train + q_train)
-  log(f"  everyday held-out sentences: {textsource.coverage_line(coverage)}")
+  coverage = textsource.coverage(textsource.EVERYDAY, train + q_train)
+  log("  " + textsource.coverage_line(textsource.EVERYDAY, train + q_train, name="the everyday sentences"))
   paths = {name: _write_lines(os.path.join(folder, f"{name}.txt"), lines) for name, lines in files.items() if lines}
   return {"files": paths, "coverage_everyday": {k: v for k, v in coverage.items() if k != "missing"},
           "missing_everyday": coverage.get("missing", [])[:50]}
@@ -339,11 +342,14 @@ def phase_config(opts: Options, model: str, caches: dict[str, str], work: str, p
   warm = phase == "warm"
   config.train.update(batch_size=opts.ctc_batch if warm else opts.batch, log_every=10, checkpoint_every=100,
                       loss="ctc" if warm else opts.loss, ctc_weight=0.0 if warm else opts.ctc_weight,
-                      seed=opts.seed, compilation_cache=os.path.join(work, "compilation_cache"))
+                      ctc_negatives=opts.ctc_negatives, seed=opts.seed,
+                      compilation_cache=os.path.join(work, "compilation_cache"))
   config.optim.update(lr=opts.ctc_lr if warm else opts.lr)
+  # Few shapes, so that a short run does not spend its time compiling: CTC alone reads no text, so
+  # one length; the LLM's rows in steps of 32 tokens.
   config.data.update(source="tfds", dir=",".join(caches[n] for n in train_sets(caches)), template=TEMPLATE,
-                     system=SYSTEM, seq_len=256, buckets=tuple(range(16, 257, 8)), max_audios=1, workers=-1,
-                     shared_prefix=True)
+                     system=SYSTEM, seq_len=256, buckets=(256,) if warm else tuple(range(64, 257, 32)),
+                     max_audios=1, workers=-1, shared_prefix=True)
   return config
 
 
@@ -441,11 +447,17 @@ def evaluate_model(model: str, caches: dict[str, str], opts: Options) -> dict[st
 
 def whisper_ceiling(whisper: str, datasets: dict[str, str], opts: Options) -> dict[str, Any]:
   """Whisper's own greedy transcripts of every held-out sentence set (the spoken audio, not cached)."""
+  from llasm_jax.data import pipeline
   from llasm_jax.infer import evaluate
+  from llasm_jax.infer.transcribe import Transcriber
 
-  return {name: _scored(evaluate.evaluate(whisper, datasets[name], batch=16, max_new_tokens=_max_tokens(name, opts)),
+  transcriber = Transcriber.load(whisper)  # loaded and compiled once for all the sets
+  out = {}
+  for name in (n for n in held_out_sets(datasets) if not n.startswith("questions")):
+    answers = evaluate.WhisperAnswers(transcriber, _max_tokens(name, opts), batch_size=16)
+    out[name] = _scored(evaluate.run(evaluate.read_rows(pipeline.Source(datasets[name])), answers, batch=16),
                         f"{name} (Whisper)")
-          for name in held_out_sets(datasets) if not name.startswith("questions")}
+  return out
 
 
 def _scored(report, name: str) -> dict[str, Any]:
@@ -504,8 +516,8 @@ def report(phases: Phases, after: dict, whisper: dict, answers: dict[str, str], 
   lines = ["", "=" * 100, "llasm-jax demo: results on held-out data (never trained on)", ""]
   lines += summary_table(after, whisper)
   cov = texts["coverage_everyday"]
-  lines += ["", f"the training text holds {100 * cov['types']:.1f}% of the everyday sentences' word types "
-                f"({100 * cov['tokens']:.1f}% of their words)", "", "held-out transcriptions:"]
+  lines += ["", f"the training text holds {100 * cov['type_share']:.1f}% of the everyday sentences' word types "
+                f"({100 * cov['token_share']:.1f}% of their words)", "", "held-out transcriptions:"]
   for name in [n for n in after if not n.startswith("questions")]:
     for row in after[name]["rows"][:3]:
       lines.append(f"  {100 * row['score']:5.1f}%  ref: {_cut(row['reference'], 80)}  [{name}]")
@@ -559,7 +571,8 @@ def run_demo(opts: Options) -> dict[str, Any]:
   model, whisper = os.path.join(work, "model"), os.path.join(work, "whisper")
 
   def convert_both():
-    extra = dict(adaptor=opts.adaptor, stack_factor=opts.stack_factor) if opts.mode == "encoder" else {}
+    extra = dict(adaptor=opts.adaptor, stack_factor=opts.stack_factor,
+                 adaptor_hidden=opts.adaptor_hidden) if opts.mode == "encoder" else {}
     convert(models["llm"], models["whisper"], out=model, mode=opts.mode, overwrite=True, progress=False, **extra)
     convert(None, models["whisper"], out=whisper, overwrite=True, progress=False)
     return {"model": model, "whisper": whisper}

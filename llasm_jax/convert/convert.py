@@ -119,16 +119,18 @@ class Plan:
 
 
 def plan(llm_path: str | None, whisper_path: str | None, mode: str = "llasm", adaptor: str | None = None,
-         stack_factor: int | None = None) -> Plan:
+         stack_factor: int | None = None, adaptor_hidden: int | None = None) -> Plan:
   """Works out the model kind, its config and where each parameter comes from; reads only.
 
-  adaptor: the "encoder"-mode projector of a new model (one of ADAPTORS; None = "mlp"), and
-  stack_factor its encoder frames per audio token (None = 8); a released folder's are the ones it
-  records."""
+  adaptor: the "encoder"-mode projector of a new model (one of ADAPTORS; None = "mlp"),
+  stack_factor its encoder frames per audio token (None = 8) and adaptor_hidden its inner width
+  (None = the LLM's); a released folder's are the ones it records."""
   if adaptor is not None and adaptor not in ADAPTORS:
     raise UserError(f"--adaptor {adaptor!r}: expected one of {', '.join(ADAPTORS)}")
   if stack_factor is not None and stack_factor < 1:
     raise UserError(f"--stack-factor {stack_factor}: expected encoder frames per audio token, >= 1")
+  if adaptor_hidden is not None and adaptor_hidden < 1:
+    raise UserError(f"--adaptor-hidden {adaptor_hidden}: expected the adaptor's inner width, >= 1")
   if llm_path is None and whisper_path is None:
     raise CheckpointError("nothing to convert: pass --llm PATH, --whisper PATH, or both")
   llm = open_source(llm_path, "llm") if llm_path else None
@@ -168,7 +170,8 @@ def plan(llm_path: str | None, whisper_path: str | None, mode: str = "llasm", ad
   tokenizer, ids, vocab = _with_audio_tokens(llm.tokenizer(), lcfg.vocab_size, llm_path)
   lcfg = lcfg.replace(vocab_size=vocab)
   cfg = LlasmConfig(audio=wcfg, llm=lcfg, mode=mode, adaptor=adaptor or "mlp", audio_patch_id=ids[0],
-                    audio_start_id=ids[1], audio_end_id=ids[2], **({"stack_factor": stack_factor} if stack_factor else {}))
+                    audio_start_id=ids[1], audio_end_id=ids[2], adaptor_hidden=adaptor_hidden,
+                    **({"stack_factor": stack_factor} if stack_factor else {}))
   scaled = cfg.adaptor == "ultravox"
   meta["fresh"] = ("audio token rows = mean of existing rows; adaptor randomly initialised"
                    + ("; its ln_post scale = the RMS of the embedding rows" if scaled else ""))
@@ -194,18 +197,19 @@ def _save_files(p: Plan, folder: str) -> None:
 
 def convert(llm_dir: str | None = None, whisper_dir: str | None = None, *, out: str, dtype: str = "float32",
             mode: str = "llasm", adaptor: str | None = None, stack_factor: int | None = None,
-            overwrite: bool = False, progress: bool = True, _on_tensor=None) -> Summary:
+            adaptor_hidden: int | None = None, overwrite: bool = False, progress: bool = True,
+            _on_tensor=None) -> Summary:
   """Converts the checkpoints at `llm_dir` / `whisper_dir` (folders, or a GGUF file) into a
   llasm_jax model folder at `out` (see the module docstring for the combinations and formats).
-  `adaptor`, `stack_factor`: a new "encoder"-mode model's projector, "mlp" (default) or "ultravox",
-  and its encoder frames per audio token (see `plan`).
+  `adaptor`, `stack_factor`, `adaptor_hidden`: a new "encoder"-mode model's projector, "mlp"
+  (default) or "ultravox", its encoder frames per audio token and its inner width (see `plan`).
 
   `_on_tensor(name)` is a test hook, called before each tensor is placed.
   """
   if dtype not in ("float32", "bfloat16"):
     raise UserError(f"--dtype {dtype!r}: expected float32 or bfloat16")
   start = time.perf_counter()
-  p = plan(llm_dir, whisper_dir, mode, adaptor, stack_factor)
+  p = plan(llm_dir, whisper_dir, mode, adaptor, stack_factor, adaptor_hidden)
   with checkpoint.atomic_dir(out, overwrite=overwrite) as tmp:
     abstract = nnx.eval_shape(lambda: checkpoint.build_model(p.kind, p.cfg, nnx.Rngs(0)))
     shapes = jax.tree.map(lambda v: v.shape, flat_params(abstract))
