@@ -65,7 +65,10 @@ def run(args, rest) -> None:
     if key not in fields:
       raise SystemExit(f"{item!r}: not a demo option; expected one of {', '.join(fields)}")
     default = fields[key].default
-    overrides[key] = value if default is None else type(default)(value)
+    if isinstance(default, bool):
+      overrides[key] = value.lower() in ("true", "1", "yes")
+    else:
+      overrides[key] = value if default is None else type(default)(value)
   options = Options(workdir=args.workdir, **overrides)
   if args.data_from:
     seed_data(os.path.abspath(args.workdir), os.path.abspath(args.data_from), options)

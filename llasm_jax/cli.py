@@ -57,6 +57,12 @@ def forward(args: argparse.Namespace) -> None:
               seconds=args.seconds, text_tokens=args.text_tokens, repeats=args.repeats, mesh_shape=args.mesh)
 
 
+def _flag(text: str) -> bool:
+  if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+    raise argparse.ArgumentTypeError(f"{text!r}: expected true or false")
+  return text.lower() in ("true", "1", "yes")
+
+
 def demo(args: argparse.Namespace) -> None:
   from llasm_jax.demo import Options, run_demo
 
@@ -410,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("demo", help="the LLaSM recipe for real: pretrained Whisper + instruct LLM, spoken data, "
                                   "adaptor training, held-out WER and answers beside Whisper's own (resumable)")
   for field in dataclasses.fields(Options):  # one flag per option, its help and choices beside the field
-    kind = str if field.default is None else type(field.default)
+    kind = str if field.default is None else _flag if isinstance(field.default, bool) else type(field.default)
     p.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default,
                    choices=field.metadata.get("choices"),
                    help=field.metadata["help"] + ("" if "default" in field.metadata["help"] else " (default: %(default)s)"))

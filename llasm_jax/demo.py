@@ -88,6 +88,8 @@ class Options:
   loss: str = _opt("ce", "ce: the targets' cross-entropy; kd: KL to the LLM reading the text; mix: both",
                    choices=("ce", "kd", "mix"))
   ctc_weight: float = _opt(0.3, "weight of the auxiliary CTC loss in the CE phase (0: none)")
+  soft_tokens: bool = _opt(True, "after the warm phase the LLM reads its own embeddings weighed by the adaptor's "
+                                 "CTC posteriors (LegoSLM); false: the adaptor's outputs")
   answer_tokens: int = _opt(48, "the LLM's typed answers are cut here (and so are the spoken ones at eval)")
   seed: int = _opt(0, "seed of the texts, voices and training")
   workers: int = _opt(min(2, os.cpu_count() or 1), "synth / build processes")
@@ -345,6 +347,7 @@ def phase_config(opts: Options, model: str, caches: dict[str, str], work: str, p
                       ctc_negatives=opts.ctc_negatives, seed=opts.seed,
                       compilation_cache=os.path.join(work, "compilation_cache"))
   config.optim.update(lr=opts.ctc_lr if warm else opts.lr)
+  config.model.soft_tokens = opts.soft_tokens and not warm and opts.ctc_share > 0
   # Few shapes, so that a short run does not spend its time compiling: CTC alone reads no text, so
   # one length; the LLM's rows in steps of 32 tokens.
   config.data.update(source="tfds", dir=",".join(caches[n] for n in train_sets(caches)), template=TEMPLATE,

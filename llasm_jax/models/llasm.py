@@ -50,12 +50,18 @@ class LlasmConfig:
   # A learned CTC blank over the LLM's vocab (`ctc_blank`, `Llasm.ctc_logits`): the adaptor's CTC loss
   # (config.train.loss "ctc" / ctc_weight). A training aid: export leaves it out.
   ctc: bool = False
+  # LegoSLM (arXiv 2505.11352): the LLM reads, for each audio token, its own embedding rows weighed by
+  # the adaptor's CTC posteriors (`Llasm.soft_tokens`), the blank's share on a learned embedding, instead
+  # of the adaptor's raw outputs: text-like input from the first step. Needs `ctc`.
+  soft_tokens: bool = False
 
   def __post_init__(self):
     if self.mode not in MODES:
       raise UserError(f"mode {self.mode!r}: expected one of {MODES}")
     if self.adaptor not in ADAPTORS:
       raise UserError(f"adaptor {self.adaptor!r}: expected one of {ADAPTORS}")
+    if self.soft_tokens and not self.ctc:
+      raise UserError("soft_tokens weighs the LLM's embeddings by the adaptor's CTC posteriors: it needs ctc=True")
     if self.adaptor != "mlp" and self.mode != "encoder":
       raise UserError(f"adaptor {self.adaptor!r} is an 'encoder'-mode projector; mode {self.mode!r} has the "
                        "released linear mm_projector: set mode='encoder' or adaptor='mlp'")
@@ -168,10 +174,12 @@ class CtcBlank(nnx.Module):
   holds about as much probability as all V tokens together (whose logits against the embedding
   table start near zero): CTC's early alignments are mostly blanks, as its optimum mostly is."""
 
-  def __init__(self, width: int, vocab_size: int, *, param_dtype):
+  def __init__(self, width: int, vocab_size: int, *, param_dtype, soft_tokens: bool = False):
     zeros = param_init(nnx.initializers.zeros_init(), ("embed",))
     self.kernel = nnx.Param(zeros(jax.random.key(0), (width,), param_dtype))
     self.bias = nnx.Param(jnp.full((), np.log(vocab_size), param_dtype))
+    if soft_tokens:  # what a blank frame shows the LLM (`Llasm.soft_tokens`); learned, from zero
+      self.embedding = nnx.Param(zeros(jax.random.key(0), (width,), param_dtype))
 
 
 class Llasm(nnx.Module):
@@ -185,7 +193,8 @@ class Llasm(nnx.Module):
     self.adaptor = build_adaptor(cfg, **kw)
     self.llm = LlamaForCausalLM(cfg.llm, rngs=rngs)
     if cfg.ctc:
-      self.ctc_blank = CtcBlank(cfg.llm.hidden_size, cfg.llm.vocab_size, param_dtype=cfg.llm.param_dtype)
+      self.ctc_blank = CtcBlank(cfg.llm.hidden_size, cfg.llm.vocab_size, param_dtype=cfg.llm.param_dtype,
+                                soft_tokens=cfg.soft_tokens)
     if cfg.adaptor == "ultravox":
       self.match_text_scale()
 
@@ -222,11 +231,14 @@ class Llasm(nnx.Module):
     states = jax.lax.stop_gradient(states)
     return states.reshape(b, a, *states.shape[1:]), frames.reshape(b, a)
 
-  def adapt(self, features: jax.Array, feature_lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def adapt(self, features: jax.Array, feature_lengths: jax.Array, *, raw: bool = False) -> tuple[jax.Array, jax.Array]:
     """The adaptor part: features float[B, A, S, E], feature_lengths int[B, A] (0 = empty slot) ->
-    audio embeddings float[B, A, P, D] and their validity bool[B, A, P]."""
+    audio embeddings float[B, A, P, D] and their validity bool[B, A, P]. With `cfg.soft_tokens` the
+    embeddings are `soft_tokens` of the adaptor's outputs, unless `raw` (what CTC scores)."""
     b, a, s, e = features.shape
     embeds, tokens = self.adaptor(features.reshape(b * a, s, e), feature_lengths.reshape(b * a))
+    if self.cfg.soft_tokens and not raw:
+      embeds = self.soft_tokens(embeds)
     valid = jnp.arange(embeds.shape[1])[None, :] < tokens[:, None]
     return embeds.reshape(b, a, *embeds.shape[1:]), valid.reshape(b, a, -1)
 
@@ -251,10 +263,20 @@ class Llasm(nnx.Module):
     blank = x @ self.ctc_blank.kernel[...].astype(jnp.float32) + self.ctc_blank.bias[...].astype(jnp.float32)
     return jnp.concatenate([tokens, blank[..., None]], axis=-1)
 
-  def embed_audio(self, mel: jax.Array, mel_lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def soft_tokens(self, outputs: jax.Array) -> jax.Array:
+    """LegoSLM: adaptor outputs float[..., P, D] -> what the LLM reads, float[..., P, D]: the LLM's
+    embedding rows weighed by each output's CTC posteriors (`ctc_logits`), the blank's probability on
+    the learned blank embedding. A confident token frame reads as that token's own embedding."""
+    v = self.cfg.llm.vocab_size
+    probs = jax.nn.softmax(self.ctc_logits(outputs), axis=-1)
+    table = jax.lax.stop_gradient(self.llm.model.embed_tokens.embedding[...][:v]).astype(jnp.float32)
+    mixed = probs[..., :v] @ table + probs[..., v:] * self.ctc_blank.embedding[...].astype(jnp.float32)
+    return mixed.astype(outputs.dtype)
+
+  def embed_audio(self, mel: jax.Array, mel_lengths: jax.Array, *, raw: bool = False) -> tuple[jax.Array, jax.Array]:
     """mel float[B, A, M, F], mel_lengths int[B, A] (0 = empty slot) ->
-    audio embeddings float[B, A, P, D] and their validity bool[B, A, P]."""
-    return self.adapt(*self.encode_audio(mel, mel_lengths))
+    audio embeddings float[B, A, P, D] and their validity bool[B, A, P] (`raw`: see `adapt`)."""
+    return self.adapt(*self.encode_audio(mel, mel_lengths), raw=raw)
 
   def embed(self, input_ids, mel=None, mel_lengths=None, *, audio_features=None, audio_feature_lengths=None):
     """Text embeddings with the audio spliced in: float[B, T, D]. The audio comes as mel

@@ -126,10 +126,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
     return jax.tree.unflatten(treedef, [next(train) if t else next(frozen) for t in trainable])
 
   def audio_embeddings(model, batch):
-    """The adaptor's outputs float[B, A, P, D] and their validity bool[B, A, P]."""
+    """The adaptor's raw outputs float[B, A, P, D] (what CTC scores) and their validity bool[B, A, P]."""
     if "audio_features" in batch:  # which audio input is fixed by the batch's keys at trace time
-      return model.adapt(batch["audio_features"], batch["audio_feature_lengths"])
-    return model.embed_audio(batch["mel"], batch["mel_lengths"])
+      return model.adapt(batch["audio_features"], batch["audio_feature_lengths"], raw=True)
+    return model.embed_audio(batch["mel"], batch["mel_lengths"], raw=True)
 
   def ctc_terms(model, embeds, valid, batch):
     """(summed CTC, its label tokens, infeasible rows): a row's A slots align as one sequence."""
@@ -164,6 +164,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
     if use_ctc:  # the audio embeddings once, for both the LLM (what `Llasm.__call__` does) and CTC
       embeds, valid = audio_embeddings(model, batch)
       ctc, _, infeasible = ctc_terms(model, embeds, valid, batch)
+      if model.cfg.soft_tokens:
+        embeds = model.soft_tokens(embeds)
       inputs = splice(model.llm.embed(batch["input_ids"]), batch["input_ids"], embeds, valid, model.cfg.audio_patch_id)
       hidden, _ = model.llm(inputs_embeds=inputs, attention_mask=batch["attention_mask"],
                             positions=batch["positions"], prefix_kv=prefix_kv, segment_ids=batch.get("segment_ids"),

@@ -65,7 +65,7 @@ def model_config(config: ml_collections.ConfigDict) -> LlasmConfig:
   lora = lora_config(config.train)
   if not init_from:
     cfg = llasm_config(config.model)
-    return cfg.replace(llm=cfg.llm.replace(lora=lora), ctc=cfg.ctc or needs_ctc(config))
+    return cfg.replace(llm=cfg.llm.replace(lora=lora), ctc=cfg.ctc or needs_ctc(config) or cfg.soft_tokens)
   meta = checkpoint.read_meta(init_from)
   if meta["kind"] != "llasm":
     raise UserError(f"config.train.init_from {init_from!r} holds a {meta['kind']!r} model; training needs a "
@@ -75,8 +75,11 @@ def model_config(config: ml_collections.ConfigDict) -> LlasmConfig:
   def run_options(part: str) -> dict:
     return {k: v for k, v in config.model.get(part, {}).items() if k in RUN_OPTIONS}
 
+  # config.model.soft_tokens turns LegoSLM's input on for a folder trained without it (a CTC warm phase).
+  soft = cfg.soft_tokens or bool(config.model.get("soft_tokens", False))
   return cfg.replace(llm=cfg.llm.replace(lora=lora, **run_options("llm")),
-                     audio=cfg.audio.replace(**run_options("audio")), ctc=cfg.ctc or needs_ctc(config))
+                     audio=cfg.audio.replace(**run_options("audio")), ctc=cfg.ctc or needs_ctc(config) or soft,
+                     soft_tokens=soft)
 
 
 def initial_params(config, cfg: LlasmConfig, mesh, rules, param_sharding, rest_sharding):
@@ -90,12 +93,17 @@ def initial_params(config, cfg: LlasmConfig, mesh, rules, param_sharding, rest_s
     with jax.set_mesh(mesh):
       return jax.jit(init, out_shardings=(param_sharding, rest_sharding))()
   # New LoRA factors (a base model adapted in stage 2) start as the random init above would.
-  stored_ctc = bool(checkpoint.read_meta(init_from)["config"].get("ctc", False))
-  model, _ = checkpoint.load_model(init_from, mesh=mesh, rules=rules, cfg=cfg.replace(ctc=cfg.ctc and stored_ctc),
-                                   seed=config.train.seed)
+  stored = checkpoint.read_meta(init_from)["config"]
+  stored_ctc, stored_soft = bool(stored.get("ctc", False)), bool(stored.get("soft_tokens", False))
+  model, _ = checkpoint.load_model(init_from, mesh=mesh, rules=rules, seed=config.train.seed,
+                                   cfg=cfg.replace(ctc=cfg.ctc and stored_ctc, soft_tokens=cfg.soft_tokens and stored_soft))
   if cfg.ctc and not stored_ctc:  # CTC on a folder without the blank (e.g. a fresh `convert`): a new one
-    model.ctc_blank = CtcBlank(cfg.llm.hidden_size, cfg.llm.vocab_size, param_dtype=cfg.llm.param_dtype)
+    model.ctc_blank = CtcBlank(cfg.llm.hidden_size, cfg.llm.vocab_size, param_dtype=cfg.llm.param_dtype,
+                               soft_tokens=cfg.soft_tokens)
     log(f"added a new CTC blank (ctc_blank/) to the model of {init_from}")
+  elif cfg.soft_tokens and not stored_soft:  # LegoSLM's input on a CTC-trained folder: the blank's embedding
+    model.ctc_blank.embedding = nnx.Param(jnp.zeros((cfg.llm.hidden_size,), cfg.llm.param_dtype))
+    log(f"added a blank embedding (ctc_blank/embedding) to the model of {init_from}: the LLM reads soft tokens")
   _, params, rest = nnx.split(model, nnx.Param, ...)
   params = jax.device_put(params, param_sharding)
   log(f"initialised from {init_from}")
@@ -408,7 +416,8 @@ def prepare(config: ml_collections.ConfigDict, devices=None) -> Setup:
                      f"data x fsdp ({mesh.shape['data'] * mesh.shape['fsdp']})")
   graphdef, abs_params, abs_rest = nnx.split(nnx.eval_shape(lambda: Llasm(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
   # The CTC blank trains whenever CTC does (it is part of the CTC loss, not of the model's answers).
-  labels = param_labels(abs_params, tuple(tc.trainable) + (("ctc_blank/.*",) if needs_ctc(config) else ()))
+  labels = param_labels(abs_params, tuple(tc.trainable) + (("ctc_blank/.*",) if needs_ctc(config) or cfg.soft_tokens
+                                                           else ()))
   if cfg.llm.lora.rank:
     labels = lora_labels(labels)
   tx = make_optimizer(config.optim, labels, tc.steps)
