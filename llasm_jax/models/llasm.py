@@ -178,8 +178,13 @@ class CtcBlank(nnx.Module):
     zeros = param_init(nnx.initializers.zeros_init(), ("embed",))
     self.kernel = nnx.Param(zeros(jax.random.key(0), (width,), param_dtype))
     self.bias = nnx.Param(jnp.full((), np.log(vocab_size), param_dtype))
-    if soft_tokens:  # what a blank frame shows the LLM (`Llasm.soft_tokens`); learned, from zero
-      self.embedding = nnx.Param(zeros(jax.random.key(0), (width,), param_dtype))
+    if soft_tokens:
+      self.add_embedding()
+
+  def add_embedding(self) -> None:
+    """What a blank frame shows the LLM (`Llasm.soft_tokens`): learned, from zero."""
+    zeros = param_init(nnx.initializers.zeros_init(), ("embed",))
+    self.embedding = nnx.Param(zeros(jax.random.key(0), self.kernel.shape, self.kernel.dtype))
 
 
 class Llasm(nnx.Module):

@@ -102,7 +102,7 @@ def initial_params(config, cfg: LlasmConfig, mesh, rules, param_sharding, rest_s
                                soft_tokens=cfg.soft_tokens)
     log(f"added a new CTC blank (ctc_blank/) to the model of {init_from}")
   elif cfg.soft_tokens and not stored_soft:  # LegoSLM's input on a CTC-trained folder: the blank's embedding
-    model.ctc_blank.embedding = nnx.Param(jnp.zeros((cfg.llm.hidden_size,), cfg.llm.param_dtype))
+    model.ctc_blank.add_embedding()
     log(f"added a blank embedding (ctc_blank/embedding) to the model of {init_from}: the LLM reads soft tokens")
   _, params, rest = nnx.split(model, nnx.Param, ...)
   params = jax.device_put(params, param_sharding)
