@@ -242,9 +242,9 @@ class Llasm(nnx.Module):
     embeddings are `soft_tokens` of the adaptor's outputs, unless `raw` (what CTC scores)."""
     b, a, s, e = features.shape
     embeds, tokens = self.adaptor(features.reshape(b * a, s, e), feature_lengths.reshape(b * a))
-    if self.cfg.soft_tokens and not raw:
-      embeds = self.soft_tokens(embeds)
     valid = jnp.arange(embeds.shape[1])[None, :] < tokens[:, None]
+    if self.cfg.soft_tokens and not raw:
+      embeds = self.soft_tokens(embeds, valid)
     return embeds.reshape(b, a, *embeds.shape[1:]), valid.reshape(b, a, -1)
 
   def ctc_logits(self, audio_embeds: jax.Array, classes: jax.Array | None = None,
@@ -268,15 +268,31 @@ class Llasm(nnx.Module):
     blank = x @ self.ctc_blank.kernel[...].astype(jnp.float32) + self.ctc_blank.bias[...].astype(jnp.float32)
     return jnp.concatenate([tokens, blank[..., None]], axis=-1)
 
-  def soft_tokens(self, outputs: jax.Array) -> jax.Array:
-    """LegoSLM: adaptor outputs float[..., P, D] -> what the LLM reads, float[..., P, D]: the LLM's
-    embedding rows weighed by each output's CTC posteriors (`ctc_logits`), the blank's probability on
-    the learned blank embedding. A confident token frame reads as that token's own embedding."""
+  def soft_tokens(self, outputs: jax.Array, valid: jax.Array) -> jax.Array:
+    """LegoSLM: adaptor outputs float[..., P, D] with validity bool[..., P] -> what the LLM reads,
+    float[..., P, D]: the CTC hypothesis of each audio slot as soft text. Frames whose greedy CTC
+    label is the blank or repeats the frame before are dropped (CTC's collapse); each kept frame
+    becomes the LLM's embedding rows weighed by its token posteriors (the blank's share left out),
+    so a confident frame reads as that token's own embedding. The kept frames end the slot, in
+    order; the places before them hold the learned filler (`ctc_blank.embedding`)."""
+    *lead, p, d = outputs.shape
     v = self.cfg.llm.vocab_size
-    probs = jax.nn.softmax(self.ctc_logits(outputs), axis=-1)
+    logits = self.ctc_logits(outputs.reshape(-1, p, d))  # float32[N, P, V + 1]
+    best = jnp.argmax(logits, axis=-1)
+    previous = jnp.pad(best[:, :-1], ((0, 0), (1, 0)), constant_values=v)
+    keep = valid.reshape(-1, p) & (best != v) & (best != previous)
+    probs = jax.nn.softmax(logits[..., :v], axis=-1)
     table = jax.lax.stop_gradient(self.llm.model.embed_tokens.embedding[...][:v]).astype(jnp.float32)
-    mixed = probs[..., :v] @ table + probs[..., v:] * self.ctc_blank.embedding[...].astype(jnp.float32)
-    return mixed.astype(outputs.dtype)
+    text = probs @ table  # float32[N, P, D]
+    # Kept frames to the end of the slot's valid frames (n), in order: place j shows kept frame j - (n - K).
+    kept = jnp.sum(keep, axis=1, keepdims=True)
+    n = jnp.sum(valid.reshape(-1, p), axis=1, keepdims=True)
+    order = jnp.argsort(~keep, axis=1, stable=True)  # kept frames first, in order
+    source = jnp.arange(p)[None, :] - (n - kept)
+    shown = jnp.take_along_axis(text, jnp.take_along_axis(order, jnp.maximum(source, 0), axis=1)[..., None], axis=1)
+    filler = jnp.broadcast_to(self.ctc_blank.embedding[...].astype(jnp.float32), shown.shape)
+    out = jnp.where((source >= 0)[..., None], shown, filler)
+    return out.reshape(*lead, p, d).astype(outputs.dtype)
 
   def embed_audio(self, mel: jax.Array, mel_lengths: jax.Array, *, raw: bool = False) -> tuple[jax.Array, jax.Array]:
     """mel float[B, A, M, F], mel_lengths int[B, A] (0 = empty slot) ->

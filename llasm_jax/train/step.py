@@ -165,7 +165,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
       embeds, valid = audio_embeddings(model, batch)
       ctc, _, infeasible = ctc_terms(model, embeds, valid, batch)
       if model.cfg.soft_tokens:
-        embeds = model.soft_tokens(embeds)
+        embeds = model.soft_tokens(embeds, valid)
       inputs = splice(model.llm.embed(batch["input_ids"]), batch["input_ids"], embeds, valid, model.cfg.audio_patch_id)
       hidden, _ = model.llm(inputs_embeds=inputs, attention_mask=batch["attention_mask"],
                             positions=batch["positions"], prefix_kv=prefix_kv, segment_ids=batch.get("segment_ids"),
