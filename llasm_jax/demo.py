@@ -64,10 +64,10 @@ class Options:
                                    "openai/whisper-tiny.en, else the installed tiny.en wheel)")
   llm: str | None = _opt(None, "LLM folder or GGUF file (default: the HF cache's SmolLM2-135M-Instruct, "
                                "else the installed GGUF wheel)")
-  minutes: float = _opt(10.0, "training time budget in minutes, both phases (the other phases take about 6 "
-                              "more on 2 cores)")
+  minutes: float = _opt(7.0, "training time budget in minutes, both phases (the other phases take about 12 "
+                             "more on 2 cores)")
   ctc_share: float = _opt(0.35, "share of the budget for the CTC warm phase (0: none)")
-  sentences: int = _opt(4000, "spoken training sentences (ASR), drawn from the text mix")
+  sentences: int = _opt(3000, "spoken training sentences (ASR), drawn from the text mix")
   mix: str = _opt("", "text mix, 'source=share,...' over quotes, fortunes, dialogue, words, grammar "
                       "(default: textsource.DEFAULT_MIX)")
   piper_share: float = _opt(0.25, "share of the training utterances spoken by Piper (the rest: espeak-ng)")
@@ -88,8 +88,8 @@ class Options:
   loss: str = _opt("ce", "ce: the targets' cross-entropy; kd: KL to the LLM reading the text; mix: both",
                    choices=("ce", "kd", "mix"))
   ctc_weight: float = _opt(0.3, "weight of the auxiliary CTC loss in the CE phase (0: none)")
-  soft_tokens: bool = _opt(True, "after the warm phase the LLM reads its own embeddings weighed by the adaptor's "
-                                 "CTC posteriors (LegoSLM); false: the adaptor's outputs")
+  soft_tokens: bool = _opt(False, "after the warm phase the LLM reads the adaptor's CTC hypothesis as soft text "
+                                  "(LegoSLM) instead of its outputs")
   answer_tokens: int = _opt(48, "the LLM's typed answers are cut here (and so are the spoken ones at eval)")
   seed: int = _opt(0, "seed of the texts, voices and training")
   workers: int = _opt(min(2, os.cpu_count() or 1), "synth / build processes")
