@@ -1,9 +1,6 @@
 """`convert --mode encoder --adaptor mlp|ultravox`: the projector is recorded, restored and exported."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax.numpy as jnp
@@ -15,7 +12,7 @@ from llasm_jax.convert.convert import convert
 from llasm_jax.convert.export import export
 from llasm_jax.convert.reader import CheckpointError
 from llasm_jax.errors import UserError
-from tests.convert.test_convert import ROOT, hf_state, tiny_llm, tiny_whisper
+from tests.convert.test_convert import hf_state, run_mesh_script, tiny_llm, tiny_whisper
 
 
 @pytest.fixture(scope="module")
@@ -144,9 +141,4 @@ def test_ultravox_on_an_8_device_mesh(sources, tmp_path):
   sharded adaptor computing what the single-device one does."""
   convert(str(sources / "llm"), str(sources / "whisper"), out=str(tmp_path / "ck"), mode="encoder",
           adaptor="ultravox", progress=False)
-  script = tmp_path / "mesh.py"
-  script.write_text(MESH_SCRIPT)
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  run = subprocess.run([sys.executable, str(script), str(tmp_path / "ck")], capture_output=True, text=True, env=env)
-  assert run.returncode == 0, run.stderr[-3000:]
-  assert run.stdout.startswith("OK")
+  run_mesh_script(MESH_SCRIPT, tmp_path / "ck")

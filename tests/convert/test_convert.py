@@ -246,10 +246,15 @@ def test_restore_onto_8_device_mesh(tmp_path):
   tiny_whisper().save_pretrained(tmp_path / "whisper")
   convert(str(tmp_path / "llm"), str(tmp_path / "whisper"), out=str(tmp_path / "ck"), mode="encoder",
           progress=False)
-  script = tmp_path / "mesh.py"
-  script.write_text(MESH_SCRIPT)
+  run_mesh_script(MESH_SCRIPT, tmp_path / "ck")
+
+
+def run_mesh_script(text: str, folder) -> None:
+  """Runs a test script (8 simulated devices need a fresh process) on the model folder; it prints OK."""
+  script = folder.parent / "mesh.py"
+  script.write_text(text)
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  run = subprocess.run([sys.executable, str(script), str(tmp_path / "ck")], capture_output=True, text=True, env=env)
+  run = subprocess.run([sys.executable, str(script), str(folder)], capture_output=True, text=True, env=env)
   assert run.returncode == 0, run.stderr[-3000:]
   assert run.stdout.startswith("OK")
 
