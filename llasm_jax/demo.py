@@ -356,11 +356,13 @@ def phase_config(opts: Options, model: str, caches: dict[str, str], work: str, p
   return config
 
 
-def sized(config, steps: int, seconds: float):
-  """`config` with a complete schedule of `steps` (warmup a tenth, at most 50) and a stop at 1.2x
-  the seconds it is sized for, so that a machine that slows down mid-run still ends it."""
+def sized(config, plan: dict[str, Any]):
+  """`config` with a complete schedule of `plan["steps"]` (warmup a tenth, at most 50) and a stop at
+  1.5x the time those steps take at the measured speed, so that a machine that slows down mid-run
+  still ends it."""
   config = copy.deepcopy(config)
-  config.train.update(steps=steps, max_minutes=1.2 * seconds / 60)
+  steps = plan["steps"]
+  config.train.update(steps=steps, max_minutes=1.5 * max(plan["seconds"], steps * plan["s_per_step"]) / 60)
   config.optim.update(warmup_steps=min(50, steps // 10))
   return config
 
@@ -590,7 +592,7 @@ def run_demo(opts: Options) -> dict[str, Any]:
   plan = phases.run("schedule", lambda: schedule(opts, model, caches, work))
   trained, start = {}, model
   for phase in plan:
-    config = sized(phase_config(opts, start, caches, work, phase), plan[phase]["steps"], plan[phase]["seconds"])
+    config = sized(phase_config(opts, start, caches, work, phase), plan[phase])
     trained[phase] = phases.run(phase, lambda: run_phase(config, os.path.join(work, phase), plan[phase]["batch"]))
     start = trained[phase]["model"]
   after = phases.run("evaluate", lambda: evaluate_model(start, caches, opts))
