@@ -367,19 +367,21 @@ def sized(config, plan: dict[str, Any]):
   return config
 
 
-def seconds_per_step(config, folder: str, steps: int = 12) -> float:
+def seconds_per_step(config, folder: str, steps: int = 16) -> float:
   """This machine's seconds per step of `config`'s training (compiling excluded), from a short run
   in `folder`, deleted after. It compiles into the demo's compilation cache, which the real run reads."""
   from llasm_jax.train import trainer
 
   probe = copy.deepcopy(config)
-  probe.train.update(steps=steps, log_every=steps // 3, checkpoint_every=10 ** 6, max_minutes=0.0)
+  probe.train.update(steps=steps, log_every=steps // 4, checkpoint_every=10 ** 6, max_minutes=0.0)
   try:
     history = trainer.train(probe, folder)["history"]
   finally:
     shutil.rmtree(folder, ignore_errors=True)
-  steady = history[1:] or history  # the first interval holds the data pipeline's start
-  return sum(h["s_per_step"] for h in steady) / len(steady)
+  # The first interval holds the data pipeline's start; the median of the others ignores one that a
+  # passing load (or a new shape's first run) slowed.
+  steady = sorted(h["s_per_step"] for h in (history[1:] or history))
+  return steady[len(steady) // 2]
 
 
 def phase_shares(opts: Options) -> dict[str, float]:
