@@ -64,10 +64,10 @@ class Options:
                                    "openai/whisper-tiny.en, else the installed tiny.en wheel)")
   llm: str | None = _opt(None, "LLM folder or GGUF file (default: the HF cache's SmolLM2-135M-Instruct, "
                                "else the installed GGUF wheel)")
-  minutes: float = _opt(7.0, "training time budget in minutes, both phases (the other phases take about 12 "
-                             "more on 2 cores)")
+  minutes: float = _opt(10.0, "training time budget in minutes, both phases (the other phases take about 13 "
+                              "more on 2 cores)")
   ctc_share: float = _opt(0.35, "share of the budget for the CTC warm phase (0: none)")
-  sentences: int = _opt(3000, "spoken training sentences (ASR), drawn from the text mix")
+  sentences: int = _opt(4000, "spoken training sentences (ASR), drawn from the text mix")
   mix: str = _opt("", "text mix, 'source=share,...' over quotes, fortunes, dialogue, words, grammar "
                       "(default: textsource.DEFAULT_MIX)")
   piper_share: float = _opt(0.25, "share of the training utterances spoken by Piper (the rest: espeak-ng)")
