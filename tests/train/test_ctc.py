@@ -14,7 +14,7 @@ from flax import nnx
 from llasm_jax import tokens
 from llasm_jax.data import pipeline
 from llasm_jax.models.llasm import LLASM_PRESETS, Llasm
-from llasm_jax.train import losses, trainer
+from llasm_jax.train import trainer
 from llasm_jax.train.step import TrainState, make_train_step
 from llasm_jax.train.synthetic import make_example
 from tests.data.conftest import tiny_model
