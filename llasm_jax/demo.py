@@ -180,24 +180,17 @@ def _write_lines(path: str, lines: list[str]) -> str:
   return path
 
 
-def _read_lines(path: str) -> list[str]:
-  with open(path, encoding="utf-8") as f:
-    return [line.strip() for line in f if line.strip()]
-
-
 def parse_mix(text: str) -> dict[str, float] | None:
   """--mix 'quotes=0.3,words=0.7' -> {"quotes": 0.3, "words": 0.7}; "" -> None (the default mix)."""
   if not text.strip():
     return None
   mix = {}
   for part in text.split(","):
-    name, sep, share = part.partition("=")
-    try:
+    name, _, share = part.partition("=")
+    try:  # a part without "=" has an empty share, which float() refuses too
       mix[name.strip()] = float(share)
     except ValueError:
       raise UserError(f"--mix {text!r}: expected source=share pairs, e.g. quotes=0.5,words=0.5") from None
-    if not sep:
-      raise UserError(f"--mix {text!r}: expected source=share pairs, e.g. quotes=0.5,words=0.5")
   return mix
 
 
@@ -268,7 +261,7 @@ def spoken_sets(texts: dict[str, str], answers: dict[str, str]) -> list[tuple[st
 
 def speak(texts: dict[str, str], answers: dict[str, str], folder: str, opts: Options) -> dict[str, Any]:
   """Every set spoken: manifests for the sentences, instructions JSONL for the questions."""
-  from llasm_jax.data import synth
+  from llasm_jax.data import recorded, synth
 
   out, seconds, report = {}, 0.0, {}
   for name, path, voice, train in spoken_sets(texts, answers):
@@ -284,8 +277,6 @@ def speak(texts: dict[str, str], answers: dict[str, str], folder: str, opts: Opt
     out[name] = result.manifest
     seconds += result.report["audio_hours"] * 3600
     report[name] = {k: result.report[k] for k in ("made", "failed", "audio_hours", "wall_s")}
-  from llasm_jax.data import recorded
-
   out[RECORDED] = recorded.write_held_out(os.path.join(folder, RECORDED))
   return {"manifests": out, "audio_seconds": seconds, "sets": report}
 
