@@ -61,7 +61,8 @@ def run(args, rest) -> None:
   fields = {f.name: f for f in dataclasses.fields(Options)}
   overrides = {}
   for item in rest:
-    key, _, value = item.lstrip("-").replace("-", "_").partition("=")
+    key, _, value = item.lstrip("-").partition("=")
+    key = key.replace("-", "_")  # the flag's name only: values such as 2e-3 keep their dashes
     if key not in fields:
       raise SystemExit(f"{item!r}: not a demo option; expected one of {', '.join(fields)}")
     default = fields[key].default

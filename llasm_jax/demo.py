@@ -90,6 +90,8 @@ class Options:
   ctc_weight: float = _opt(0.3, "weight of the auxiliary CTC loss in the CE phase (0: none)")
   soft_tokens: bool = _opt(False, "after the warm phase the LLM reads the adaptor's CTC hypothesis as soft text "
                                   "(LegoSLM) instead of its outputs")
+  lora_rank: int = _opt(0, "LoRA rank on the LLM's attention projections in the CE phase (0: the LLM stays "
+                           "frozen), so that it learns to read the adaptor's outputs as well as they learn to speak")
   answer_tokens: int = _opt(48, "the LLM's typed answers are cut here (and so are the spoken ones at eval)")
   seed: int = _opt(0, "seed of the texts, voices and training")
   workers: int = _opt(min(2, os.cpu_count() or 1), "synth / build processes")
@@ -339,6 +341,8 @@ def phase_config(opts: Options, model: str, caches: dict[str, str], work: str, p
                       compilation_cache=os.path.join(work, "compilation_cache"))
   config.optim.update(lr=opts.ctc_lr if warm else opts.lr)
   config.model.soft_tokens = opts.soft_tokens and not warm and opts.ctc_share > 0
+  if not warm:
+    config.train.lora.rank = opts.lora_rank
   # Few shapes, so that a short run does not spend its time compiling: CTC alone reads no text, so
   # one length; the LLM's rows in steps of 32 tokens.
   config.data.update(source="tfds", dir=",".join(caches[n] for n in train_sets(caches)), template=TEMPLATE,
@@ -566,16 +570,18 @@ def run_demo(opts: Options) -> dict[str, Any]:
   phases.run("models", lambda: models)
   log(f"  Whisper: {models['whisper']} (from {models['whisper_from']})")
   log(f"  LLM:     {models['llm']} (from {models['llm_from']})")
-  model, whisper = os.path.join(work, "model"), os.path.join(work, "whisper")
 
   def convert_both():
+    model, whisper = os.path.join(work, "model"), os.path.join(work, "whisper")
     extra = dict(adaptor=opts.adaptor, stack_factor=opts.stack_factor,
                  adaptor_hidden=opts.adaptor_hidden) if opts.mode == "encoder" else {}
     convert(models["llm"], models["whisper"], out=model, mode=opts.mode, overwrite=True, progress=False, **extra)
     convert(None, models["whisper"], out=whisper, overwrite=True, progress=False)
     return {"model": model, "whisper": whisper}
 
-  phases.run("convert", convert_both)
+  # Where the phase put them (a run seeded with another's data phases reads that run's).
+  converted = phases.run("convert", convert_both)
+  model, whisper = converted["model"], converted["whisper"]
   texts = phases.run("texts", lambda: make_texts(opts, os.path.join(work, "texts")))
   answers = phases.run("respond", lambda: typed_answers(model, texts["files"], os.path.join(work, "texts"), opts))
   speech = phases.run("synth", lambda: speak(texts["files"], answers, os.path.join(work, "speech"), opts))
