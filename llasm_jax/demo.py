@@ -19,7 +19,8 @@ Phases (each one's result is kept in WORKDIR/phases.json; a rerun skips the fini
             schedules to the time budget: a slower machine runs a complete, shorter schedule
   warm      CTC alone (no LLM pass, large batches): the adaptor learns to emit each transcript's
             LLM tokens, scored against the frozen LLM's embedding table
-  train     stage 1 (only the adaptor trains) on transcripts and answers, CTC kept as an auxiliary
+  train     the adaptor and LoRA factors on the LLM's attention (the LLM's weights frozen) on transcripts
+            and answers with cross-entropy, CTC kept as an auxiliary
   evaluate  every held-out set, then a report, a loss curve (PNG) and the commands to go on
 
 Nothing here downloads: every model and text comes from installed packages or the local cache.
@@ -83,15 +84,15 @@ class Options:
   batch: int = _opt(8, "rows per step of the CE phase")
   ctc_batch: int = _opt(64, "rows per step of the CTC warm phase")
   ctc_negatives: int = _opt(4096, "CTC classes besides the batch's transcript tokens (0: the whole vocab)")
-  lr: float = _opt(3e-3, "adaptor learning rate of the CE phase")
+  lr: float = _opt(2e-3, "learning rate of the CE phase (the adaptor and the LoRA factors)")
   ctc_lr: float = _opt(3e-3, "adaptor learning rate of the CTC warm phase")
   loss: str = _opt("ce", "ce: the targets' cross-entropy; kd: KL to the LLM reading the text; mix: both",
                    choices=("ce", "kd", "mix"))
   ctc_weight: float = _opt(0.3, "weight of the auxiliary CTC loss in the CE phase (0: none)")
   soft_tokens: bool = _opt(False, "after the warm phase the LLM reads the adaptor's CTC hypothesis as soft text "
                                   "(LegoSLM) instead of its outputs")
-  lora_rank: int = _opt(0, "LoRA rank on the LLM's attention projections in the CE phase (0: the LLM stays "
-                           "frozen), so that it learns to read the adaptor's outputs as well as they learn to speak")
+  lora_rank: int = _opt(8, "LoRA rank on the LLM's query and value projections in the CE phase (0: the LLM "
+                           "stays frozen): the LLM learns to read the adaptor's outputs while they learn to speak")
   answer_tokens: int = _opt(48, "the LLM's typed answers are cut here (and so are the spoken ones at eval)")
   seed: int = _opt(0, "seed of the texts, voices and training")
   workers: int = _opt(min(2, os.cpu_count() or 1), "synth / build processes")
@@ -329,8 +330,9 @@ def base_set(name: str) -> str:
 
 
 def phase_config(opts: Options, model: str, caches: dict[str, str], work: str, phase: str):
-  """The stage-1 run config of a training phase, the adaptor alone, before its schedule is sized:
-  "warm" is CTC alone (no LLM pass); "train" is the CE (or KD) loss with CTC as an auxiliary."""
+  """The stage-1 run config of a training phase (the LLM's weights frozen), before its schedule is
+  sized: "warm" is CTC alone on the adaptor (no LLM pass); "train" is the CE (or KD) loss with CTC as
+  an auxiliary, on the adaptor and `--lora-rank` LoRA factors."""
   from llasm_jax.config import from_model_folder
 
   config = from_model_folder(1, model)
