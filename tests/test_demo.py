@@ -71,3 +71,17 @@ def test_other_models_need_another_workdir(tmp_path):
   (work / "phases.json").write_text(json.dumps({"models": {"seconds": 0, "result": {"whisper": "a", "llm": "b"}}}))
   with pytest.raises(ValueError, match="pass another --workdir"):
     demo.run_demo(demo.Options(workdir=str(work), whisper=str(tmp_path), llm=str(tmp_path)))
+
+
+def test_lora_trains_in_the_ce_phase_only(tmp_path):
+  """The warm phase is CTC on the adaptor (no LLM pass, so no LoRA); the CE phase adds `--lora-rank`
+  factors to the frozen LLM, or none with 0."""
+  caches = {"asr_train_espeak": "a", "everyday_espeak": "b"}
+  opts = demo.Options(workdir=str(tmp_path))
+  warm = demo.phase_config(opts, "model", caches, str(tmp_path), "warm")
+  train = demo.phase_config(opts, "model", caches, str(tmp_path), "train")
+  assert (warm.train.loss, warm.train.lora.rank) == ("ctc", 0)
+  assert (train.train.loss, train.train.lora.rank, train.optim.lr) == ("ce", 8, opts.lr)
+  assert train.train.trainable == ("adaptor/.*",)  # the LLM's own weights stay frozen
+  frozen = demo.phase_config(demo.Options(workdir=str(tmp_path), lora_rank=0), "model", caches, str(tmp_path), "train")
+  assert frozen.train.lora.rank == 0
