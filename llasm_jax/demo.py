@@ -446,6 +446,11 @@ def evaluate_model(model: str, caches: dict[str, str], opts: Options) -> dict[st
     answers = evaluate.LlasmAnswers.for_source(generator, source, template=TEMPLATE, system=SYSTEM,
                                                max_new_tokens=_max_tokens(name, opts))
     out[name] = _scored(evaluate.run(rows, answers, batch=16), name)
+    if generator.cfg.ctc and not name.startswith("questions"):
+      # What the adaptor alone spells (greedy CTC, no LLM): the speech side apart from the LLM's reading.
+      spelled = evaluate.run(rows, evaluate.CtcAnswers.for_source(generator, source), batch=64)
+      log(f"  {name}, the adaptor alone (CTC): {spelled.summary()}")
+      out[name]["ctc_totals"] = spelled.totals
   return out
 
 
@@ -504,14 +509,18 @@ def _cut(text: str, width: int) -> str:
 
 
 def summary_table(after: dict, whisper: dict) -> list[str]:
-  lines = [f"{'set':<24} {'metric':<7} {'Whisper alone':>13} {'model':>9}   what"]
+  """One line per held-out set: Whisper's score, the model's, and (models trained with CTC) what the
+  adaptor alone spells."""
+  lines = [f"{'set':<24} {'metric':<7} {'Whisper alone':>13} {'model':>9} {'adaptor (CTC)':>14}   what"]
   for name in after:
     metric = "f1" if name.startswith("questions") else "wer"
     fmt = (lambda v: f"{v:.3f}") if metric == "f1" else (lambda v: f"{100 * v:.1f}%")
     ceiling = fmt(whisper[name]["totals"][metric]) if name in whisper else "-"
+    spelled = fmt(after[name]["ctc_totals"][metric]) if "ctc_totals" in after[name] else "-"
     what = HELD_OUT.get(base_set(name), "people reading books (LibriVox), recorded")
     voice = name[len(base_set(name)) + 1:] or "recorded"
-    lines.append(f"{name:<24} {metric:<7} {ceiling:>13} {fmt(after[name]['totals'][metric]):>9}   {what} ({voice})")
+    lines.append(f"{name:<24} {metric:<7} {ceiling:>13} {fmt(after[name]['totals'][metric]):>9} {spelled:>14}   "
+                 f"{what} ({voice})")
   return lines
 
 
@@ -605,7 +614,8 @@ def run_demo(opts: Options) -> dict[str, Any]:
              "train": {k: {f: v for f, v in t.items() if f != "history"} for k, t in trained.items()},
              "samples_seen": sum(t["samples"] for t in trained.values()), "plot": plot,
              "whisper": {k: v["totals"] for k, v in ceiling.items()},
-             "after": {k: v["totals"] for k, v in after.items()}}
+             "after": {k: v["totals"] for k, v in after.items()},
+             "adaptor_ctc": {k: v["ctc_totals"] for k, v in after.items() if "ctc_totals" in v}}
   with open(os.path.join(work, "results.json"), "w") as f:
     json.dump(results, f, indent=1)
   with open(os.path.join(work, "report.txt"), "w", encoding="utf-8") as f:

@@ -85,3 +85,12 @@ def test_lora_trains_in_the_ce_phase_only(tmp_path):
   assert train.train.trainable == ("adaptor/.*",)  # the LLM's own weights stay frozen
   frozen = demo.phase_config(demo.Options(workdir=str(tmp_path), lora_rank=0), "model", caches, str(tmp_path), "train")
   assert frozen.train.lora.rank == 0
+
+
+def test_summary_sets_the_adaptor_alone_beside_the_model():
+  after = {"everyday_espeak": {"totals": {"wer": 0.4}, "ctc_totals": {"wer": 0.35}},
+           "questions_held_espeak": {"totals": {"f1": 0.25}}}
+  lines = demo.summary_table(after, {"everyday_espeak": {"totals": {"wer": 0.09}}})
+  assert "adaptor (CTC)" in lines[0]
+  assert lines[1].split()[:5] == ["everyday_espeak", "wer", "9.0%", "40.0%", "35.0%"]
+  assert lines[2].split()[:5] == ["questions_held_espeak", "f1", "-", "0.250", "-"]

@@ -339,6 +339,51 @@ class LlasmAnswers:
     return [self.generator.decode(o.token_ids).strip() for o in outs]
 
 
+class CtcAnswers(LlasmAnswers):
+  """Greedy CTC transcripts of a LLaSM model's adaptor alone, no LLM pass (`Llasm.ctc_greedy`): the
+  LLM tokens its audio embeddings spell against the LLM's embedding table. For a model trained with
+  a CTC loss: set beside `LlasmAnswers`, it tells what the adaptor hears from what the LLM reads."""
+
+  def __init__(self, generator, kind: str, pcfg: pipeline.PipelineConfig, max_new_tokens: int = 128):
+    super().__init__(generator, kind, pcfg, max_new_tokens)
+    if not generator.cfg.ctc:
+      raise UserError(f"{generator.folder or 'the model'} has no CTC blank (it was not trained with a CTC "
+                       "loss): its adaptor alone spells nothing; evaluate it through the LLM instead")
+    import jax
+    from flax import nnx
+
+    graphdef, self._state = nnx.split(generator.engine.model)
+
+    @functools.partial(jax.jit, static_argnames="cached")
+    def spell(state, audio, lengths, cached: bool):
+      model = nnx.merge(graphdef, state)
+      if cached:  # Whisper's outputs float[N, S, E]
+        embeds, valid = model.adapt(audio[:, None], lengths[:, None], raw=True)
+      else:  # log-mel float[N, M, F]
+        embeds, valid = model.embed_audio(audio[:, None], lengths[:, None], raw=True)
+      _, best, keep = model.ctc_greedy(embeds[:, 0], valid[:, 0])
+      return best, keep
+
+    self._spell = spell
+
+  def __call__(self, rows: Sequence[EvalRow]) -> list[str]:
+    t0 = time.perf_counter()
+    audios = [self.prompt(r.record)[1][0] for r in rows]  # an ASR row's one audio slot
+    cached = isinstance(audios[0], AudioFeatures)
+    arrays = [a.features if cached else a.T for a in audios]  # frames first: float[S, E] / [F, M]
+    lengths = np.array([len(a) for a in arrays], np.int32)
+    # Cached outputs padded to a power of two (few shapes to compile); log-mel to the window Whisper reads.
+    longest = 1 << max(int(lengths.max()) - 1, 1).bit_length() if cached else self.pcfg.mel_frames
+    batch = np.zeros((len(arrays), longest, arrays[0].shape[1]), np.float32)
+    for i, a in enumerate(arrays):
+      batch[i, :len(a)] = a
+    if not cached:
+      batch = batch.transpose(0, 2, 1)  # back to log-mel float[N, M, F]
+    best, keep = (np.asarray(x) for x in self._spell(self._state, batch, lengths, cached))
+    self.timings["ctc_s"] += time.perf_counter() - t0
+    return [self.generator.decode(b[k].tolist()).strip() for b, k in zip(best, keep)]
+
+
 class WhisperAnswers:
   """Greedy transcripts of a `Transcriber` (Whisper alone), in each row's language when the model knows it."""
 

@@ -268,6 +268,17 @@ class Llasm(nnx.Module):
     blank = x @ self.ctc_blank.kernel[...].astype(jnp.float32) + self.ctc_blank.bias[...].astype(jnp.float32)
     return jnp.concatenate([tokens, blank[..., None]], axis=-1)
 
+  def ctc_greedy(self, outputs: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Greedy CTC over adaptor outputs float[N, P, D] with validity bool[N, P]: the logits
+    float32[N, P, V + 1], each frame's best class int[N, P] (V = the blank) and the frames CTC's
+    collapse keeps bool[N, P] (valid, not the blank, not a repeat of the frame before). The kept
+    frames' classes, in order, are the hypothesis: LLM token ids."""
+    v = self.cfg.llm.vocab_size
+    logits = self.ctc_logits(outputs)
+    best = jnp.argmax(logits, axis=-1)
+    previous = jnp.pad(best[:, :-1], ((0, 0), (1, 0)), constant_values=v)
+    return logits, best, valid & (best != v) & (best != previous)
+
   def soft_tokens(self, outputs: jax.Array, valid: jax.Array) -> jax.Array:
     """LegoSLM: adaptor outputs float[..., P, D] with validity bool[..., P] -> what the LLM reads,
     float[..., P, D]: the CTC hypothesis of each audio slot as soft text. Frames whose greedy CTC
@@ -277,10 +288,7 @@ class Llasm(nnx.Module):
     order; the places before them hold the learned filler (`ctc_blank.embedding`)."""
     *lead, p, d = outputs.shape
     v = self.cfg.llm.vocab_size
-    logits = self.ctc_logits(outputs.reshape(-1, p, d))  # float32[N, P, V + 1]
-    best = jnp.argmax(logits, axis=-1)
-    previous = jnp.pad(best[:, :-1], ((0, 0), (1, 0)), constant_values=v)
-    keep = valid.reshape(-1, p) & (best != v) & (best != previous)
+    logits, _, keep = self.ctc_greedy(outputs.reshape(-1, p, d), valid.reshape(-1, p))
     probs = jax.nn.softmax(logits[..., :v], axis=-1)
     table = jax.lax.stop_gradient(self.llm.model.embed_tokens.embedding[...][:v]).astype(jnp.float32)
     text = probs @ table  # float32[N, P, D]

@@ -316,6 +316,7 @@ def test_ctc_warm_phase_then_ce_plus_ctc_from_a_converted_folder(asset_run, tmp_
   warmed = str(tmp_path / "warm" / "model")
   stored = checkpoint.load_params_numpy(warmed)
   assert {"ctc_blank/kernel", "ctc_blank/bias"} <= set(stored) and checkpoint.read_meta(warmed)["config"]["ctc"]
+  check_ctc_readout(warmed, raw)
   then = stage1(warmed, raw)
   then.data.seq_len = warm.data.seq_len
   then.train.ctc_weight = 0.2
@@ -333,6 +334,30 @@ def test_ctc_warm_phase_then_ce_plus_ctc_from_a_converted_folder(asset_run, tmp_
         from safetensors.numpy import load_file
         names += list(load_file(os.path.join(folder, f)))
   assert names and not any("ctc" in n for n in names)
+
+
+def check_ctc_readout(folder: str, data: str) -> None:
+  """`evaluate.CtcAnswers` spells each row as the greedy collapse of the model's own CTC logits (blank
+  and repeats dropped), the same in a batch as alone. The blank is pushed down first, so that the
+  frames spell tokens (after 20 steps they are mostly blank)."""
+  from llasm_jax.infer import evaluate
+  from llasm_jax.infer.generator import Generator
+
+  generator = Generator.load(folder)
+  model = generator.engine.model
+  model.ctc_blank.bias[...] = jnp.full((), -30.0, model.ctc_blank.bias.dtype)
+  source = pipeline.Source(data)
+  rows = evaluate.read_rows(source)
+  answers = evaluate.CtcAnswers.for_source(generator, source)
+  texts = answers(rows)
+  assert texts == [answers([r])[0] for r in rows] and all(texts)
+  v = model.cfg.llm.vocab_size
+  for row, text in zip(rows, texts):
+    mel = answers.prompt(row.record)[1][0]
+    embeds, valid = model.embed_audio(jnp.asarray(mel)[None, None], jnp.asarray([[mel.shape[1]]]), raw=True)
+    best = np.argmax(np.asarray(model.ctc_logits(embeds[0, 0])), axis=-1)[:int(np.sum(valid))]
+    spelled = [int(b) for i, b in enumerate(best) if b != v and (i == 0 or b != best[i - 1])]
+    assert text == generator.decode(spelled).strip()
 
 
 def test_infeasible_rows_train_no_ctc_and_warn(asset_run, tmp_path, capsys):
