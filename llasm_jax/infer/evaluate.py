@@ -35,7 +35,7 @@ import numpy as np
 
 from llasm_jax import checkpoint, paths, tokens
 from llasm_jax.data import pipeline
-from llasm_jax.infer.engine import AudioFeatures
+from llasm_jax.infer.engine import AudioFeatures, bucket
 from llasm_jax.errors import UserError
 
 CER_LANGUAGES = ("zh", "ja", "yue", "th", "lo", "my", "bo")  # scripts without spaces between words
@@ -372,8 +372,9 @@ class CtcAnswers(LlasmAnswers):
     cached = isinstance(audios[0], AudioFeatures)
     arrays = [a.features if cached else a.T for a in audios]  # frames first: float[S, E] / [F, M]
     lengths = np.array([len(a) for a in arrays], np.int32)
-    # Cached outputs padded to a power of two (few shapes to compile); log-mel to the window Whisper reads.
-    longest = 1 << max(int(lengths.max()) - 1, 1).bit_length() if cached else self.pcfg.mel_frames
+    # Cached outputs padded to the engine's length buckets (few shapes to compile); log-mel to the
+    # window Whisper reads.
+    longest = bucket(int(lengths.max())) if cached else self.pcfg.mel_frames
     batch = np.zeros((len(arrays), longest, arrays[0].shape[1]), np.float32)
     for i, a in enumerate(arrays):
       batch[i, :len(a)] = a
