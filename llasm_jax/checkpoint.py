@@ -330,17 +330,20 @@ def load_whisper(folder: str, *, mesh: jax.sharding.Mesh | None = None, rules=No
     raise UserError(f"{folder}: a {meta['kind']!r} model holds no Whisper; pass a 'whisper' or 'llasm' model folder")
   cfg = config_from_dict("llasm", meta["config"])
   wcfg = cfg.audio.replace(**run)
-  with_decoder = cfg.mode == "llasm"  # "encoder" mode folders store the encoder alone
-  abstract = nnx.eval_shape(lambda: WhisperModel(wcfg, rngs=nnx.Rngs(0), with_decoder=with_decoder))
+  # "encoder" mode folders store the encoder alone
+  abstract = nnx.eval_shape(lambda: WhisperModel(wcfg, rngs=nnx.Rngs(0), with_decoder=cfg.with_decoder))
   graphdef, state = nnx.split(abstract)
-  target = _restore_target(state, mesh, rules)
-  item = {"audio": nnx.to_pure_dict(target)}
-  args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), item)
-  restored = ocp.PyTreeCheckpointer().restore(
-      paths.join(folder, PARAMS_DIR),
-      args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
-  nnx.replace_by_pure_dict(state, restored["audio"])
+  nnx.replace_by_pure_dict(state, restore_parts(folder, nnx.State({"audio": state}), mesh, rules)["audio"])
   return nnx.merge(graphdef, state), {**meta, "kind": "whisper", "config": config_to_dict(wcfg), "part": "audio"}
+
+
+def restore_parts(folder: str, state: nnx.State, mesh: jax.sharding.Mesh | None, rules) -> dict[str, Any]:
+  """The arrays of some top-level parts of a "llasm" folder (`state`: the abstract state of those
+  parts, keyed by part), restored alone as a pure dict, placed as `load_model` places them."""
+  item = nnx.to_pure_dict(_restore_target(state, mesh, rules))
+  args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), item)
+  return ocp.PyTreeCheckpointer().restore(
+      paths.join(folder, PARAMS_DIR), args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
 
 def load_params_numpy(folder: str) -> dict[str, np.ndarray]:
   """Slash-joined path -> host numpy array, as stored (no devices involved)."""

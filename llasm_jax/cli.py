@@ -15,6 +15,7 @@ from llasm_jax import sharding
 from llasm_jax.config import load_config_file
 from llasm_jax.errors import UserError
 from llasm_jax.quantize import QUANTIZE_HELP, QUANTIZE_MODES
+from llasm_jax.models.llasm import MODES
 
 DEFAULT_CONFIG = "configs/tiny.py"
 
@@ -459,8 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "folder (model.bin, as faster-whisper uses)")
   p.add_argument("--out", required=True, help="output folder (written atomically)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="stored dtype")
-  p.add_argument("--mode", choices=("llasm", "encoder"), default="llasm",
-                 help="audio path of a new LLaSM model (--llm BASE --whisper W)")
+  p.add_argument("--mode", choices=MODES, default="llasm",
+                 help="audio path of a new LLaSM model (--llm BASE --whisper W): llasm (the released one: Whisper's "
+                      "decoder over 64 start tokens), encoder (Whisper's encoder frames, stacked), decoder (Whisper's "
+                      "decoder states along its own greedy transcript, each beside the LLM's embedding of its token)")
   # No argparse choices: convert() names the choices in its UserError, for CLI and Python alike.
   p.add_argument("--adaptor", metavar="{mlp,ultravox}",
                  help="--mode encoder: the new model's projector, mlp (stacked frames, Linear-GELU-Linear; the "

@@ -342,10 +342,10 @@ def _presets_table() -> list[str]:
     llm, audio = cfg.llm, cfg.audio
     llm_text = (f"{_closest(llm, LLAMA_PRESETS)}{llm.num_hidden_layers} layers x {llm.hidden_size}, "
                 f"{llm.num_attention_heads} heads ({llm.num_key_value_heads} kv), vocab {llm.vocab_size}")
-    layers = (f"{audio.encoder_layers} + {audio.decoder_layers} layers" if cfg.mode == "llasm"
+    layers = (f"{audio.encoder_layers} + {audio.decoder_layers} layers" if cfg.with_decoder
               else f"{audio.encoder_layers} encoder layers")
     audio_text = f"{_closest(audio, WHISPER_PRESETS)}{layers} x {audio.d_model}, {audio.num_mel_bins} mels"
-    tokens = (f"{cfg.audio_token_len} per audio" if cfg.mode == "llasm" else
+    tokens = (f"{cfg.audio_token_len} per audio" if cfg.with_decoder else
               f"1 per {cfg.stack_factor} encoder frames ({math.ceil(audio.max_source_positions / cfg.stack_factor)} "
               "per 30 s)")
     rows.append([f"`{name}`", f"`{cfg.mode}`", llm_text, audio_text, tokens,

@@ -76,11 +76,12 @@ class Options:
   held_out: int = _opt(40, "held-out grammar sentences")
   questions: int = _opt(160, "spoken training questions")
   held_out_questions: int = _opt(16, "held-out spoken questions")
-  mode: str = _opt("encoder", "encoder: Whisper encoder + projector; llasm: LLaSM's decoder queries",
-                   choices=("encoder", "llasm"))
+  mode: str = _opt("encoder", "encoder: Whisper encoder + projector; decoder: Whisper's decoder states along its "
+                              "own transcript + projector (no CTC phase); llasm: LLaSM's decoder queries",
+                   choices=("encoder", "decoder", "llasm"))
   adaptor: str = _opt("ultravox", "encoder-mode projector", choices=("ultravox", "mlp"))
   stack_factor: int = _opt(8, "encoder frames per audio token (8: 6.25 tokens per second)")
-  adaptor_hidden: int = _opt(2048, "the encoder-mode adaptor's inner width")
+  adaptor_hidden: int = _opt(2048, "the encoder- or decoder-mode adaptor's inner width")
   batch: int = _opt(8, "rows per step of the CE phase")
   ctc_batch: int = _opt(64, "rows per step of the CTC warm phase")
   ctc_negatives: int = _opt(4096, "CTC classes besides the batch's transcript tokens (0: the whole vocab)")
@@ -338,11 +339,11 @@ def phase_config(opts: Options, model: str, caches: dict[str, str], work: str, p
   config = from_model_folder(1, model)
   warm = phase == "warm"
   config.train.update(batch_size=opts.ctc_batch if warm else opts.batch, log_every=10, checkpoint_every=100,
-                      loss="ctc" if warm else opts.loss, ctc_weight=0.0 if warm else opts.ctc_weight,
+                      loss="ctc" if warm else opts.loss, ctc_weight=opts.ctc_weight if uses_ctc(opts) and not warm else 0.0,
                       ctc_negatives=opts.ctc_negatives, seed=opts.seed,
                       compilation_cache=os.path.join(work, "compilation_cache"))
   config.optim.update(lr=opts.ctc_lr if warm else opts.lr)
-  config.model.soft_tokens = opts.soft_tokens and not warm and opts.ctc_share > 0
+  config.model.soft_tokens = opts.soft_tokens and not warm and opts.ctc_share > 0 and uses_ctc(opts)
   if not warm:
     config.train.lora.rank = opts.lora_rank
   # Few shapes, so that a short run does not spend its time compiling: CTC alone reads no text, so
@@ -381,9 +382,17 @@ def seconds_per_step(config, folder: str, steps: int = 16) -> float:
   return steady[len(steady) // 2]
 
 
+def uses_ctc(opts: Options) -> bool:
+  """Whether the adaptor trains with CTC (warm phase, auxiliary loss): not in "decoder" mode, whose
+  adaptor reads Whisper's own transcript."""
+  return opts.mode != "decoder"
+
+
 def phase_shares(opts: Options) -> dict[str, float]:
   if not 0 <= opts.ctc_share < 1:
     raise UserError(f"--ctc-share {opts.ctc_share}: expected a share of the budget in [0, 1)")
+  if not uses_ctc(opts):
+    return {"train": 1.0}
   return {k: v for k, v in (("warm", opts.ctc_share), ("train", 1 - opts.ctc_share)) if v > 0}
 
 
@@ -584,8 +593,8 @@ def run_demo(opts: Options) -> dict[str, Any]:
 
   def convert_both():
     model, whisper = os.path.join(work, "model"), os.path.join(work, "whisper")
-    extra = dict(adaptor=opts.adaptor, stack_factor=opts.stack_factor,
-                 adaptor_hidden=opts.adaptor_hidden) if opts.mode == "encoder" else {}
+    extra = {"encoder": dict(adaptor=opts.adaptor, stack_factor=opts.stack_factor, adaptor_hidden=opts.adaptor_hidden),
+             "decoder": dict(adaptor_hidden=opts.adaptor_hidden)}.get(opts.mode, {})
     convert(models["llm"], models["whisper"], out=model, mode=opts.mode, overwrite=True, progress=False, **extra)
     convert(None, models["whisper"], out=whisper, overwrite=True, progress=False)
     return {"model": model, "whisper": whisper}

@@ -116,6 +116,8 @@ class Plan:
   keymaps: tuple[KeyMap, ...]
   tokenizer: Any = None
   match_text_scale: bool = False
+  bridge_ids: np.ndarray | None = None  # "decoder" mode: the LLM token of each Whisper token (`bridge_ids`)
+  filler_id: int | None = None  # "decoder" mode: the LLM token whose embedding the adaptor's filler starts at
 
 
 def plan(llm_path: str | None, whisper_path: str | None, mode: str = "llasm", adaptor: str | None = None,
@@ -138,9 +140,9 @@ def plan(llm_path: str | None, whisper_path: str | None, mode: str = "llasm", ad
   meta: dict[str, Any] = {"sources": {"llm": llm_path, "whisper": whisper_path},
                           "source_formats": {r: s.format for r, s in (("llm", llm), ("whisper", whisper)) if s}}
 
-  def done(kind, cfg, sources, maps, extra=None, tokenizer=None, match_text_scale=False):
+  def done(kind, cfg, sources, maps, extra=None, tokenizer=None, match_text_scale=False, bridge=None, filler=None):
     return Plan(kind, cfg, tuple(sources), MappingProxyType(extra or {}), MappingProxyType(meta), tuple(maps),
-                tokenizer, match_text_scale)
+                tokenizer, match_text_scale, bridge, filler)
 
   if whisper is not None:
     wcfg = whisper_config_from_hf(whisper.config)
@@ -153,6 +155,8 @@ def plan(llm_path: str | None, whisper_path: str | None, mode: str = "llasm", ad
       raise CheckpointError(f"{llm_path} is a LLaSM checkpoint; pass its Whisper folder with --whisper "
                             f"(its config names {llm.config.get('mm_audio_tower')!r})")
     return done("llama", lcfg, [("llm", llm, None)], keymaps("llama"))
+  if released and mode == "decoder":
+    raise CheckpointError(f"{llm_path} is a LLaSM checkpoint; 'decoder' mode makes a new model from a base LLM")
   if released:
     saved_mode = llm.config.get("llasm_jax_mode", "llasm")
     if mode != saved_mode:
@@ -169,14 +173,69 @@ def plan(llm_path: str | None, whisper_path: str | None, mode: str = "llasm", ad
     return done("llasm", cfg, [("llm", llm, None), ("whisper", whisper, _whisper_stream)], keymaps("llasm", mode))
   tokenizer, ids, vocab = _with_audio_tokens(llm.tokenizer(), lcfg.vocab_size, llm_path)
   lcfg = lcfg.replace(vocab_size=vocab)
+  decoding, bridge, filler = {}, None, None
+  if mode == "decoder":
+    # The filler (the places of an audio its transcript leaves) starts as a space: measured on the
+    # frozen SmolLM2, 51 zero vectors before a transcript make it repeat the instruction, 51 spaces
+    # let it read the transcript.
+    filler = tokenizer.encode(" ", add_special_tokens=False)[0]
+    if tokenizer is None:
+      raise CheckpointError(f"{llm_path}: 'decoder' mode maps Whisper's tokens to the LLM's and needs the LLM's tokenizer")
+    decoding = _decoding(whisper, wcfg)
+    bridge = bridge_ids(_whisper_tokenizer(whisper, whisper_path), tokenizer, wcfg.vocab_size, decoding["decoder_eos"])
   cfg = LlasmConfig(audio=wcfg, llm=lcfg, mode=mode, adaptor=adaptor or "mlp", audio_patch_id=ids[0],
                     audio_start_id=ids[1], audio_end_id=ids[2], adaptor_hidden=adaptor_hidden,
-                    **({"stack_factor": stack_factor} if stack_factor else {}))
+                    **({"stack_factor": stack_factor} if stack_factor else {}), **decoding)
   scaled = cfg.adaptor == "ultravox"
   meta["fresh"] = ("audio token rows = mean of existing rows; adaptor randomly initialised"
-                   + ("; its ln_post scale = the RMS of the embedding rows" if scaled else ""))
+                   + ("; its ln_post scale = the RMS of the embedding rows" if scaled else "")
+                   + ("; bridge = the LLM's embedding of each Whisper token's text, adaptor filler = that of a "
+                      "space" if bridge is not None else ""))
   return done("llasm", cfg, [("llm", llm, lambda t: _with_mean_rows(t, vocab)), ("whisper", whisper, _whisper_stream)],
-              keymaps("llasm", mode), extra=_fresh_adaptor(cfg, seed=0), tokenizer=tokenizer, match_text_scale=scaled)
+              keymaps("llasm", mode), extra=_fresh_adaptor(cfg, seed=0), tokenizer=tokenizer, match_text_scale=scaled,
+              bridge=bridge, filler=filler)
+
+
+def _whisper_tokenizer(whisper, path: str):
+  tokenizer = whisper.tokenizer()
+  if tokenizer is None:
+    raise CheckpointError(f"{path}: 'decoder' mode maps Whisper's tokens to the LLM's and needs Whisper's tokenizer")
+  return tokenizer
+
+
+def _decoding(whisper, wcfg) -> dict[str, Any]:
+  """The LlasmConfig fields of Whisper's greedy decoding ("decoder" mode), from its generation config:
+  English on a multilingual Whisper (its <|en|> token in the prompt)."""
+  from llasm_jax.infer.transcribe import WhisperTokens
+
+  if hasattr(whisper, "generation_config"):
+    gen = whisper.generation_config()
+  else:
+    path = os.path.join(whisper.folder, "generation_config.json")
+    if not os.path.exists(path):
+      raise CheckpointError(f"{whisper.folder}: no generation_config.json; 'decoder' mode reads Whisper's prompt and "
+                            "suppressed tokens from it")
+    gen = read_json(path)
+  tokens = WhisperTokens.from_generation_config(gen, wcfg)
+  return dict(decoder_prompt=tuple(tokens.prompt(tokens.languages.get("<|en|>"))), decoder_eos=tokens.eos,
+              decoder_suppress=tokens.suppress, decoder_begin_suppress=tokens.begin_suppress)
+
+
+def bridge_ids(whisper_tokenizer, llm_tokenizer, whisper_vocab: int, first_special: int) -> np.ndarray:
+  """int32[whisper_vocab]: for each Whisper token, the LLM token that spells its text, or -1 (the
+  specials from `first_special` on, and rows past the tokenizer). A text the LLM spells with several
+  tokens takes its first, or the single token of its lower-case text (" Honestly" -> " honestly");
+  in the everyday sentences 2 of 338 Whisper tokens are such."""
+  out = np.full((whisper_vocab,), -1, np.int32)
+  for i in range(min(first_special, len(whisper_tokenizer), whisper_vocab)):
+    text = whisper_tokenizer.convert_tokens_to_string([whisper_tokenizer.convert_ids_to_tokens(i)])
+    ids = llm_tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) > 1:
+      lower = llm_tokenizer.encode(text.lower(), add_special_tokens=False)
+      ids = lower if len(lower) == 1 else ids
+    if ids:
+      out[i] = ids[0]
+  return out
 
 
 def _save_files(p: Plan, folder: str) -> None:
@@ -234,8 +293,12 @@ def convert(llm_dir: str | None = None, whisper_dir: str | None = None, *, out: 
     positions = [k for k in dest if k.endswith("encoder/embed_positions") and k not in filled]
     for k in positions:
       dest[k][...] = sinusoids(*dest[k].shape)
-    check_complete(dest, filled, optional=positions)
+    check_complete(dest, filled, optional=positions + (["bridge"] if p.bridge_ids is not None else []))
     dest.update({k: v.astype(np_dtype) for k, v in p.extra.items()})
+    if p.bridge_ids is not None:  # the LLM's rows, audio-token rows appended, now here; specials: zeros
+      table = dest["llm/model/embed_tokens/embedding"]
+      dest["bridge"] = np.where((p.bridge_ids >= 0)[:, None], table[np.maximum(p.bridge_ids, 0)], 0).astype(np_dtype)
+      dest["adaptor/filler"] = np.asarray(table[p.filler_id]).astype(np_dtype)
     if p.match_text_scale:
       # Only now is the LLM's embedding table here (mean rows appended): the Ultravox adaptor's
       # outputs start at the size of its rows.

@@ -32,6 +32,8 @@ def keymaps(kind: str, mode: str = "llasm") -> list[KeyMap]:
     if mode == "llasm":
       return [KeyMap(LLAMA_RULES, "llm/", LLAMA_IGNORED), KeyMap(LINEAR_ADAPTOR_RULES, "adaptor/"),
               KeyMap(WHISPER_RULES, "audio/", WHISPER_IGNORED)]
+    if mode == "decoder":  # a fresh adaptor and bridge (`convert`); no Hugging Face layout holds them
+      return [KeyMap(LLAMA_RULES, "llm/", LLAMA_IGNORED), KeyMap(WHISPER_RULES, "audio/", WHISPER_IGNORED)]
     return [KeyMap(LLAMA_RULES, "llm/", LLAMA_IGNORED), KeyMap(MLP_ADAPTOR_RULES, "adaptor/"),
             KeyMap(WHISPER_RULES, "audio/", WHISPER_IGNORED + [_WHISPER_DECODER])]
   raise UserError(f"unknown model kind {kind!r}: expected 'llama', 'whisper' or 'llasm'")

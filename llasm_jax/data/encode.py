@@ -57,12 +57,23 @@ from llasm_jax.data import builders
 from llasm_jax.data.builders import VERSION
 from llasm_jax.data.features import MAX_FRAMES
 from llasm_jax.models.llasm import Llasm, LlasmConfig
-from llasm_jax.models.whisper import encoder_frames
 from llasm_jax.errors import UserError
 
 DTYPES = ("bfloat16", "float32")
 REPORT = "encode_report.json"
 AUDIO_FIELDS = ("audio", "audio_lengths")  # what a built record holds of its audio; the rest is copied
+
+
+SPEECH_PARTS = ("audio", "bridge")  # a LLaSM's frozen speech side: Whisper, and in "decoder" mode the token bridge
+
+
+def speech_fingerprint(params: dict) -> str:
+  """`whisper_fingerprint` of the speech side of a LLaSM's parameters (a pure dict with `audio`, and
+  `bridge` in "decoder" mode): what its cached features depend on."""
+  parts = dict(params["audio"])
+  if "bridge" in params:
+    parts["bridge"] = params["bridge"]
+  return whisper_fingerprint(parts)
 
 
 def whisper_fingerprint(audio_params: dict) -> str:
@@ -95,7 +106,7 @@ def whisper_fingerprint(audio_params: dict) -> str:
 
 
 def frame_buckets(mode: str, mel_frames: int) -> tuple[int, ...]:
-  """F of the encoding batches: 3000 in "llasm" mode, eighths of the window in "encoder" mode."""
+  """F of the encoding batches: 3000 in "llasm" mode, eighths of the window in the unpadded modes."""
   if mode == "llasm":
     return (MAX_FRAMES,)
   return tuple(sorted({min(mel_frames, -(-mel_frames * q // 16) * 2) for q in range(1, 9)}))
@@ -123,15 +134,15 @@ class WhisperRunner:
     if batch_size < 1 or batch_size % split:
       raise UserError(f"--batch {batch_size} must be a positive multiple of data x fsdp = {split} "
                        f"(mesh {dict(self.mesh.shape)} over this process's {len(jax.local_devices())} devices)")
-    whisper, _ = checkpoint.load_whisper(ckpt, mesh=self.mesh, rules=self.rules)
-    _, self.whisper = nnx.split(whisper)
-    self.fingerprint = whisper_fingerprint(nnx.to_pure_dict(self.whisper))
-    # The composite's other parts stay abstract: encode_audio reads only `audio`.
+    # The composite's other parts stay abstract: encode_audio reads only the speech side.
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llasm(self.cfg, rngs=nnx.Rngs(0))))
+    self.whisper = jax.tree.map(lambda x: x, nnx.State({k: abstract[k] for k in SPEECH_PARTS if k in abstract}))
+    nnx.replace_by_pure_dict(self.whisper, checkpoint.restore_parts(ckpt, self.whisper, self.mesh, self.rules))
+    self.fingerprint = speech_fingerprint(nnx.to_pure_dict(self.whisper))
     store = jnp.dtype(dtype)
 
-    def run(whisper_state, mel, mel_lengths):
-      model = nnx.merge(graphdef, nnx.State({**abstract, "audio": whisper_state}))
+    def run(speech, mel, mel_lengths):
+      model = nnx.merge(graphdef, nnx.State({**abstract, **speech}))
       feats, lengths = model.encode_audio(mel, mel_lengths)
       return feats.astype(store), lengths
 
@@ -172,9 +183,11 @@ class WhisperRunner:
         out[k] = feats[b, 0, :lengths[b, 0]]
     return out
 
-  def expected_length(self, mel_frames: int) -> int:
-    """S of a slot of `mel_frames` frames."""
-    return self.cfg.audio_token_len if self.cfg.mode == "llasm" else int(encoder_frames(mel_frames))
+  def length_ok(self, length: int, mel_frames: int) -> bool:
+    """Whether a slot of `mel_frames` frames may have `length` feature frames: exactly S, or in
+    "decoder" mode 1..S (the transcript and its end)."""
+    s = self.cfg.feature_frames(mel_frames)
+    return 0 < length <= s if self.cfg.mode == "decoder" else length == s
 
 
 @dataclasses.dataclass
@@ -250,7 +263,7 @@ def encode(ckpt: str, data: str, out: str, *, dtype: str = "bfloat16", batch_siz
   cfg, pcfg = runner.cfg, runner.pcfg
   main = jax.process_index() == 0
   count = jax.process_count()
-  spec = _features_dict(source, cfg.audio.d_model, dtype)
+  spec = _features_dict(source, cfg.feature_dim, dtype)
   lo, hi = _share(len(source))
 
   def load(index: int) -> _Row:
@@ -287,7 +300,7 @@ def encode(ckpt: str, data: str, out: str, *, dtype: str = "bfloat16", batch_siz
         k += len(r.mels)
         frames = [int(m.shape[1]) for m in r.mels]
         lengths = [len(f) for f in mine]
-        if lengths != [runner.expected_length(f) for f in frames]:
+        if not all(runner.length_ok(n, f) for n, f in zip(lengths, frames)):
           raise RuntimeError(f"row {r.record.get('id')!r}: feature lengths {lengths} for mel frames {frames}")
         example = {key: v for key, v in r.record.items() if key not in AUDIO_FIELDS}
         example.update(features=np.concatenate(mine), feature_lengths=np.int32(lengths),

@@ -188,8 +188,8 @@ class PipelineConfig:
   def __post_init__(self):
     if self.mode not in features.MODES:
       raise UserError(f"mode {self.mode!r}: expected one of {features.MODES}")
-    if self.mode == "encoder" and not 0 < self.mel_frames <= features.MAX_FRAMES:
-      raise UserError(f"mel_frames {self.mel_frames}: encoder mode takes 1..{features.MAX_FRAMES} frames (30 s)")
+    if self.mode != "llasm" and not 0 < self.mel_frames <= features.MAX_FRAMES:
+      raise UserError(f"mel_frames {self.mel_frames}: {self.mode} mode takes 1..{features.MAX_FRAMES} frames (30 s)")
     if self.buckets is not None:
       b = tuple(self.buckets)
       if not b or list(b) != sorted(set(b)) or b[-1] != self.seq_len:
@@ -221,12 +221,13 @@ class PipelineConfig:
 
   @property
   def feature_frames(self) -> int:
-    """The largest S of a cached batch: the decoder queries, or the encoder frames of one window."""
-    return self.audio_token_len if self.mode == "llasm" else int(encoder_frames(self.mel_frames))
+    """The largest S of a cached batch: the decoder queries or transcript tokens, or the encoder
+    frames of one window."""
+    return LlasmConfig.feature_frames(self, self.mel_frames)  # type: ignore[arg-type]
 
   def feature_bucket(self, frames: int) -> int:
     """S of a cached batch whose longest slot has `frames` feature frames."""
-    if self.mode == "llasm":
+    if self.mode != "encoder":
       return self.audio_token_len
     for b in self.feature_buckets or default_feature_buckets(self.feature_frames):
       if frames <= b:
@@ -243,7 +244,7 @@ class PipelineConfig:
   @property
   def fixed_shapes(self) -> bool:
     """Whether every batch has the same shapes (else a step compiles once per bucket combination)."""
-    return self.buckets is None and (self.features == "mel" or self.mode == "llasm")
+    return self.buckets is None and (self.features == "mel" or self.mode != "encoder")
 
   def audio_tokens(self, mel_frames: int) -> int:
     """P of one slot: the model config's rule (`LlasmConfig.audio_tokens` reads only mode,
@@ -885,14 +886,24 @@ def cache_marker(cfg: LlasmConfig, *, mel_frames: int, dtype: str, whisper_finge
                  **info) -> dict[str, Any]:
   """What made a cache, as `data encode` stores it: everything the features depend on."""
   w = cfg.audio
-  marker = {"format": CACHE_FORMAT, "mode": cfg.mode, "num_mel_bins": w.num_mel_bins, "feature_dim": w.d_model,
-            "mel_frames": MAX_FRAMES if cfg.mode == "llasm" else int(mel_frames), "dtype": dtype,
+  marker = {"format": CACHE_FORMAT, "mode": cfg.mode, "num_mel_bins": w.num_mel_bins, "feature_dim": cfg.feature_dim,
+            "mel_frames": MAX_FRAMES if cfg.padded_mel else int(mel_frames), "dtype": dtype,
             "whisper": {"fingerprint": whisper_fingerprint, "d_model": w.d_model,
                         "encoder_layers": w.encoder_layers, "compute_dtype": w.dtype}}
-  if cfg.mode == "llasm":
-    marker.update(audio_token_len=cfg.audio_token_len, decoder_start_token_id=w.decoder_start_token_id)
+  marker.update(_decoder_facts(cfg))
+  if cfg.with_decoder:
     marker["whisper"]["decoder_layers"] = w.decoder_layers
   return {**marker, **info}
+
+
+def _decoder_facts(cfg: LlasmConfig) -> dict[str, Any]:
+  """What the features of the modes that run Whisper's decoder depend on besides its weights."""
+  if cfg.mode == "llasm":
+    return dict(audio_token_len=cfg.audio_token_len, decoder_start_token_id=cfg.audio.decoder_start_token_id)
+  if cfg.mode == "decoder":
+    return dict(audio_token_len=cfg.audio_token_len, decoder_prompt=list(cfg.decoder_prompt),
+                decoder_suppress=list(cfg.decoder_suppress), decoder_begin_suppress=list(cfg.decoder_begin_suppress))
+  return {}
 
 
 def check_cache(marker: dict[str, Any], cfg: LlasmConfig, *, mel_frames: int, whisper_fingerprint: str | None = None,
@@ -906,14 +917,12 @@ def check_cache(marker: dict[str, Any], cfg: LlasmConfig, *, mel_frames: int, wh
   if marker["mode"] != cfg.mode:
     raise UserError(f"{where}: features cached in {marker['mode']!r} mode, but the model runs in {cfg.mode!r} "
                      f"mode; {fix}")
-  facts = {"num_mel_bins": cfg.audio.num_mel_bins, "feature_dim": cfg.audio.d_model}
-  if cfg.mode == "llasm":
-    facts.update(audio_token_len=cfg.audio_token_len, decoder_start_token_id=cfg.audio.decoder_start_token_id)
+  facts = {"num_mel_bins": cfg.audio.num_mel_bins, "feature_dim": cfg.feature_dim, **_decoder_facts(cfg)}
   for key, want in facts.items():
     if marker.get(key) != want:
       raise UserError(f"{where}: features cached with {key}={marker.get(key)}, the model has {key}={want} "
                        f"(another Whisper); {fix}")
-  if cfg.mode == "encoder" and marker["mel_frames"] != mel_frames:
+  if not cfg.padded_mel and marker["mel_frames"] != mel_frames:
     raise UserError(f"{where}: features cached in {marker['mel_frames']}-frame windows but config.data.mel_frames "
                      f"is {mel_frames}; set --config.data.mel_frames={marker['mel_frames']}, or encode again with "
                      f"--mel-frames {mel_frames}")

@@ -123,7 +123,8 @@ class AudioPrompts:
       samples, name = np.asarray(audio, np.float32).reshape(-1), name or "waveform"
     if samples.size == 0:
       raise audio_io.AudioError(name, "empty", "no samples (0 s of audio)")
-    parts = [samples] if self.mode == "llasm" else audio_io.split_windows(samples, self.mel_frames * features.HOP)
+    parts = ([samples] if self.mode == "llasm"
+             else audio_io.split_windows(samples, features.window_samples(self.mode, self.mel_frames)))
     # A clip shorter than one FFT frame still gives Whisper at least one frame of input.
     parts = [np.pad(w, (0, max(0, features.N_FFT - len(w)))) for w in parts]
     return [features.log_mel(w, self.num_mel_bins, self.mode) for w in parts]

@@ -36,7 +36,6 @@ from llasm_jax.layers import KVCache
 from llasm_jax.layers.stack import unstack_layers
 from llasm_jax.models.llama import LlamaForCausalLM
 from llasm_jax.models.llasm import Llasm, check_audio_markers, splice
-from llasm_jax.models.whisper import encoder_frames
 from llasm_jax.errors import UserError
 
 
@@ -78,7 +77,7 @@ class AudioFeatures:
   encode` stores) instead of a log-mel: the engine runs only the adaptor on them.
 
   features:   float[S, E] the slot's valid feature frames (S = audio_token_len in "llasm" mode,
-              ceil(F / 2) in "encoder" mode; E = Whisper width)
+              ceil(F / 2) in "encoder" mode, 1..audio_token_len in "decoder" mode; E = LlasmConfig.feature_dim)
   mel_frames: F, the mel frames the slot had; its audio token count follows from them
   """
 
@@ -366,23 +365,24 @@ class Engine(MeshFunctions):
       raise UserError("this checkpoint is a text-only LLM; it cannot take audio (pass audios=None)")
     if len(mels) != len(prompts):
       raise UserError(f"{len(mels)} audio lists for {len(prompts)} prompts; pass one list (maybe empty) per prompt")
-    m, f_max, e = cfg.audio.num_mel_bins, cfg.audio.max_mel_frames, cfg.audio.d_model
+    m, f_max, e = cfg.audio.num_mel_bins, cfg.audio.max_mel_frames, cfg.feature_dim
     for b, (ids, row) in enumerate(zip(prompts, mels)):
       for j, mel in enumerate(row):
         f = mel_frames(mel)
         if isinstance(mel, AudioFeatures):
-          s = cfg.audio_token_len if cfg.mode == "llasm" else int(encoder_frames(f))
-          if mel.features.ndim != 2 or mel.features.shape != (s, e):
+          s = cfg.feature_frames(f)
+          n = mel.features.shape[0] if mel.features.ndim == 2 else -1
+          if mel.features.ndim != 2 or mel.features.shape[1] != e or not (0 < n <= s if cfg.mode == "decoder" else n == s):
             raise UserError(f"prompt {b} audio {j}: cached features of shape {mel.features.shape}, expected "
-                             f"[{s}, {e}] ({cfg.mode!r} mode, {f} mel frames, Whisper width {e}); were they "
-                             "encoded by this model's Whisper?")
+                             f"[{'1..' if cfg.mode == 'decoder' else ''}{s}, {e}] ({cfg.mode!r} mode, {f} mel frames, "
+                             f"feature width {e}); were they encoded by this model's Whisper?")
         elif mel.ndim != 2 or mel.shape[0] != m:
           raise UserError(f"prompt {b} audio {j}: mel shape {mel.shape}, expected [{m}, frames] "
                            f"(this Whisper has num_mel_bins={m})")
         if f > f_max:
           raise UserError(f"prompt {b} audio {j}: {f} mel frames exceed 30 s ({f_max}); "
                            "split long audio into 30 s windows, one audio each")
-        if cfg.mode == "llasm" and f != f_max:
+        if cfg.padded_mel and f != f_max:
           raise UserError(f"prompt {b} audio {j}: {f} mel frames; 'llasm' mode reads features "
                            f"padded to 30 s ({f_max} frames), as Whisper's feature extractor makes them")
       counts = [cfg.audio_tokens(mel_frames(x)) for x in row]
@@ -390,7 +390,7 @@ class Engine(MeshFunctions):
 
   def _frames_bucket(self, mels: list[np.ndarray | AudioFeatures]) -> int:
     f_max = self.audio_cfg.audio.max_mel_frames
-    if self.audio_cfg.mode == "llasm":
+    if self.audio_cfg.padded_mel:
       return f_max
     return min(f_max, -(-max(mel_frames(x) for x in mels) // 256) * 256)
 
@@ -429,9 +429,8 @@ class Engine(MeshFunctions):
     """Packed audios through Whisper + adaptor (log-mels) or the adaptor alone (cached features)."""
     rows = self._rows(len(new))
     if cached:
-      # S of the batch: the decoder queries ("llasm"), or the encoder frames of the frame bucket.
-      s = (self.audio_cfg.audio_token_len if self.audio_cfg.mode == "llasm"
-           else int(encoder_frames(self._frames_bucket(new))))
+      # S of the batch: the decoder queries or transcript tokens, or the encoder frames of the frame bucket.
+      s = self.audio_cfg.feature_frames(self._frames_bucket(new))
       feats = np.zeros((rows, s, new[0].features.shape[1]), new[0].features.dtype)
       lengths = np.zeros((rows,), np.int32)
       for i, x in enumerate(new):

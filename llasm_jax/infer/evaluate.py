@@ -304,9 +304,9 @@ class LlasmAnswers:
       if check_whisper:
         from flax import nnx
 
-        from llasm_jax.data.encode import whisper_fingerprint
+        from llasm_jax.data.encode import speech_fingerprint
 
-        fingerprint = whisper_fingerprint(nnx.to_pure_dict(nnx.state(generator.engine.model.audio)))
+        fingerprint = speech_fingerprint(nnx.to_pure_dict(nnx.state(generator.engine.model)))
       pipeline.check_cache(source.cache, cfg, mel_frames=mel_frames, whisper_fingerprint=fingerprint,
                            where=f"--data {','.join(source.paths)!r}")
     # No cuts: the whole conversation and every audio slot (long audio takes several windows).

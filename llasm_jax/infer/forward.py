@@ -26,8 +26,8 @@ def _log(*args):
 def forward_inputs(cfg: LlasmConfig, batch: int, seconds: float, text_tokens: int, seed: int = 0):
   """input_ids int32[B, T], mel float32[B, 1, M, F], mel_lengths int32[B, 1]: one audio per sample
   between random text, marked `<au_start>` + P x `<au_patch>` + `<au_end>`."""
-  if cfg.mode == "encoder" and seconds * 100 > cfg.audio.max_mel_frames:
-    raise UserError(f"--seconds {seconds}: the encoder-mode forward takes one window of at most "
+  if not cfg.padded_mel and seconds * 100 > cfg.audio.max_mel_frames:
+    raise UserError(f"--seconds {seconds}: the {cfg.mode}-mode forward takes one window of at most "
                      f"{cfg.audio.max_mel_frames / 100:g} s")
   mel = np.stack([features.log_mel(synth_speech(seconds, seed + b), cfg.audio.num_mel_bins, cfg.mode)
                   for b in range(batch)])

@@ -50,6 +50,36 @@ class StackedMLPAdaptor(nnx.Module):
     return self.linear_2(jax.nn.gelu(self.linear_1(x), approximate=False)), tokens
 
 
+class TranscriptAdaptor(nnx.Module):
+  """"decoder"-mode adaptor. Each feature is a Whisper decoder state h beside the LLM embedding t of
+  the token Whisper read there (`Llasm.encode_audio`); the output is t + MLP(h), the MLP's last layer
+  starting at zero, so an untrained adaptor hands the LLM Whisper's transcript as its own text
+  embeddings and training learns what the states add. The P outputs of an audio hold its n
+  transcript tokens last, in order, and a learned filler before them (`convert` starts it at the
+  LLM's embedding of a space, which the LLM reads past; zero vectors derail it)."""
+
+  def __init__(self, in_features: int, out_features: int, hidden: int | None = None, *, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    self.mlp = StackedMLPAdaptor(in_features, out_features, 1, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kernel = self.mlp.linear_2.kernel
+    kernel[...] = jnp.zeros(kernel.shape, kernel.dtype)
+    zeros = param_init(nnx.initializers.zeros_init(), ("embed",))
+    self.filler = nnx.Param(zeros(jax.random.key(0), (out_features,), param_dtype))
+    self.in_features = in_features
+
+  def __call__(self, x: jax.Array, frames: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """float[B, P, E + D], transcript tokens int[B] (0: an empty slot) -> float[B, P, D] and its valid
+    tokens int[B]: all P of a filled slot."""
+    p = x.shape[1]
+    states, text = x[..., :self.in_features], x[..., self.in_features:]
+    residual = self.mlp(states, frames)[0]
+    out = text.astype(residual.dtype) + residual
+    source = jnp.arange(p)[None, :] - (p - frames[:, None])  # place j shows token j - (P - n)
+    shown = jnp.take_along_axis(out, jnp.maximum(source, 0)[..., None], axis=1)
+    out = jnp.where((source >= 0)[..., None], shown, self.filler[...].astype(shown.dtype))
+    return out, jnp.where(frames > 0, p, 0)
+
+
 class UltravoxAdaptor(nnx.Module):
   """Ultravox's projector (fixie-ai/ultravox `UltravoxProjector`, v0.4 layout): stack k frames,
   then ln_pre RMSNorm(k*E) -> linear_1 (k*E -> H) -> SwiGLU (H -> H/2) -> linear_2 (H/2 -> D) ->

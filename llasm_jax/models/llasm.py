@@ -3,12 +3,17 @@
 Legend: B batch, A audio slots per sample, M mel bins, F mel frames, P audio tokens per slot,
 T text length, D LLM width, V vocab.
 
-Two modes (see shared/design/LLASM.md):
+Three modes (see shared/design/LLASM.md):
 - "llasm": the released checkpoints. The whole Whisper runs: the decoder reads
   `audio_token_len` copies of its start token against the encoder output of the 30 s padded
   mel; its last hidden state goes through the linear `mm_projector`. P = audio_token_len.
 - "encoder": Whisper encoder only, unpadded (per-audio frame counts), k frames stacked, an
   MLP adaptor. P = ceil(ceil(F / 2) / k), which follows the length of each audio.
+- "decoder": Whisper's encoder over the unpadded audio and a silent tail, then its decoder
+  transcribing greedily (as `infer.transcribe`); at each of its tokens the decoder state and the
+  LLM's embedding of that token (`bridge`, a frozen table over Whisper's vocab) go through the
+  `TranscriptAdaptor`. P = audio_token_len, the transcript's tokens last. The speech side is then
+  Whisper's own reading (SALSA, arXiv 2408.16542, and DiVA start from these states).
 The P audio embeddings of each audio replace the `<au_patch>` embeddings of the text.
 """
 
@@ -22,12 +27,13 @@ import numpy as np
 from flax import nnx
 
 from llasm_jax.layers import KVCache, param_init
-from llasm_jax.models.adaptor import LinearAdaptor, StackedMLPAdaptor, UltravoxAdaptor, text_scale
+from llasm_jax.models.adaptor import (LinearAdaptor, StackedMLPAdaptor, TranscriptAdaptor, UltravoxAdaptor,
+                                      text_scale)
 from llasm_jax.models.llama import LLAMA_PRESETS, LlamaConfig, LlamaForCausalLM
 from llasm_jax.models.whisper import WHISPER_PRESETS, WhisperConfig, WhisperModel, encoder_frames
 from llasm_jax.errors import UserError
 
-MODES = ("llasm", "encoder")
+MODES = ("llasm", "encoder", "decoder")
 ADAPTORS = ("mlp", "ultravox")  # "encoder"-mode projectors: `StackedMLPAdaptor`, `UltravoxAdaptor`
 
 
@@ -37,8 +43,12 @@ class LlasmConfig:
   llm: LlamaConfig = LLAMA_PRESETS["chinese_llama2_7b_llasm"]  # the LLM, audio tokens in its vocab: config.model.llm
   # "llasm": the released models, Whisper encoder + decoder queries and a linear adaptor; "encoder":
   # the Whisper encoder only, its frames stacked by stack_factor into an MLP adaptor.
+  # "decoder": Whisper's encoder and greedy decoder; its states along the transcript, with the LLM
+  # embeddings of the transcript's tokens, into a `TranscriptAdaptor`.
   mode: str = "llasm"
-  audio_token_len: int = 64  # "llasm" mode: decoder queries, hence tokens, per audio
+  # "llasm" mode: decoder queries, hence tokens, per audio; "decoder" mode: the most transcript
+  # tokens an audio gives (longer transcripts are cut), and its tokens per audio.
+  audio_token_len: int = 64
   stack_factor: int = 8  # "encoder" mode: frames per audio token
   adaptor_hidden: int | None = None  # "encoder" mode MLP width; None = LLM width
   # "encoder" mode projector: "mlp" (Linear -> GELU -> Linear) or "ultravox" (RMSNorm -> Linear ->
@@ -54,14 +64,30 @@ class LlasmConfig:
   # the adaptor's CTC posteriors (`Llasm.soft_tokens`), the blank's share on a learned embedding, instead
   # of the adaptor's raw outputs: text-like input from the first step. Needs `ctc`.
   soft_tokens: bool = False
+  # "decoder" mode: Whisper's greedy decoding (its generation config, written by `convert`): the
+  # prompt (<|startoftranscript|> ... <|notimestamps|>), <|endoftext|>, and the tokens it never emits
+  # (at the first step also `decoder_begin_suppress`).
+  decoder_prompt: tuple[int, ...] = ()
+  decoder_eos: int = 50256
+  decoder_suppress: tuple[int, ...] = ()
+  decoder_begin_suppress: tuple[int, ...] = ()
 
   def __post_init__(self):
+    for name in ("decoder_prompt", "decoder_suppress", "decoder_begin_suppress"):  # JSON gives lists
+      object.__setattr__(self, name, tuple(int(t) for t in getattr(self, name)))
     if self.mode not in MODES:
       raise UserError(f"mode {self.mode!r}: expected one of {MODES}")
     if self.adaptor not in ADAPTORS:
       raise UserError(f"adaptor {self.adaptor!r}: expected one of {ADAPTORS}")
     if self.soft_tokens and not self.ctc:
       raise UserError("soft_tokens weighs the LLM's embeddings by the adaptor's CTC posteriors: it needs ctc=True")
+    if self.mode == "decoder" and not self.decoder_prompt:
+      raise UserError("mode 'decoder' transcribes with Whisper's decoder and needs its prompt (decoder_prompt, "
+                       "e.g. <|startoftranscript|> <|notimestamps|>): make the model with "
+                       "`llasm-jax convert --mode decoder`, which reads it from the Whisper's generation config")
+    if self.mode == "decoder" and (self.ctc or self.soft_tokens):
+      raise UserError("mode 'decoder' reads Whisper's transcript: it has no CTC head (ctc, soft_tokens); "
+                       "train it with config.train.loss='ce' and ctc_weight=0")
     if self.adaptor != "mlp" and self.mode != "encoder":
       raise UserError(f"adaptor {self.adaptor!r} is an 'encoder'-mode projector; mode {self.mode!r} has the "
                        "released linear mm_projector: set mode='encoder' or adaptor='mlp'")
@@ -70,9 +96,30 @@ class LlasmConfig:
       raise UserError(f"audio token id {top} is outside the LLM vocab ({self.llm.vocab_size}); "
                        "append the audio tokens to the vocab first")
 
+  @property
+  def padded_mel(self) -> bool:
+    """Whether Whisper reads every audio padded to 30 s ("llasm" mode) or unpadded (the others)."""
+    return self.mode == "llasm"
+
+  @property
+  def with_decoder(self) -> bool:
+    """Whether the Whisper decoder runs (and its weights are stored)."""
+    return self.mode != "encoder"
+
+  @property
+  def feature_dim(self) -> int:
+    """E of `encode_audio`'s features: Whisper's width, and in "decoder" mode the LLM's beside it."""
+    return self.audio.d_model + (self.llm.hidden_size if self.mode == "decoder" else 0)
+
+  # The two rules below read only mode, audio_token_len and stack_factor: the pipeline's and the
+  # prompts' configs, which have those too, call them.
+  def feature_frames(self, mel_frames: int) -> int:
+    """S of `encode_audio`'s features for an audio of `mel_frames` mel frames (at most, in "decoder" mode)."""
+    return self.audio_token_len if self.mode != "encoder" else int(encoder_frames(mel_frames))
+
   def audio_tokens(self, mel_frames: int) -> int:
     """Audio tokens P that an audio of `mel_frames` mel frames becomes."""
-    if self.mode == "llasm":
+    if self.mode != "encoder":
       return self.audio_token_len
     return -(-encoder_frames(mel_frames) // self.stack_factor)
 
@@ -163,6 +210,9 @@ def build_adaptor(cfg: LlasmConfig, *, dtype, param_dtype, rngs: nnx.Rngs) -> nn
   """The adaptor that `cfg.mode` and `cfg.adaptor` name, randomly initialised (also `convert`'s fresh one)."""
   if cfg.mode == "llasm":
     return LinearAdaptor(cfg.audio.d_model, cfg.llm.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  if cfg.mode == "decoder":
+    return TranscriptAdaptor(cfg.audio.d_model, cfg.llm.hidden_size, cfg.adaptor_hidden, dtype=dtype,
+                             param_dtype=param_dtype, rngs=rngs)
   cls = UltravoxAdaptor if cfg.adaptor == "ultravox" else StackedMLPAdaptor
   return cls(cfg.audio.d_model, cfg.llm.hidden_size, cfg.stack_factor, cfg.adaptor_hidden, dtype=dtype,
              param_dtype=param_dtype, rngs=rngs)
@@ -194,9 +244,14 @@ class Llasm(nnx.Module):
   def __init__(self, cfg: LlasmConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     kw = dict(dtype=cfg.llm.dtype, param_dtype=cfg.llm.param_dtype, rngs=rngs)
-    self.audio = WhisperModel(cfg.audio, rngs=rngs, with_decoder=cfg.mode == "llasm")
+    self.audio = WhisperModel(cfg.audio, rngs=rngs, with_decoder=cfg.with_decoder)
     self.adaptor = build_adaptor(cfg, **kw)
     self.llm = LlamaForCausalLM(cfg.llm, rngs=rngs)
+    if cfg.mode == "decoder":
+      # Whisper token -> the LLM's embedding of its text (`convert` writes it from both tokenizers);
+      # frozen, part of the speech side: `encode_audio` reads it.
+      init = param_init(nnx.initializers.normal(0.02), (None, "embed"))
+      self.bridge = nnx.Param(init(rngs.params(), (cfg.audio.vocab_size, cfg.llm.hidden_size), cfg.llm.param_dtype))
     if cfg.ctc:
       self.ctc_blank = CtcBlank(cfg.llm.hidden_size, cfg.llm.vocab_size, param_dtype=cfg.llm.param_dtype,
                                 soft_tokens=cfg.soft_tokens)
@@ -216,8 +271,9 @@ class Llasm(nnx.Module):
     what the adaptor reads, features float[B, A, S, E], and their valid lengths int[B, A].
 
     "llasm" mode: the decoder states over the `audio_token_len` queries (S = audio_token_len);
-    "encoder" mode: the encoder frames of the unpadded audio (S = ceil(F / 2)). These are what
-    `data encode` caches: Whisper is frozen in every training stage, so it can run once.
+    "encoder" mode: the encoder frames of the unpadded audio (S = ceil(F / 2)); "decoder" mode:
+    `transcript_features` (S = audio_token_len, the valid length the transcript's tokens). These
+    are what `data encode` caches: Whisper is frozen in every training stage, so it can run once.
     """
     cfg = self.cfg
     b, a, m, f = mel.shape
@@ -229,12 +285,54 @@ class Llasm(nnx.Module):
       queries = jnp.full((b * a, cfg.audio_token_len), cfg.audio.decoder_start_token_id, jnp.int32)
       states, _ = self.audio.decoder(queries, states, frames)
       frames = jnp.full((b * a,), cfg.audio_token_len, jnp.int32)
+    elif cfg.mode == "decoder":
+      states, frames = self.transcript_features(*self.audio.encoder(mel, lengths))
     else:
       states, frames = self.audio.encoder(mel, lengths)
     frames = jnp.where(lengths > 0, frames, 0)
     # Whisper is frozen in every training stage.
     states = jax.lax.stop_gradient(states)
     return states.reshape(b, a, *states.shape[1:]), frames.reshape(b, a)
+
+  def transcript_features(self, encoder_states: jax.Array, encoder_frames: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """"decoder" mode: Whisper's greedy transcript of each audio (the steps of `infer.transcribe`:
+    the prompt, suppressed tokens, a row stops at <|endoftext|>), at most `audio_token_len` tokens.
+    Returns float[N, audio_token_len, E + D], per token the decoder state that chose it beside the
+    LLM embedding of it (`bridge`), and their number int[N]: the transcript's tokens and its
+    <|endoftext|> (whose state closes the speech), so that only an empty slot (no frames) has 0."""
+    cfg = self.cfg
+    n, s = encoder_states.shape[0], cfg.audio_token_len
+    decoder, vocab = self.audio.decoder, cfg.audio.vocab_size
+
+    def mask(ids):  # bool[V], True at `ids`
+      return jnp.zeros((vocab,), bool).at[jnp.asarray(ids, jnp.int32)].set(True)
+
+    suppress, begin = mask(cfg.decoder_suppress), mask(cfg.decoder_suppress + cfg.decoder_begin_suppress)
+    prompt = jnp.broadcast_to(jnp.asarray(cfg.decoder_prompt, jnp.int32), (n, len(cfg.decoder_prompt)))
+    cache = decoder.init_cache(encoder_states, encoder_frames, prompt.shape[1] + s)
+    hidden, cache = decoder(prompt, cache=cache)
+
+    def pick(state, banned):  # state float[N, E] -> token int32[N]
+      return jnp.argmax(jnp.where(banned, -jnp.inf, self.audio.logits(state[:, None])[:, 0]), -1).astype(jnp.int32)
+
+    def step(st):
+      i, cache, state, done, states, tokens = st
+      token = pick(state, jnp.where(i == 0, begin, suppress))
+      states = jax.lax.dynamic_update_slice(states, state[:, None].astype(states.dtype), (0, i, 0))
+      tokens = jax.lax.dynamic_update_slice(tokens, jnp.where(done, -1, token)[:, None], (0, i))
+      done = done | (token == cfg.decoder_eos)
+      hidden, cache = decoder(token[:, None], cache=cache)
+      return i + 1, cache, hidden[:, 0], done, states, tokens
+
+    # Until every row has ended (a batch of short clips stops early), at most S tokens.
+    st = (jnp.int32(0), cache, hidden[:, -1], encoder_frames == 0, jnp.zeros((n, s, hidden.shape[-1]), hidden.dtype),
+          jnp.full((n, s), -1, jnp.int32))
+    *_, states, tokens = jax.lax.while_loop(lambda st: (st[0] < s) & ~jnp.all(st[3]), step, st)
+    valid = tokens >= 0
+    lengths = jnp.sum(valid, axis=1).astype(jnp.int32)
+    text = jnp.take(self.bridge[...], jnp.maximum(tokens, 0), axis=0)
+    features = jnp.concatenate([states.astype(text.dtype), text], axis=-1)
+    return jnp.where(valid[..., None], features, 0), lengths
 
   def adapt(self, features: jax.Array, feature_lengths: jax.Array, *, raw: bool = False) -> tuple[jax.Array, jax.Array]:
     """The adaptor part: features float[B, A, S, E], feature_lengths int[B, A] (0 = empty slot) ->

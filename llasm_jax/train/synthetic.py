@@ -21,7 +21,7 @@ from llasm_jax.tokens import IGNORE
 def make_example(cfg: LlasmConfig, data: ml_collections.ConfigDict, seed: int, index: int,
                  teacher: bool = False) -> dict[str, np.ndarray]:
   rng = np.random.default_rng([seed, index])
-  frames = 3000 if cfg.mode == "llasm" else data.mel_frames
+  frames = 3000 if cfg.padded_mel else data.mel_frames
   p = cfg.audio_tokens(frames)
   t = data.seq_len
   low = min(cfg.audio_patch_id, cfg.audio_start_id, cfg.audio_end_id)

@@ -140,9 +140,9 @@ def make_data(config, cfg: LlasmConfig):
 def check_cached_features(config, setup: "Setup", state: TrainState) -> None:
   """Cached features must be what this model's own Whisper would compute: same mode, sizes,
   windows (checked when the data opened) and the same Whisper weights (checked here)."""
-  audio = nnx.to_pure_dict(nnx.merge_state(state.params, state.rest))["audio"]
+  params = nnx.to_pure_dict(nnx.merge_state(state.params, state.rest))
   pipeline.check_cache(setup.cache, setup.cfg, mel_frames=config.data.get("mel_frames", 3000),
-                       whisper_fingerprint=encode.whisper_fingerprint(audio),
+                       whisper_fingerprint=encode.speech_fingerprint(params),
                        where=f"config.data.dir {config.data.dir!r}")
 
 
@@ -320,11 +320,11 @@ def model_flops_per_step(cfg: LlasmConfig, config, trainable_llm: bool, whisper:
     llm_flops += tokens * (2 * llm_weights + 2 * attn)
   if loss_options(config.train)[0] == "ctc":  # no LLM pass (the CTC head is not counted either)
     llm_flops = 0
-  frames = w.max_source_positions if cfg.mode == "llasm" else config.data.get("mel_frames", 3000) // 2
+  frames = w.max_source_positions if cfg.padded_mel else config.data.get("mel_frames", 3000) // 2
   enc = w.encoder_layers * (4 * w.d_model ** 2 + 2 * w.d_model * w.encoder_ffn_dim)
   audios = config.train.batch_size * config.data.max_audios
   whisper_flops = 2 * audios * frames * enc
-  if cfg.mode == "llasm":
+  if cfg.with_decoder:  # "decoder" mode: at most audio_token_len steps, one token each
     dec = w.decoder_layers * (8 * w.d_model ** 2 + 2 * w.d_model * w.decoder_ffn_dim)
     whisper_flops += 2 * audios * cfg.audio_token_len * dec
   return float(llm_flops + (whisper_flops if whisper else 0))
@@ -466,12 +466,12 @@ def abstract_batch(config, setup: Setup) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes of one global batch (the largest buckets), with their shardings."""
   cfg, data = setup.cfg, config.data
   b, t, a = config.train.batch_size, data.seq_len, data.max_audios
-  frames = 3000 if cfg.mode == "llasm" else data.mel_frames
+  frames = 3000 if cfg.padded_mel else data.mel_frames
   shapes = {"input_ids": ((b, t), jnp.int32), "labels": ((b, t), jnp.int32), "attention_mask": ((b, t), jnp.int32),
             "positions": ((b, t), jnp.int32), "target_positions": ((b, t), jnp.int32)}
   if setup.features == "cached":
     s = pipeline.pipeline_config(config, cfg, "cached").feature_frames
-    shapes["audio_features"] = ((b, a, s, cfg.audio.d_model), jnp.dtype(setup.cache["dtype"]))
+    shapes["audio_features"] = ((b, a, s, cfg.feature_dim), jnp.dtype(setup.cache["dtype"]))
     shapes["audio_feature_lengths"] = ((b, a), jnp.int32)
   else:
     shapes["mel"] = ((b, a, cfg.audio.num_mel_bins, frames), jnp.float32)
