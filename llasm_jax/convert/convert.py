@@ -217,8 +217,11 @@ def _decoding(whisper, wcfg) -> dict[str, Any]:
                             "suppressed tokens from it")
     gen = read_json(path)
   tokens = WhisperTokens.from_generation_config(gen, wcfg)
-  return dict(decoder_prompt=tuple(tokens.prompt(tokens.languages.get("<|en|>"))), decoder_eos=tokens.eos,
-              decoder_suppress=tokens.suppress, decoder_begin_suppress=tokens.begin_suppress)
+  prompt = tuple(tokens.prompt(tokens.languages.get("<|en|>")))
+  # 64 transcript tokens (about 20 s of speech), within the decoder's positions.
+  return dict(decoder_prompt=prompt, decoder_eos=tokens.eos, decoder_suppress=tokens.suppress,
+              decoder_begin_suppress=tokens.begin_suppress,
+              audio_token_len=min(LlasmConfig.audio_token_len, wcfg.max_target_positions - len(prompt)))
 
 
 def bridge_ids(whisper_tokenizer, llm_tokenizer, whisper_vocab: int, first_special: int) -> np.ndarray:

@@ -93,6 +93,9 @@ def export(ckpt: str, out: str, *, shard_bytes: int = DEFAULT_SHARD_BYTES, overw
   meta = checkpoint.read_meta(ckpt)
   kind = meta["kind"]
   cfg = checkpoint.config_from_dict(kind, meta["config"])
+  if kind == "llasm" and cfg.mode == "decoder":
+    raise UserError(f"{ckpt}: a 'decoder'-mode model's adaptor and token bridge have no Hugging Face layout (the "
+                     "released LLaSM layout holds one mm_projector); share the model folder itself")
   params, factors = peft.split_lora(checkpoint.load_params_numpy(ckpt))
   merged = peft.Merged(params, factors, checkpoint.lora_of(kind, cfg))
   adapter = bool(factors) and lora == "peft"

@@ -85,6 +85,9 @@ class LlasmConfig:
       raise UserError("mode 'decoder' transcribes with Whisper's decoder and needs its prompt (decoder_prompt, "
                        "e.g. <|startoftranscript|> <|notimestamps|>): make the model with "
                        "`llasm-jax convert --mode decoder`, which reads it from the Whisper's generation config")
+    if self.mode == "decoder" and len(self.decoder_prompt) + self.audio_token_len > self.audio.max_target_positions:
+      raise UserError(f"audio_token_len {self.audio_token_len}: with the {len(self.decoder_prompt)}-token prompt, more "
+                       f"than Whisper's decoder reads ({self.audio.max_target_positions} positions); lower it")
     if self.mode == "decoder" and (self.ctc or self.soft_tokens):
       raise UserError("mode 'decoder' reads Whisper's transcript: it has no CTC head (ctc, soft_tokens); "
                        "train it with config.train.loss='ce' and ctc_weight=0")
