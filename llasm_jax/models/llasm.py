@@ -64,13 +64,11 @@ class LlasmConfig:
   # the adaptor's CTC posteriors (`Llasm.soft_tokens`), the blank's share on a learned embedding, instead
   # of the adaptor's raw outputs: text-like input from the first step. Needs `ctc`.
   soft_tokens: bool = False
-  # "decoder" mode: Whisper's greedy decoding (its generation config, written by `convert`): the
-  # prompt (<|startoftranscript|> ... <|notimestamps|>), <|endoftext|>, and the tokens it never emits
-  # (at the first step also `decoder_begin_suppress`).
-  decoder_prompt: tuple[int, ...] = ()
-  decoder_eos: int = 50256
-  decoder_suppress: tuple[int, ...] = ()
-  decoder_begin_suppress: tuple[int, ...] = ()
+  # "decoder" mode: Whisper's greedy decoding, from its generation config (`convert --mode decoder`).
+  decoder_prompt: tuple[int, ...] = ()  # the decoder's prompt: <|startoftranscript|> ... <|notimestamps|>
+  decoder_eos: int = 50256  # <|endoftext|>: a transcript ends with it
+  decoder_suppress: tuple[int, ...] = ()  # tokens never picked
+  decoder_begin_suppress: tuple[int, ...] = ()  # tokens not picked first
 
   def __post_init__(self):
     for name in ("decoder_prompt", "decoder_suppress", "decoder_begin_suppress"):  # JSON gives lists
