@@ -2,6 +2,7 @@
 both training phases of a short budget must lower their losses on a machine-sized schedule, every held-out
 set must be reported beside Whisper's own score, and a rerun resumes every finished phase."""
 
+import dataclasses
 import json
 import os
 
@@ -77,14 +78,24 @@ def test_lora_trains_in_the_ce_phase_only(tmp_path):
   """The warm phase is CTC on the adaptor (no LLM pass, so no LoRA); the CE phase adds `--lora-rank`
   factors to the frozen LLM, or none with 0."""
   caches = {"asr_train_espeak": "a", "everyday_espeak": "b"}
-  opts = demo.Options(workdir=str(tmp_path))
+  opts = demo.Options(workdir=str(tmp_path), mode="encoder")
   warm = demo.phase_config(opts, "model", caches, str(tmp_path), "warm")
   train = demo.phase_config(opts, "model", caches, str(tmp_path), "train")
   assert (warm.train.loss, warm.train.lora.rank) == ("ctc", 0)
   assert (train.train.loss, train.train.lora.rank, train.optim.lr) == ("ce", 8, opts.lr)
   assert train.train.trainable == ("adaptor/.*",)  # the LLM's own weights stay frozen
-  frozen = demo.phase_config(demo.Options(workdir=str(tmp_path), lora_rank=0), "model", caches, str(tmp_path), "train")
+  frozen = demo.phase_config(demo.Options(workdir=str(tmp_path), mode="encoder", lora_rank=0), "model", caches, str(tmp_path), "train")
   assert frozen.train.lora.rank == 0
+
+
+def test_decoder_mode_trains_one_ce_phase_without_ctc(tmp_path):
+  """"decoder" mode's adaptor reads Whisper's transcript: no CTC warm phase, no CTC auxiliary."""
+  caches = {"asr_train_espeak": "a", "everyday_espeak": "b"}
+  opts = demo.Options(workdir=str(tmp_path), mode="decoder", ctc_share=0.35, ctc_weight=0.3, soft_tokens=True)
+  assert demo.phase_shares(opts) == {"train": 1.0}
+  train = demo.phase_config(opts, "model", caches, str(tmp_path), "train")
+  assert (train.train.loss, train.train.ctc_weight, train.model.soft_tokens) == ("ce", 0.0, False)
+  assert demo.phase_shares(dataclasses.replace(opts, mode="encoder")) == {"warm": 0.35, "train": 0.65}
 
 
 def test_summary_sets_the_adaptor_alone_beside_the_model():
