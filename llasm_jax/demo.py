@@ -68,7 +68,8 @@ class Options:
   minutes: float = _opt(10.0, "training time budget in minutes, both phases (the other phases take about 13 "
                               "more on 2 cores)")
   ctc_share: float = _opt(0.35, "share of the budget for the CTC warm phase (0: none)")
-  sentences: int = _opt(4000, "spoken training sentences (ASR), drawn from the text mix")
+  sentences: int = _opt(1500, "spoken training sentences (ASR), drawn from the text mix (the encoder mode's "
+                              "adaptor, which learns the speech side, wants 4000)")
   mix: str = _opt("", "text mix, 'source=share,...' over quotes, fortunes, dialogue, words, grammar "
                       "(default: textsource.DEFAULT_MIX)")
   piper_share: float = _opt(0.25, "share of the training utterances spoken by Piper (the rest: espeak-ng)")
@@ -76,7 +77,7 @@ class Options:
   held_out: int = _opt(40, "held-out grammar sentences")
   questions: int = _opt(160, "spoken training questions")
   held_out_questions: int = _opt(16, "held-out spoken questions")
-  mode: str = _opt("encoder", "encoder: Whisper encoder + projector; decoder: Whisper's decoder states along its "
+  mode: str = _opt("decoder", "encoder: Whisper encoder + projector; decoder: Whisper's decoder states along its "
                               "own transcript + projector (no CTC phase); llasm: LLaSM's decoder queries",
                    choices=("encoder", "decoder", "llasm"))
   adaptor: str = _opt("ultravox", "encoder-mode projector", choices=("ultravox", "mlp"))
