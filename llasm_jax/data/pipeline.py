@@ -190,6 +190,10 @@ class PipelineConfig:
       raise UserError(f"mode {self.mode!r}: expected one of {features.MODES}")
     if self.mode != "llasm" and not 0 < self.mel_frames <= features.MAX_FRAMES:
       raise UserError(f"mel_frames {self.mel_frames}: {self.mode} mode takes 1..{features.MAX_FRAMES} frames (30 s)")
+    if self.mode == "decoder" and self.mel_frames * features.HOP < features.DECODER_MIN_SAMPLES:
+      raise UserError(f"mel_frames {self.mel_frames}: decoder mode pads every audio to "
+                       f"{features.DECODER_MIN_SAMPLES // features.HOP} frames at least (Whisper's decoder loops on "
+                       "less); use windows of that many frames or more")
     if self.buckets is not None:
       b = tuple(self.buckets)
       if not b or list(b) != sorted(set(b)) or b[-1] != self.seq_len:

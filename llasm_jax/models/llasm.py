@@ -9,7 +9,7 @@ Three modes (see shared/design/LLASM.md):
   mel; its last hidden state goes through the linear `mm_projector`. P = audio_token_len.
 - "encoder": Whisper encoder only, unpadded (per-audio frame counts), k frames stacked, an
   MLP adaptor. P = ceil(ceil(F / 2) / k), which follows the length of each audio.
-- "decoder": Whisper's encoder over the unpadded audio and a silent tail, then its decoder
+- "decoder": Whisper's encoder over the audio and a silent tail (to 15 s at least), then its decoder
   transcribing greedily (as `infer.transcribe`); at each of its tokens the decoder state and the
   LLM's embedding of that token (`bridge`, a frozen table over Whisper's vocab) go through the
   `TranscriptAdaptor`. P = audio_token_len, the transcript's tokens last. The speech side is then

@@ -124,14 +124,21 @@ def test_untrained_adaptor_hands_the_llm_the_transcript(model):
 def test_decoder_mode_mel_has_a_silent_tail():
   audio = clips((1.0,))[0]
   mel = features.log_mel(audio, 80, "decoder")
-  tail = features.DECODER_TAIL_SAMPLES // features.HOP
-  assert mel.shape == (80, (len(audio) + features.DECODER_TAIL_SAMPLES) // features.HOP)
+  tail = (features.DECODER_MIN_SAMPLES - len(audio)) // features.HOP
+  assert mel.shape == (80, features.DECODER_MIN_SAMPLES // features.HOP)  # a short clip: half a window
+  long = np.tile(audio, 14)  # 14 s: its own length and the tail
+  assert features.num_frames(len(long), "decoder") == (len(long) + features.DECODER_TAIL_SAMPLES) // features.HOP
   assert np.allclose(mel[:, -tail + 2:], mel.min())  # past the speech: the floor, as Whisper pads
+  padded = np.pad(audio, (0, features.DECODER_MIN_SAMPLES - len(audio)))
   np.testing.assert_allclose(mel[:, :len(audio) // features.HOP - 2],
-                             features.log_mel(np.pad(audio, (0, features.DECODER_TAIL_SAMPLES)), 80, "encoder")[:, :len(audio) // features.HOP - 2])
+                             features.log_mel(padded, 80, "encoder")[:, :len(audio) // features.HOP - 2])
   # A window keeps room for the tail: window and tail fill the frames of config.data.mel_frames.
   assert features.window_samples("decoder", 3000) + features.DECODER_TAIL_SAMPLES == 3000 * features.HOP
-  assert features.num_frames(features.window_samples("decoder", 1000), "decoder") == 1000
+  assert features.num_frames(features.window_samples("decoder", 2000), "decoder") == 2000
+  from llasm_jax.data import pipeline
+
+  with pytest.raises(UserError, match="pads every audio to 1500 frames"):
+    pipeline.PipelineConfig(mode="decoder", mel_frames=1000)
 
 
 def test_config_errors_name_the_fix():
