@@ -136,9 +136,10 @@ class WhisperRunner:
                        f"(mesh {dict(self.mesh.shape)} over this process's {len(jax.local_devices())} devices)")
     # The composite's other parts stay abstract: encode_audio reads only the speech side.
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llasm(self.cfg, rngs=nnx.Rngs(0))))
-    self.whisper = jax.tree.map(lambda x: x, nnx.State({k: abstract[k] for k in SPEECH_PARTS if k in abstract}))
-    nnx.replace_by_pure_dict(self.whisper, checkpoint.restore_parts(ckpt, self.whisper, self.mesh, self.rules))
-    self.fingerprint = speech_fingerprint(nnx.to_pure_dict(self.whisper))
+    # A copy of the abstract speech parts (tree.map makes new variables), filled from the folder.
+    self.speech = jax.tree.map(lambda x: x, nnx.State({k: abstract[k] for k in SPEECH_PARTS if k in abstract}))
+    nnx.replace_by_pure_dict(self.speech, checkpoint.restore_parts(ckpt, self.speech, self.mesh, self.rules))
+    self.fingerprint = speech_fingerprint(nnx.to_pure_dict(self.speech))
     store = jnp.dtype(dtype)
 
     def run(speech, mel, mel_lengths):
@@ -147,9 +148,9 @@ class WhisperRunner:
       return feats.astype(store), lengths
 
     spec = lambda name: jax.sharding.NamedSharding(self.mesh, sharding.logical_spec(pipeline.BATCH_AXES[name], self.rules))
-    whisper_sh = jax.tree.map(lambda x: x.sharding, self.whisper)
+    speech_sh = jax.tree.map(lambda x: x.sharding, self.speech)
     self.mel_sharding, self.lengths_sharding = spec("mel"), spec("mel_lengths")
-    self._run = jax.jit(run, in_shardings=(whisper_sh, self.mel_sharding, self.lengths_sharding),
+    self._run = jax.jit(run, in_shardings=(speech_sh, self.mel_sharding, self.lengths_sharding),
                         out_shardings=(spec("audio_features"), spec("audio_feature_lengths")))
 
   def marker(self, **info) -> dict[str, Any]:
@@ -175,19 +176,13 @@ class WhisperRunner:
       args = (jax.device_put(mel, self.mel_sharding), jax.device_put(lengths, self.lengths_sharding))
       # The rules and mesh are active while a new bucket traces: the layers' `constrain` reads them.
       with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
-        pending.append((idx, self._run(self.whisper, *args)))  # dispatched; the device runs ahead
+        pending.append((idx, self._run(self.speech, *args)))  # dispatched; the device runs ahead
     out: list[np.ndarray] = [None] * len(mels)  # type: ignore[list-item]
     for idx, (feats, lengths) in pending:
       feats, lengths = np.asarray(feats), np.asarray(lengths)
       for b, k in enumerate(idx):
         out[k] = feats[b, 0, :lengths[b, 0]]
     return out
-
-  def length_ok(self, length: int, mel_frames: int) -> bool:
-    """Whether a slot of `mel_frames` frames may have `length` feature frames: exactly S, or in
-    "decoder" mode 1..S (the transcript and its end)."""
-    s = self.cfg.feature_frames(mel_frames)
-    return 0 < length <= s if self.cfg.mode == "decoder" else length == s
 
 
 @dataclasses.dataclass
@@ -300,7 +295,7 @@ def encode(ckpt: str, data: str, out: str, *, dtype: str = "bfloat16", batch_siz
         k += len(r.mels)
         frames = [int(m.shape[1]) for m in r.mels]
         lengths = [len(f) for f in mine]
-        if not all(runner.length_ok(n, f) for n, f in zip(lengths, frames)):
+        if not all(cfg.feature_length_ok(n, f) for n, f in zip(lengths, frames)):
           raise RuntimeError(f"row {r.record.get('id')!r}: feature lengths {lengths} for mel frames {frames}")
         example = {key: v for key, v in r.record.items() if key not in AUDIO_FIELDS}
         example.update(features=np.concatenate(mine), feature_lengths=np.int32(lengths),

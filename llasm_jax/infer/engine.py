@@ -371,8 +371,7 @@ class Engine(MeshFunctions):
         f = mel_frames(mel)
         if isinstance(mel, AudioFeatures):
           s = cfg.feature_frames(f)
-          n = mel.features.shape[0] if mel.features.ndim == 2 else -1
-          if mel.features.ndim != 2 or mel.features.shape[1] != e or not (0 < n <= s if cfg.mode == "decoder" else n == s):
+          if mel.features.ndim != 2 or mel.features.shape[1] != e or not cfg.feature_length_ok(len(mel.features), f):
             raise UserError(f"prompt {b} audio {j}: cached features of shape {mel.features.shape}, expected "
                              f"[{'1..' if cfg.mode == 'decoder' else ''}{s}, {e}] ({cfg.mode!r} mode, {f} mel frames, "
                              f"feature width {e}); were they encoded by this model's Whisper?")

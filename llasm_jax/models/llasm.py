@@ -118,6 +118,12 @@ class LlasmConfig:
     """S of `encode_audio`'s features for an audio of `mel_frames` mel frames (at most, in "decoder" mode)."""
     return self.audio_token_len if self.mode != "encoder" else int(encoder_frames(mel_frames))
 
+  def feature_length_ok(self, length: int, mel_frames: int) -> bool:
+    """Whether `encode_audio` may give `length` feature frames for an audio of `mel_frames` mel
+    frames: exactly `feature_frames`, or in "decoder" mode 1 to that (the transcript and its end)."""
+    s = self.feature_frames(mel_frames)
+    return 0 < length <= s if self.mode == "decoder" else length == s
+
   def audio_tokens(self, mel_frames: int) -> int:
     """Audio tokens P that an audio of `mel_frames` mel frames becomes."""
     if self.mode != "encoder":
