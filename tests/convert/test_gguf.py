@@ -173,6 +173,18 @@ def test_tiny_gguf_keeps_the_tokenizer_and_chat_template(tiny):
   assert tf.AutoTokenizer.from_pretrained(root / "hf" / "llm").chat_template == CHAT
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_written_out_parameter_names_cover_the_transformers_model(model_type):
+  # GGUF reading lists the HF names without building a PyTorch model: they must be the model's own.
+  from llasm_jax.convert.gguf import hf_parameter_names
+
+  config = tf.AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+  with torch.device("meta"):
+    names = set(tf.AutoModelForCausalLM.from_config(config).state_dict())
+  assert names <= set(hf_parameter_names(3))
+
+
 def test_llama3_rope_freqs_become_llama3_scaling(tmp_path):
   tok = tiny_tokenizer()
   rope = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
