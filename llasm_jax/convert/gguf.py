@@ -44,7 +44,7 @@ def is_gguf_file(path: str) -> bool:
 def hf_parameter_names(layers: int) -> list[str]:
   """Every parameter name of a Hugging Face `LlamaForCausalLM` / `Qwen2ForCausalLM` with `layers`
   layers (Qwen2's q/k/v biases included; a name the file lacks is simply not looked up). Written
-  out, so that reading a GGUF file needs no PyTorch model to list them."""
+  out instead of listed from a model on PyTorch's meta device (seconds per conversion)."""
   per_layer = [f"self_attn.{p}_proj.{w}" for p in "qkv" for w in ("weight", "bias")]
   per_layer += ["self_attn.o_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight"]
   per_layer += [f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
@@ -64,10 +64,12 @@ class GGUFCheckpoint(MadeTokenizerFiles):
     if not is_gguf_file(self.file):
       raise CheckpointError(f"{path}: does not start with the GGUF magic bytes, so not a GGUF file")
     try:
+      import torch  # noqa: F401  (transformers reads GGUF metadata and tokenizers only with PyTorch installed)
       from gguf import GGUFReader
       from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
     except ImportError as e:
-      raise CheckpointError(f"{path}: reading GGUF needs the gguf package ({e}); pip install gguf") from None
+      raise CheckpointError(f"{path}: reading GGUF needs the gguf package and PyTorch ({e}); "
+                            "pip install gguf 'llasm_jax[torch]'") from None
     reader = GGUFReader(self.file)
     # The few metadata values used later; the reader itself is dropped at the end of __init__:
     # its parsed fields (a Python object per vocabulary token and merge) weigh ~150 MiB for a
