@@ -4,6 +4,7 @@ import ctypes
 import glob
 import logging
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -22,6 +23,18 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 # gcsfs probes a bucket's namespace type through the storage-control gRPC API, which the emulator lacks.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 GCS_BUCKET = "llasm-test"
+# The shared test audio sits beside the checkout: <checkout>/../shared/assets. Tests take it as the
+# `assets` fixture; ASSETS itself only where a path is needed before fixtures exist (parametrize lists).
+ASSETS = str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "assets")
+
+
+@pytest.fixture(scope="session")
+def assets() -> str:
+  """The shared test audio folder: speech_en/, speech_zh/ and manifest.jsonl (its `audio` paths are
+  relative to the folder)."""
+  if not os.path.isfile(os.path.join(ASSETS, "manifest.jsonl")):
+    pytest.fail(f"no shared test assets in {ASSETS}: the tests expect the shared/ folder beside the checkout")
+  return ASSETS
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ import soundfile as sf
 from llasm_jax import cli
 from llasm_jax.data import builders
 from llasm_jax.data.audio import load_audio, to_int16
-from tests.data.conftest import ASSETS
 
 SR = 16000
 
@@ -23,10 +22,10 @@ def read_dataset(path):
   return [src[i] for i in range(len(src))]
 
 
-def plant(folder):
+def plant(folder, assets):
   """Valid clips from the shared assets plus one of each kind of bad input."""
   folder.mkdir(exist_ok=True)
-  shutil.copy(os.path.join(ASSETS, "speech_zh", "llasm_example_0.mp3"), folder / "ok.mp3")
+  shutil.copy(os.path.join(assets, "speech_zh", "llasm_example_0.mp3"), folder / "ok.mp3")
   (folder / "corrupt.mp3").write_bytes(b"ID3\x03\x00" + np.random.default_rng(0).bytes(4000))
   (folder / "zero.wav").write_bytes(b"")
   sf.write(folder / "no_samples.wav", np.zeros(0, np.float32), SR)
@@ -34,12 +33,12 @@ def plant(folder):
   sf.write(folder / "long.flac", (0.1 * np.random.default_rng(1).standard_normal(31 * SR)).astype(np.float32), SR)
 
 
-def test_asr_build_with_planted_bad_rows(tmp_path):
+def test_asr_build_with_planted_bad_rows(tmp_path, assets):
   src = tmp_path / "src"
-  plant(src)
+  plant(src, assets)
   good = [{"audio": "ok.mp3", "text": "请介绍一下勾股定理", "language": "zh"},
-          {"audio": os.path.join(ASSETS, "speech_en", "weather.flac"), "text": "what will the weather be like"},
-          {"audio": os.path.join(ASSETS, "speech_en", "counting.ogg"), "text": "one two three", "language": "en"}]
+          {"audio": os.path.join(assets, "speech_en", "weather.flac"), "text": "what will the weather be like"},
+          {"audio": os.path.join(assets, "speech_en", "counting.ogg"), "text": "one two three", "language": "en"}]
   bad = {"corrupt.mp3": "unreadable", "zero.wav": "empty", "no_samples.wav": "empty", "silent.wav": "silent",
          "long.flac": "too_long", "missing.wav": "missing"}
   lines = [json.dumps(good[0])]
@@ -75,10 +74,10 @@ def test_asr_build_with_planted_bad_rows(tmp_path):
     assert r["language"].decode() == g.get("language", "en") and r["source"].decode() == path
 
 
-def test_instructions_build(tmp_path):
+def test_instructions_build(tmp_path, assets):
   src = tmp_path / "src"
-  plant(src)
-  weather, counting = (os.path.join(ASSETS, "speech_en", f) for f in ("weather.wav", "counting.ogg"))
+  plant(src, assets)
+  weather, counting = (os.path.join(assets, "speech_en", f) for f in ("weather.wav", "counting.ogg"))
   items = [
       {"id": "turn", "conversations": [{"from": "human", "value": "what is the weather", "audio": weather},
                                        {"from": "gpt", "value": "Sunny."}]},
@@ -167,21 +166,21 @@ def test_build_fails_clearly(tmp_path):
   assert not os.path.exists(out / "llasm_asr" / "1.0.0")
 
 
-def test_cli_build_prints_summary(tmp_path, capsys):
+def test_cli_build_prints_summary(tmp_path, capsys, assets):
   out = tmp_path / "out"
-  assert cli.main(["data", "build", "asr", "--manifest", os.path.join(ASSETS, "manifest.jsonl"), "--out", str(out),
+  assert cli.main(["data", "build", "asr", "--manifest", os.path.join(assets, "manifest.jsonl"), "--out", str(out),
                    "--workers", "0"]) == 0
   printed = capsys.readouterr()
   assert "rows read 7, kept 7, skipped 0" in printed.out and "llasm_asr/1.0.0" in printed.out
-  assert cli.main(["data", "build", "asr", "--manifest", os.path.join(ASSETS, "manifest.jsonl"), "--out", str(out),
+  assert cli.main(["data", "build", "asr", "--manifest", os.path.join(assets, "manifest.jsonl"), "--out", str(out),
                    "--workers", "0"]) == 2
   assert "exists; pass --overwrite" in capsys.readouterr().err
   assert cli.main(["data", "build", "instructions", "--json", str(tmp_path / "none.json"), "--out", str(out)]) == 2
   assert "not found" in capsys.readouterr().err
 
 
-def test_token_budget(tmp_path, tokenizer_dir):
-  weather = os.path.join(ASSETS, "speech_en", "weather.flac")
+def test_token_budget(tmp_path, tokenizer_dir, assets):
+  weather = os.path.join(assets, "speech_en", "weather.flac")
   lines = [json.dumps({"audio": weather, "text": "hello world"}),
            json.dumps({"audio": weather, "text": " ".join(["hello world"] * 20)})]
   (tmp_path / "m.jsonl").write_text("\n".join(lines))

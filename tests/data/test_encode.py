@@ -11,8 +11,8 @@ import transformers as tf
 from llasm_jax import cli
 from llasm_jax.data import builders, encode, pipeline
 from llasm_jax.data.audio import from_int16
+from llasm_jax.errors import UserError
 from tests.conftest import assert_close
-from tests.data.conftest import ASSETS
 from tests.train.test_cached import llasm_folders
 
 WINDOW = 300  # encoder mode: 3 s windows, so 2.9-4.5 s clips take one or two slots
@@ -31,13 +31,13 @@ CONVERSATIONS = [  # spoken human turns (the audio replaces the turn's text), 1 
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory, assets):
   root = tmp_path_factory.mktemp("encode")
   convs = root / "convs.jsonl"
   convs.write_text("\n".join(json.dumps(c) for c in CONVERSATIONS))
-  raw = {"asr": builders.build("asr", builders.manifest_rows(os.path.join(ASSETS, "manifest.jsonl")),
+  raw = {"asr": builders.build("asr", builders.manifest_rows(os.path.join(assets, "manifest.jsonl")),
                                str(root / "asr"), quiet=True).path,
-         "instructions": builders.build("instructions", builders.instruction_rows(str(convs), ASSETS),
+         "instructions": builders.build("instructions", builders.instruction_rows(str(convs), assets),
                                         str(root / "instructions"), quiet=True).path}
   return dict(root=root, raw=raw, ckpts=llasm_folders(root),
               whisper=tf.WhisperModel.from_pretrained(str(root / "hf_whisper")).eval())
@@ -117,16 +117,16 @@ def test_bfloat16_cache_and_refusals(data, tokenizer_dir):
   # The pipeline refuses the wrong audio input for a dataset, and an encode of a cache.
   model = cli_model(data["ckpts"]["encoder"])
   cfg = pipeline.PipelineConfig.from_model(model, seq_len=512, mel_frames=WINDOW)
-  with pytest.raises(ValueError, match="holds cached Whisper features and no audio"):
+  with pytest.raises(UserError, match="holds cached Whisper features and no audio"):
     pipeline.make_iterator(cached, cfg, data["ckpts"]["encoder"], batch_size=2, shard_index=0, shard_count=1)
-  with pytest.raises(ValueError, match="holds raw audio; cache its Whisper outputs first"):
+  with pytest.raises(UserError, match="holds raw audio; cache its Whisper outputs first"):
     pipeline.make_iterator(raw, pipeline.PipelineConfig.from_model(model, features="cached"), data["ckpts"]["encoder"],
                            batch_size=2, shard_index=0, shard_count=1)
-  with pytest.raises(ValueError, match="already holds cached features"):
+  with pytest.raises(UserError, match="already holds cached features"):
     encode.encode(data["ckpts"]["encoder"], out, str(data["root"] / "again"), quiet=True)
   with pytest.raises(FileExistsError, match="exists"):
     encode.encode(data["ckpts"]["encoder"], raw, out, quiet=True)
-  with pytest.raises(ValueError, match="multiple of data x fsdp"):
+  with pytest.raises(UserError, match="multiple of data x fsdp"):
     encode.encode(data["ckpts"]["encoder"], raw, str(data["root"] / "odd"), batch_size=0, quiet=True)
 
 

@@ -10,8 +10,8 @@ from transformers import WhisperFeatureExtractor
 
 from llasm_jax.data.audio import AudioError, check_audio, from_int16, load_audio, split_windows, to_int16
 from llasm_jax.data.features import log_mel
-from tests.conftest import assert_close
-from tests.data.conftest import ASSETS
+from llasm_jax.errors import UserError
+from tests.conftest import ASSETS, assert_close
 
 TOL = 1e-4
 SR = 16000
@@ -27,6 +27,7 @@ def hf(fe, audio, padding="max_length"):
 
 
 def real_clips():
+  # A parametrize list, made before fixtures exist: the `assets` fixture's folder as a constant.
   return sorted(glob.glob(os.path.join(ASSETS, "speech_*", "*")))
 
 
@@ -63,17 +64,17 @@ def test_synthetic_audio_matches_hf(extractor, name):
     assert_close(log_mel(audio, extractor.feature_size, "encoder"), hf(extractor, audio, "longest"), TOL)
 
 
-def test_stored_int16_audio_matches_hf_on_the_same_samples(extractor):
-  audio = from_int16(to_int16(load_audio(os.path.join(ASSETS, "speech_zh", "llasm_example_1.mp3"))))
+def test_stored_int16_audio_matches_hf_on_the_same_samples(extractor, assets):
+  audio = from_int16(to_int16(load_audio(os.path.join(assets, "speech_zh", "llasm_example_1.mp3"))))
   assert_close(log_mel(audio, extractor.feature_size), hf(extractor, audio), TOL)
 
 
 def test_encoder_mode_rejects_more_than_one_window():
-  with pytest.raises(ValueError, match="split_windows"):
+  with pytest.raises(UserError, match="split_windows"):
     log_mel(np.zeros(30 * SR + 1, np.float32), 80, "encoder")
 
 
-def test_decoding_mono_16k_for_every_container():
+def test_decoding_mono_16k_for_every_container(assets):
   rates = {}
   for path in real_clips():
     audio = load_audio(path)
@@ -84,7 +85,7 @@ def test_decoding_mono_16k_for_every_container():
     rates[os.path.splitext(path)[1]] = info.samplerate
   assert set(rates) == {".wav", ".flac", ".ogg", ".mp3"}
   # The wav and the flac of the same utterance decode to the same samples.
-  wav, flac = (load_audio(os.path.join(ASSETS, "speech_en", f"weather.{e}")) for e in ("wav", "flac"))
+  wav, flac = (load_audio(os.path.join(assets, "speech_en", f"weather.{e}")) for e in ("wav", "flac"))
   np.testing.assert_array_equal(wav, flac)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from llasm_jax.data import builders, encode, pipeline
-from tests.data.conftest import ASSETS
+from llasm_jax.errors import UserError
 from tests.train.test_cached import llasm_folders
 
 QUESTIONS = [{"id": f"q{i}", "conversations": [
@@ -17,13 +17,13 @@ QUESTIONS = [{"id": f"q{i}", "conversations": [
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory, assets):
   root = tmp_path_factory.mktemp("mixed")
   convs = root / "questions.jsonl"
   convs.write_text("\n".join(json.dumps(c) for c in QUESTIONS))
-  asr = builders.build("asr", builders.manifest_rows(os.path.join(ASSETS, "manifest.jsonl")), str(root / "asr"),
+  asr = builders.build("asr", builders.manifest_rows(os.path.join(assets, "manifest.jsonl")), str(root / "asr"),
                        quiet=True).path
-  questions = builders.build("instructions", builders.instruction_rows(str(convs), ASSETS), str(root / "q"),
+  questions = builders.build("instructions", builders.instruction_rows(str(convs), assets), str(root / "q"),
                              quiet=True).path
   return dict(root=root, asr=asr, questions=questions, ckpt=llasm_folders(root)["encoder"])
 
@@ -50,16 +50,16 @@ def pipeline_model(ckpt):
   return checkpoint.config_from_dict("llasm", checkpoint.read_meta(ckpt)["config"])
 
 
-def test_mixed_source_raw_and_cached(data):
+def test_mixed_source_raw_and_cached(data, assets):
   source = pipeline.Source(f"{data['asr']},{data['questions']}")
   assert source.kind == pipeline.MIXED and len(source) == 7 + 3
   assert {source[i][pipeline.KIND_KEY] for i in range(len(source))} == {"asr", "instructions"}
-  transcripts = sorted(json.loads(line)["text"] for line in open(os.path.join(ASSETS, "manifest.jsonl")))
+  transcripts = sorted(json.loads(line)["text"] for line in open(os.path.join(assets, "manifest.jsonl")))
   expected = sorted(transcripts + [f"answer {i}" for i in range(3)])
   raw = replies(source, data["ckpt"], "mel")
   assert len(raw) == 10 and all(f"answer {i}" in raw for i in range(3))
 
-  with pytest.raises(ValueError, match="encode each kind on its own"):
+  with pytest.raises(UserError, match="encode each kind on its own"):
     encode.encode(data["ckpt"], f"{data['asr']},{data['questions']}", str(data["root"] / "c"), quiet=True)
   caches = [encode.encode(data["ckpt"], d, str(data["root"] / name), dtype="float32", quiet=True).path
             for name, d in (("c_asr", data["asr"]), ("c_q", data["questions"]))]

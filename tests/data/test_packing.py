@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from llasm_jax.data import packing, pipeline
+from llasm_jax.errors import UserError
 from llasm_jax.tokens import IGNORE
 from tests.data.conftest import tiny_model
 
@@ -25,7 +26,7 @@ def test_first_fit_decreasing_keeps_both_budgets():
   assert sorted(i for r in rows for i in r) == list(range(300))  # every sample once
   assert all(sum(lengths[r]) <= 256 and sum(slots[r]) <= 4 and r == sorted(r) for r in rows)
   assert sum(lengths) / (256 * len(rows)) > 0.8
-  with pytest.raises(ValueError, match="does not fit"):
+  with pytest.raises(UserError, match="does not fit"):
     packing.first_fit_decreasing([300], [0], 256, 4)
 
 
@@ -131,16 +132,16 @@ def test_resume_mid_window_equals_uninterrupted_run(tokenizer_dir):
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   # A packed state does not resume unpacked batches, nor the other way round.
   with pipeline.make_iterator(SOURCE, dataclasses.replace(cfg, packing=False), tokenizer_dir, **kw) as it:
-    with pytest.raises(ValueError, match="packing=True"):
+    with pytest.raises(UserError, match="packing=True"):
       it.set_state(state)
     plain_state = it.get_state()
   with pipeline.make_iterator(SOURCE, cfg, tokenizer_dir, **kw) as it:
-    with pytest.raises(ValueError, match="packing=False"):
+    with pytest.raises(UserError, match="packing=False"):
       it.set_state(plain_state)
 
 
 def test_packing_config_errors():
-  with pytest.raises(ValueError, match="teacher"):
+  with pytest.raises(UserError, match="teacher"):
     pipeline.PipelineConfig(packing=True, teacher=True)
-  with pytest.raises(ValueError, match="pack_window"):
+  with pytest.raises(UserError, match="pack_window"):
     pipeline.PipelineConfig(packing=True, pack_window=0)

@@ -14,9 +14,10 @@ from llasm_jax import sharding
 from llasm_jax.sharding import DEFAULT_RULES
 from llasm_jax.data import builders, pipeline
 from llasm_jax.data.audio import from_int16
+from llasm_jax.errors import UserError
 from llasm_jax.tokens import IGNORE
 from tests.conftest import assert_close
-from tests.data.conftest import ASSETS, tiny_model
+from tests.data.conftest import tiny_model
 
 CONTRACT = {"input_ids": np.int32, "labels": np.int32, "attention_mask": np.int32, "positions": np.int32,
             "target_positions": np.int32, "mel": np.float32, "mel_lengths": np.int32}
@@ -155,9 +156,9 @@ def test_resume_equals_uninterrupted_run(tokenizer_dir):
 
 
 @pytest.fixture(scope="module")
-def assets_dataset(tmp_path_factory):
+def assets_dataset(tmp_path_factory, assets):
   out = tmp_path_factory.mktemp("assets_ds")
-  result = builders.build("asr", builders.manifest_rows(os.path.join(ASSETS, "manifest.jsonl")), str(out),
+  result = builders.build("asr", builders.manifest_rows(os.path.join(assets, "manifest.jsonl")), str(out),
                           quiet=True)
   return result.path
 
@@ -206,9 +207,9 @@ def test_train_iterator_and_global_arrays(assets_dataset, tokenizer_dir):
 
 
 def test_config_errors():
-  with pytest.raises(ValueError, match="buckets"):
+  with pytest.raises(UserError, match="buckets"):
     pipeline.PipelineConfig(seq_len=512, buckets=(256, 384))
-  with pytest.raises(ValueError, match="mel_frames"):
+  with pytest.raises(UserError, match="mel_frames"):
     pipeline.PipelineConfig(mode="encoder", mel_frames=4000)
   with pytest.raises(FileNotFoundError, match="dataset_info.json"):
     pipeline.Source("/nonexistent/folder")

@@ -7,6 +7,7 @@ from llasm_jax.data import features, pipeline
 from llasm_jax.data.audio import AudioError, synth_speech
 from llasm_jax.data.prompts import AudioPrompts, conversation, expand_placeholders, user_content
 from llasm_jax.data.templates import get_template
+from llasm_jax.errors import UserError
 from tests.data.conftest import tiny_model
 
 SPAN = "<au_start>{}<au_end>"
@@ -34,10 +35,10 @@ def test_windows_per_mode():
 
 
 def test_windows_errors():
-  with pytest.raises(ValueError, match="text-only"):
+  with pytest.raises(UserError, match="text-only"):
     AudioPrompts.of(None).windows(np.zeros(16000, np.float32))
   enc = AudioPrompts.of(tiny_model("encoder"))
-  with pytest.raises(ValueError, match="taken as log-mel features"):
+  with pytest.raises(UserError, match="taken as log-mel features"):
     enc.windows(np.zeros((16000, 2), np.float32))
   with pytest.raises(AudioError, match="no samples"):
     enc.windows(np.zeros(0, np.float32))
@@ -49,7 +50,7 @@ def test_placeholders_and_conversation():
   out = expand_placeholders(msgs, [2, 1, 3])
   assert [m["content"] for m in out] == ["<audio><audio> then <audio>", "ok", "and <audio><audio><audio>"]
   assert msgs[0]["content"] == "<audio> then <audio>"  # not changed in place
-  with pytest.raises(ValueError, match="2 audios given but the messages hold 3"):
+  with pytest.raises(UserError, match="2 audios given but the messages hold 3"):
     expand_placeholders(msgs, [1, 1])
   assert user_content("what is it", 2) == "<audio><audio>\nwhat is it" and user_content("hi", 0) == "hi"
   assert user_content("", 1) == "<audio>"

@@ -5,6 +5,7 @@ import pytest
 
 from llasm_jax.data.templates import (IGNORE, TRANSCRIBE_EN, TRANSCRIBE_ZH, asr_messages, check_tokenizer_markers,
                                       get_template)
+from llasm_jax.errors import UserError
 from llasm_jax.models.llasm import check_audio_markers
 from tests.data.conftest import SYSTEM, tiny_model
 
@@ -125,7 +126,7 @@ def test_chat_template(tokenizer_dir):
 
 
 def test_chat_template_needs_one(tokenizer):
-  with pytest.raises(ValueError, match="no chat_template"):
+  with pytest.raises(UserError, match="no chat_template"):
     get_template("chat-template", tokenizer)
 
 
@@ -149,17 +150,17 @@ def test_asr_messages_language_and_placement():
 
 def test_errors(tokenizer):
   tpl = get_template("llasm-cllama2", tokenizer)
-  with pytest.raises(ValueError, match="placeholders"):
+  with pytest.raises(UserError, match="placeholders"):
     tpl.encode([{"role": "user", "content": "<audio> <audio>"}, {"role": "assistant", "content": "x"}], [64])
-  with pytest.raises(ValueError, match="audios given"):
+  with pytest.raises(UserError, match="audios given"):
     tpl.encode([{"role": "user", "content": "<audio>"}, {"role": "assistant", "content": "x"}], [64, 64])
-  with pytest.raises(ValueError, match="audio marker"):
+  with pytest.raises(UserError, match="audio marker"):
     tpl.encode([{"role": "user", "content": "<au_patch>"}, {"role": "assistant", "content": "x"}], [])
-  with pytest.raises(ValueError, match="role"):
+  with pytest.raises(UserError, match="role"):
     tpl.encode([{"role": "robot", "content": "x"}], [])
-  with pytest.raises(ValueError, match="model config expects"):
+  with pytest.raises(UserError, match="model config expects"):
     check_tokenizer_markers(tokenizer, {"<au_patch>": 32000})
-  with pytest.raises(ValueError, match="template 'nope'"):
+  with pytest.raises(UserError, match="template 'nope'"):
     get_template("nope", tokenizer)
 
 
@@ -186,9 +187,9 @@ def test_a_system_message_sets_the_system_prompt(tokenizer_dir, name):
   assert "be brief" in tok.decode(ids) and SYSTEM not in tok.decode(ids)
   # It beats the template's system prompt too, and must come first.
   np.testing.assert_array_equal(get_template(name, tok, system="other").encode([system] + talk, [3])[0], ids)
-  with pytest.raises(ValueError, match="system message must come first"):
+  with pytest.raises(UserError, match="system message must come first"):
     get_template(name, tok).encode(talk[:1] + [system] + talk[1:], [3])
-  with pytest.raises(ValueError, match="audio belongs to user turns"):
+  with pytest.raises(UserError, match="audio belongs to user turns"):
     get_template(name, tok).encode([{"role": "system", "content": "<audio>"}] + talk, [3, 3])
 
 
@@ -220,5 +221,5 @@ def test_default_template_precedence():
   assert default_template(chat, True, rec, template="chat-template") == ("chat-template", None)
   assert default_template(chat, True, rec, system="S") == ("llasm-baichuan", "S")
   assert default_template(chat, True, {"template": "llasm-baichuan", "system": None}) == ("llasm-baichuan", None)
-  with pytest.raises(ValueError, match="template 'nope'"):
+  with pytest.raises(UserError, match="template 'nope'"):
     default_template(chat, True, template="nope")
