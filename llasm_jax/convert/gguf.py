@@ -11,13 +11,13 @@ conversion holds the float32 model once (the output) plus one tensor.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Iterator
 
 import numpy as np
 
 from llasm_jax.convert.reader import CheckpointError, MadeTokenizerFiles
+from llasm_jax.models.llama import RopeScaling, llama3_inv_freq
 
 # GGUF `general.architecture` -> what it holds; llama.cpp stores Mistral as "llama".
 SUPPORTED = {"llama": "LLaMA-1/2/3, Mistral", "qwen2": "Qwen2"}
@@ -121,10 +121,12 @@ class GGUFCheckpoint(MadeTokenizerFiles):
     if np.allclose(divisors, 1.0):
       return None
     dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    inv_freq = 1.0 / config.get("rope_theta", 10000.0) ** (np.arange(0, dim, 2) / dim)
+    inv_freq = (1.0 / config.get("rope_theta", 10000.0) ** (np.arange(0, dim, 2) / dim)).astype(np.float32)
     rope = dict(rope_type="llama3", factor=float(divisors.max()), low_freq_factor=1.0, high_freq_factor=4.0,
                 original_max_position_embeddings=original)
-    if divisors.shape != inv_freq.shape or not np.allclose(_llama3_divisors(inv_freq, rope), divisors, rtol=1e-4):
+    # llama.cpp stores Llama 3 scaling as per-frequency divisors (what its HF -> GGUF converter writes).
+    expected = inv_freq / np.asarray(llama3_inv_freq(inv_freq, RopeScaling(**rope)))
+    if divisors.shape != inv_freq.shape or not np.allclose(expected, divisors, rtol=1e-4):
       raise CheckpointError(f"{self.path}: its rope_freqs tensor is not Llama 3 RoPE scaling with factor "
                             f"{rope['factor']}, low/high frequency factors 1/4 and original context {original}; "
                             "convert the Hugging Face folder of this model instead")
@@ -187,20 +189,3 @@ class GGUFCheckpoint(MadeTokenizerFiles):
     if self.config.get("pad_token_id") is not None:
       out["pad_token_id"] = self.config["pad_token_id"]
     return out
-
-
-def _llama3_divisors(inv_freq: np.ndarray, rope: dict) -> np.ndarray:
-  """llama.cpp's rope_freqs for Llama 3 scaling (what its HF -> GGUF converter stores)."""
-  old, low, high, factor = (rope["original_max_position_embeddings"], rope["low_freq_factor"],
-                            rope["high_freq_factor"], rope["factor"])
-  out = []
-  for freq in inv_freq:
-    wavelen = 2 * math.pi / freq
-    if wavelen < old / high:
-      out.append(1.0)
-    elif wavelen > old / low:
-      out.append(factor)
-    else:
-      smooth = (old / wavelen - low) / (high - low)
-      out.append(1 / ((1 - smooth) / factor + smooth))
-  return np.asarray(out, np.float32)

@@ -158,16 +158,25 @@ def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
   if rs.rope_type == "linear":
     inv_freq = inv_freq / rs.factor
   elif rs.rope_type == "llama3":
-    low_freq_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
-    high_freq_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / rs.factor, inv_freq)
-    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
-        rs.high_freq_factor - rs.low_freq_factor)
-    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
-    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-    inv_freq = jnp.where(is_medium, smoothed, scaled)
+    inv_freq = llama3_inv_freq(inv_freq, rs)
   return inv_freq
+
+
+def llama3_inv_freq(inv_freq: jax.Array, rs: RopeScaling) -> jax.Array:
+  """Llama 3 (3.1) RoPE scaling of inverse frequencies float32[H/2], as HF's "llama3" rope init:
+  a frequency whose wavelength exceeds original_max_position_embeddings / low_freq_factor is
+  divided by factor, one whose wavelength is below original_max_position_embeddings /
+  high_freq_factor stays, and those between blend the two smoothly. The one owner of the rule
+  (GGUF's per-frequency divisors are inv_freq / this)."""
+  low_freq_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+  high_freq_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / rs.factor, inv_freq)
+  smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+      rs.high_freq_factor - rs.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+  is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return jnp.where(is_medium, smoothed, scaled)
 
 
 def rope_cos_sin(cfg: LlamaConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:

@@ -11,7 +11,6 @@ tiny.en (CT2) into a fresh "encoder"-mode LLaSM model, which covers the mixed-fo
 import contextlib
 import importlib.util
 import json
-import math
 import os
 import signal
 import subprocess
@@ -44,19 +43,16 @@ def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def llama3_rope_freqs(head_dim, theta, factor, low, high, old) -> np.ndarray:
-  """The `rope_freqs` tensor llama.cpp's converter writes for Llama 3 RoPE scaling."""
-  out = []
-  for i in range(0, head_dim, 2):
-    freq = 1.0 / theta ** (i / head_dim)
-    wavelen = 2 * math.pi / freq
-    if wavelen < old / high:
-      out.append(1.0)
-    elif wavelen > old / low:
-      out.append(factor)
-    else:
-      smooth = (old / wavelen - low) / (high - low)
-      out.append(1 / ((1 - smooth) / factor + smooth))
-  return np.asarray(out, np.float32)
+  """The `rope_freqs` tensor llama.cpp's converter writes for Llama 3 RoPE scaling: per frequency,
+  the unscaled inverse frequency over transformers' llama3 one (its divisor)."""
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+  config = tf.LlamaConfig(hidden_size=head_dim, num_attention_heads=1, rope_parameters=dict(
+      rope_type="llama3", rope_theta=theta, factor=factor, low_freq_factor=low, high_freq_factor=high,
+      original_max_position_embeddings=old))
+  scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, torch.device("cpu"))
+  plain = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)  # as transformers
+  return (plain / scaled).numpy().astype(np.float32)
 
 
 def write_gguf(path, model: tf.LlamaForCausalLM, tok, *, f16=(), rope_freqs=None, original_context=None):

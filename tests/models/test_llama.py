@@ -10,7 +10,7 @@ from flax import nnx
 from llasm_jax.convert.configs import llama_config_from_hf
 from llasm_jax.convert.hf import keymaps, load_tensors
 from llasm_jax.layers.stack import unstack_layers
-from llasm_jax.models.llama import LlamaForCausalLM
+from llasm_jax.models.llama import LlamaForCausalLM, rope_inv_freq
 from tests.conftest import assert_close, hf_tensors
 
 TOL = 1e-4
@@ -66,6 +66,29 @@ def test_logits_match_transformers(name, tmp_path):
   ref = torch_logits(torch_model, ids)
   out = np.asarray(model(jnp.asarray(ids))[0])
   assert_close(out, ref, atol=TOL)
+
+
+@pytest.mark.parametrize("hidden, heads, rope", [
+    # Llama 3.1 8B's head_dim and scaling; Llama 3.2's factor 32; other factors and bounds.
+    (4096, 32, dict(rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=8192)),
+    (2048, 32, dict(rope_theta=500000.0, factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=8192)),
+    (64, 2, dict(rope_theta=10000.0, factor=4.0, low_freq_factor=2.0, high_freq_factor=8.0,
+                 original_max_position_embeddings=256)),
+])
+def test_llama3_rope_frequencies_match_transformers(hidden, heads, rope):
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+  hf_cfg = tf.LlamaConfig(hidden_size=hidden, num_attention_heads=heads, rope_parameters=dict(rope_type="llama3", **rope))
+  ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, torch.device("cpu"))
+  ours = np.asarray(rope_inv_freq(llama_config_from_hf(hf_cfg.to_dict())))
+  np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-6, atol=0)
+  # Every band is checked: divided by the factor, blended, and left as it was.
+  plain = 1.0 / rope["rope_theta"] ** (np.arange(0, hidden // heads, 2) / (hidden // heads))
+  ratio = plain / ours
+  assert np.isclose(ratio, rope["factor"], rtol=1e-5).sum() >= 2 and np.isclose(ratio, 1, rtol=1e-5).sum() >= 2
+  assert (~np.isclose(ratio, rope["factor"], rtol=1e-5) & ~np.isclose(ratio, 1, rtol=1e-5)).sum() >= 1
 
 
 def test_scan_equals_unrolled(tmp_path):
