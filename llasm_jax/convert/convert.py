@@ -121,12 +121,16 @@ class Plan:
 
 
 def plan(llm_path: str | None, whisper_path: str | None, mode: str = "llasm", adaptor: str | None = None,
-         stack_factor: int | None = None, adaptor_hidden: int | None = None) -> Plan:
+         stack_factor: int | None = None, adaptor_hidden: int | None = None, audio_tokens: int | None = None) -> Plan:
   """Works out the model kind, its config and where each parameter comes from; reads only.
 
   adaptor: the "encoder"-mode projector of a new model (one of ADAPTORS; None = "mlp"),
   stack_factor its encoder frames per audio token (None = 8) and adaptor_hidden its inner width
-  (None = the LLM's); a released folder's are the ones it records."""
+  (None = the LLM's); a released folder's are the ones it records. audio_tokens: a new
+  "decoder"-mode model's transcript tokens per audio window (None = 64), what the LLM reads of each."""
+  if audio_tokens is not None and mode != "decoder":
+    raise UserError(f"--audio-tokens {audio_tokens}: only 'decoder' mode takes it (in 'encoder' mode the audio's "
+                     "length decides its tokens; 'llasm' mode has the 64 of the released checkpoints)")
   if adaptor is not None and adaptor not in ADAPTORS:
     raise UserError(f"--adaptor {adaptor!r}: expected one of {', '.join(ADAPTORS)}")
   if stack_factor is not None and stack_factor < 1:
@@ -181,7 +185,7 @@ def plan(llm_path: str | None, whisper_path: str | None, mode: str = "llasm", ad
     filler = tokenizer.encode(" ", add_special_tokens=False)[0]
     if tokenizer is None:
       raise CheckpointError(f"{llm_path}: 'decoder' mode maps Whisper's tokens to the LLM's and needs the LLM's tokenizer")
-    decoding = _decoding(whisper, wcfg)
+    decoding = _decoding(whisper, wcfg, audio_tokens)
     bridge = bridge_ids(_whisper_tokenizer(whisper, whisper_path), tokenizer, wcfg.vocab_size, decoding["decoder_eos"])
   cfg = LlasmConfig(audio=wcfg, llm=lcfg, mode=mode, adaptor=adaptor or "mlp", audio_patch_id=ids[0],
                     audio_start_id=ids[1], audio_end_id=ids[2], adaptor_hidden=adaptor_hidden,
@@ -203,9 +207,10 @@ def _whisper_tokenizer(whisper, path: str):
   return tokenizer
 
 
-def _decoding(whisper, wcfg) -> dict[str, Any]:
+def _decoding(whisper, wcfg, audio_tokens: int | None = None) -> dict[str, Any]:
   """The LlasmConfig fields of Whisper's greedy decoding ("decoder" mode), from its generation config:
-  English on a multilingual Whisper (its <|en|> token in the prompt)."""
+  English on a multilingual Whisper (its <|en|> token in the prompt), and `audio_tokens` transcript
+  tokens at most (None: 64, about 20 s of speech), within the decoder's positions."""
   from llasm_jax.infer.transcribe import WhisperTokens
 
   if hasattr(whisper, "generation_config"):
@@ -218,10 +223,13 @@ def _decoding(whisper, wcfg) -> dict[str, Any]:
     gen = read_json(path)
   tokens = WhisperTokens.from_generation_config(gen, wcfg)
   prompt = tuple(tokens.prompt(tokens.languages.get("<|en|>")))
-  # 64 transcript tokens (about 20 s of speech), within the decoder's positions.
+  room = wcfg.max_target_positions - len(prompt)
+  if audio_tokens is not None and not 2 <= audio_tokens <= room:
+    raise UserError(f"--audio-tokens {audio_tokens}: expected 2 (a token and <|endoftext|>) to {room} (this Whisper's "
+                     f"{wcfg.max_target_positions} decoder positions less its {len(prompt)}-token prompt)")
   return dict(decoder_prompt=prompt, decoder_eos=tokens.eos, decoder_suppress=tokens.suppress,
               decoder_begin_suppress=tokens.begin_suppress,
-              audio_token_len=min(LlasmConfig.audio_token_len, wcfg.max_target_positions - len(prompt)))
+              audio_token_len=audio_tokens or min(LlasmConfig.audio_token_len, room))
 
 
 def bridge_ids(whisper_tokenizer, llm_tokenizer, whisper_vocab: int, first_special: int) -> np.ndarray:
@@ -259,19 +267,20 @@ def _save_files(p: Plan, folder: str) -> None:
 
 def convert(llm_dir: str | None = None, whisper_dir: str | None = None, *, out: str, dtype: str = "float32",
             mode: str = "llasm", adaptor: str | None = None, stack_factor: int | None = None,
-            adaptor_hidden: int | None = None, overwrite: bool = False, progress: bool = True,
-            _on_tensor=None) -> Summary:
+            adaptor_hidden: int | None = None, audio_tokens: int | None = None, overwrite: bool = False,
+            progress: bool = True, _on_tensor=None) -> Summary:
   """Converts the checkpoints at `llm_dir` / `whisper_dir` (folders, or a GGUF file) into a
   llasm_jax model folder at `out` (see the module docstring for the combinations and formats).
   `adaptor`, `stack_factor`, `adaptor_hidden`: a new "encoder"-mode model's projector, "mlp"
-  (default) or "ultravox", its encoder frames per audio token and its inner width (see `plan`).
+  (default) or "ultravox", its encoder frames per audio token and its inner width; `audio_tokens`
+  a new "decoder"-mode model's transcript tokens per audio (see `plan`).
 
   `_on_tensor(name)` is a test hook, called before each tensor is placed.
   """
   if dtype not in ("float32", "bfloat16"):
     raise UserError(f"--dtype {dtype!r}: expected float32 or bfloat16")
   start = time.perf_counter()
-  p = plan(llm_dir, whisper_dir, mode, adaptor, stack_factor, adaptor_hidden)
+  p = plan(llm_dir, whisper_dir, mode, adaptor, stack_factor, adaptor_hidden, audio_tokens)
   with checkpoint.atomic_dir(out, overwrite=overwrite) as tmp:
     abstract = nnx.eval_shape(lambda: checkpoint.build_model(p.kind, p.cfg, nnx.Rngs(0)))
     shapes = jax.tree.map(lambda v: v.shape, flat_params(abstract))

@@ -64,6 +64,19 @@ def test_convert_records_whisper_decoding_and_bridges_its_vocab(folder, model):
     export(str(folder / "ck"), str(folder / "hf"), progress=False)
 
 
+def test_convert_takes_the_transcript_length(folder):
+  from llasm_jax.convert.convert import plan
+
+  llm, whisper = str(folder / "llm"), str(folder / "whisper")
+  assert plan(llm, whisper, "decoder", audio_tokens=S).cfg.audio_token_len == S
+  assert plan(llm, whisper, "decoder").cfg.audio_token_len == 64 - 2  # the tiny Whisper's positions less its prompt
+  with pytest.raises(UserError, match="only 'decoder' mode"):
+    plan(llm, whisper, "encoder", audio_tokens=S)
+  for bad in (1, 63):
+    with pytest.raises(UserError, match="expected 2"):
+      plan(llm, whisper, "decoder", audio_tokens=bad)
+
+
 def greedy_reference(model, mel, frames):
   """Whisper's greedy tokens and the decoder state that chose each, by hand: no cache, the whole
   prefix again at every step."""
