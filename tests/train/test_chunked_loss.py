@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from llasm_jax.errors import UserError
 from llasm_jax.models.llama import LLAMA_PRESETS, LlamaForCausalLM
 from llasm_jax.train import losses, trainer
 from llasm_jax.train.step import TrainState, make_train_step
@@ -127,5 +128,5 @@ def test_the_step_in_bfloat16_with_chunks_is_close_to_the_plain_step():
 
 
 def test_a_negative_chunk_is_refused():
-  with pytest.raises(ValueError, match="config.train.loss_chunk -1"):
+  with pytest.raises(UserError, match="config.train.loss_chunk -1"):
     trainer.prepare(tiny_config(stage=2, loss_chunk=-1))

@@ -13,10 +13,11 @@ from flax import nnx
 
 from llasm_jax import tokens
 from llasm_jax.data import builders, pipeline
+from llasm_jax.errors import UserError
 from llasm_jax.train import trainer
 from llasm_jax.train.step import TrainState, make_train_step
 from llasm_jax.train.synthetic import synthetic_dataset
-from tests.data.conftest import ASSETS, tiny_model, train_llama_tokenizer
+from tests.data.conftest import tiny_model, train_llama_tokenizer
 from tests.train.test_train import tiny_config
 
 from llasm_jax.tokens import IGNORE
@@ -106,13 +107,13 @@ def test_mix_is_the_weighted_sum_and_accumulates():
 
 
 def test_kd_needs_a_frozen_llm_and_a_known_loss():
-  with pytest.raises(ValueError, match=r"loss='kd' distils from the frozen LLM, but config.train.trainable trains"):
+  with pytest.raises(UserError, match=r"loss='kd' distils from the frozen LLM, but config.train.trainable trains"):
     trainer.prepare(tiny_config(stage=2, loss="kd"))
-  with pytest.raises(ValueError, match="use loss 'ce' there"):
+  with pytest.raises(UserError, match="use loss 'ce' there"):
     trainer.prepare(tiny_config(stage=2, loss="mix"))
-  with pytest.raises(ValueError, match=r"config.train.loss 'kl': expected one of ce, kd, mix"):
+  with pytest.raises(UserError, match=r"config.train.loss 'kl': expected one of ce, kd, mix"):
     trainer.prepare(tiny_config(stage=1, loss="kl"))
-  with pytest.raises(ValueError, match="kd_weight 1.5"):
+  with pytest.raises(UserError, match="kd_weight 1.5"):
     trainer.prepare(tiny_config(stage=1, loss="mix", kd_weight=1.5))
 
 
@@ -212,20 +213,20 @@ def test_teacher_cuts_and_missing_transcripts(tokenizer_dir):
   assert np.all(batch["teacher_target_positions"][by_id["unknown"]] == -1)
   assert np.sum(batch["target_positions"][by_id["unknown"]] >= 0) > 0  # its CE stays
   old = [{k: v for k, v in r.items() if k != "transcripts"} for r in records]
-  with pytest.raises(ValueError, match="holds no `transcripts`.*data build instructions"):
+  with pytest.raises(UserError, match="holds no `transcripts`.*data build instructions"):
     _batch(Records("instructions", old), tokenizer_dir, 2, seq_len=96)
 
 
 # ---- a short run ---------------------------------------------------------------------------
 
 
-def test_kd_training_through_the_trainer(tokenizer_dir, tmp_path):
+def test_kd_training_through_the_trainer(tokenizer_dir, tmp_path, assets):
   """Stage 1 with loss "kd" on a built ASR dataset of two clips (each step sees both): the KD term
   is logged and goes down."""
-  rows = [json.loads(line) for line in open(os.path.join(ASSETS, "manifest.jsonl"), encoding="utf-8")]
+  rows = [json.loads(line) for line in open(os.path.join(assets, "manifest.jsonl"), encoding="utf-8")]
   english = [r for r in rows if r.get("language", "en") == "en"][:2]
   manifest = tmp_path / "manifest.jsonl"
-  manifest.write_text("\n".join(json.dumps({**r, "audio": os.path.join(ASSETS, r["audio"])}) for r in english))
+  manifest.write_text("\n".join(json.dumps({**r, "audio": os.path.join(assets, r["audio"])}) for r in english))
   data = builders.build("asr", builders.manifest_rows(str(manifest)), str(tmp_path / "asr"), quiet=True)
   model = tiny_model("encoder")
   config = tiny_config(stage=1, steps=8, loss="kd", batch_size=2)

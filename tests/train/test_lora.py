@@ -12,6 +12,7 @@ from flax import nnx, traverse_util
 
 from llasm_jax import checkpoint
 from llasm_jax.config import llasm_config
+from llasm_jax.errors import UserError
 from llasm_jax.layers import LoraConfig, dropout_rng, is_lora_path
 from llasm_jax.models.llama import LLAMA_PRESETS, LORA_MODULES, LlamaForCausalLM
 from llasm_jax.train.optim import lora_config
@@ -119,11 +120,11 @@ def test_config_targets_resolve_to_projections():
   assert lora_config({"lora": {"rank": 2, "targets": ("llm/.*_proj", "llm/.*mlp")}}).targets == ALL
   assert lora_config({"lora": {"rank": 0, "targets": ("nothing",)}}) == LoraConfig()
   assert lora_config({}) == LoraConfig()  # a config file without the section
-  with pytest.raises(ValueError, match="matches no LLM projection"):
+  with pytest.raises(UserError, match="matches no LLM projection"):
     lora_config({"lora": {"rank": 4, "targets": ("llm/.*lm_head",)}})
-  with pytest.raises(ValueError, match="config.train.lora"):
+  with pytest.raises(UserError, match="config.train.lora"):
     llasm_config({"preset": "tiny", "llm": {"lora": {"rank": 4}}})
-  with pytest.raises(ValueError, match="dropout"):
+  with pytest.raises(UserError, match="dropout"):
     LoraConfig(rank=4, dropout=1.0, targets=("q_proj",))
   from llasm_jax.config import apply_overrides
 

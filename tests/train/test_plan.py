@@ -10,6 +10,7 @@ import pytest
 
 from llasm_jax import cli
 from llasm_jax.config import load_config_file
+from llasm_jax.errors import UserError
 from llasm_jax.train import plan
 from tests.train.test_train import ROOT, tiny_config
 
@@ -90,7 +91,7 @@ def test_topology_devices(topology, chip, devices, hosts):
                 r"use GENERATION:CHIPS such as v5e:2x2"),
 ])
 def test_unknown_topology(topology, message):
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(UserError, match=message):
     plan.plan(tiny_config(stage=1), topology, log=quiet)
 
 
@@ -101,24 +102,24 @@ def test_no_libtpu_names_the_package(monkeypatch):
     raise RuntimeError("JAX TPU support not installed; cannot generate TPU topology. See https://github.com/...")
 
   monkeypatch.setattr(topologies, "get_topology_desc", missing)
-  with pytest.raises(ValueError, match=r"--topology needs libtpu, the TPU compiler: pip install 'jax\[tpu\]'"):
+  with pytest.raises(UserError, match=r"--topology needs libtpu, the TPU compiler: pip install 'jax\[tpu\]'"):
     plan.topology_devices(TOPOLOGY)
 
 
 def test_mesh_that_does_not_match_the_slice():
   config = tiny_config(stage=1)
   config.mesh.shape = {"data": 2, "fsdp": 1, "tensor": 1}
-  with pytest.raises(ValueError, match=r"--topology v5e:2x2 \(4 devices\): config.mesh product 2 != 4 devices; "
+  with pytest.raises(UserError, match=r"--topology v5e:2x2 \(4 devices\): config.mesh product 2 != 4 devices; "
                                        r"fix config.mesh.shape or set one axis to -1"):
     plan.plan(config, TOPOLOGY, log=quiet)
 
 
 def test_batch_that_does_not_divide_over_data_x_fsdp():
   config = tiny_config(stage=1, batch_size=10, grad_accum=1)
-  with pytest.raises(ValueError, match=r"config.train.batch_size 10 does not divide over grad_accum 1 x data x fsdp "
+  with pytest.raises(UserError, match=r"config.train.batch_size 10 does not divide over grad_accum 1 x data x fsdp "
                                        r"4 \(v5e:2x2\); use a multiple of 4, e\.g\. --config.train.batch_size=8 or 12"):
     plan.plan(config, TOPOLOGY, log=quiet)
-  with pytest.raises(ValueError, match=r"batch_size 8 does not divide over grad_accum 4 x data x fsdp 4 .*of 16, "
+  with pytest.raises(UserError, match=r"batch_size 8 does not divide over grad_accum 4 x data x fsdp 4 .*of 16, "
                                        r"e\.g\. --config.train.batch_size=16 \(or fewer data x fsdp: "
                                        r"--config.mesh.shape.tensor=2 halves them\)$"):
     plan.plan(tiny_config(stage=1, batch_size=8, grad_accum=4), TOPOLOGY, log=quiet)
@@ -127,7 +128,7 @@ def test_batch_that_does_not_divide_over_data_x_fsdp():
 def test_search_needs_a_topology_and_known_policies(capsys):
   assert cli.main(["train", "--config", *TINY, "--search"]) == 2
   assert "--search needs --topology" in capsys.readouterr().err
-  with pytest.raises(ValueError, match=r"--search 'fastest': remat policies are none, full, dots"):
+  with pytest.raises(UserError, match=r"--search 'fastest': remat policies are none, full, dots"):
     plan.search(tiny_config(stage=1), TOPOLOGY, policies=["fastest"], log=quiet)
 
 
