@@ -88,7 +88,7 @@ def longest_sample(ckpt: str, cache: str, template: str) -> int:
 
 
 def train_run(work: str, name: str, ckpt: str, mode: str, data: str, seq_len: int, args, slots: bool = True) -> dict:
-  from llasm_jax.config import from_model_folder
+  from llasm_jax.train.sections import from_model_folder
   from llasm_jax.train.trainer import train
 
   config = from_model_folder(1, ckpt)

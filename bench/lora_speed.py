@@ -52,7 +52,7 @@ def run(variant: str, args) -> dict:
   from llasm_jax.train.optim import FROZEN
   from llasm_jax.train.step import TrainState
 
-  config = load_config_file(os.path.join(ROOT, "configs", "tiny_stage2.py"))
+  config = load_config_file(os.path.join(ROOT, "configs", "tiny.py") + ":stage2")
   config.model = {"preset": args.preset}
   config.train.batch_size, config.data.seq_len, config.data.mel_frames = args.batch, args.seq_len, args.mel_frames
   if VARIANTS[variant]:

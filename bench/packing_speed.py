@@ -82,7 +82,7 @@ def make_samples(cfg, n: int, seq_len: int, seed: int = 0) -> list[dict[str, np.
 
 def make_batches(cfg, samples, how: str, batch: int, seq_len: int) -> list[dict[str, np.ndarray]]:
   """The samples as host batches of `batch` rows: "padded", "buckets" or "packed"."""
-  from llasm_jax.data import packing, pipeline
+  from llasm_jax.data import contract, packing, pipeline
 
   kw = dict(seq_len=seq_len, mel_frames=WINDOW_FRAMES)
   if how == "packed":
@@ -97,7 +97,7 @@ def make_batches(cfg, samples, how: str, batch: int, seq_len: int) -> list[dict[
   collate = pipeline.Collate(pcfg, 0)
   out = [collate(rows[i:i + batch]) for i in range(0, len(rows) - batch + 1, batch)]
   for b in out:
-    pipeline.check_batch(b, cfg)
+    contract.check_batch(b, cfg)
   return out
 
 
@@ -172,7 +172,7 @@ def main() -> None:
   results = {"what": __doc__.split("\n")[0], "machine": machine(), "samples": args.samples, "batch": args.batch,
              "seq_len": args.seq_len, "audio": "tiny Whisper (2 x 64), encoder mode, stack 4", "widths": {}}
   for width in map(int, args.widths.split(",")):
-    config = load_config_file(os.path.join(ROOT, "configs", "tiny_stage2.py"))
+    config = load_config_file(os.path.join(ROOT, "configs", "tiny.py") + ":stage2")
     config.model = {"preset": "tiny_encoder", "llm": llm(width)}
     cfg = llasm_config(config.model)
     samples = make_samples(cfg, args.samples, args.seq_len)

@@ -51,7 +51,7 @@ def jax_step(name: str, steps: int) -> dict:
   from llasm_jax.train.trainer import model_flops_per_step
 
   preset, batch, seq, frames = MODELS[name]
-  config = load_config_file(os.path.join(ROOT, "configs", "tiny_stage2.py"))
+  config = load_config_file(os.path.join(ROOT, "configs", "tiny.py") + ":stage2")
   config.model = {"preset": preset}
   config.train.batch_size, config.data.seq_len, config.data.mel_frames = batch, seq, frames
   cfg = llasm_config(config.model)

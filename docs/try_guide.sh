@@ -48,11 +48,11 @@ llasm-jax convert --llm "$LLM" --whisper "$WHISPER" --mode encoder --out $B/fres
 llasm-jax data build asr --manifest ../shared/assets/manifest.jsonl --out "$MNT/asr" --workers 1
 llasm-jax data encode --ckpt $B/fresh --data "$MNT/asr" --out "$MNT/asr_cached" --dtype float32
 export XLA_FLAGS=--xla_force_host_platform_device_count=4  # the shared assets hold 7 clips: batches of 4
-llasm-jax train --config configs/tiny_stage1.py --compile-only --topology v5e:2x2
-llasm-jax train --config configs/tiny_stage1.py --workdir $B/stage1 --config.train.init_from=$B/fresh \
+llasm-jax train --config configs/tiny.py:stage1 --compile-only --topology v5e:2x2
+llasm-jax train --config configs/tiny.py:stage1 --workdir $B/stage1 --config.train.init_from=$B/fresh \
     --config.data.source=tfds --config.data.dir="$MNT/asr_cached" --config.data.seq_len=640 \
     --config.train.batch_size=4 --config.train.steps=4 --config.mesh.shape.fsdp=2
-llasm-jax train --config configs/tiny_stage2.py --workdir $B/stage2 --config.train.init_from=$B/stage1/model \
+llasm-jax train --config configs/tiny.py:stage2 --workdir $B/stage2 --config.train.init_from=$B/stage1/model \
     --config.data.source=tfds --config.data.dir="$MNT/asr_cached" --config.data.seq_len=640 \
     --config.train.batch_size=4 --config.train.steps=4 --config.mesh.shape.fsdp=2 --config.mesh.shape.tensor=2
 export XLA_FLAGS=--xla_force_host_platform_device_count=8
@@ -66,7 +66,7 @@ step "the launcher lines of the guide (--dry-run)"
 export TPU_NAME=llasm-v5p ZONE=us-east5-a PROJECT=my-project
 launch/tpu.sh create --type v5p-64 --spot --dry-run
 launch/tpu.sh setup --data-bucket gs://B/data --dry-run
-launch/tpu.sh run --dry-run -- train --config configs/llasm_cllama2_7b_stage1.py --workdir gs://B/stage1
+launch/tpu.sh run --dry-run -- train --config configs/llasm_cllama2_7b.py:stage1 --workdir gs://B/stage1
 launch/tpu.sh logs --dry-run
 launch/tpu.sh delete --spot --dry-run
 printf '\nall guide commands ran (%s)\n' "$ROOT"

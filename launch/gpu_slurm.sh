@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SLURM batch script: llasm-jax on N GPU nodes, one process per node driving all its GPUs.
 #
-#   sbatch --nodes=4 launch/gpu_slurm.sh --config configs/llasm_cllama2_7b_stage1.py --workdir gs://BUCKET/stage1
+#   sbatch --nodes=4 launch/gpu_slurm.sh --config configs/llasm_cllama2_7b.py:stage1 --workdir gs://BUCKET/stage1
 #
 # Submit from the repository root, which must be on a filesystem shared by the nodes and hold
 # a .venv with the package and jax[cuda12]. `--distributed` calls jax.distributed.initialize(),

@@ -5,7 +5,7 @@
 #
 #   launch/tpu.sh create --name my-v5p --zone us-east5-a --type v5p-64
 #   launch/tpu.sh setup  --name my-v5p --zone us-east5-a --data-bucket gs://B/data
-#   launch/tpu.sh run    --name my-v5p --zone us-east5-a -- train --config configs/llasm_cllama2_7b_stage1.py --workdir gs://B/stage1
+#   launch/tpu.sh run    --name my-v5p --zone us-east5-a -- train --config configs/llasm_cllama2_7b.py:stage1 --workdir gs://B/stage1
 #   launch/tpu.sh logs | stop | status | delete --name my-v5p --zone us-east5-a
 #   launch/tpu.sh --help;  launch/tpu.sh STEP --help
 #
@@ -80,7 +80,7 @@ launch/tpu.sh run --name NAME --zone ZONE [--project P] [--dir DIR] [--job JOB] 
   ~/llasm_jax_logs/JOB.log (JOB, JOB_NAME: default COMMAND-YYYYmmdd-HHMMSS), then follows worker
   0's log until the job ends and exits with its status. Ctrl-C stops following, not the job;
   --detach does not follow at all. --env K=V sets an environment variable for the job.
-  e.g. launch/tpu.sh run -- train --config configs/llasm_cllama2_7b_stage1.py --workdir gs://B/s1
+  e.g. launch/tpu.sh run -- train --config configs/llasm_cllama2_7b.py:stage1 --workdir gs://B/s1
 EOF
       ;;
     logs) cat <<'EOF'
@@ -346,7 +346,7 @@ follow_script() {
 }
 
 step_run() {
-  ((${#JAX_ARGS[@]})) || die "run needs llasm-jax arguments after --, e.g. run -- train --config configs/llasm_cllama2_7b_stage1.py"
+  ((${#JAX_ARGS[@]})) || die "run needs llasm-jax arguments after --, e.g. run -- train --config configs/llasm_cllama2_7b.py:stage1"
   JOB="${JOB:-${JAX_ARGS[0]//[^A-Za-z0-9._-]/_}-$(date +%Y%m%d-%H%M%S)}"
   local envs="" e
   for e in ${ENVS[@]+"${ENVS[@]}"}; do envs+=" $(printf %q "$e")"; done

@@ -6,7 +6,7 @@
 #
 #   launch/xpk.sh image  --docker-image gcr.io/P/llasm-jax:v1
 #   launch/xpk.sh run    --cluster C --workload stage1 --type v5p-64 --num-slices 2 \
-#                        --docker-image gcr.io/P/llasm-jax:v1 -- train --config configs/llasm_cllama2_7b_stage1.py --workdir gs://B/stage1
+#                        --docker-image gcr.io/P/llasm-jax:v1 -- train --config configs/llasm_cllama2_7b.py:stage1 --workdir gs://B/stage1
 #   launch/xpk.sh list | logs | delete --cluster C --workload stage1
 #   launch/xpk.sh --help;  launch/xpk.sh STEP --help
 #
@@ -178,7 +178,7 @@ step_run() {
   need_workload
   [[ -n "$TYPE" ]] || die "no TPU type: pass --type TYPE (e.g. v5p-64) or set ACCELERATOR_TYPE"
   need_image
-  ((${#JAX_ARGS[@]})) || die "run needs llasm-jax arguments after --, e.g. run -- train --config configs/llasm_cllama2_7b_stage1.py"
+  ((${#JAX_ARGS[@]})) || die "run needs llasm-jax arguments after --, e.g. run -- train --config configs/llasm_cllama2_7b.py:stage1"
   local restarts=()
   if [[ -n "$MAX_RESTARTS" ]]; then restarts=(--max-restarts "$MAX_RESTARTS"); fi
   x xpk workload create --cluster "$CLUSTER" --workload "$WORKLOAD" --tpu-type "$TYPE" \

@@ -1,7 +1,8 @@
-"""Run configs (ml_collections files in configs/) -> the frozen model dataclasses, and shared defaults.
+"""Run configs (ml_collections files in configs/): loading, command-line overrides, and the model section -> LlasmConfig.
 
 A run config holds `model` (a preset of `LLASM_PRESETS` plus overrides), `mesh` and
-`logical_axis_rules`. The model section reads:
+`logical_axis_rules`; a training run's `train`, `optim`, `data` and `eval` sections and the loss
+policy are training's own (llasm_jax/train/sections.py, llasm_jax/train/losses.py). The model section reads:
 
   model.preset = "llasm_cllama2"          # a key of LLASM_PRESETS
   model.audio = {"dtype": "bfloat16"}     # WhisperConfig fields to override
@@ -22,17 +23,6 @@ from llasm_jax.models.llama import LlamaConfig, RopeScaling
 from llasm_jax.models.llasm import LLASM_PRESETS, LlasmConfig
 from llasm_jax.models.whisper import WhisperConfig
 from llasm_jax.errors import UserError
-from llasm_jax.sharding import DEFAULT_RULES
-from llasm_jax.train.sections import training_sections
-
-
-# config.train.loss: cross-entropy on the reference answer, distillation from the frozen LLM
-# reading the transcript as text (KL between next-token distributions on the answer tokens),
-# (1 - kd_weight) * CE + kd_weight * KL, each a mean over the batch's answer tokens, or CTC alone:
-# the adaptor's outputs scored against the LLM's embedding table and aligned to each row's
-# transcript (no LLM pass at all: a cheap warm-up of the adaptor). config.train.ctc_weight > 0 adds
-# ctc_weight * the CTC mean (per transcript token) to "ce", "kd" or "mix".
-LOSSES = ("ce", "kd", "mix", "ctc")
 
 
 def _fields(cls) -> list[str]:
@@ -84,62 +74,28 @@ def llasm_config(model_cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> Ll
 
 
 def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
-  """Imports an ml_collections config file and returns its `get_config()`."""
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"config file {str(path)!r} not found; pass --config with a file from configs/")
-  spec = importlib.util.spec_from_file_location(f"llasm_config_{path.stem}", path)
+  """`FILE.py` or `FILE.py:ARG` -> FILE's `get_config()` or `get_config(ARG)`: the convention of
+  ml_collections.config_flags (the text after the first ':' is the argument), as big_vision writes
+  `configs/tiny.py:stage2`. A relative FILE that is not found from here is taken from this checkout."""
+  file, *arg = str(path).split(":", 1)
+  found = pathlib.Path(file)
+  checkout = pathlib.Path(__file__).resolve().parent.parent / found
+  if not found.is_file() and not found.is_absolute() and checkout.is_file():
+    found = checkout
+  if not found.is_file():
+    raise FileNotFoundError(f"config file {file!r} not found; pass --config with a file from configs/")
+  spec = importlib.util.spec_from_file_location(f"llasm_config_{found.stem}", found)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
-    raise UserError(f"config file {str(path)!r} has no get_config()")
-  return module.get_config()
+    raise UserError(f"config file {file!r} has no get_config()")
+  return module.get_config(*arg)
 
 
-def loss_options(train: Any) -> tuple[str, float, float]:
-  """`config.train.{loss, kd_weight, kd_temperature}`, checked; absent keys: ("ce", 0.5, 1.0)."""
-  loss = train.get("loss", "ce")
-  weight, temperature = float(train.get("kd_weight", 0.5)), float(train.get("kd_temperature", 1.0))
-  if loss not in LOSSES:
-    raise UserError(f"config.train.loss {loss!r}: expected one of {', '.join(LOSSES)}")
-  if loss == "mix" and not 0.0 <= weight <= 1.0:
-    raise UserError(f"config.train.kd_weight {weight}: expected a share between 0 and 1 (loss = (1 - w) CE + w KL)")
-  if loss in ("kd", "mix") and not temperature > 0:
-    raise UserError(f"config.train.kd_temperature {temperature}: expected > 0 (1.0 = the plain distributions)")
-  return loss, weight, temperature
-
-
-def ctc_weight(train: Any) -> float:
-  """`config.train.ctc_weight`, checked (absent: 0.0): the CTC mean's weight beside a "ce", "kd" or
-  "mix" loss; loss "ctc" is CTC alone, whatever the weight."""
-  weight = float(train.get("ctc_weight", 0.0))
-  if not weight >= 0.0:
-    raise UserError(f"config.train.ctc_weight {weight}: expected >= 0 (0 = no CTC term)")
-  return weight
-
-
-def needs_teacher(config: Any) -> bool:
-  """Whether the batches of `config` carry the distillation teacher's text sequences."""
-  return loss_options(config.get("train") or {})[0] in ("kd", "mix")
-
-
-def needs_ctc(config: Any) -> bool:
-  """Whether `config` trains with CTC (loss "ctc" or ctc_weight > 0): its batches then carry each
-  row's transcript tokens, and its model the CTC blank (LlasmConfig.ctc)."""
-  train = config.get("train") or {}
-  return loss_options(train)[0] == "ctc" or ctc_weight(train) > 0
-
-
-def from_model_folder(stage: int, init_from: str) -> ml_collections.ConfigDict:
-  """A run config that trains the model folder `init_from` (whose architecture it takes) in LLaSM
-  stage 1 or 2, data-parallel over all devices, with the default sections to fill in."""
-  config = ml_collections.ConfigDict()
-  config.model = ml_collections.ConfigDict({"preset": "tiny"})  # unused: init_from's architecture wins
-  config.mesh = ml_collections.ConfigDict({"shape": {"data": -1, "fsdp": 1, "tensor": 1}})
-  config.logical_axis_rules = DEFAULT_RULES
-  config.update(training_sections(stage))
-  config.train.init_from = init_from
-  return config
+def config_name(path: str | pathlib.Path) -> str:
+  """A run's name from its `--config`: "configs/tiny.py:stage2" -> "tiny_stage2", "configs/tiny.py" -> "tiny"."""
+  file, *arg = str(path).split(":", 1)
+  return "_".join([pathlib.Path(file).stem, *arg])
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:

@@ -19,6 +19,8 @@ from llasm_jax.models.llasm import Llasm
 
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parent.parent / "configs").glob("*.py"))
 
+# Each file as it loads by default, and with ":stage2" where its docstring runs that stage.
+RUNS = [(p, None) for p in CONFIGS] + [(p, "stage2") for p in CONFIGS if f"{p.name}:stage2" in p.read_text()]
 
 def param_axis_names(model: nnx.Module) -> set[str]:
   names = set()
@@ -31,9 +33,9 @@ def test_configs_found():
   assert {p.stem for p in CONFIGS} >= {"tiny", "tiny_encoder", "llasm_cllama2_7b", "llasm_cllama2_7b_encoder"}
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
-def test_config_resolves_and_rules_cover_model(path):
-  run = load_config_file(path)
+@pytest.mark.parametrize("path, arg", RUNS, ids=lambda x: getattr(x, "stem", x))
+def test_config_resolves_and_rules_cover_model(path, arg):
+  run = load_config_file(f"{path}:{arg}" if arg else path)
   cfg = llasm_config(run.model)
   rules = tuple(tuple(r) for r in run.logical_axis_rules)
   names = [name for name, _ in rules]

@@ -16,7 +16,7 @@ pipeline's `audio_slots`: one per audio in "llasm" mode, one per `mel_frames` wi
   feature_lengths  int32[n]          S_j
   mel_lengths      int32[n]          F_j: the audio tokens of slot j are `audio_tokens(F_j)`, as uncached
   slots            int32[n_audios]   windows per audio
-The metadata holds `kind` and `cache`, the marker of what made the features (`pipeline.cache_marker`:
+The metadata holds `kind` and `cache`, the marker of what made the features (`cache.cache_marker`:
 mode, Whisper sizes and weights fingerprint, mel bins, window, dtype); training refuses a cache
 whose marker disagrees with its own model. Sizes: "encoder" mode stores 50 frames/s x E values,
 in bfloat16 38 KB per second of audio for Whisper tiny (E = 384), 128 KB/s for large (E = 1280),
@@ -51,7 +51,7 @@ from flax import nnx, traverse_util
 
 from llasm_jax import checkpoint, paths, sharding
 from llasm_jax.sharding import DEFAULT_RULES
-from llasm_jax.data import pipeline
+from llasm_jax.data import cache, contract, featurize, pipeline, sources
 from llasm_jax.data.audio import SAMPLE_RATE
 from llasm_jax.data import builders
 from llasm_jax.data.builders import VERSION
@@ -147,15 +147,15 @@ class WhisperRunner:
       feats, lengths = model.encode_audio(mel, mel_lengths)
       return feats.astype(store), lengths
 
-    spec = lambda name: jax.sharding.NamedSharding(self.mesh, sharding.logical_spec(pipeline.BATCH_AXES[name], self.rules))
+    spec = lambda name: jax.sharding.NamedSharding(self.mesh, sharding.logical_spec(contract.BATCH_AXES[name], self.rules))
     speech_sh = jax.tree.map(lambda x: x.sharding, self.speech)
     self.mel_sharding, self.lengths_sharding = spec("mel"), spec("mel_lengths")
     self._run = jax.jit(run, in_shardings=(speech_sh, self.mel_sharding, self.lengths_sharding),
                         out_shardings=(spec("audio_features"), spec("audio_feature_lengths")))
 
   def marker(self, **info) -> dict[str, Any]:
-    return pipeline.cache_marker(self.cfg, mel_frames=self.pcfg.mel_frames, dtype=self.dtype,
-                                 whisper_fingerprint=self.fingerprint, **info)
+    return cache.cache_marker(self.cfg, mel_frames=self.pcfg.mel_frames, dtype=self.dtype,
+                              whisper_fingerprint=self.fingerprint, **info)
 
   def bucket(self, frames: int) -> int:
     return next(b for b in self.buckets if frames <= b)
@@ -237,7 +237,7 @@ def encode(ckpt: str, data: str, out: str, *, dtype: str = "bfloat16", batch_siz
   source = pipeline.Source(data)
   if source.cache is not None:
     raise UserError(f"--data {data!r} already holds cached features; pass the raw dataset `llasm-jax data build` wrote")
-  if source.kind == pipeline.MIXED:
+  if source.kind == sources.MIXED:
     raise UserError(f"--data {data!r} mixes asr and instructions datasets; encode each kind on its own "
                      "(training reads several caches together: config.data.dir=A,B)")
   name = f"llasm_{source.kind}_features"
@@ -263,8 +263,8 @@ def encode(ckpt: str, data: str, out: str, *, dtype: str = "bfloat16", batch_siz
 
   def load(index: int) -> _Row:
     record = source[index]
-    audios = pipeline.record_audios(record, source.kind)
-    slots, mels = pipeline.audio_slots(audios, pcfg)
+    audios = sources.record_audios(record, source.kind)
+    slots, mels = featurize.audio_slots(audios, pcfg)
     return _Row(record, slots, mels, sum(len(a) for a in audios) / SAMPLE_RATE)
 
   stats = dict(rows=0, audios=0, slots=0, seconds=0.0, feature_frames=0)

@@ -9,7 +9,7 @@ as one window (the released models' padded 30 s mel); "encoder" mode splits it i
 own in the text (`<au_start>` + P x `<au_patch>` + `<au_end>`, P = `audio_tokens(F)`), so the
 conversation's `<audio>` placeholder of an audio (one per audio) is written once per window of
 that audio, and the template (`templates.Template.encode`) writes the spans. Training
-(`pipeline.Featurize`, `data encode` through `pipeline.audio_slots`), `eval` and inference
+(`featurize.Featurize`, `data encode` through `featurize.audio_slots`), `eval` and inference
 (`Generator.prepare`, `Chat`) all come through here.
 """
 
@@ -25,7 +25,7 @@ from llasm_jax.data import audio as audio_io
 from llasm_jax.data import features
 from llasm_jax.data.features import MAX_FRAMES
 from llasm_jax.errors import UserError
-from llasm_jax.models.llasm import LlasmConfig
+from llasm_jax.models.geometry import AudioGeometry
 from llasm_jax.tokens import AUDIO
 
 _ASSISTANT = ("assistant", "gpt")
@@ -78,29 +78,38 @@ def expand_placeholders(messages: Sequence[dict[str, Any]], windows: Sequence[in
 class AudioPrompts:
   """How audio enters a prompt: its windows, their log-mels and their audio tokens.
 
-  mode: "llasm" or "encoder" (LlasmConfig.mode), None for a text-only LLM (no audio).
-  mel_frames: "encoder" mode's window in mel frames (at most 3000 = 30 s)."""
+  geometry: the model's audio geometry with its window (mode, audio tokens per window), None for
+  a text-only LLM (no audio); num_mel_bins: M."""
 
-  mode: str | None = None
+  geometry: AudioGeometry | None = None
   num_mel_bins: int = 80
-  audio_token_len: int = 64
-  stack_factor: int = 8
-  mel_frames: int = MAX_FRAMES
 
   @classmethod
   def of(cls, cfg, mel_frames: int | None = None) -> "AudioPrompts":
-    """Of a model (`LlasmConfig`; None: a text-only LLM) or a `pipeline.PipelineConfig` (whose
+    """Of a model (`LlasmConfig`; None: a text-only LLM) or a `contract.PipelineConfig` (whose
     `mel_frames` it takes unless `mel_frames` is given)."""
     if cfg is None:
       return cls()
-    bins = cfg.audio.num_mel_bins if hasattr(cfg, "audio") else cfg.num_mel_bins
-    frames = mel_frames or getattr(cfg, "mel_frames", MAX_FRAMES)
-    return cls(cfg.mode, bins, cfg.audio_token_len, cfg.stack_factor, int(frames))
+    if hasattr(cfg, "audio"):  # a LlasmConfig: its geometry with windows of `mel_frames`
+      return cls(cfg.geometry(int(mel_frames or MAX_FRAMES)), cfg.audio.num_mel_bins)
+    geometry = dataclasses.replace(cfg.geometry, mel_frames=int(mel_frames)) if mel_frames else cfg.geometry
+    return cls(geometry, cfg.num_mel_bins)
+
+  @property
+  def mode(self) -> str | None:
+    """LlasmConfig.mode ("llasm", "encoder" or "decoder"); None for a text-only LLM."""
+    return None if self.geometry is None else self.geometry.mode
+
+  @property
+  def mel_frames(self) -> int:
+    """The unpadded modes' window in mel frames (at most 3000 = 30 s)."""
+    return MAX_FRAMES if self.geometry is None else self.geometry.mel_frames
 
   def audio_tokens(self, mel_frames: int) -> int:
     """P of one window of `mel_frames` frames."""
-    # The model config owns the rule; it reads only mode, audio_token_len and stack_factor.
-    return LlasmConfig.audio_tokens(self, mel_frames)  # type: ignore[arg-type]
+    if self.geometry is None:
+      raise UserError("this checkpoint is a text-only LLM; it cannot take audio")
+    return self.geometry.audio_tokens(mel_frames)
 
   def windows(self, audio, name: str | None = None) -> list[np.ndarray]:
     """One audio -> the log-mel float32[M, F] of each of its windows, in order. audio: a path, a

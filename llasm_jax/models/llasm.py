@@ -29,8 +29,9 @@ from flax import nnx
 from llasm_jax.layers import KVCache, param_init
 from llasm_jax.models.adaptor import (LinearAdaptor, StackedMLPAdaptor, TranscriptAdaptor, UltravoxAdaptor,
                                       text_scale)
+from llasm_jax.models.geometry import WINDOW_FRAMES, AudioGeometry
 from llasm_jax.models.llama import LLAMA_PRESETS, LlamaConfig, LlamaForCausalLM
-from llasm_jax.models.whisper import WHISPER_PRESETS, WhisperConfig, WhisperModel, encoder_frames
+from llasm_jax.models.whisper import WHISPER_PRESETS, WhisperConfig, WhisperModel
 from llasm_jax.errors import UserError
 
 MODES = ("llasm", "encoder", "decoder")
@@ -97,10 +98,14 @@ class LlasmConfig:
       raise UserError(f"audio token id {top} is outside the LLM vocab ({self.llm.vocab_size}); "
                        "append the audio tokens to the vocab first")
 
+  def geometry(self, mel_frames: int = WINDOW_FRAMES) -> AudioGeometry:
+    """The audio geometry of this model with windows of `mel_frames` mel frames (config.data.mel_frames)."""
+    return AudioGeometry(self.mode, self.audio_token_len, self.stack_factor, int(mel_frames))
+
   @property
   def padded_mel(self) -> bool:
     """Whether Whisper reads every audio padded to 30 s ("llasm" mode) or unpadded (the others)."""
-    return self.mode == "llasm"
+    return self.geometry().padded_mel
 
   @property
   def with_decoder(self) -> bool:
@@ -112,23 +117,17 @@ class LlasmConfig:
     """E of `encode_audio`'s features: Whisper's width, and in "decoder" mode the LLM's beside it."""
     return self.audio.d_model + (self.llm.hidden_size if self.mode == "decoder" else 0)
 
-  # The two rules below read only mode, audio_token_len and stack_factor: the pipeline's and the
-  # prompts' configs, which have those too, call them.
   def feature_frames(self, mel_frames: int) -> int:
-    """S of `encode_audio`'s features for an audio of `mel_frames` mel frames (at most, in "decoder" mode)."""
-    return self.audio_token_len if self.mode != "encoder" else int(encoder_frames(mel_frames))
+    """S of `encode_audio`'s features for an audio of `mel_frames` mel frames (`AudioGeometry.feature_frames`)."""
+    return self.geometry().feature_frames(mel_frames)
 
   def feature_length_ok(self, length: int, mel_frames: int) -> bool:
-    """Whether `encode_audio` may give `length` feature frames for an audio of `mel_frames` mel
-    frames: exactly `feature_frames`, or in "decoder" mode 1 to that (the transcript and its end)."""
-    s = self.feature_frames(mel_frames)
-    return 0 < length <= s if self.mode == "decoder" else length == s
+    """Whether `encode_audio` may give `length` feature frames for `mel_frames` mel frames (`AudioGeometry`)."""
+    return self.geometry().feature_length_ok(length, mel_frames)
 
   def audio_tokens(self, mel_frames: int) -> int:
-    """Audio tokens P that an audio of `mel_frames` mel frames becomes."""
-    if self.mode != "encoder":
-      return self.audio_token_len
-    return -(-encoder_frames(mel_frames) // self.stack_factor)
+    """Audio tokens P that an audio of `mel_frames` mel frames becomes (`AudioGeometry.audio_tokens`)."""
+    return self.geometry().audio_tokens(mel_frames)
 
   def replace(self, **kw) -> "LlasmConfig":
     return dataclasses.replace(self, **kw)

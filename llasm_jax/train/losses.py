@@ -5,7 +5,7 @@ Legend: B batch, T length, K target slots per row (static), C slots per chunk, D
 (padded: LlamaConfig.padded_vocab, its extra logits masked by the head).
 
 Labels follow the HF convention (unshifted, -100 = no loss): the logits at position t predict
-labels[t + 1]. The batch's `target_positions` (llasm_jax/data/pipeline.py) list, per row, the
+labels[t + 1]. The batch's `target_positions` (llasm_jax/data/contract.py) list, per row, the
 positions whose next token is a target; the LM head runs on those K slots only instead of all
 T (in stage 1 about one position in eight carries a loss, and the head of a small LLM is a
 fifth of its matmuls).
@@ -18,11 +18,13 @@ as much again for their gradient) never exist whole, only float32[B, C, V].
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from llasm_jax.errors import UserError
 
 
 def gather(x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -152,3 +154,49 @@ def ctc_loss(logits: jax.Array, valid: jax.Array, labels: jax.Array, lengths: ja
                            blank_id=logits.shape[-1] - 1)
   infeasible = jnp.sum((lengths > 0) & ~feasible).astype(jnp.float32)
   return jnp.sum(jnp.where(feasible, per_row, 0.0)), jnp.sum(n).astype(jnp.float32), infeasible
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss policy: which loss config.train asks for, and what its batches must then carry.
+
+# config.train.loss: cross-entropy on the reference answer, distillation from the frozen LLM
+# reading the transcript as text (KL between next-token distributions on the answer tokens),
+# (1 - kd_weight) * CE + kd_weight * KL, each a mean over the batch's answer tokens, or CTC alone:
+# the adaptor's outputs scored against the LLM's embedding table and aligned to each row's
+# transcript (no LLM pass at all: a cheap warm-up of the adaptor). config.train.ctc_weight > 0 adds
+# ctc_weight * the CTC mean (per transcript token) to "ce", "kd" or "mix".
+LOSSES = ("ce", "kd", "mix", "ctc")
+
+
+def loss_options(train: Any) -> tuple[str, float, float]:
+  """`config.train.{loss, kd_weight, kd_temperature}`, checked; absent keys: ("ce", 0.5, 1.0)."""
+  loss = train.get("loss", "ce")
+  weight, temperature = float(train.get("kd_weight", 0.5)), float(train.get("kd_temperature", 1.0))
+  if loss not in LOSSES:
+    raise UserError(f"config.train.loss {loss!r}: expected one of {', '.join(LOSSES)}")
+  if loss == "mix" and not 0.0 <= weight <= 1.0:
+    raise UserError(f"config.train.kd_weight {weight}: expected a share between 0 and 1 (loss = (1 - w) CE + w KL)")
+  if loss in ("kd", "mix") and not temperature > 0:
+    raise UserError(f"config.train.kd_temperature {temperature}: expected > 0 (1.0 = the plain distributions)")
+  return loss, weight, temperature
+
+
+def ctc_weight(train: Any) -> float:
+  """`config.train.ctc_weight`, checked (absent: 0.0): the CTC mean's weight beside a "ce", "kd" or
+  "mix" loss; loss "ctc" is CTC alone, whatever the weight."""
+  weight = float(train.get("ctc_weight", 0.0))
+  if not weight >= 0.0:
+    raise UserError(f"config.train.ctc_weight {weight}: expected >= 0 (0 = no CTC term)")
+  return weight
+
+
+def needs_teacher(config: Any) -> bool:
+  """Whether the batches of `config` carry the distillation teacher's text sequences."""
+  return loss_options(config.get("train") or {})[0] in ("kd", "mix")
+
+
+def needs_ctc(config: Any) -> bool:
+  """Whether `config` trains with CTC (loss "ctc" or ctc_weight > 0): its batches then carry each
+  row's transcript tokens, and its model the CTC blank (LlasmConfig.ctc)."""
+  train = config.get("train") or {}
+  return loss_options(train)[0] == "ctc" or ctc_weight(train) > 0

@@ -5,6 +5,17 @@ from __future__ import annotations
 import ml_collections
 
 from llasm_jax.errors import UserError
+from llasm_jax.sharding import DEFAULT_RULES
+
+
+STAGES = {"stage1": 1, "stage2": 2}  # a run config file's argument -> the LLaSM stage it trains
+
+
+def stage_of(arg: str) -> int:
+  """A run config file's argument ("stage1" or "stage2", as in `configs/tiny.py:stage2`) -> its LLaSM stage."""
+  if arg not in STAGES:
+    raise UserError(f"config argument {arg!r}: expected {' or '.join(STAGES)}, as in --config configs/tiny.py:stage2")
+  return STAGES[arg]
 
 
 def training_sections(stage: int) -> dict[str, ml_collections.ConfigDict]:
@@ -136,3 +147,15 @@ def training_sections(stage: int) -> dict[str, ml_collections.ConfigDict]:
       batch=8,  # rows per generate call (a multiple of the data x fsdp devices wastes nothing)
   ))
   return dict(train=train, optim=optim, data=data, eval=evaluation)
+
+
+def from_model_folder(stage: int, init_from: str) -> ml_collections.ConfigDict:
+  """A run config that trains the model folder `init_from` (whose architecture it takes) in LLaSM
+  stage 1 or 2, data-parallel over all devices, with the default sections to fill in."""
+  config = ml_collections.ConfigDict()
+  config.model = ml_collections.ConfigDict({"preset": "tiny"})  # unused: init_from's architecture wins
+  config.mesh = ml_collections.ConfigDict({"shape": {"data": -1, "fsdp": 1, "tensor": 1}})
+  config.logical_axis_rules = DEFAULT_RULES
+  config.update(training_sections(stage))
+  config.train.init_from = init_from
+  return config

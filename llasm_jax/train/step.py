@@ -43,7 +43,6 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from llasm_jax.config import LOSSES
 from llasm_jax.layers import dropout_rng
 from llasm_jax.models.llasm import splice
 from llasm_jax.train import losses
@@ -75,7 +74,7 @@ def microbatches(batch: dict[str, jax.Array], grad_accum: int) -> dict[str, jax.
 
 def audio_frames(cfg, batch: dict[str, jax.Array]) -> jax.Array:
   """int32[B]: the adaptor frames of each row's audio slots together, by the model config's own
-  rule (`LlasmConfig.audio_tokens`, as `pipeline.check_batch` asks it): from the mel lengths, or
+  rule (`LlasmConfig.audio_tokens`, as `contract.check_batch` asks it): from the mel lengths, or
   from cached encoder frames S (which 2S mel frames give)."""
   mel = 2 * batch["audio_feature_lengths"] if "audio_features" in batch else batch["mel_lengths"]
   tokens = jnp.where(mel > 0, cfg.audio_tokens(jnp.maximum(mel, 1)), 0)
@@ -97,8 +96,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
   device (measured with `train --compile-only`), against 7 GiB for the same step in stage 2.
   """
   trainable = [lab == TRAIN for lab in jax.tree.leaves(labels)]
-  if loss not in LOSSES:
-    raise UserError(f"config.train.loss {loss!r}: expected one of {', '.join(LOSSES)}")
+  if loss not in losses.LOSSES:
+    raise UserError(f"config.train.loss {loss!r}: expected one of {', '.join(losses.LOSSES)}")
   if loss_chunk < 0:
     raise UserError(f"config.train.loss_chunk {loss_chunk}: expected target positions per chunk, or 0 for all at once")
   if not ctc_weight >= 0:

@@ -12,18 +12,26 @@ import grain
 import ml_collections
 import numpy as np
 
-from llasm_jax.data.pipeline import target_positions
+from llasm_jax.data.contract import PipelineConfig, batch_spec, target_positions, teacher_target_positions
 from llasm_jax.models.llasm import LlasmConfig
 from llasm_jax.tokens import IGNORE
 
+
+def example_spec(cfg: LlasmConfig, data: ml_collections.ConfigDict,
+                 teacher: bool = False) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """Shape and dtype of each key of one example: a row of the batch contract (`contract.batch_spec`)."""
+  pcfg = PipelineConfig.from_model(cfg, seq_len=data.seq_len, max_audios=data.max_audios, mel_frames=data.mel_frames,
+                                   teacher=teacher)
+  return {k: (shape[1:], dtype) for k, (shape, dtype) in batch_spec(pcfg, 1).items()}
 
 
 def make_example(cfg: LlasmConfig, data: ml_collections.ConfigDict, seed: int, index: int,
                  teacher: bool = False) -> dict[str, np.ndarray]:
   rng = np.random.default_rng([seed, index])
-  frames = 3000 if cfg.padded_mel else data.mel_frames
-  p = cfg.audio_tokens(frames)
-  t = data.seq_len
+  spec = example_spec(cfg, data, teacher)
+  geometry = cfg.geometry(data.mel_frames)
+  frames, p = geometry.frames, geometry.window_tokens
+  (t,), _ = spec["input_ids"]
   low = min(cfg.audio_patch_id, cfg.audio_start_id, cfg.audio_end_id)
   prompt = rng.integers(3, low, rng.integers(2, 8)).tolist()
   answer_len = int(rng.integers(4, max(5, t - len(prompt) - p - 4)))
@@ -32,13 +40,13 @@ def make_example(cfg: LlasmConfig, data: ml_collections.ConfigDict, seed: int, i
   n_prompt = len(ids)
   ids = (ids + answer)[:t]
   n = len(ids)
-  input_ids = np.zeros(t, np.int32)
+  input_ids = np.zeros(*spec["input_ids"])
   input_ids[:n] = ids
-  labels = np.full(t, IGNORE, np.int32)
+  labels = np.full(spec["labels"][0], IGNORE, spec["labels"][1])
   labels[n_prompt:n] = input_ids[n_prompt:n]
-  mel = np.zeros((data.max_audios, cfg.audio.num_mel_bins, frames), np.float32)
+  mel = np.zeros(*spec["mel"])
   mel[0] = rng.uniform(-1.0, 1.0, mel.shape[1:])
-  mel_lengths = np.zeros(data.max_audios, np.int32)
+  mel_lengths = np.zeros(*spec["mel_lengths"])
   mel_lengths[0] = frames
   out = dict(input_ids=input_ids, labels=labels, attention_mask=(np.arange(t) < n).astype(np.int32),
              positions=np.arange(t, dtype=np.int32), target_positions=target_positions(labels[None], t)[0],
@@ -47,16 +55,14 @@ def make_example(cfg: LlasmConfig, data: ml_collections.ConfigDict, seed: int, i
     spoken = rng.integers(3, low, rng.integers(2, 8)).tolist()
     t_ids = ([cfg.llm.bos_token_id] + prompt + spoken + answer)[:t]
     t_prompt = 1 + len(prompt) + len(spoken)
-    teacher_ids = np.zeros(t, np.int32)
+    teacher_ids = np.zeros(*spec["teacher_input_ids"])
     teacher_ids[:len(t_ids)] = t_ids
     t_labels = np.full(t, IGNORE, np.int32)
     t_labels[t_prompt:len(t_ids)] = teacher_ids[t_prompt:len(t_ids)]
-    every = target_positions(t_labels[None], t)[0]
-    slots = np.full(t, -1, np.int32)
-    both = min(int(np.sum(every >= 0)), int(np.sum(out["target_positions"] >= 0)))
-    slots[:both] = every[:both]
+    slots = teacher_target_positions(t_labels[None], out["target_positions"][None])[0]
     out.update(teacher_input_ids=teacher_ids, teacher_attention_mask=(np.arange(t) < len(t_ids)).astype(np.int32),
                teacher_positions=np.arange(t, dtype=np.int32), teacher_target_positions=slots)
+  assert all(out[k].shape == shape and out[k].dtype == dtype for k, (shape, dtype) in spec.items())
   return out
 
 

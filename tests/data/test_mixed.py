@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from llasm_jax.data import builders, encode, pipeline
+from llasm_jax.data import builders, encode, pipeline, sources
 from llasm_jax.errors import UserError
 from tests.train.test_cached import llasm_folders
 
@@ -52,8 +52,8 @@ def pipeline_model(ckpt):
 
 def test_mixed_source_raw_and_cached(data, assets):
   source = pipeline.Source(f"{data['asr']},{data['questions']}")
-  assert source.kind == pipeline.MIXED and len(source) == 7 + 3
-  assert {source[i][pipeline.KIND_KEY] for i in range(len(source))} == {"asr", "instructions"}
+  assert source.kind == sources.MIXED and len(source) == 7 + 3
+  assert {source[i][sources.KIND_KEY] for i in range(len(source))} == {"asr", "instructions"}
   transcripts = sorted(json.loads(line)["text"] for line in open(os.path.join(assets, "manifest.jsonl")))
   expected = sorted(transcripts + [f"answer {i}" for i in range(3)])
   raw = replies(source, data["ckpt"], "mel")
@@ -64,7 +64,7 @@ def test_mixed_source_raw_and_cached(data, assets):
   caches = [encode.encode(data["ckpt"], d, str(data["root"] / name), dtype="float32", quiet=True).path
             for name, d in (("c_asr", data["asr"]), ("c_q", data["questions"]))]
   cached = pipeline.Source(",".join(caches))  # two caches of one Whisper: their provenance differs, not features
-  assert cached.kind == pipeline.MIXED and cached.cache is not None
+  assert cached.kind == sources.MIXED and cached.cache is not None
   assert replies(cached, data["ckpt"], "cached") == raw
   # Each reply is a transcript or an answer, none lost or doubled (the tiny tokenizer may respell text).
   assert len(expected) == len(raw)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from llasm_jax.data import packing, pipeline
+from llasm_jax.data import contract, packing, pipeline
 from llasm_jax.errors import UserError
 from llasm_jax.tokens import IGNORE
 from tests.data.conftest import tiny_model
@@ -83,7 +83,7 @@ def test_rows_hold_whole_samples_with_their_audio(tokenizer_dir, shared_prefix):
     assert slot == len(row["mel_lengths"])
   assert sorted(seen) == list(range(WINDOW))
   batch = pipeline.Collate(cfg, 0)(rows)
-  pipeline.check_batch(batch, model)  # markers against slots, segments and restarting positions
+  contract.check_batch(batch, model)  # markers against slots, segments and restarting positions
   assert batch["mel"].shape[1] == SLOTS and np.all(batch["segment_ids"][batch["attention_mask"] == 0] == 0)
 
 
@@ -127,7 +127,7 @@ def test_resume_mid_window_equals_uninterrupted_run(tokenizer_dir):
     it.set_state(state)
     rest = [next(it) for _ in range(4)]
   for a, b in zip(full, first + rest):
-    assert set(a) == set(pipeline.batch_keys(packed=True))
+    assert set(a) == set(contract.batch_keys(packed=True))
     for k in a:
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   # A packed state does not resume unpacked batches, nor the other way round.

@@ -12,10 +12,11 @@ from transformers import WhisperFeatureExtractor
 from llasm_jax import tokens
 from llasm_jax import sharding
 from llasm_jax.sharding import DEFAULT_RULES
-from llasm_jax.data import builders, pipeline
+from llasm_jax.data import builders, contract, global_batch, pipeline
 from llasm_jax.data.audio import from_int16
 from llasm_jax.errors import UserError
 from llasm_jax.tokens import IGNORE
+from llasm_jax.train import data_config
 from tests.conftest import assert_close
 from tests.data.conftest import tiny_model
 
@@ -66,7 +67,7 @@ def check_contract(batch, model, cfg, b):
     assert np.all(lengths[row, :filled] > 0) and np.all(lengths[row, filled:] == 0)
     for j in range(cfg.max_audios):
       assert not np.any(batch["mel"][row, j, :, lengths[row, j]:])
-  pipeline.check_batch(batch, model)
+  contract.check_batch(batch, model)
 
 
 def take(it, n):
@@ -188,7 +189,7 @@ def test_train_iterator_and_global_arrays(assets_dataset, tokenizer_dir):
       "data": {"source": "tfds", "dir": assets_dataset, "seq_len": 256, "max_audios": 2, "mel_frames": 1000,
                "num_examples": 0, "seed": 0, "workers": 0},
   })
-  it = pipeline.train_iterator(config, model, host_batch=2)
+  it = data_config.train_iterator(config, model, host_batch=2)
   try:
     batch = next(it)
   finally:
@@ -196,12 +197,12 @@ def test_train_iterator_and_global_arrays(assets_dataset, tokenizer_dir):
   check_contract(batch, model, pipeline.PipelineConfig.from_model(model, seq_len=256, max_audios=2, mel_frames=1000), 2)
   assert batch["input_ids"].shape == (2, 256)
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  arrays = pipeline.to_global(batch, mesh, DEFAULT_RULES)
+  arrays = global_batch.to_global(batch, mesh, DEFAULT_RULES)
   for k, v in arrays.items():
     assert isinstance(v, jax.Array) and v.shape == batch[k].shape and v.dtype == batch[k].dtype
     np.testing.assert_array_equal(np.asarray(v), batch[k])
     assert v.sharding.spec[0] == ("data", "fsdp")
-  padded = pipeline.pad_length(batch, 300)
+  padded = global_batch.pad_length(batch, 300)
   assert padded["input_ids"].shape == (2, 300) and np.all(padded["labels"][:, 256:] == IGNORE)
   assert np.all(padded["attention_mask"][:, 256:] == 0) and np.all(padded["positions"][0] == np.arange(300))
 
@@ -241,7 +242,7 @@ def test_config_data_system_reaches_the_batches(tokenizer_dir, system):
                   ([] if system is None else [f"--config.data.system={system}"]))
   assert config.data.system == system
   model = tiny_model()
-  cfg = pipeline.pipeline_config(config, model)
+  cfg = data_config.pipeline_config(config, model)
   assert cfg.system == system and cfg.template == "chat-template"
   with pipeline.make_iterator(IndexSource(4), cfg, tok, batch_size=2, shard_index=0, shard_count=1) as it:
     batch = next(it)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from llasm_jax.data import features, pipeline
+from llasm_jax.data import features, featurize, pipeline
 from llasm_jax.data.audio import AudioError, synth_speech
 from llasm_jax.data.prompts import AudioPrompts, conversation, expand_placeholders, user_content
 from llasm_jax.data.templates import get_template
@@ -23,7 +23,7 @@ def test_windows_per_mode():
   # Shorter windows (config.data.mel_frames), and the pipeline's slots are these windows.
   short = AudioPrompts.of(pipeline.PipelineConfig.from_model(tiny_model("encoder"), mel_frames=300))
   assert [w.shape[1] for w in short.windows(wave)] == [300] * 10 + [100]
-  slots, mels = pipeline.audio_slots([wave, wave[:16000]],
+  slots, mels = featurize.audio_slots([wave, wave[:16000]],
                                      pipeline.PipelineConfig.from_model(tiny_model("encoder"), mel_frames=300))
   assert slots == [11, 1]
   assert all(np.array_equal(a, b) for a, b in zip(mels, short.windows(wave) + short.windows(wave[:16000])))

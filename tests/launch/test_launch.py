@@ -48,7 +48,7 @@ START = (
     " echo \"$(hostname): llasm-jax job $P still runs; end it first with launch/tpu.sh stop\" >&2; exit 1; fi;"
     " echo \"$J\" > \"$L/latest\"; cd llasm_jax || exit 1;"
     " setsid{env} bash -c '\\''.venv/bin/llasm-jax \"$@\"; echo $? > \"$0\"'\\'' \"$L/$J.rc\" --distributed"
-    " train --config configs/llasm_cllama2_7b_stage1.py --config.data.system=You\\ are:\\ \\\"nice\\\""
+    " train --config configs/llasm_cllama2_7b.py:stage1 --config.data.system=You\\ are:\\ \\\"nice\\\""
     " > \"$L/$J.log\" 2>&1 < /dev/null & echo $! > \"$L/$J.pid\"; echo \"$(hostname): started llasm-jax job $J, log $L/$J.log\"'")
 FOLLOW = (
     "{ssh} --worker={worker} --command 'L=$HOME/llasm_jax_logs; {job};"
@@ -64,8 +64,8 @@ STOP = (
     " then kill -TERM -- \"-$P\"; i=0; while kill -0 -- \"-$P\" 2>/dev/null && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done;"
     " kill -KILL -- \"-$P\" 2>/dev/null; echo 143 > \"$L/$J.rc\"; echo \"$(hostname): stopped llasm-jax job $J\";"
     " else echo \"$(hostname): no llasm-jax job running\"; fi'")
-STAGE1 = ["train", "--config", "configs/llasm_cllama2_7b_stage1.py", SYSTEM]
-XPK_COMMAND = ("--command 'llasm-jax --distributed train --config configs/llasm_cllama2_7b_stage1.py"
+STAGE1 = ["train", "--config", "configs/llasm_cllama2_7b.py:stage1", SYSTEM]
+XPK_COMMAND = ("--command 'llasm-jax --distributed train --config configs/llasm_cllama2_7b.py:stage1"
                " --workdir gs://B/stage1 --config.data.system=You\\ are:\\ \\\"nice\\\"'")
 
 
@@ -285,7 +285,7 @@ def xpk(*args, env):
 
 def test_xpk_run(env):
   assert xpk("run", "--workload", "stage1", "--type", "v5p-64", "--num-slices", "2",
-             "--docker-image", "gcr.io/p/llasm-jax:v1", "--", "train", "--config", "configs/llasm_cllama2_7b_stage1.py",
+             "--docker-image", "gcr.io/p/llasm-jax:v1", "--", "train", "--config", "configs/llasm_cllama2_7b.py:stage1",
              "--workdir", "gs://B/stage1", SYSTEM, env=env) == [
       "xpk workload create --cluster c1 --workload stage1 --tpu-type v5p-64 --num-slices 2"
       f" --docker-image gcr.io/p/llasm-jax:v1 {XPK_COMMAND}"]
@@ -295,7 +295,7 @@ def test_xpk_run_all_options(env):
   settings = {"WORKLOAD": "stage1", "ACCELERATOR_TYPE": "v6e-64", "DOCKER_IMAGE": "img", "PROJECT": "p1",
               "ZONE": "us-east5-a", "MAX_RESTARTS": "5"}
   assert dry("xpk.sh", "run", "--cluster", "c1", "--env", "A=1", "--storage", "data", "--xpk-arg=--spot", "--",
-             "train", "--config", "configs/llasm_cllama2_7b_stage1.py", "--workdir", "gs://B/stage1", SYSTEM,
+             "train", "--config", "configs/llasm_cllama2_7b.py:stage1", "--workdir", "gs://B/stage1", SYSTEM,
              env=env, extra_env=settings) == [
       "xpk workload create --cluster c1 --workload stage1 --tpu-type v6e-64 --num-slices 1 --docker-image img"
       f" --project p1 --zone us-east5-a --max-restarts 5 --env A=1 --storage data --spot {XPK_COMMAND}"]
@@ -346,7 +346,7 @@ def test_pack_takes_the_checkout_without_venv_or_git(tmp_path, env):
   p = launch("tpu.sh", "pack", str(out), env=env)
   assert p.returncode == 0, p.stderr
   names = subprocess.run(["tar", "-tzf", str(out)], capture_output=True, text=True, check=True).stdout.split()
-  assert {"setup.py", "launch/tpu.sh", "launch/lib.sh", "configs/llasm_cllama2_7b_stage1.py"} <= set(names)
+  assert {"setup.py", "launch/tpu.sh", "launch/lib.sh", "configs/llasm_cllama2_7b.py"} <= set(names)
   assert not [n for n in names if n.startswith((".venv", ".git/")) or "__pycache__" in n or ".egg-info" in n]
 
 

@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from llasm_jax import tokens
-from llasm_jax.data import pipeline
+from llasm_jax.data import contract, featurize, pipeline
+from llasm_jax.train import data_config
 from llasm_jax.models.llasm import LLASM_PRESETS, Llasm
 from llasm_jax.train import trainer
 from llasm_jax.train.step import TrainState, make_train_step
@@ -61,7 +62,7 @@ def ctc_batch(cfg, config, b=4, seed=0):
   rows 0-1 short, row 2 without one, row 3 infeasible (12 equal tokens need 23 frames)."""
   rows = [make_example(cfg, config.data, seed, i) for i in range(b)]
   host = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-  u = pipeline.pipeline_config(config, cfg).ctc_width
+  u = data_config.pipeline_config(config, cfg).ctc_width
   assert u == 20
   rng = np.random.default_rng(seed)
   labels = np.zeros((b, u), np.int32)
@@ -235,15 +236,15 @@ def test_pipeline_ctc_targets_are_the_transcripts(tokenizer_dir):
   cfg = pipeline.PipelineConfig.from_model(model, ctc=True, system="", seq_len=256, max_audios=4, mel_frames=100)
   with pipeline.make_iterator(source, cfg, tokenizer_dir, batch_size=4, shard_index=0, shard_count=1) as it:
     batch = next(it)
-  pipeline.check_batch(batch, model)
+  contract.check_batch(batch, model)
   assert batch["ctc_labels"].shape == (4, cfg.ctc_width)
-  wanted = [[j for t in source[i]["transcripts"] for j in pipeline.ctc_token_ids(tok, t.decode())]
+  wanted = [[j for t in source[i]["transcripts"] for j in featurize.ctc_token_ids(tok, t.decode())]
             for i in range(4)]
   for row in range(4):
     n = int(batch["ctc_label_lengths"][row])
     assert n > 0 and list(batch["ctc_labels"][row, :n]) in wanted
   # Mid-text tokens: the transcript as it reads after a word.
-  ids = pipeline.ctc_token_ids(tok, "hello world")
+  ids = featurize.ctc_token_ids(tok, "hello world")
   assert tok.decode(ids).strip() == "hello world"
   assert ids == tok.encode("USER: hello world", add_special_tokens=False)[-len(ids):]
 

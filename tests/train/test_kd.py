@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from llasm_jax import tokens
-from llasm_jax.data import builders, pipeline
+from llasm_jax.data import builders, contract, pipeline
 from llasm_jax.errors import UserError
 from llasm_jax.train import trainer
 from llasm_jax.train.step import TrainState, make_train_step
@@ -171,7 +171,7 @@ def test_teacher_sequences_read_the_transcripts(tokenizer_dir):
   inst = pipeline.SyntheticSource("instructions", 4, seed=2, max_turns=2)
   for source in (asr, inst):
     batch = _batch(source, tokenizer_dir, 4, seq_len=256, buckets=(128, 256), max_audios=2)
-    pipeline.check_batch(batch, model)
+    contract.check_batch(batch, model)
     assert batch["teacher_input_ids"].shape[1] in (128, 256)
     assert batch["teacher_target_positions"].shape == batch["target_positions"].shape
     assert not np.isin(batch["teacher_input_ids"], markers).any()  # text only

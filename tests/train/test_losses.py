@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from llasm_jax.data.pipeline import target_positions
+from llasm_jax.data.contract import target_positions
 from llasm_jax.train import losses
 
 from llasm_jax.tokens import IGNORE

@@ -16,7 +16,7 @@ from flax import nnx
 from llasm_jax import tokens
 from llasm_jax import checkpoint
 from llasm_jax.convert.convert import convert
-from llasm_jax.data import builders, packing, pipeline
+from llasm_jax.data import builders, contract, packing, pipeline
 from tests.conftest import assert_close
 from tests.data.conftest import ASSETS
 from tests.infer.conftest import save_hf_pair
@@ -66,7 +66,7 @@ def same_samples(setup, shared_prefix: bool):
   rows = len(packed["input_ids"])
   assert rows < 8 and packed["segment_ids"].max() > 1  # rows of several samples
   assert packed["attention_mask"].sum() == plain["attention_mask"].sum()
-  pipeline.check_batch(packed, setup["cfg"])
+  contract.check_batch(packed, setup["cfg"])
   fill = {"labels": tokens.IGNORE, "target_positions": -1}
   empty = {k: np.full((8 - rows, *v.shape[1:]), fill.get(k, 0), v.dtype) for k, v in packed.items()
            if k != "prefix_ids"}

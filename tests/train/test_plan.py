@@ -18,7 +18,7 @@ pytest.importorskip("libtpu")
 
 TOPOLOGY = "v5e:2x2"  # 4 chips, one host: compiles the tiny step in seconds
 # The tests' tiny encoder-mode model (tests/train/test_train.py tiny_config) from the command line.
-TINY = [os.path.join(ROOT, "configs", "tiny_stage1.py"), "--config.model.preset=tiny_encoder",
+TINY = [os.path.join(ROOT, "configs", "tiny.py") + ":stage1", "--config.model.preset=tiny_encoder",
         "--config.data.mel_frames=160", "--config.data.seq_len=40"]
 
 
@@ -45,7 +45,7 @@ def test_cli_prints_the_plan_and_writes_json(tmp_path, capsys):
   rc = cli.main(["train", "--config", *TINY, "--compile-only", "--topology", TOPOLOGY, "--json", str(out)])
   text = capsys.readouterr().out
   assert rc == 0, text
-  assert "plan: tiny_stage1.py on v5e:2x2 (4 chips v5e, 1 host; mesh data 4 x fsdp 1 x tensor 1)" in text
+  assert "plan: tiny.py:stage1 on v5e:2x2 (4 chips v5e, 1 host; mesh data 4 x fsdp 1 x tensor 1)" in text
   assert "fits           yes:" in text and "at 40% MFU" in text
   saved = json.loads(out.read_text())
   assert saved["fits"] and saved["topology"] == TOPOLOGY and saved["batch_size"] == 8
@@ -166,8 +166,8 @@ def test_largest_fitting_doubles_then_bisects(limit, start):
 @pytest.mark.slow
 def test_7b_stage2_on_v5p_16_chips():
   """The real 7B stage-2 step (global batch 128 x 2048, FSDP over 16 chips, full remat)."""
-  config = load_config_file(pathlib.Path(ROOT) / "configs" / "llasm_cllama2_7b_stage2.py")
-  r = plan.plan(config, "v5p:2x2x4", name="llasm_cllama2_7b_stage2.py")
+  config = load_config_file(f"{pathlib.Path(ROOT) / 'configs' / 'llasm_cllama2_7b.py'}:stage2")
+  r = plan.plan(config, "v5p:2x2x4", name="llasm_cllama2_7b.py:stage2")
   assert (r["chips"], r["hosts"], r["mesh"]["fsdp"], r["per_chip_batch"]) == (16, 4, 16, 8)
   # ~7B float32 master weights + Adam moments (adaptor and LLM train) over 16 chips: ~5 GiB each.
   assert 4 < r["argument_size_gib"] < 6.5

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def tiny_config(stage=2, steps=3, **train):
   """Tiny encoder-mode model (short audio keeps CPU steps fast), float32, loss every step."""
-  config = load_config_file(os.path.join(ROOT, "configs", f"tiny_stage{stage}.py"))
+  config = load_config_file(os.path.join(ROOT, "configs", "tiny.py") + f":stage{stage}")
   config.model = {"preset": "tiny_encoder"}
   config.data.mel_frames = 160
   config.data.seq_len = 40
