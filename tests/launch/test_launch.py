@@ -3,9 +3,9 @@ launch/tpu.sh's run/logs/stop against a fake gcloud that plays a slice of local 
 
 import os
 import pathlib
+import select
 import shutil
 import subprocess
-import time
 
 import pytest
 
@@ -388,6 +388,19 @@ exit 3
 """
 
 
+def ended(pid: int, timeout: float) -> bool:
+  """Whether process `pid` (not a child of ours: `setsid` started it) ends within `timeout` seconds; its
+  pidfd turns readable when it does."""
+  try:
+    fd = os.pidfd_open(pid)
+  except ProcessLookupError:
+    return True
+  try:
+    return bool(select.select([fd], [], [], timeout)[0])
+  finally:
+    os.close(fd)
+
+
 @pytest.fixture
 def slice_(tmp_path, env):
   if shutil.which("setsid") is None or subprocess.run(["tail", "--pid=1", "--version"], capture_output=True).returncode:
@@ -418,9 +431,8 @@ def test_run_on_workers_streams_process_0_and_its_status(slice_):
   assert "llasm-jax job j1 ended with exit status 3" in p.stderr, p.stderr
   for w in range(2):
     logs = tpu_dir / f"w{w}" / "llasm_jax_logs"
-    deadline = time.time() + 30  # `run` follows worker 0 only: worker 1's job may still be finishing
-    while not (logs / "j1.rc").exists() and time.time() < deadline:
-      time.sleep(0.1)
+    # `run` follows worker 0 only: worker 1's job may still be finishing. Its wrapper writes j1.rc, then ends.
+    assert ended(int((logs / "j1.pid").read_text()), timeout=30)
     assert (logs / "j1.log").read_text() == f"{args}\nprocess {w} done\n"
     assert (logs / "j1.rc").read_text() == "3\n" and (logs / "latest").read_text() == "j1\n"
   p = launch("tpu.sh", "logs", "--worker", "1", env=env)
@@ -436,9 +448,6 @@ def test_stop_and_refusing_a_second_job(slice_):
   pid = int((tpu_dir / "w0" / "llasm_jax_logs" / "long.pid").read_text())
   p = launch("tpu.sh", "stop", env=env)
   assert p.returncode == 0 and p.stdout.count("stopped llasm-jax job long") == 2, p.stdout + p.stderr
-  deadline = time.time() + 10
-  while time.time() < deadline and subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode == 0:
-    time.sleep(0.1)
-  assert subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0, "the job survived stop"
+  assert ended(pid, timeout=10), "the job survived stop"
   p = launch("tpu.sh", "run", "--job", "next", "--", "train", env=env)
   assert "process 0 done" in p.stdout, p.stdout + p.stderr

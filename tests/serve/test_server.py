@@ -8,7 +8,7 @@ import asyncio
 import base64
 import json
 import socket
-import time
+import threading
 import urllib.error
 import urllib.request
 
@@ -183,11 +183,28 @@ def long_server(ckpts):
     yield url, scheduler
 
 
+def after_each(monkeypatch, scheduler: Scheduler, method: str, condition) -> threading.Event:
+  """An event the scheduler thread sets when `condition()` holds right after its call of `method`:
+  what a test waits on, instead of polling the server."""
+  event, call = threading.Event(), getattr(scheduler, method)
+
+  def wrapped(*args, **kwargs):
+    out = call(*args, **kwargs)
+    if condition():
+      event.set()
+    return out
+
+  monkeypatch.setattr(scheduler, method, wrapped)
+  return event
+
+
 @pytest.mark.parametrize("stream", [True, False])
-def test_a_client_that_disconnects_frees_its_slot(long_server, stream):
+def test_a_client_that_disconnects_frees_its_slot(long_server, stream, monkeypatch):
   url, scheduler = long_server
   host, port = url.removeprefix("http://").split(":")
   before = scheduler.stats["cancelled"]
+  admitted = after_each(monkeypatch, scheduler, "_admit", lambda: bool(scheduler.running))
+  dropped = after_each(monkeypatch, scheduler, "_drop_cancelled", lambda: scheduler.stats["cancelled"] > before)
   body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello world"}], "max_tokens": 4000,
                      "temperature": 0, "stream": stream}).encode()
   sock = socket.create_connection((host, int(port)))
@@ -196,15 +213,10 @@ def test_a_client_that_disconnects_frees_its_slot(long_server, stream):
   if stream:
     assert sock.recv(65536).startswith(b"HTTP/1.1 200")  # the headers, then the first chunks
   else:
-    deadline = time.monotonic() + 60
-    while not health(url)["running"]:
-      assert time.monotonic() < deadline
-      time.sleep(0.02)
+    assert admitted.wait(timeout=60), "the request took no slot in 60 s"
   sock.close()  # gone mid-reply, thousands of tokens before its end
-  deadline = time.monotonic() + 60
-  while time.monotonic() < deadline and (scheduler.stats["cancelled"] == before or health(url)["running"]):
-    time.sleep(0.05)
-  assert scheduler.stats["cancelled"] > before and health(url)["running"] == 0
+  assert dropped.wait(timeout=60), f"the slot was not freed in 60 s: {scheduler.health()}"
+  assert health(url)["running"] == 0
   r = client(url).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
   assert r.usage.completion_tokens >= 1
 
