@@ -147,8 +147,8 @@ def decode_temp_mib(engine) -> float | None:
     import jax
     import jax.numpy as jnp
 
-    fn = next(f for k, f in engine._jitted.items() if k[0] == "decode")
-    ds = next(f for k, f in engine._jitted.items() if k[0] == "prefill")
+    fn = next(f for k, f in engine.fns._jitted.items() if k[0] == "decode")
+    ds = next(f for k, f in engine.fns._jitted.items() if k[0] == "prefill")
     ids, mask, active = engine._pad_prompts([[5] * 8])
     from llasm_jax.infer.sampling import SamplingParams
 

@@ -7,7 +7,7 @@ bucket, K decode steps per call, N audios, P audio tokens per audio, D LLM width
 cache index. Here every row is a request of its own, at its own length (`KVCache.index`
 int32[B]), with its own sampling parameters, random key and token budget:
 
-    slots = SlotEngine(model, slots=8, max_len=1024)
+    slots = SlotEngine(engine, slots=8, max_len=1024)   # an `Engine` (or a model: one is made)
     [first] = slots.insert([SlotRequest(slot=3, prompt_ids=ids, max_new_tokens=64)])
     step = slots.step()          # K tokens of every slot; rows that were active emitted theirs
     slots.cancel([3])            # a stop string, a client gone: the slot is free again
@@ -32,10 +32,13 @@ import numpy as np
 from flax import nnx
 
 from llasm_jax.errors import UserError
-from llasm_jax.infer.engine import AudioFeatures, Engine, Timings, bucket
+from llasm_jax.infer.audio_embed import AudioFeatures, host_slots
+from llasm_jax.infer.engine import Engine, Timings
+from llasm_jax.infer.mesh import MeshFunctions, bucket
 from llasm_jax.infer.sampling import SamplingParams, sample
 from llasm_jax.layers import KVCache
-from llasm_jax.models.llasm import check_audio_markers, splice
+from llasm_jax.models.llama import LlamaForCausalLM
+from llasm_jax.models.llasm import Llasm
 
 
 @flax.struct.dataclass
@@ -103,29 +106,28 @@ def sample_rows(logits, keys, greedy, temperature, top_k, top_p, *, any_sampled:
   return jnp.where(greedy, argmax, jax.vmap(one)(logits, keys, temperature, top_k, top_p))
 
 
-class SlotEngine(Engine):
-  """`slots` decode rows of up to `max_len` tokens each (prompt + generated) for a
-  `LlamaForCausalLM` or a `Llasm`, on one device or sharded on `mesh` (rows over the batch axes).
-  `chunk` decode steps run per `step` call: more amortizes the host round trip, fewer reacts
-  sooner to stop strings and cancellations (streams still get every token)."""
+class SlotEngine:
+  """`slots` decode rows of up to `max_len` tokens each (prompt + generated), run by `engine` (an
+  `Engine`, or a model with the `Engine` arguments `engine_kw`): its decode copy of the LLM and its
+  audio embedder (remembered audios included) serve the slots too, nothing is copied. Rows are
+  split over the mesh's batch axes. `chunk` decode steps run per `step` call: more amortizes the
+  host round trip, fewer reacts sooner to stop strings and cancellations (streams still get every token)."""
 
-  def __init__(self, model, *, slots: int = 8, max_len: int = 1024, chunk: int = 4, share: Engine | None = None,
-               **engine_kw):
-    """share: an Engine of the same model (a Generator's) whose decode copy of the LLM these slots
-    run from, instead of making another (on XLA:CPU that copy holds every layer's weights)."""
-    if share is not None:
-      if share.model is not model:
-        raise UserError("share= needs the Engine of the same model")
-      engine_kw["unstack_decode"] = False  # no copy of our own: the shared one below
-    super().__init__(model, **engine_kw)
-    if share is not None:
-      self.unstack_decode, self.decode_graphdef, self.decode_state = (
-          share.unstack_decode, share.decode_graphdef, share.decode_state)
+  def __init__(self, engine: Engine | LlamaForCausalLM | Llasm, *, slots: int = 8, max_len: int = 1024,
+               chunk: int = 4, **engine_kw):
+    if not isinstance(engine, Engine):
+      engine = Engine(engine, **engine_kw)
+    elif engine_kw:
+      raise UserError(f"{sorted(engine_kw)}: Engine arguments, for a model; an Engine has them already")
+    # Jitted functions of its own (they close over slots and max_len), on the engine's mesh.
+    self.engine, self.fns = engine, MeshFunctions(engine.mesh, engine.rules)
+    self.traces = self.fns.traces
+    self.model, self.eos_ids, self.pad_id = engine.model, engine.eos_ids, engine.pad_id
     if slots < 1 or max_len < 2 or chunk < 1:
       raise UserError(f"slots {slots}, max_len {max_len}, chunk {chunk}: expected slots >= 1, max_len >= 2, chunk >= 1")
-    if slots % self.batch_multiple:
-      raise UserError(f"slots {slots}: the mesh splits rows over {self.batch_multiple} devices; "
-                       f"use a multiple of {self.batch_multiple}")
+    if slots % self.fns.batch_multiple:
+      raise UserError(f"slots {slots}: the mesh splits rows over {self.fns.batch_multiple} devices; "
+                       f"use a multiple of {self.fns.batch_multiple}")
     self.slots, self.max_len, self.chunk = slots, max_len, chunk
     self.greedy = np.ones(slots, bool)  # host copy: which rows are greedy (picks the compiled step)
     self._stop = np.zeros(slots, bool)  # rows `cancel` named, ended by the next step
@@ -137,26 +139,23 @@ class SlotEngine(Engine):
   # ---- shardings -------------------------------------------------------------------------
 
   def _slot_shardings(self) -> SlotState | None:
-    if self.mesh is None:
+    if self.fns.mesh is None:
       return None
-    rows = self._sh(("batch",))
-    cache = self._cache_shardings(unstacked=self.unstack_decode).replace(index=rows)
-    return SlotState(cache=cache, last=rows, active=rows, generated=rows, budget=rows, greedy=rows,
-                     temperature=rows, top_k=rows, top_p=rows, rng=rows)
+    rows = self.fns.logical(("batch",))
+    return SlotState(cache=self.engine.cache_shardings(per_row=True), last=rows, active=rows, generated=rows,
+                     budget=rows, greedy=rows, temperature=rows, top_k=rows, top_p=rows, rng=rows)
 
   def _init_state(self) -> SlotState:
     def init():
       b = self.slots
-      cache = self.llm.init_cache(b, self.max_len)
-      if self.unstack_decode:  # one buffer per layer, as the engine's decode copy of the LLM reads it
-        cache = cache.unstack()
+      cache = self.engine.init_cache(b, self.max_len)  # as the engine's decode copy of the LLM reads it
       zeros = jnp.zeros((b,), jnp.int32)
       return SlotState(cache=cache.replace(index=zeros), last=zeros, active=jnp.zeros((b,), bool), generated=zeros,
                        budget=zeros, greedy=jnp.ones((b,), bool), temperature=jnp.zeros((b,), jnp.float32),
                        top_k=zeros, top_p=jnp.ones((b,), jnp.float32), rng=jax.random.split(jax.random.key(0), b))
 
-    fn = self._jit("slots_init", init, None if self.mesh is None else (), self._slot_shardings())
-    with self._tracing_context():
+    fn = self.fns.jit("slots_init", init, None if self.fns.mesh is None else (), self._slot_shardings())
+    with self.fns.tracing():
       return fn()
 
   # ---- pure functions (traced) -----------------------------------------------------------
@@ -167,17 +166,12 @@ class SlotEngine(Engine):
     (B = padding, dropped), after `prefix` (the cache of the shared opening, 1 row, or None); audio
     None or (embeds float[N, P, D], valid bool[N, P], slots int32[k, A]); per-request budget,
     sampling parameters and seeds [k] -> the new state and each request's first token int32[k]."""
-    self.traces["insert"] += 1
-    llm = nnx.merge(self.decode_graphdef, llm_state)
+    self.fns.traces["insert"] += 1
+    llm = nnx.merge(self.engine.decode_graphdef, llm_state)
     k, t = input_ids.shape
     p = 0 if prefix is None else prefix.max_len
     mask = jnp.arange(t)[None] < lengths[:, None]
-    embeds = llm.embed(input_ids)
-    if audio is not None:
-      audio_embeds, audio_valid, slots = audio
-      idx = jnp.maximum(slots, 0)
-      embeds = splice(embeds, input_ids, audio_embeds[idx], audio_valid[idx] & (slots >= 0)[..., None],
-                      self.audio_cfg.audio_patch_id)
+    embeds = self.engine.embed(llm, input_ids, audio)
     fresh = llm.init_cache(k, p + t, dtype=jax.tree.leaves(st.cache.k)[0].dtype)
     if prefix is not None:  # the shared opening's keys and values first, then these tokens after it
       every_row = lambda a: jnp.broadcast_to(a, (a.shape[0], k, *a.shape[2:]))  # [L, 1, ...] -> [L, k, ...]
@@ -194,7 +188,7 @@ class SlotEngine(Engine):
                         any_sampled=any_sampled)
     put = lambda table, values: table.at[rows].set(values, mode="drop")
     cache = st.cache.put_rows(rows, fresh, lengths)
-    active = ~self._is_eos(first) & (budget > 1)
+    active = ~self.engine.is_eos(first) & (budget > 1)
     st = SlotState(cache=cache, last=put(st.last, first), active=put(st.active, active),
                    generated=put(st.generated, jnp.ones_like(lengths)), budget=put(st.budget, budget),
                    greedy=put(st.greedy, greedy), temperature=put(st.temperature, temperature),
@@ -204,8 +198,8 @@ class SlotEngine(Engine):
   def _step_fn(self, llm_state, st: SlotState, stop, *, steps: int, any_sampled: bool):
     """`steps` decode steps of every row; stop bool[B] ends rows first (the host's stop strings,
     cancellations). -> the new state, tokens int32[B, K] and emitted bool[B, K]."""
-    self.traces["step"] += 1
-    llm = nnx.merge(self.decode_graphdef, llm_state)  # per-layer weights and cache on XLA:CPU (`Engine`)
+    self.fns.traces["step"] += 1
+    llm = nnx.merge(self.engine.decode_graphdef, llm_state)  # per-layer weights and cache on XLA:CPU (`Engine`)
 
     def one(st: SlotState, _):
       index = st.cache.index
@@ -217,7 +211,7 @@ class SlotEngine(Engine):
       generated = st.generated + st.active
       # A row that is not generating keeps its length: its writes land on a slot it never reads.
       cache = cache.replace(index=jnp.where(st.active, cache.index, index))
-      active = st.active & ~self._is_eos(token) & (generated < st.budget)
+      active = st.active & ~self.engine.is_eos(token) & (generated < st.budget)
       new = st.replace(cache=cache, last=jnp.where(st.active, token, st.last), active=active, generated=generated,
                        rng=jnp.where(st.active, keys, st.rng))
       return new, (token, st.active)
@@ -236,7 +230,7 @@ class SlotEngine(Engine):
     ids = list(r.prompt_ids)
     if not ids:
       raise UserError("an empty prompt; give at least one token (e.g. BOS)")
-    vocab = self.llm.cfg.vocab_size
+    vocab = self.engine.llm.cfg.vocab_size
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
       raise UserError(f"token id {bad[0]} is outside the vocab (size {vocab})")
@@ -245,14 +239,7 @@ class SlotEngine(Engine):
     if len(ids) + r.max_new_tokens > self.max_len:
       raise UserError(f"{len(ids)} prompt tokens + {r.max_new_tokens} new tokens exceed the {self.max_len} "
                        "tokens of a decode slot; shorten the prompt or ask for fewer tokens (the server's --max-len)")
-    mels = _mels(r)
-    if self.audio_cfg is None:
-      if mels:
-        raise UserError("this checkpoint is a text-only LLM; it cannot take audio")
-    elif mels:
-      self._check_audio([ids], [mels])
-    else:  # markers without audio are an input error too
-      check_audio_markers(self.audio_cfg, np.asarray([ids]), np.zeros((1, 1), np.int32))
+    self.engine.check_audio([ids], [host_slots(r.mels)], text_only_hint="")
 
   def set_prefix(self, ids: Sequence[int]) -> None:
     """Prefills `ids`, the opening most prompts share (a template's system block:
@@ -265,14 +252,14 @@ class SlotEngine(Engine):
       return
 
     def prefill(llm_state, input_ids):
-      llm = nnx.merge(self.decode_graphdef, llm_state)
+      llm = nnx.merge(self.engine.decode_graphdef, llm_state)
       _, cache = llm(input_ids, cache=llm.init_cache(1, input_ids.shape[1]), return_hidden=True)
       return cache.stack()
 
-    fn = self._jit("prefix", prefill, None if self.mesh is None else (self._state_shardings(self.decode_state),
-                                                                       self._host_sharding()), None)
-    with self._tracing_context():
-      self._prefix = fn(self.decode_state, self._put(np.asarray([ids], np.int32), self._host_sharding()))
+    fns, state = self.fns, self.engine.decode_state
+    fn = fns.jit("prefix", prefill, None if fns.mesh is None else (fns.shardings_of(state), fns.replicated()), None)
+    with fns.tracing():
+      self._prefix = fn(state, fns.put(np.asarray([ids], np.int32), fns.replicated()))
 
   def _has_prefix(self, r: SlotRequest) -> bool:
     n = len(self.prefix_ids)
@@ -313,53 +300,43 @@ class SlotEngine(Engine):
       s = r.sampling
       greedy[i], temperature[i], top_k[i], top_p[i] = s.greedy, s.temperature, max(s.top_k, 0), s.top_p
       self.greedy[r.slot] = s.greedy
-    audio = self._audio(requests, k)
+    mels = [host_slots(r.mels) for r in requests]  # checked
+    audio = self.engine.audio.pack(mels, k, self.timings) if any(mels) else None
     prefix = self._prefix if with_prefix else None
-    rep = self._host_sharding()
+    fns, state = self.fns, self.engine.decode_state
+    rep = fns.replicated()
     in_sh = out_sh = None
-    if self.mesh is not None:  # the new prompts are few: replicated; the slots keep their shardings
-      in_sh = (self._state_shardings(self.decode_state), self._slot_shardings(),
-               None if prefix is None else jax.tree.map(lambda x: x.sharding, prefix), rep, rep, rep,
-               None if audio is None else (rep,) * 3, *(rep,) * 6)
+    if fns.mesh is not None:  # the new prompts are few: replicated; the slots keep their shardings
+      in_sh = (fns.shardings_of(state), self._slot_shardings(), None if prefix is None else fns.shardings_of(prefix),
+               rep, rep, rep, None if audio is None else (rep,) * 3, *(rep,) * 6)
       out_sh = (self._slot_shardings(), rep)
     name = "insert" + ("_audio" if audio is not None else "") + ("_prefix" if with_prefix else "")
-    fn = self._jit(name, self._insert_fn, in_sh, out_sh, donate=(1,), any_sampled=not greedy.all())
-    with self._tracing_context():
+    fn = fns.jit(name, self._insert_fn, in_sh, out_sh, donate=(1,), any_sampled=not greedy.all())
+    with fns.tracing():
       if audio is not None:
-        audio = tuple(self._put(a, rep) for a in audio)
-      arrays = [self._put(a, rep) for a in (input_ids, lengths, rows)]
-      params = [self._put(a, rep) for a in (budget, greedy, temperature, top_k, top_p, seeds)]
-      self.slot_state, first = fn(self.decode_state, self.slot_state, prefix, *arrays, audio, *params)
-    return self._get(first)[:len(requests)].tolist()
-
-  def _host_sharding(self):
-    return None if self.mesh is None else self._replicated()
-
-  def _audio(self, requests: Sequence[SlotRequest], k: int):
-    """The packed audio of the (checked) requests (see `Engine._pack_audio`), or None without audio."""
-    mels = [_mels(r) for r in requests]
-    return self._pack_audio(mels, k, self.timings) if any(mels) else None
+        audio = tuple(fns.put(a, rep) for a in audio)
+      arrays = [fns.put(a, rep) for a in (input_ids, lengths, rows)]
+      params = [fns.put(a, rep) for a in (budget, greedy, temperature, top_k, top_p, seeds)]
+      self.slot_state, first = fn(state, self.slot_state, prefix, *arrays, audio, *params)
+    return fns.get(first)[:len(requests)].tolist()
 
   def step(self, stop: Sequence[int] = ()) -> Step:
     """`chunk` decode steps of every slot; rows in `stop` (and those `cancel` named) end first."""
     stop_rows = self._stop.copy()
     stop_rows[list(stop)] = True
     self._stop[:] = False
+    fns, state = self.fns, self.engine.decode_state
     in_sh = out_sh = None
-    if self.mesh is not None:
-      rows = self._sh(("batch",))
-      in_sh = (self._state_shardings(self.decode_state), self._slot_shardings(), rows)
-      out_sh = (self._slot_shardings(), self._sh(("batch", None)), self._sh(("batch", None)))
-    fn = self._jit("step", self._step_fn, in_sh, out_sh, donate=(1,), steps=self.chunk,
-                   any_sampled=not self.greedy.all())
-    with self._tracing_context():
-      self.slot_state, tokens, emitted = fn(self.decode_state, self.slot_state, self._put(stop_rows, in_sh and in_sh[2]))
-    return Step(tokens=self._get(tokens), emitted=self._get(emitted), active=self._get(self.slot_state.active))
+    if fns.mesh is not None:
+      in_sh = (fns.shardings_of(state), self._slot_shardings(), fns.logical(("batch",)))
+      out_sh = (self._slot_shardings(), fns.logical(("batch", None)), fns.logical(("batch", None)))
+    fn = fns.jit("step", self._step_fn, in_sh, out_sh, donate=(1,), steps=self.chunk,
+                 any_sampled=not self.greedy.all())
+    with fns.tracing():
+      self.slot_state, tokens, emitted = fn(state, self.slot_state, fns.put(stop_rows, in_sh and in_sh[2]))
+    return Step(tokens=fns.get(tokens), emitted=fns.get(emitted), active=fns.get(self.slot_state.active))
 
   def cancel(self, rows: Sequence[int]) -> None:
     """Ends `rows` at the start of the next `step` (their slots are free for `insert` now)."""
     self._stop[list(rows)] = True
 
-
-def _mels(r: SlotRequest) -> list[np.ndarray | AudioFeatures]:
-  return [x if isinstance(x, AudioFeatures) else np.asarray(x, np.float32) for x in r.mels]

@@ -35,7 +35,8 @@ import numpy as np
 
 from llasm_jax import checkpoint, paths, tokens
 from llasm_jax.data import pipeline
-from llasm_jax.infer.engine import AudioFeatures, bucket
+from llasm_jax.infer.audio_embed import AudioFeatures
+from llasm_jax.infer.mesh import bucket
 from llasm_jax.errors import UserError
 
 CER_LANGUAGES = ("zh", "ja", "yue", "th", "lo", "my", "bo")  # scripts without spaces between words

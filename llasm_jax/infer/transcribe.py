@@ -4,8 +4,8 @@ Legend: B batch, M mel bins, F mel frames (3000), T encoder frames, P prompt tok
 
 Follows `transformers` `WhisperForConditionalGeneration.generate` for audio up to 30 s, greedy,
 without timestamps (the tests check token identity):
-- the mel of the audio padded to 30 s (`data.features.log_mel`, mode "llasm": exactly
-  `WhisperFeatureExtractor`), the encoder over all 3000 frames;
+- the mel of the audio padded to 30 s (`AudioPrompts.windows` in "llasm" mode, as a LLaSM
+  reads audio: exactly `WhisperFeatureExtractor`), the encoder over all 3000 frames;
 - the prompt `<|startoftranscript|>` [`<|lang|>` `<|transcribe|>` on multilingual models]
   `<|notimestamps|>`; with no language given, a multilingual model picks it per audio as
   `detect_language` does (the most likely language token after `<|startoftranscript|>`);
@@ -35,7 +35,11 @@ import numpy as np
 from flax import nnx
 
 from llasm_jax import checkpoint
-from llasm_jax.infer.engine import MeshFunctions, bucket
+from llasm_jax.data import audio as audio_io
+from llasm_jax.data.features import MAX_FRAMES
+from llasm_jax.data.prompts import AudioPrompts
+from llasm_jax.infer.mesh import MeshFunctions, bucket
+from llasm_jax.models.geometry import AudioGeometry
 from llasm_jax.models.whisper import WhisperConfig, WhisperDecoderCache, WhisperModel
 from llasm_jax.errors import UserError
 
@@ -130,17 +134,21 @@ class TranscribeTimings:
     return dataclasses.asdict(self)
 
 
-class Transcriber(MeshFunctions):
-  """A Whisper (encoder and decoder) with its token facts and tokenizer, on one device or a mesh."""
+class Transcriber:
+  """A Whisper (encoder and decoder) with its token facts and tokenizer, on one device or a mesh
+  (`fns`: the jitted function, shardings and transfers)."""
 
   def __init__(self, model: WhisperModel, tokens: WhisperTokens, tokenizer=None, *,
                mesh: jax.sharding.Mesh | None = None, rules: Sequence[tuple[str, object]] | None = None):
     if not isinstance(model, WhisperModel) or not hasattr(model, "decoder"):
       raise UserError(f"transcription needs a Whisper with its decoder, got a {type(model).__name__} "
                        f"{'without decoder' if isinstance(model, WhisperModel) else ''}".rstrip())
-    super().__init__(mesh, rules)
+    self.fns = MeshFunctions(mesh, rules)
+    self.mesh, self.rules, self.traces = self.fns.mesh, self.fns.rules, self.fns.traces
     self.model, self.cfg, self.tokens, self.tokenizer = model, model.cfg, tokens, tokenizer
-    self._place(model)
+    # One 30 s window -> its log-mel padded to 30 s, as Whisper's feature extractor makes it.
+    self.window = AudioPrompts(geometry=AudioGeometry(mode="llasm"), num_mel_bins=model.cfg.num_mel_bins)
+    self.fns.place(model)
     self.graphdef, self.state = nnx.split(model)
     v = self.cfg.vocab_size
     bad = [t for t in (*tokens.suppress, *tokens.begin_suppress, *tokens.languages.values()) if not 0 <= t < v]
@@ -182,22 +190,22 @@ class Transcriber(MeshFunctions):
 
   def features(self, audio) -> list[np.ndarray]:
     """One audio (a path, 16 kHz samples float32[N], or a log-mel float32[M, 3000]) -> the
-    log-mel of each 30 s window, float32[M, 3000] (zero-padded, as Whisper reads it)."""
-    from llasm_jax.data import audio as audio_io, features
-
+    log-mel of each 30 s window, float32[M, 3000] (zero-padded, as Whisper reads it): the audio
+    cut into 30 s windows (`audio.split_windows`), each made a log-mel by `AudioPrompts.windows`
+    in "llasm" mode, as a LLaSM reads one."""
     m = self.cfg.num_mel_bins
     if isinstance(audio, np.ndarray) and audio.ndim == 2:
-      if audio.shape != (m, features.MAX_FRAMES):
+      if audio.shape != (m, MAX_FRAMES):
         raise UserError(f"a 2-D audio array {audio.shape} is taken as log-mel features and must be "
-                         f"[{m}, {features.MAX_FRAMES}] (30 s); pass 16 kHz samples float32[N] instead")
-      return [audio.astype(np.float32)]
+                         f"[{m}, {MAX_FRAMES}] (30 s); pass 16 kHz samples float32[N] instead")
+      return self.window.windows(audio)
     if isinstance(audio, (str, os.PathLike)):
       samples, name = audio_io.load_audio(audio), os.fspath(audio)
     else:
       samples, name = np.asarray(audio, np.float32).reshape(-1), "waveform"
     if samples.size == 0:
       raise audio_io.AudioError(name, "empty", "no samples (0 s of audio)")
-    return [features.log_mel(w, m, "llasm") for w in audio_io.split_windows(samples)]
+    return [mel for w in audio_io.split_windows(samples) for mel in self.window.windows(w)]
 
   def language_id(self, language: str | None) -> int | None:
     """"en", "english" or "<|en|>" -> the id of its language token; None -> None (detect)."""
@@ -262,17 +270,16 @@ class Transcriber(MeshFunctions):
 
   def _input_shardings(self) -> tuple:
     """Shardings of the host inputs of `_transcribe_fn` after the parameters (None on one device)."""
-    if self.mesh is None:
-      return (None,) * 8
-    rows, rep = self._sh(("batch",)), self._replicated()
-    return (self._sh(("batch", None, None)), self._sh(("batch", None)), rows, rows, rep, rep, rep, rep)
+    fns = self.fns
+    rows, rep = fns.logical(("batch",)), fns.replicated()
+    return (fns.logical(("batch", None, None)), fns.logical(("batch", None)), rows, rows, rep, rep, rep, rep)
 
   def _function(self, slots: int):
     in_sh = out_sh = None
     if self.mesh is not None:
-      in_sh = (self._state_shardings(self.state), *self._input_shardings())
-      out_sh = (self._sh(("batch", None)),) * 2
-    return self._jit("transcribe", self._transcribe_fn, in_sh, out_sh, slots=slots)
+      in_sh = (self.fns.shardings_of(self.state), *self._input_shardings())
+      out_sh = (self.fns.logical(("batch", None)),) * 2
+    return self.fns.jit("transcribe", self._transcribe_fn, in_sh, out_sh, slots=slots)
 
   # ---- host side -------------------------------------------------------------------------
 
@@ -291,7 +298,7 @@ class Transcriber(MeshFunctions):
     if not 1 <= max_new <= limit:
       raise UserError(f"max_new_tokens {max_new}: expected 1..{limit} (Whisper reads {self.tokens.max_length} "
                        f"tokens, {p} of them the prompt)")
-    rows = self._rows(len(mels))
+    rows = self.fns.rows(len(mels))
     mel = np.zeros((rows, self.cfg.num_mel_bins, self.cfg.max_mel_frames), np.float32)
     prompt = np.tile(np.int32(self.tokens.prompt(None)), (rows, 1))  # batch padding rows: inactive
     for i, x in enumerate(mels):
@@ -303,9 +310,9 @@ class Transcriber(MeshFunctions):
     # Bucketed, so that other max_new_tokens reuse the executable, within the decoder's positions.
     fn = self._function(min(bucket(max_new), limit))
     inputs = (mel, prompt, active, detect, np.int32(max_new), self._suppress, self._begin, self._languages)
-    with self._tracing_context():
-      tokens, prompt_out = fn(self.state, *(self._put(x, sh) for x, sh in zip(inputs, self._input_shardings())))
-      tokens, prompt_out = self._get(tokens), self._get(prompt_out)
+    with self.fns.tracing():
+      tokens, prompt_out = fn(self.state, *(self.fns.put(x, sh) for x, sh in zip(inputs, self._input_shardings())))
+      tokens, prompt_out = self.fns.get(tokens), self.fns.get(prompt_out)
     out = []
     for row in tokens[:len(mels), :max_new].tolist():
       out.append(row[:row.index(self.tokens.eos)] if self.tokens.eos in row else row)

@@ -7,7 +7,7 @@ H head dim, L layers.
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import flax.struct
 import jax
@@ -38,6 +38,20 @@ class KVCache:
   v: jax.Array
   mask: jax.Array
   index: jax.Array
+
+  # The logical axis names of the arrays (`sharding.logical_spec` maps them to mesh axes): k and v
+  # stacked (one layer's: without "layers"), and the mask.
+  KV_AXES = ("layers", "batch", "act_kv_heads", "length", "head_dim")
+  MASK_AXES = ("batch", "length")
+
+  @classmethod
+  def logical_axes(cls, num_layers: int, *, unstacked: bool = False, per_row: bool = False,
+                   fn: Callable[[tuple[str, ...]], Any] = lambda axes: axes) -> "KVCache":
+    """A KVCache whose every array is `fn(its logical axis names)` (by default the names): k, v
+    `KV_AXES`, or L times `KV_AXES[1:]` `unstacked`; mask `MASK_AXES`; index () or, `per_row`,
+    ("batch",). With `fn` mapping names to shardings, the shardings of a cache."""
+    kv = (fn(cls.KV_AXES[1:]),) * num_layers if unstacked else fn(cls.KV_AXES)
+    return cls(k=kv, v=kv, mask=fn(cls.MASK_AXES), index=fn(("batch",) if per_row else ()))
 
   @classmethod
   def zeros(cls, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype):

@@ -147,10 +147,9 @@ class Scheduler:
   at most `max_queue` requests waiting for one."""
 
   def __init__(self, generator, *, slots: int = 8, max_len: int = 2048, chunk: int = 4, max_queue: int = 64):
-    engine = generator.engine
     self.generator = generator
-    self.engine = SlotEngine(engine.model, slots=slots, max_len=max_len, chunk=chunk, share=engine, mesh=engine.mesh,
-                             rules=engine.rules, eos_ids=engine.eos_ids, pad_id=engine.pad_id)
+    # The generator's engine runs the slots: its decode copy of the LLM and audio embedder, not new ones.
+    self.engine = SlotEngine(generator.engine, slots=slots, max_len=max_len, chunk=chunk)
     self.max_queue = max_queue
     # The template's system block opens every prompt that sends no system message of its own:
     # prefilled once, so a request prefills only its own turns.
