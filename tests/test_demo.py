@@ -11,18 +11,59 @@ import pytest
 from llasm_jax import cli, demo
 from llasm_jax.convert import registry
 from llasm_jax.data import recorded
+from llasm_jax.errors import UserError
 
 needs_weights = pytest.mark.skipif(not (registry.whisper_tiny_en_ct2() and registry.smollm2_gguf()),
                                    reason=f"the registry's Whisper tiny.en and SmolLM2: {registry.INSTALL_HINT}")
+needs_recordings = pytest.mark.skipif(not recorded.find_recordings(), reason=f"no recorded speech: {recorded.DOWNLOAD}")
 SMALL = ["--sentences", "160", "--held-out", "12", "--questions", "16", "--held-out-questions", "4",
          "--minutes", "1.5", "--workers", "1"]
+# A few rows per set, the schedule's floor of 20 steps at batch 2, answers cut at 8 tokens.
+TINY = ["--sentences", "8", "--held-out", "2", "--questions", "4", "--held-out-questions", "2", "--minutes", "0.1",
+        "--batch", "2", "--answer-tokens", "8", "--adaptor-hidden", "64", "--workers", "1"]
 PHASES = {"models", "convert", "texts", "respond", "synth", "build", "encode", "whisper", "schedule", "train",
           "evaluate"}  # the default "decoder" mode has no CTC warm phase
 
 
+@needs_weights
+@needs_recordings
+def test_tiny_demo_chains_every_phase_and_a_rerun_redoes_none(tmp_path, monkeypatch, capsys):
+  """Every phase on the real weights at a toy size: each one reads what the one before it wrote (the
+  audios spoken are the audios built and encoded, every held-out set is scored, the schedule's steps are
+  the steps trained), and a rerun runs none of them again. The slow test below trains for real."""
+  from llasm_jax.data import textsource
+
+  monkeypatch.setattr(textsource, "EVERYDAY", textsource.EVERYDAY[:2])
+  clips = recorded.clips
+  monkeypatch.setattr(recorded, "clips", lambda archive: clips(archive)[-2:])  # the two shortest, a few words each
+  work = tmp_path / "demo"
+  assert cli.main(["demo", "--workdir", str(work), *TINY]) == 0
+  out = capsys.readouterr().out
+  phases = json.loads((work / "phases.json").read_text())
+  results = json.loads((work / "results.json").read_text())
+  assert set(phases) == set(results["phases_s"]) == PHASES
+  held_out = {f"{s}_{v}" for s in ("asr_held", "everyday", "questions_held") for v in demo.VOICES} | {demo.RECORDED}
+  made = phases["synth"]["result"]["sets"]
+  assert set(made) | {demo.RECORDED} == set(phases["build"]["result"]) == set(phases["encode"]["result"]["caches"])
+  assert held_out <= set(made) | {demo.RECORDED} and all(s["made"] > 0 and not s["failed"] for s in made.values())
+  # Every spoken audio and the 2 recorded clips were built and encoded: nothing fell out between phases.
+  assert phases["encode"]["result"]["audios"] == sum(s["made"] for s in made.values()) + 2
+  assert set(results["after"]) == held_out and set(results["whisper"]) == {n for n in held_out if "questions" not in n}
+  trained = results["train"]["train"]
+  assert 0 < trained["steps"] <= results["schedule"]["train"]["steps"] == trained["planned_steps"]
+  assert results["samples_seen"] == trained["steps"] * results["schedule"]["train"]["batch"]
+  assert f"llasm-jax chat --ckpt {trained['model']}" in out and (work / "train" / "model").is_dir()
+
+  before = (work / "phases.json").read_bytes()
+  assert cli.main(["demo", "--workdir", str(work), *TINY]) == 0
+  assert capsys.readouterr().out.count("done in an earlier run") == len(PHASES)
+  assert (work / "phases.json").read_bytes() == before  # no phase ran again, none was written again
+  assert json.loads((work / "results.json").read_text())["after"] == results["after"]
+
+
 @pytest.mark.slow  # about 10 minutes on 2 cores: data in two voices, Whisper's ceiling, a speed probe, two phases
 @needs_weights
-@pytest.mark.skipif(not recorded.find_recordings(), reason=f"no recorded speech: {recorded.DOWNLOAD}")
+@needs_recordings
 def test_short_demo_trains_reports_and_resumes(tmp_path, capsys):
   work = str(tmp_path / "demo")
   assert cli.main(["demo", "--workdir", work, *SMALL]) == 0
@@ -47,9 +88,11 @@ def test_short_demo_trains_reports_and_resumes(tmp_path, capsys):
     assert text in out
   assert set(results["phases_s"]) == PHASES
 
+  before = open(os.path.join(work, "phases.json"), "rb").read()
   assert cli.main(["demo", "--workdir", work, *SMALL]) == 0  # everything is kept: nothing is redone
   again = capsys.readouterr().out
   assert again.count("done in an earlier run") == len(PHASES)
+  assert open(os.path.join(work, "phases.json"), "rb").read() == before  # no phase ran or was written again
   with open(os.path.join(work, "results.json")) as f:
     assert json.load(f)["after"] == after
 
@@ -70,7 +113,7 @@ def test_other_models_need_another_workdir(tmp_path):
   work = tmp_path / "w"
   work.mkdir()
   (work / "phases.json").write_text(json.dumps({"models": {"seconds": 0, "result": {"whisper": "a", "llm": "b"}}}))
-  with pytest.raises(ValueError, match="pass another --workdir"):
+  with pytest.raises(UserError, match="pass another --workdir"):
     demo.run_demo(demo.Options(workdir=str(work), whisper=str(tmp_path), llm=str(tmp_path)))
 
 
