@@ -23,9 +23,9 @@ import os
 
 import numpy as np
 
+from llasm_jax.data.audio import SAMPLE_RATE
 from llasm_jax.errors import UserError
 
-SAMPLE_RATE = 16000
 BUILTIN = "builtin"
 PEAK = 0.99  # the most an output sample reaches: 16-bit files must not clip
 IMPULSE_EXTENSIONS = (".wav", ".flac")

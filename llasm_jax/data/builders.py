@@ -17,62 +17,36 @@ Sources:
   layout (`*/*/*.trans.txt` next to the .flac files; text lower-cased, as LibriSpeech is
   all capitals), or the AISHELL layout (`transcript/*.txt` lines "UTTID w1 w2 ...", with
   `wav/**/UTTID.wav`; the word spaces of the Chinese text are removed).
-- Instructions (`llasm_instructions`): LLaSM-Audio-Instructions-style JSON, a JSON array or
-  JSONL of {"id", "conversations": [{"from": "human"|"gpt", "value": str}, ...]}. Audio is
-  given either per human turn (`"audio": path or [paths]` inside the turn) or per sample
-  (`"audio": path or [paths]` next to "conversations"), not both. A `<audio>` placeholder in
-  a human value marks where each audio goes (in order). Without placeholders, audio given
-  per turn replaces that turn's text (a spoken turn: its text was the transcript of the
-  speech), and a per-sample list must hold one audio per human turn, each replacing that
-  turn's text. Turns must alternate human/gpt, start with human and end with gpt.
-  The replaced texts are kept as `transcripts`, one per audio in order: what the distillation
-  loss's teacher reads in place of the audio (config.train.loss "kd" / "mix"). An audio marked
-  by an explicit `<audio>`, or one of several audios replacing one turn's text (which cannot
-  be split among them), has no known text: "".
+- Instructions (`llasm_instructions`): LLaSM-Audio-Instructions-style conversations with spoken
+  human turns, in the shape `rows.parse_conversation` accepts (see `rows`).
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import glob
 import io
-import json
-import multiprocessing
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
 from llasm_jax import paths, tokens
 from llasm_jax.data.audio import SAMPLE_RATE, AudioError, check_audio, load_audio, to_int16
-from llasm_jax.data.templates import AUDIO, MARKERS
+from llasm_jax.data.jobs import ordered_map, say
+from llasm_jax.data.rows import BuildError, Row, Skip, json_rows, parse_conversation, read_text, resolve
 from llasm_jax.errors import UserError
+from llasm_jax.tokens import AUDIO, MARKERS
 
 VERSION = "1.0.0"
 REPORT = "build_report.json"
-
-
-class BuildError(UserError):
-  """The build as a whole cannot go on (unreadable manifest, too many bad rows)."""
-
-
-class Skip(Exception):
-  """One row that is not used; `reason` is the short code it is counted under."""
-
-  def __init__(self, reason: str, message: str, file: str = ""):
-    self.reason, self.message, self.file = reason, message, file
-    super().__init__(message)
-
-  def __reduce__(self):  # crosses process boundaries from the build workers
-    return Skip, (self.reason, self.message, self.file)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,70 +60,19 @@ class Options:
   max_text_tokens: int | None = None  # with `tokenizer`: text tokens of a row (audio tokens come on top)
   tokenizer: str | None = None  # a path for AutoTokenizer.from_pretrained
 
-
-@dataclasses.dataclass
-class Row:
-  """One unit of the source: `where` says where it came from (file:line), `data` what it holds,
-  or `error` why it could not even be parsed."""
-
-  index: int
-  where: str
-  data: dict[str, Any] | None = None
-  error: str | None = None
+  def __post_init__(self):
+    if self.max_text_tokens and not self.tokenizer:
+      raise UserError("--max-text-tokens needs --tokenizer (a tokenizer folder or hub name) to count tokens")
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading the sources (cheap, in the main process): rows with paths and text, no audio yet.
 
 
-def _read_text(path: str, what: str) -> str:
-  try:
-    with open(path, encoding="utf-8") as f:
-      return f.read()
-  except FileNotFoundError:
-    raise BuildError(f"{what} {path!r} not found; check the path") from None
-  except (OSError, UnicodeDecodeError) as e:
-    raise BuildError(f"{what} {path!r} cannot be read ({e}); it must be UTF-8 text") from None
-
-
-def _json_rows(path: str, what: str) -> list[Row]:
-  """A JSON array or JSONL file -> rows; a broken JSONL line is a row with an error, a broken
-  JSON array is a BuildError (nothing in it can be trusted)."""
-  text = _read_text(path, what)
-  name = os.path.basename(path)
-  if text.lstrip().startswith("["):
-    try:
-      items = json.loads(text)
-    except json.JSONDecodeError as e:
-      raise BuildError(f"{what} {path!r} is not valid JSON ({e}); fix it or write one JSON object per line") from None
-    return [Row(i, f"{name}[{i}]", item if isinstance(item, dict) else None,
-                None if isinstance(item, dict) else f"expected a JSON object, got {type(item).__name__}")
-            for i, item in enumerate(items)]
-  rows = []
-  for lineno, line in enumerate(text.splitlines(), 1):
-    if not line.strip():
-      continue
-    where = f"{name}:{lineno}"
-    try:
-      item = json.loads(line)
-    except json.JSONDecodeError as e:
-      rows.append(Row(len(rows), where, error=f"malformed JSON ({e})"))
-      continue
-    if not isinstance(item, dict):
-      rows.append(Row(len(rows), where, error=f"expected a JSON object, got {type(item).__name__}"))
-      continue
-    rows.append(Row(len(rows), where, item))
-  return rows
-
-
-def _resolve(path: Any, root: str) -> str:
-  return path if os.path.isabs(path) else os.path.join(root, path)
-
-
 def manifest_rows(manifest: str, audio_root: str | None = None, language: str = "en") -> list[Row]:
   """ASR rows of a JSONL manifest {"audio", "text", "language"}."""
   root = audio_root or os.path.dirname(os.path.abspath(manifest))
-  rows = _json_rows(manifest, "manifest")
+  rows = json_rows(manifest, "manifest")
   for row in rows:
     if row.data is None:
       continue
@@ -160,7 +83,7 @@ def manifest_rows(manifest: str, audio_root: str | None = None, language: str = 
       continue
     lang = item.get("language", language)
     row.data = {"id": str(item.get("id", os.path.splitext(os.path.basename(item["audio"]))[0])),
-                "audio": _resolve(item["audio"], root), "text": item["text"],
+                "audio": resolve(item["audio"], root), "text": item["text"],
                 "language": lang if isinstance(lang, str) else language}
   return rows
 
@@ -174,7 +97,7 @@ def librispeech_rows(root: str) -> list[Row]:
   rows = []
   for f in files:
     folder = os.path.dirname(f)
-    for lineno, line in enumerate(_read_text(f, "transcript").splitlines(), 1):
+    for lineno, line in enumerate(read_text(f, "transcript").splitlines(), 1):
       if not line.strip():
         continue
       where = f"{os.path.relpath(f, root)}:{lineno}"
@@ -201,7 +124,7 @@ def aishell_rows(root: str) -> list[Row]:
     wavs.setdefault(os.path.splitext(os.path.basename(w))[0], w)
   rows = []
   for f in transcripts:
-    for lineno, line in enumerate(_read_text(f, "transcript").splitlines(), 1):
+    for lineno, line in enumerate(read_text(f, "transcript").splitlines(), 1):
       if not line.strip():
         continue
       where = f"{os.path.relpath(f, root)}:{lineno}"
@@ -232,87 +155,9 @@ def asr_rows(manifest: str | None = None, librispeech: str | None = None, aishel
   return rows
 
 
-def _as_list(value: Any, what: str) -> list[str]:
-  if isinstance(value, str):
-    return [value]
-  if isinstance(value, list) and all(isinstance(v, str) for v in value):
-    return list(value)
-  raise Skip("bad_row", f"{what} should be a path or a list of paths")
-
-
-def parse_conversation(item: dict[str, Any], root: str) -> dict[str, Any]:
-  """One instructions JSON object -> {"id", "roles", "values" (with `<audio>` placeholders),
-  "audio_paths", "transcripts" (per audio: the text it replaced, "" if unknown), "language"};
-  raises Skip("bad_row") if it does not follow the accepted shape."""
-  conv = item.get("conversations")
-  if not isinstance(conv, list) or not conv:
-    raise Skip("bad_row", "no 'conversations' list")
-  per_sample = item.get("audio")
-  roles, values, turn_audio = [], [], []
-  for k, turn in enumerate(conv):
-    if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-      raise Skip("bad_row", f"turn {k}: expected {{'from': ..., 'value': str}}")
-    role = {"human": 0, "user": 0, "gpt": 1, "assistant": 1}.get(str(turn.get("from", "")).lower())
-    if role is None:
-      raise Skip("bad_row", f"turn {k}: 'from' is {turn.get('from')!r}; expected human or gpt")
-    if role != k % 2:
-      raise Skip("bad_row", f"turn {k}: turns must alternate human, gpt, human, ... starting with human")
-    for m in MARKERS:
-      if m in turn["value"]:
-        raise Skip("bad_text", f"turn {k}: text contains the audio marker {m!r}")
-    if role == 1 and (AUDIO in turn["value"] or "audio" in turn):
-      raise Skip("bad_row", f"turn {k}: a gpt turn holds audio; audio belongs to human turns")
-    turn_audio.append(_as_list(turn["audio"], f"turn {k} 'audio'") if "audio" in turn else [])
-    roles.append(role)
-    values.append(turn["value"])
-  if roles[-1] != 1:
-    raise Skip("bad_row", "the conversation does not end with a gpt reply")
-  if per_sample is not None and any(turn_audio):
-    raise Skip("bad_row", "audio given both per turn and per sample; use one of them")
-  paths: list[str] = []
-  transcripts: list[str] = []
-  if per_sample is not None:
-    listed = _as_list(per_sample, "'audio'")
-    n_placeholders = sum(v.count(AUDIO) for v in values)
-    human = [k for k, r in enumerate(roles) if r == 0]
-    if n_placeholders:
-      if n_placeholders != len(listed):
-        raise Skip("bad_row", f"{len(listed)} audio files for {n_placeholders} {AUDIO} placeholders")
-      transcripts = [""] * len(listed)
-    elif len(listed) == len(human):
-      for k in human:
-        transcripts.append(values[k])
-        values[k] = AUDIO
-    else:
-      raise Skip("bad_row", f"{len(listed)} audio files for {len(human)} human turns and no {AUDIO} "
-                 "placeholders; give one audio per human turn or mark each with <audio>")
-    paths = listed
-  else:
-    for k, audios in enumerate(turn_audio):
-      if not audios:
-        continue
-      n = values[k].count(AUDIO)
-      if n == 0:
-        transcripts += [values[k]] if len(audios) == 1 else [""] * len(audios)
-        values[k] = "\n".join([AUDIO] * len(audios))  # a spoken turn: the audio is the message
-      elif n != len(audios):
-        raise Skip("bad_row", f"turn {k}: {len(audios)} audio files for {n} {AUDIO} placeholders")
-      else:
-        transcripts += [""] * len(audios)
-      paths += audios
-    if sum(v.count(AUDIO) for v in values) != len(paths):
-      raise Skip("bad_row", f"{AUDIO} placeholders without audio files")
-  if not paths:
-    raise Skip("bad_row", "no audio in the conversation")
-  lang = item.get("language", "")
-  return {"id": str(item.get("id", "")), "roles": roles, "values": values,
-          "audio_paths": [_resolve(p, root) for p in paths], "transcripts": transcripts,
-          "language": lang if isinstance(lang, str) else ""}
-
-
 def instruction_rows(json_path: str, audio_root: str | None = None) -> list[Row]:
   root = audio_root or os.path.dirname(os.path.abspath(json_path))
-  rows = _json_rows(json_path, "instructions file")
+  rows = json_rows(json_path, "instructions file")
   for row in rows:
     if row.data is not None:
       row.data = {"item": row.data, "root": root}
@@ -380,29 +225,6 @@ def _process(fn: Callable[[Row, Options], dict], row: Row, opts: Options) -> tup
     return row, None, Skip("error", f"{type(e).__name__}: {e}")
 
 
-def _ordered_map(fn, rows: list[Row], opts: Options, workers: int) -> Iterator[tuple[Row, dict | None, Skip | None]]:
-  """`_process` over rows in order; with workers > 0 in spawned processes, at most 4 per worker
-  in flight so decoded audio never piles up in memory ahead of the writer."""
-  if workers <= 0:
-    for row in rows:
-      yield _process(fn, row, opts)
-    return
-  # spawn: the CLI process has imported JAX, whose threads do not survive fork().
-  ctx = multiprocessing.get_context("spawn")
-  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-    pending = collections.deque()
-    it = iter(rows)
-    for row in it:
-      pending.append(pool.submit(_process, fn, row, opts))
-      if len(pending) >= 4 * workers:
-        break
-    while pending:
-      yield pending.popleft().result()
-      row = next(it, None)
-      if row is not None:
-        pending.append(pool.submit(_process, fn, row, opts))
-
-
 # ---------------------------------------------------------------------------------------------
 # The TFDS builders.
 
@@ -433,35 +255,34 @@ def _builders():
       for row, example in self.llasm_examples:
         yield row.index, example
 
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, description=self.llasm_description,
+                                   features=tfds.features.FeaturesDict(self.llasm_features()),
+                                   metadata=tfds.core.MetadataDict(kind=self.llasm_kind, sample_rate=SAMPLE_RATE))
+
+  text = tfds.features.Text
+  int16s = lambda: tfds.features.Tensor(shape=(None,), dtype=np.int16, encoding=bytes_enc)
+  int32s = lambda: tfds.features.Tensor(shape=(None,), dtype=np.int32)
+
   class LlasmAsr(_Base, skip_registration=True):
     """(audio, transcript, language) rows for stage-1 training."""
 
-    name = "llasm_asr"
+    name, llasm_kind = "llasm_asr", "asr"
+    llasm_description = "16 kHz mono int16 speech with transcripts (llasm_jax ASR dataset)"
 
-    def _info(self):
-      return tfds.core.DatasetInfo(
-          builder=self, description="16 kHz mono int16 speech with transcripts (llasm_jax ASR dataset)",
-          features=tfds.features.FeaturesDict({
-              "id": tfds.features.Text(), "audio": tfds.features.Tensor(shape=(None,), dtype=np.int16, encoding=bytes_enc),
-              "text": tfds.features.Text(), "language": tfds.features.Text(), "source": tfds.features.Text()}),
-          metadata=tfds.core.MetadataDict(kind="asr", sample_rate=SAMPLE_RATE))
+    def llasm_features(self):
+      return {"id": text(), "audio": int16s(), "text": text(), "language": text(), "source": text()}
 
   class LlasmInstructions(_Base, skip_registration=True):
     """Conversations with spoken human turns for stage-2 training."""
 
-    name = "llasm_instructions"
+    name, llasm_kind = "llasm_instructions", "instructions"
+    llasm_description = "Conversations with 16 kHz mono int16 audio (llasm_jax instructions dataset)"
 
-    def _info(self):
-      return tfds.core.DatasetInfo(
-          builder=self, description="Conversations with 16 kHz mono int16 audio (llasm_jax instructions dataset)",
-          features=tfds.features.FeaturesDict({
-              "id": tfds.features.Text(), "roles": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-              "values": tfds.features.Sequence(tfds.features.Text()),
-              "transcripts": tfds.features.Sequence(tfds.features.Text()),  # per audio; "" = unknown
-              "audio": tfds.features.Tensor(shape=(None,), dtype=np.int16, encoding=bytes_enc),
-              "audio_lengths": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-              "language": tfds.features.Text(), "source": tfds.features.Text()}),
-          metadata=tfds.core.MetadataDict(kind="instructions", sample_rate=SAMPLE_RATE))
+    def llasm_features(self):
+      return {"id": text(), "roles": int32s(), "values": tfds.features.Sequence(text()),
+              "transcripts": tfds.features.Sequence(text()),  # per audio; "" = unknown
+              "audio": int16s(), "audio_lengths": int32s(), "language": text(), "source": text()}
 
   _BUILDERS = {"asr": LlasmAsr, "instructions": LlasmInstructions}
   return _BUILDERS
@@ -475,13 +296,6 @@ class BuildResult:
   path: str  # the dataset folder (DIR/<name>/<version>)
   report_path: str
   report: dict[str, Any]
-
-
-def _say(msg: str, quiet: bool) -> None:
-  if not quiet:
-    from tqdm import tqdm
-
-    tqdm.write(msg, file=sys.stderr)
 
 
 def staged_dataset(out: str, name: str, report: str, overwrite: bool, write: Callable[[str], Any]):
@@ -545,7 +359,7 @@ def build(kind: str, rows: list[Row], out: str, *, options: Options = Options(),
     nonlocal kept, seconds
     bar = tqdm(total=len(rows), desc=f"building {cls.name}", unit="row", disable=quiet, dynamic_ncols=True)
     try:
-      for row, example, skip in _ordered_map(fn, rows, options, workers):
+      for row, example, skip in ordered_map(functools.partial(_process, fn, opts=options), rows, workers):
         bar.update()
         if skip is not None:
           skipped[skip.reason] += 1
@@ -553,7 +367,7 @@ def build(kind: str, rows: list[Row], out: str, *, options: Options = Options(),
           skipped_rows.append({"row": row.index, "where": row.where, "file": file, "reason": skip.reason,
                                "message": skip.message})
           if len(skipped_rows) <= print_skips:
-            _say(f"skip {row.where}: {skip.message} [{skip.reason}]", quiet)
+            say(f"skip {row.where}: {skip.message} [{skip.reason}]", quiet)
           if sum(skipped.values()) > allowed:
             raise BuildError(f"{sum(skipped.values())} of {len(rows)} rows failed, more than --max-skip-share "
                              f"{max_skip_share:g}; the source looks wrong (see {report_path})")

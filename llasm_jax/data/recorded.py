@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
 import re
 import tarfile
@@ -33,6 +32,7 @@ from typing import Iterator
 import numpy as np
 
 from llasm_jax.data.audio import SAMPLE_RATE, AudioError, check_audio, to_int16
+from llasm_jax.data.jobs import write_jsonl
 from llasm_jax.errors import UserError
 
 ENV = "LLASM_RECORDINGS"  # a folder holding the archive, or the archive itself
@@ -170,9 +170,5 @@ def write_held_out(out_dir: str | os.PathLike, recordings: str | os.PathLike | N
                      "source": f"{os.path.basename(path)}:{clip.member}", "speaker": clip.speaker,
                      "seconds": round(len(audio) / SAMPLE_RATE, 3)})
   manifest = os.path.join(out_dir, MANIFEST)
-  tmp = f"{manifest}.{os.getpid()}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row) + "\n")
-  os.replace(tmp, manifest)  # a manifest that exists is whole
+  write_jsonl(manifest, rows, ensure_ascii=True)  # a manifest that exists is whole
   return manifest

@@ -30,34 +30,32 @@ utterance whose file exists is kept, not redone (files are written under a tempo
 renamed, so an existing file is complete). Failures (empty text, unknown language, silent or
 too long output, engine errors) are counted with their reason, never fatal one by one.
 
-Engines: `Engine.synthesize(text, language, rng) -> float32[N] at 16 kHz`; "espeak" (espeak-ng
-through ctypes, `tts_espeak.py`) and "piper" (a neural English voice, `tts_piper.py`) are
-built in, others register as "module:callable" (a
-factory) with `register_engine`, or are named so directly (`--engine mypkg.tts:Engine`):
-worker processes import them by that name.
+Engines: `tts.py` (their contract, "espeak" and "piper" built in, others registered or named as
+"module:callable").
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
+import functools
 import glob
 import hashlib
-import importlib
 import json
-import multiprocessing
 import os
 import re
-import sys
 import time
-from typing import Any, Iterator, Protocol
+from typing import Any
 
 import numpy as np
 
-from llasm_jax.data import augment, builders
+from llasm_jax.data import augment
 from llasm_jax.data.audio import SAMPLE_RATE, AudioError, check_audio, to_int16
-from llasm_jax.errors import UserError
+from llasm_jax.data.jobs import ordered_map, say, write_jsonl
+from llasm_jax.data.rows import BuildError, Row, Skip, json_rows, parse_conversation, read_text
+from llasm_jax.data.tts import (SynthError, UtteranceError, engine_factory, engine_instance, normalize_language,
+                                utterance_rng)
+from llasm_jax.tokens import AUDIO, MARKERS
 
 FORMATS = ("flac", "wav")
 MANIFEST = {"asr": "manifest.jsonl", "instructions": "instructions.jsonl"}
@@ -69,97 +67,8 @@ PRINT_FAILURES = 20
 MAX_CHARS_PER_SECOND = 40
 
 
-class SynthError(UserError):
-  """The run as a whole cannot go on (unreadable input, an engine that cannot start)."""
-
-
-class UtteranceError(RuntimeError):
-  """One utterance that cannot be made; engines raise it with a short `reason` to count it under."""
-
-  def __init__(self, reason: str, message: str):
-    self.reason = reason
-    super().__init__(message)
-
-  def __reduce__(self):
-    return UtteranceError, (self.reason, str(self))
-
-
 # ---------------------------------------------------------------------------------------------
-# Engines.
-
-
-class Engine(Protocol):
-  """A text-to-speech engine; one instance per process, built by a no-argument factory."""
-
-  def synthesize(self, text: str, language: str, rng: np.random.Generator) -> np.ndarray:
-    """float32[N] samples in [-1, 1] at 16 kHz of `text` read in `language` ("en", "zh", ...),
-    in a voice drawn from `rng` (the same rng state must give the same samples). An exception
-    fails this utterance only; one with a `reason` attribute (UtteranceError) is counted under
-    it, any other under "engine_error"."""
-    ...
-
-
-ENGINES: dict[str, str] = {"espeak": "llasm_jax.data.tts_espeak:EspeakEngine",
-                           "piper": "llasm_jax.data.tts_piper:PiperEngine"}
-
-
-def register_engine(name: str, factory: str) -> None:
-  """Makes `--engine name` build an engine by calling `factory` ("package.module:callable").
-
-  An import path, not a callable: worker processes are spawned fresh and find the engine by
-  importing it. Register in the process that runs `synthesize`; workers receive the path.
-  """
-  if ":" not in factory:
-    raise UserError(f"engine factory {factory!r}: expected 'package.module:callable'")
-  ENGINES[name] = factory
-
-
-def engine_factory(engine: str) -> str:
-  """The "module:callable" path of a registered name, or `engine` itself if it is such a path."""
-  if engine in ENGINES:
-    return ENGINES[engine]
-  if ":" in engine:
-    return engine
-  raise SynthError(f"--engine {engine!r}: unknown; registered engines are {sorted(ENGINES)}, "
-                   "or name a factory as 'package.module:callable'")
-
-
-def make_engine(engine: str) -> Engine:
-  """An engine instance from a registered name or a "module:callable" path."""
-  path = engine_factory(engine)
-  module, _, attr = path.partition(":")
-  try:
-    factory = getattr(importlib.import_module(module), attr)
-    made = factory()
-  except Exception as e:
-    raise SynthError(f"engine {engine!r} ({path}) cannot start: {type(e).__name__}: {e}") from None
-  if not callable(getattr(made, "synthesize", None)):
-    raise SynthError(f"engine {engine!r} ({path}) has no synthesize(text, language, rng) method")
-  return made
-
-
-# ---------------------------------------------------------------------------------------------
-# Utterances: ids, languages, file names, seeds.
-
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]")
-_LATIN_WORD = re.compile(r"[A-Za-z]+")
-_LANGUAGES = {"zh": "zh", "cmn": "zh", "chinese": "zh", "mandarin": "zh", "en": "en", "english": "en"}
-
-
-def detect_language(text: str) -> str:
-  """The language of `text`: "zh" when it holds at least as many CJK ideographs as Latin words (an
-  ideograph is about a word), else "en"; so Chinese with an English name in it stays Chinese."""
-  n_cjk = len(_CJK.findall(text))
-  return "zh" if n_cjk and n_cjk >= len(_LATIN_WORD.findall(text)) else "en"
-
-
-def normalize_language(language: str | None, text: str) -> str:
-  """A row's language code as the engines and builders use it: "zh-CN"/"cmn" -> "zh", "en-US"
-  -> "en", None/"" /"auto" -> detected from `text`, anything else (e.g. "fr") unchanged."""
-  if not language or language.lower() == "auto":
-    return detect_language(text)
-  code = language.lower().replace("_", "-")
-  return _LANGUAGES.get(code, _LANGUAGES.get(code.split("-")[0], code))
+# Utterances: ids and file names (languages and seeds: tts.py).
 
 
 def _digest(text: str) -> str:
@@ -180,12 +89,6 @@ def audio_path(uid: str, fmt: str) -> str:
   """DIR-relative path of an utterance's audio: audio/<2 hex of a hash of the id>/<stem>.<fmt>.
   The shard depends only on the id, so resuming with more or fewer inputs finds the same files."""
   return f"{AUDIO_DIR}/{_digest(uid)[:2]}/{file_stem(uid)}.{fmt}"
-
-
-def utterance_rng(seed: int, uid: str) -> np.random.Generator:
-  """The rng an utterance's voice is drawn from: a function of (seed, id) alone."""
-  h = hashlib.sha256(f"{seed}\0{uid}".encode("utf-8")).digest()
-  return np.random.default_rng([int.from_bytes(h[i:i + 4], "little") for i in range(0, 16, 4)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +144,7 @@ def _is_jsonl(path: str, text: str) -> bool:
 def _check_text(text: str) -> None:
   if not text.strip():
     raise UtteranceError("empty_text", "empty text: nothing to speak")
-  for marker in builders.MARKERS + (builders.AUDIO,):
+  for marker in MARKERS + (AUDIO,):
     if marker in text:
       raise UtteranceError("bad_text", f"text contains the audio marker {marker!r}, which the builders reject")
 
@@ -251,20 +154,22 @@ def _given_id(item: dict[str, Any]) -> str:
   return "" if uid is None else str(uid).strip()
 
 
-def _check_format(fmt: str) -> None:
+def _check_request(fmt: str, limit: int | None) -> None:
   if fmt not in FORMATS:
     raise SynthError(f"--format {fmt!r}: expected one of {FORMATS}")
+  if limit is not None and limit < 1:
+    raise SynthError(f"--limit {limit}: expected a positive number of rows")
 
 
 def plan_text(path: str, fmt: str = "flac", language: str | None = None, limit: int | None = None) -> Plan:
   """The plan of an ASR sentence list: a text file (one sentence a line) or JSONL {"text", "id"?, "language"?}."""
-  _check_format(fmt)
-  raw = builders._read_text(path, "--text")  # the builders' reader: the same errors
+  _check_request(fmt, limit)
+  raw = read_text(path, "--text")  # the builders' reader: the same errors
   name = os.path.basename(path)
   if _is_jsonl(path, raw):
-    rows = builders._json_rows(path, "--text file")  # the builders' reader: the same JSON is accepted
+    rows = json_rows(path, "--text file")  # the builders' reader: the same JSON is accepted
   else:
-    rows = [builders.Row(i, f"{name}:{n}", {"text": line.strip()})
+    rows = [Row(i, f"{name}:{n}", {"text": line.strip()})
             for i, (n, line) in enumerate((n, l) for n, l in enumerate(raw.splitlines(), 1) if l.strip())]
   plan = Plan("asr", fmt)
   seen: set[str] = set()
@@ -295,10 +200,10 @@ def plan_text(path: str, fmt: str = "flac", language: str | None = None, limit: 
 
 def plan_instructions(path: str, fmt: str = "flac", language: str | None = None, limit: int | None = None) -> Plan:
   """The plan of LLaSM / ShareGPT conversations: every human turn becomes an utterance."""
-  _check_format(fmt)
+  _check_request(fmt, limit)
   try:
-    rows = builders._json_rows(path, "--instructions file")
-  except builders.BuildError as e:
+    rows = json_rows(path, "--instructions file")
+  except BuildError as e:
     raise SynthError(str(e)) from None
   plan = Plan("instructions", fmt)
   seen: set[str] = set()
@@ -307,9 +212,9 @@ def plan_instructions(path: str, fmt: str = "flac", language: str | None = None,
     cid = _given_id(item) or f"{row.index:07d}-{_digest(json.dumps(item, sort_keys=True))[:8]}"
     try:
       if row.error is not None:
-        raise builders.Skip("bad_row", row.error)
+        raise Skip("bad_row", row.error)
       if "audio" in item or any(isinstance(t, dict) and "audio" in t for t in item.get("conversations") or []):
-        raise builders.Skip("has_audio", "the conversation already holds audio; give text-only conversations")
+        raise Skip("has_audio", "the conversation already holds audio; give text-only conversations")
       out, turns = dict(item), []
       out["id"] = cid
       conv = item.get("conversations")
@@ -319,11 +224,11 @@ def plan_instructions(path: str, fmt: str = "flac", language: str | None = None,
           uid = f"{cid}_{k}"
           turn["audio"] = audio_path(uid, fmt)
           turns.append((uid, k, turn.get("value"), turn["audio"]))
-      if any(isinstance(text, str) and builders.AUDIO in text for _, _, text, _ in turns):
-        raise builders.Skip("has_audio", f"a human turn holds the {builders.AUDIO} placeholder; give text-only turns")
+      if any(isinstance(text, str) and AUDIO in text for _, _, text, _ in turns):
+        raise Skip("has_audio", f"a human turn holds the {AUDIO} placeholder; give text-only turns")
       # The instructions builder's own parser: what it rejects is not worth synthesizing.
-      builders.parse_conversation(out, os.path.dirname(os.path.abspath(path)))
-    except builders.Skip as s:
+      parse_conversation(out, os.path.dirname(os.path.abspath(path)))
+    except Skip as s:
       plan.conversation_failures.append(Failure(cid, row.where, s.reason, s.message))
       continue
     given = item.get("language", language)
@@ -374,20 +279,6 @@ class Options:
     return augment.Augment(reverb=self.reverb, reverb_p=self.reverb_p, snr_db=self.snr_db, noise_p=self.noise_p)
 
 
-_ENGINE: dict[str, Any] = {}  # engine name -> instance or the SynthError that stopped it, per process
-
-
-def _engine(name: str) -> Engine:
-  if name not in _ENGINE:
-    try:
-      _ENGINE[name] = make_engine(name)
-    except SynthError as e:
-      _ENGINE[name] = e
-  if isinstance(_ENGINE[name], SynthError):
-    raise _ENGINE[name]
-  return _ENGINE[name]
-
-
 def write_audio(path: str, audio: np.ndarray) -> None:
   """float32[N] at 16 kHz -> a 16-bit file at `path` (flac or wav, by its extension), written under
   a temporary name and renamed, so a file that exists is whole (what resuming relies on)."""
@@ -412,7 +303,7 @@ def render(utt: Utterance, out: str, options: Options) -> tuple[str, float, str,
     if options.max_seconds and len(utt.text) > MAX_CHARS_PER_SECOND * options.max_seconds:
       raise AudioError(utt.id, "too_long", f"{len(utt.text)} characters of text cannot be spoken within the "
                        f"{options.max_seconds:g} s maximum (raise --max-seconds, 0 = no limit)")
-    audio = _engine(options.engine).synthesize(utt.text, utt.language, utterance_rng(options.seed, utt.id))
+    audio = engine_instance(options.engine).synthesize(utt.text, utt.language, utterance_rng(options.seed, utt.id))
     audio = np.asarray(audio, np.float32)
     if audio.ndim != 1:
       raise UtteranceError("engine_error", f"engine gave samples of shape {audio.shape}; expected float32[N] mono")
@@ -432,39 +323,6 @@ def render(utt: Utterance, out: str, options: Options) -> tuple[str, float, str,
     return utt.id, 0.0, "write_error", f"cannot write {path!r}: {e}"
   except Exception as e:  # one odd text must not end a run of a million utterances; it is reported
     return utt.id, 0.0, getattr(e, "reason", "engine_error"), f"{type(e).__name__}: {e}"
-
-
-def _render_batch(utts: list[Utterance], out: str, options: Options) -> list[tuple[str, float, str, str]]:
-  return [render(u, out, options) for u in utts]
-
-
-def _render_all(jobs: list[Utterance], out: str, options: Options,
-                workers: int) -> Iterator[tuple[str, float, str, str]]:
-  """`render` over jobs, in this process (workers <= 0) or in `workers` spawned processes, in
-  batches (IPC per utterance would cost as much as espeak itself) with a bounded number in flight."""
-  if workers <= 0 or not jobs:
-    for job in jobs:
-      yield render(job, out, options)
-    return
-  size = max(1, min(16, len(jobs) // (8 * workers)))
-  batches = iter([jobs[i:i + size] for i in range(0, len(jobs), size)])
-  # spawn: the CLI process has imported JAX, whose threads do not survive fork().
-  ctx = multiprocessing.get_context("spawn")
-  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-    pending = {pool.submit(_render_batch, b, out, options)
-               for b in (next(batches, None) for _ in range(4 * workers)) if b}
-    try:
-      while pending:
-        done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-        for future in done:
-          yield from future.result()
-          batch = next(batches, None)
-          if batch:
-            pending.add(pool.submit(_render_batch, batch, out, options))
-    except BaseException:
-      for future in pending:
-        future.cancel()
-      raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,21 +350,6 @@ def _existing_seconds(path: str) -> float | None:
     return None
 
 
-def _say(msg: str, quiet: bool) -> None:
-  if not quiet:
-    from tqdm import tqdm
-
-    tqdm.write(msg, file=sys.stderr)
-
-
-def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
-  tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row, ensure_ascii=False) + "\n")
-  os.replace(tmp, path)
-
-
 def synthesize(plan: Plan, out: str, *, options: Options = Options(), workers: int = 0, quiet: bool = False,
                source: str = "") -> Result:
   """Speaks every utterance of `plan` into `out`/audio (keeping those already there), then writes
@@ -523,7 +366,7 @@ def synthesize(plan: Plan, out: str, *, options: Options = Options(), workers: i
     os.remove(stale)
   failures = list(plan.failures)
   for f in failures[:PRINT_FAILURES]:
-    _say(f"fail {f.where} ({f.id}): {f.message} [{f.reason}]", quiet)
+    say(f"fail {f.where} ({f.id}): {f.message} [{f.reason}]", quiet)
   seconds: dict[str, float] = {}
   jobs, kept_s = [], 0.0
   for u in plan.utterances:
@@ -540,12 +383,15 @@ def synthesize(plan: Plan, out: str, *, options: Options = Options(), workers: i
   bar = tqdm(total=len(plan.utterances), initial=kept, desc=f"synthesizing ({options.engine})", unit="utt",
              disable=quiet, dynamic_ncols=True)
   try:
-    for uid, secs, reason, message in _render_all(jobs, out, run_options, workers):
+    # Batches: IPC per utterance would cost as much as espeak itself.
+    size = max(1, min(16, len(jobs) // (8 * max(workers, 1))))
+    for uid, secs, reason, message in ordered_map(functools.partial(render, out=out, options=run_options), jobs,
+                                                  workers, batch=size):
       bar.update()
       if reason:
         failures.append(Failure(uid, where[uid], reason, message))
         if len(failures) <= PRINT_FAILURES:
-          _say(f"fail {where[uid]} ({uid}): {message} [{reason}]", quiet)
+          say(f"fail {where[uid]} ({uid}): {message} [{reason}]", quiet)
       else:
         made, made_s = made + 1, made_s + secs
         seconds[uid] = secs
@@ -563,7 +409,7 @@ def synthesize(plan: Plan, out: str, *, options: Options = Options(), workers: i
       row_failures.append(Failure(o.row["id"], o.where, "utterance_failed",
                                   f"{len(missing)} of its {len(o.needs)} human turns not made ({missing[0]}, ...)"))
   manifest = os.path.join(out, MANIFEST[plan.kind])
-  _write_jsonl(manifest, rows)
+  write_jsonl(manifest, rows)
   report = {
       "kind": plan.kind, "source": source, "out": out, "engine": options.engine, "seed": options.seed,
       "format": plan.fmt, "workers": workers, "utterances": len(plan.utterances) + len(plan.failures),
@@ -578,7 +424,7 @@ def synthesize(plan: Plan, out: str, *, options: Options = Options(), workers: i
     report["conversations_failed_by_reason"] = dict(sorted(collections.Counter(f.reason for f in row_failures).items()))
     report["conversation_failures"] = [dataclasses.asdict(f) for f in row_failures]
     for f in row_failures[:PRINT_FAILURES]:
-      _say(f"conversation {f.where or f.id} dropped: {f.message} [{f.reason}]", quiet)
+      say(f"conversation {f.where or f.id} dropped: {f.message} [{f.reason}]", quiet)
   report_path = os.path.join(out, REPORT)
   with open(report_path, "w", encoding="utf-8") as f:
     json.dump(report, f, ensure_ascii=False, indent=1)

