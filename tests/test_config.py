@@ -12,6 +12,7 @@ from flax import nnx
 
 from llasm_jax import sharding
 from llasm_jax.config import apply_overrides, llasm_config, load_config_file
+from llasm_jax.errors import UserError
 from llasm_jax.sharding import MESH_AXES
 from llasm_jax.train.sections import training_sections
 from llasm_jax.models.llama import RopeScaling
@@ -93,15 +94,15 @@ def test_overrides_apply():
     ({"preset": "no_such_preset"}, "no_such_preset"),
 ])
 def test_unknown_key_raises(model, key):
-  with pytest.raises(ValueError, match=key):
+  with pytest.raises(UserError, match=key):
     llasm_config(ml_collections.ConfigDict(model))
 
 
 def test_mesh_shape():
   assert sharding.mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
-  with pytest.raises(ValueError, match="product 6 != 8"):
+  with pytest.raises(UserError, match="product 6 != 8"):
     sharding.mesh_shape({"data": 3, "fsdp": 2}, 8)
-  with pytest.raises(ValueError, match="unknown axis 'model'"):
+  with pytest.raises(UserError, match="unknown axis 'model'"):
     sharding.mesh_shape({"model": 8}, 8)
 
 
@@ -124,5 +125,5 @@ def test_typed_overrides():
                         "--config.train.steps=7", "--config.optim.lr=3e-4", "--config.data.shared_prefix=true"])
   assert run.data.buckets == (128, 256) and run.data.system == "You are brief."
   assert run.train.steps == 7 and run.optim.lr == 3e-4 and run.data.shared_prefix is True
-  with pytest.raises(ValueError, match="expected strings"):
+  with pytest.raises(UserError, match="expected strings"):
     apply_overrides(run, ["--config.train.trainable=(1, 2)"])

@@ -18,6 +18,7 @@ from tests.conftest import assert_close
 from llasm_jax.convert.convert import convert
 from llasm_jax.convert.export import export
 from llasm_jax.convert.reader import CheckpointError, HFCheckpoint
+from llasm_jax.errors import UserError
 from tests.models.test_llama import BASE, VARIANTS
 from tests.models.test_llasm import PATCH, START, END, VOCAB, batch, torch_reference
 from tests.models.test_whisper import randomize_biases, tiny_whisper_config
@@ -184,7 +185,7 @@ def test_errors_name_the_problem(tmp_path):
   cfg = json.load(open(tmp_path / "gpt" / "config.json"))
   cfg["model_type"] = "gpt2"
   json.dump(cfg, open(tmp_path / "gpt" / "config.json", "w"))
-  with pytest.raises(ValueError, match="not supported; supported: llama"):
+  with pytest.raises(UserError, match="not supported; supported: llama"):
     convert(str(tmp_path / "gpt"), out=str(tmp_path / "o2"), progress=False)
 
   whisper, _, _, _ = released_llasm(tmp_path)
@@ -196,7 +197,7 @@ def test_errors_name_the_problem(tmp_path):
   cfg = json.load(open(tmp_path / "wrong" / "config.json"))
   cfg["intermediate_size"] = 128
   json.dump(cfg, open(tmp_path / "wrong" / "config.json", "w"))
-  with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight.*shape"):
+  with pytest.raises(UserError, match=r"model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight.*shape"):
     convert(str(tmp_path / "wrong"), out=str(tmp_path / "o4"), progress=False)
   assert not any(p.startswith(("o1", "o2", "o3", "o4")) for p in os.listdir(tmp_path)), os.listdir(tmp_path)
 

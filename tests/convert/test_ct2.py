@@ -29,7 +29,6 @@ from llasm_jax.convert.reader import CheckpointError
 from llasm_jax.data.audio import load_audio
 from llasm_jax.data.features import log_mel
 from tests.conftest import assert_close
-from tests.data.conftest import ASSETS
 from tests.models.test_whisper import randomize_biases, tiny_whisper_config
 
 TOL = 1e-4
@@ -318,14 +317,14 @@ needs_tiny_en = pytest.mark.skipif(TINY_EN is None, reason="Whisper tiny.en CT2 
 
 
 @pytest.fixture(scope="module")
-def tiny_en(tmp_path_factory):
+def tiny_en(tmp_path_factory, assets):
   """tiny.en converted and exported; the log-mel of a spoken sentence; CTranslate2's runtime on
   the original folder (None without the package)."""
   root = tmp_path_factory.mktemp("tiny_en")
   convert(whisper_dir=TINY_EN, out=str(root / "ck"), progress=False)
   export(str(root / "ck"), str(root / "hf"), progress=False)
   hf = tf.WhisperForConditionalGeneration.from_pretrained(root / "hf" / "whisper").eval()
-  speech = load_audio(os.path.join(ASSETS, "speech_en", "hello_world.wav"))
+  speech = load_audio(os.path.join(assets, "speech_en", "hello_world.wav"))
   try:
     import ctranslate2
 

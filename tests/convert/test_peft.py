@@ -10,6 +10,7 @@ from flax import nnx, traverse_util
 
 from llasm_jax import checkpoint
 from llasm_jax.convert.export import export
+from llasm_jax.errors import UserError
 from llasm_jax.layers import LoraConfig, is_lora_path
 
 LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=("q_proj", "v_proj", "o_proj", "up_proj", "down_proj"))
@@ -91,5 +92,5 @@ def test_cli_export_lora_flags():
   parse = lambda *extra: build_parser().parse_args(["export", "--ckpt", "in", "--out", "out", *extra]).lora
   assert parse() == "peft" and parse("--lora", "peft") == "peft"
   assert parse("--merge-lora") == "merge" and parse("--lora", "merge") == "merge"
-  with pytest.raises(ValueError, match="lora="):
+  with pytest.raises(UserError, match="lora="):
     export("unused", "unused", lora="gguf")

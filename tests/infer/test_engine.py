@@ -12,6 +12,7 @@ from flax import nnx
 
 from llasm_jax.convert.configs import llama_config_from_hf
 from llasm_jax.convert.hf import keymaps, load_tensors
+from llasm_jax.errors import UserError
 from llasm_jax.infer import Engine, SamplingParams, sample
 from llasm_jax.models.llama import LlamaForCausalLM
 from tests.conftest import hf_tensors
@@ -172,15 +173,15 @@ def test_sample_keeps_exactly_the_filtered_tokens():
 def test_input_errors_name_the_problem(gqa):
   model = gqa
   engine = Engine(model)
-  with pytest.raises(ValueError, match="prompt 1 is empty"):
+  with pytest.raises(UserError, match="prompt 1 is empty"):
     engine.generate([[1, 2], []])
-  with pytest.raises(ValueError, match=f"token id {VOCAB} is outside the vocab"):
+  with pytest.raises(UserError, match=f"token id {VOCAB} is outside the vocab"):
     engine.generate([[1, VOCAB]])
-  with pytest.raises(ValueError, match="max_new_tokens 0"):
+  with pytest.raises(UserError, match="max_new_tokens 0"):
     engine.generate([[1]], max_new_tokens=0)
-  with pytest.raises(ValueError, match="text-only LLM; it cannot take audio"):
+  with pytest.raises(UserError, match="text-only LLM; it cannot take audio"):
     engine.generate([[1, 5]], [[np.zeros((80, 100), np.float32)]])
-  with pytest.raises(ValueError, match="top_p"):
+  with pytest.raises(UserError, match="top_p"):
     SamplingParams(top_p=0.0)
-  with pytest.raises(ValueError, match="Whisper-only checkpoint"):
+  with pytest.raises(UserError, match="Whisper-only checkpoint"):
     Engine(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))

@@ -14,7 +14,6 @@ from llasm_jax import cli
 from llasm_jax.data import builders, pipeline, templates
 from llasm_jax.data.audio import from_int16
 from llasm_jax.infer.evaluate import LlasmAnswers, answer_f1, answer_tokens, evaluate, read_rows, run
-from tests.data.conftest import ASSETS
 
 INSTRUCTIONS = [
     {"id": "c1", "conversations": [
@@ -29,13 +28,13 @@ INSTRUCTIONS = [
 
 
 @pytest.fixture(scope="module")
-def datasets(tmp_path_factory):
+def datasets(tmp_path_factory, assets):
   """The shared assets as an ASR dataset (4 English, 3 Chinese rows) and two spoken conversations."""
   root = tmp_path_factory.mktemp("eval_data")
-  asr = builders.build("asr", builders.manifest_rows(os.path.join(ASSETS, "manifest.jsonl")), str(root / "asr"),
+  asr = builders.build("asr", builders.manifest_rows(os.path.join(assets, "manifest.jsonl")), str(root / "asr"),
                        quiet=True)
   (root / "conv.jsonl").write_text("\n".join(json.dumps(c, ensure_ascii=False) for c in INSTRUCTIONS))
-  inst = builders.build("instructions", builders.instruction_rows(str(root / "conv.jsonl"), ASSETS),
+  inst = builders.build("instructions", builders.instruction_rows(str(root / "conv.jsonl"), assets),
                         str(root / "inst"), quiet=True)
   return {"asr": asr.path, "inst": inst.path, "root": root}
 

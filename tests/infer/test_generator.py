@@ -7,6 +7,7 @@ import soundfile as sf
 
 from llasm_jax.data import features, templates
 from llasm_jax.data.audio import AudioError
+from llasm_jax.errors import UserError
 from llasm_jax.infer.generator import Chat, Generator
 from tests.infer.conftest import tiny_tokenizer, write_wav
 
@@ -78,7 +79,7 @@ def test_text_only_llm(ckpts):
   [res] = gen.generate(["hello world"], max_new_tokens=4)
   assert res.prompt_token_ids == gen.tokenizer.encode("hello world")
   assert res.prompt_token_ids[0] == gen.tokenizer.bos_token_id
-  with pytest.raises(ValueError, match="text-only"):
+  with pytest.raises(UserError, match="text-only"):
     gen.generate(["hello"], [[ckpts["wav"]]])
   chat = Chat(gen)  # no template: the turns' texts one after the other
   first = chat.send("hello world", max_new_tokens=3)
@@ -94,18 +95,18 @@ def test_errors_name_the_input_and_the_fix(gen, ckpts, tmp_path):
   bad.write_bytes(b"this is not audio" * 100)
   with pytest.raises(AudioError, match="cannot decode"):
     gen.generate(["hi"], [[str(bad)]])
-  with pytest.raises(ValueError, match="holds Whisper alone"):
+  with pytest.raises(UserError, match="holds Whisper alone"):
     Generator.load(ckpts["whisper"])
-  with pytest.raises(ValueError, match="not a llasm_jax checkpoint"):
+  with pytest.raises(UserError, match="not a llasm_jax checkpoint"):
     Generator.load(str(tmp_path))
   with pytest.raises(FileNotFoundError, match="no such folder"):
     Generator.load(str(tmp_path / "nope"))
-  with pytest.raises(ValueError, match="taken as log-mel features"):
+  with pytest.raises(UserError, match="taken as log-mel features"):
     gen.generate(["hi"], [[np.zeros((16000, 2), np.float32)]])
-  with pytest.raises(ValueError, match="template 'nope'"):
+  with pytest.raises(UserError, match="template 'nope'"):
     gen.generate(["hi"], template="nope", max_new_tokens=1)
   # A tokenizer from another model: its audio markers disagree with the checkpoint.
   other = tiny_tokenizer()
   other.add_tokens(["<x>", *templates.MARKERS], special_tokens=True)
-  with pytest.raises(ValueError, match="model config expects"):
+  with pytest.raises(UserError, match="model config expects"):
     Generator(gen.engine, other)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from llasm_jax.errors import UserError
 from llasm_jax.infer import Engine
 from tests.models.test_llasm import PATCH, START, END, build, sample_ids, torch_audio_embeds
 
@@ -61,16 +62,16 @@ def test_audio_input_errors(tmp_path):
   mel = np.zeros((80, 400), np.float32)
   p = cfg.audio_tokens(400)
   good = [1, 5, START] + [PATCH] * p + [END]
-  with pytest.raises(ValueError, match="1 <au_start> markers but 0 audios"):
+  with pytest.raises(UserError, match="1 <au_start> markers but 0 audios"):
     engine.generate([good])
-  with pytest.raises(ValueError, match=f"followed by exactly {p}"):
+  with pytest.raises(UserError, match=f"followed by exactly {p}"):
     engine.generate([good[:-2] + [END]], [[mel]])
-  with pytest.raises(ValueError, match="mel shape"):
+  with pytest.raises(UserError, match="mel shape"):
     engine.generate([good], [[np.zeros((128, 400), np.float32)]])
-  with pytest.raises(ValueError, match="exceed 30 s"):
+  with pytest.raises(UserError, match="exceed 30 s"):
     engine.generate([good], [[np.zeros((80, 3200), np.float32)]])
-  with pytest.raises(ValueError, match="1 audio lists for 2 prompts"):
+  with pytest.raises(UserError, match="1 audio lists for 2 prompts"):
     engine.generate([good, good], [[mel]])
   llasm_model, *_ = build("llasm", tmp_path / "llasm")
-  with pytest.raises(ValueError, match="padded to 30 s"):
+  with pytest.raises(UserError, match="padded to 30 s"):
     Engine(llasm_model).generate([[1, START] + [PATCH] * 64 + [END]], [[mel]])

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from llasm_jax import cli
+from llasm_jax.errors import UserError
 from llasm_jax.infer.generator import Generator
 from llasm_jax.infer.respond import read_conversations, respond
 
@@ -49,5 +50,5 @@ def test_cli_reads_a_question_list_and_rejects_spoken_rows(ckpts, tmp_path, caps
   assert all(r["conversations"][1]["from"] == "gpt" for r in rows)
   spoken = tmp_path / "spoken.jsonl"
   spoken.write_text(json.dumps({"id": "x", "conversations": [{"from": "human", "value": "<audio>"}]}) + "\n")
-  with pytest.raises(ValueError, match="before `data synth`"):
+  with pytest.raises(UserError, match="before `data synth`"):
     read_conversations(str(spoken))

@@ -15,6 +15,7 @@ from llasm_jax import checkpoint, cli
 from llasm_jax.convert import registry
 from llasm_jax.convert.convert import convert
 from llasm_jax.data.templates import LLASM_SYSTEM, default_template
+from llasm_jax.errors import UserError
 from llasm_jax.infer.generator import Generator
 from tests.infer.conftest import tiny_tokenizer
 
@@ -78,7 +79,7 @@ def test_a_chat_tokenizer_uses_its_chat_template_and_own_system_prompt(chat_llm)
   # A whole conversation, and a system message out of place.
   talk = user + [{"role": "assistant", "content": "hello world"}, {"role": "user", "content": "the quick brown fox"}]
   assert gen.prepare(talk)[0] == reference_ids(tok, talk)
-  with pytest.raises(ValueError, match="system message must come first"):
+  with pytest.raises(UserError, match="system message must come first"):
     gen.prepare(user + system)
 
 
@@ -104,7 +105,7 @@ def test_the_folder_record_and_its_precedence(chat_llm, tmp_path):
   old = with_record(folder, str(tmp_path / "old"), None)
   assert Generator.load(old).template_name == "chat-template"
   bad = with_record(folder, str(tmp_path / "bad"), {"template": "nope"})
-  with pytest.raises(ValueError, match="template 'nope' \\(recorded in the model folder"):
+  with pytest.raises(UserError, match="template 'nope' \\(recorded in the model folder"):
     Generator.load(bad)
 
 
@@ -132,7 +133,7 @@ def test_prepare_gives_the_engine_row(gen, ckpts, tmp_path):
   assert gen.prepare("<audio> then <audio>", windows)[0] == ids
   same_ids, same_mels = gen.prepare(ids, [long, ckpts["wav"]])
   assert same_ids == ids and all(np.array_equal(a, b) for a, b in zip(same_mels, mels))
-  with pytest.raises(ValueError, match="2 audios given but the messages hold 1"):
+  with pytest.raises(UserError, match="2 audios given but the messages hold 1"):
     gen.prepare("<audio> alone", [long, ckpts["wav"]])
   [res] = gen.generate(["<audio> then <audio>"], [[long, ckpts["wav"]]], max_new_tokens=1)
   assert res.prompt_token_ids == ids

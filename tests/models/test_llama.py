@@ -9,6 +9,7 @@ from flax import nnx
 
 from llasm_jax.convert.configs import llama_config_from_hf
 from llasm_jax.convert.hf import keymaps, load_tensors
+from llasm_jax.errors import UserError
 from llasm_jax.layers.stack import unstack_layers
 from llasm_jax.models.llama import LlamaForCausalLM, rope_inv_freq
 from tests.conftest import assert_close, hf_tensors
@@ -157,7 +158,7 @@ def test_writing_past_the_end_of_the_kv_cache_raises(tmp_path):
   ids = jnp.asarray(np.random.RandomState(4).randint(0, 96, (2, 6)))
   _, cache = model(ids[:, :4], cache=model.init_cache(batch=2, max_len=5))
   _, cache = model(ids[:, 4:5], cache=cache)  # the last slot: fine
-  with pytest.raises(ValueError, match="KV cache overflow: 1 tokens at slot 5 do not fit its 5 slots"):
+  with pytest.raises(UserError, match="KV cache overflow: 1 tokens at slot 5 do not fit its 5 slots"):
     model(ids[:, 5:6], cache=cache)
 
 
@@ -165,5 +166,5 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
   torch_model, model = build("mha", tmp_path)
   tensors = hf_tensors(torch_model, tmp_path)
   tensors["model.layers.1.mlp.up_proj.weight"] = np.zeros((3, 3), np.float32)
-  with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+  with pytest.raises(UserError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
     load_tensors(model, tensors.items(), keymaps("llama"))

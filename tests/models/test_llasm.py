@@ -11,6 +11,7 @@ from flax import nnx
 
 from llasm_jax.convert.configs import llama_config_from_hf, whisper_config_from_hf
 from llasm_jax.convert.hf import export_tensors, keymaps, load_tensors, whisper_name
+from llasm_jax.errors import UserError
 from llasm_jax.models.llasm import Llasm, LlasmConfig, check_audio_markers
 from tests.conftest import assert_close, hf_tensors
 from tests.models.test_whisper import randomize_biases, tiny_whisper_config
@@ -147,7 +148,7 @@ GOOD = [1, 5, START, PATCH, PATCH, PATCH, END, 6, START, PATCH, PATCH, PATCH, EN
     (GOOD, [[0, 3]], "empty slot before a filled one"),
 ])
 def test_malformed_audio_markers_are_clear_errors(ids, counts, message):
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(UserError, match=message):
     check_audio_markers(CFG, np.array([ids]), np.array(counts))
 
 

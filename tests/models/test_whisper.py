@@ -9,6 +9,7 @@ from flax import nnx
 
 from llasm_jax.convert.configs import whisper_config_from_hf
 from llasm_jax.convert.hf import keymaps, load_tensors, whisper_name
+from llasm_jax.errors import UserError
 from llasm_jax.models.whisper import WhisperModel, encoder_frames
 from tests.conftest import assert_close, hf_tensors
 
@@ -165,5 +166,5 @@ def test_scan_equals_unrolled(pair, tmp_path):
 
 def test_too_many_frames_is_a_clear_error(pair):
   _, model = pair
-  with pytest.raises(ValueError, match="split long audio"):
+  with pytest.raises(UserError, match="split long audio"):
     model.encoder(jnp.zeros((1, model.cfg.num_mel_bins, 3002)))
