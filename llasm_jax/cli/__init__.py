@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(default 8: 6.25 tokens per second of audio)")
   p.add_argument("--adaptor-hidden", type=int, help="--mode encoder: a new model's adaptor inner width (default: "
                                                     "the LLM's hidden size)")
+  p.add_argument("--audio-tokens", type=int, help="--mode decoder: a new model's transcript tokens per audio window, "
+                                                  "<|endoftext|> included (default 64, about 20 s of speech)")
   add_flags(p, "overwrite")
   p.set_defaults(func=convert)
 

@@ -74,7 +74,8 @@ def convert(args: argparse.Namespace) -> None:
   from llasm_jax.convert.convert import convert as run
 
   print(run(args.llm, args.whisper, out=args.out, dtype=args.dtype, mode=args.mode, adaptor=args.adaptor,
-            stack_factor=args.stack_factor, adaptor_hidden=args.adaptor_hidden, overwrite=args.overwrite))
+            stack_factor=args.stack_factor, adaptor_hidden=args.adaptor_hidden, audio_tokens=args.audio_tokens,
+            overwrite=args.overwrite))
 
 
 def export(args: argparse.Namespace) -> None:

@@ -102,7 +102,7 @@ def run_demo(opts: Options) -> dict[str, Any]:
   def convert_both():
     model, whisper = os.path.join(work, "model"), os.path.join(work, "whisper")
     extra = {"encoder": dict(adaptor=opts.adaptor, stack_factor=opts.stack_factor, adaptor_hidden=opts.adaptor_hidden),
-             "decoder": dict(adaptor_hidden=opts.adaptor_hidden)}.get(opts.mode, {})
+             "decoder": dict(adaptor_hidden=opts.adaptor_hidden, audio_tokens=opts.audio_tokens)}.get(opts.mode, {})
     convert(models["llm"], models["whisper"], out=model, mode=opts.mode, overwrite=True, progress=False, **extra)
     convert(None, models["whisper"], out=whisper, overwrite=True, progress=False)
     return {"model": model, "whisper": whisper}

@@ -53,6 +53,8 @@ class Options:
   adaptor: str = _opt("ultravox", "encoder-mode projector", choices=("ultravox", "mlp"))
   stack_factor: int = _opt(8, "encoder frames per audio token (8: 6.25 tokens per second)")
   adaptor_hidden: int = _opt(2048, "the encoder- or decoder-mode adaptor's inner width")
+  audio_tokens: int = _opt(40, "decoder mode: Whisper transcript tokens per audio the LLM reads (<|endoftext|> "
+                               "included; the demo's sentences take at most about 30, and fewer make shorter rows)")
   batch: int = _opt(8, "rows per step of the CE phase")
   ctc_batch: int = _opt(64, "rows per step of the CTC warm phase")
   ctc_negatives: int = _opt(4096, "CTC classes besides the batch's transcript tokens (0: the whole vocab)")
