@@ -10,8 +10,9 @@ import pytest
 from etils import epath
 
 from llasm_jax import checkpoint, compilation_cache
+from llasm_jax.errors import UserError
 from tests.infer.conftest import make_checkpoints
-from tests.train.test_train import ROOT, tiny_config
+from tests.train.test_train import tiny_config
 
 
 def _files(folder) -> dict[str, bytes]:
@@ -94,24 +95,24 @@ def test_interrupted_bucket_folder_reads_as_incomplete(gcs, tmp_path):
 
   with pytest.raises(KeyboardInterrupt):
     convert(str(tmp_path / "hf_llm"), out=out, progress=False, _on_tensor=stop)
-  with pytest.raises((ValueError, FileNotFoundError)):
+  with pytest.raises((UserError, FileNotFoundError)):
     checkpoint.read_meta(out)
   convert(str(tmp_path / "hf_llm"), out=out, progress=False, overwrite=True)
   assert checkpoint.read_meta(out)["kind"] == "llama"
   # A write stopped after the arrays, before the marker (what a preempted multi-host save leaves).
   epath.Path(out, checkpoint.META_FILE).unlink()
-  with pytest.raises(ValueError, match="did not finish"):
+  with pytest.raises(UserError, match="did not finish"):
     checkpoint.read_meta(out)
   convert(str(tmp_path / "hf_llm"), out=out, progress=False, overwrite=True)
   with pytest.raises(FileExistsError, match="--overwrite"):
     convert(str(tmp_path / "hf_llm"), out=out, progress=False)
 
 
-def test_data_build_to_gcs_equals_local(gcs, tmp_path):
+def test_data_build_to_gcs_equals_local(gcs, tmp_path, assets):
   from llasm_jax import cli
   from llasm_jax.data import builders
 
-  manifest = os.path.join(os.path.dirname(ROOT), "shared", "assets", "manifest.jsonl")
+  manifest = os.path.join(assets, "manifest.jsonl")
   out = gcs("data")
   for where in (out, str(tmp_path / "data")):
     assert cli.main(["data", "build", "asr", "--manifest", manifest, "--out", where, "--workers", "1"]) == 0
@@ -123,7 +124,7 @@ def test_data_build_to_gcs_equals_local(gcs, tmp_path):
   report = json.loads(epath.Path(out, builders._builders()["asr"].name, builders.REPORT).read_text())
   assert report["status"] == "ok" and report["path"] == f"{out}/{name}"
   # Datasets are read through a gcsfuse mount: a gs:// data dir is a named error.
-  with pytest.raises(ValueError, match="gcsfuse"):
+  with pytest.raises(UserError, match="gcsfuse"):
     from llasm_jax.data import pipeline
 
     pipeline.Source(f"{out}/{name}")

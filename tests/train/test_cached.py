@@ -8,8 +8,8 @@ import pytest
 from llasm_jax import checkpoint
 from llasm_jax.convert.convert import convert
 from llasm_jax.data import builders, encode
+from llasm_jax.errors import UserError
 from tests.conftest import assert_close
-from tests.data.conftest import ASSETS
 from tests.infer.conftest import save_hf_pair
 from tests.train.test_train import tiny_config
 
@@ -27,10 +27,10 @@ def llasm_folders(root, seed=0) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, assets):
   root = tmp_path_factory.mktemp("cached")
   raw = str(root / "asr")
-  builders.build("asr", builders.manifest_rows(os.path.join(ASSETS, "manifest.jsonl")), raw, quiet=True)
+  builders.build("asr", builders.manifest_rows(os.path.join(assets, "manifest.jsonl")), raw, quiet=True)
   ckpts = llasm_folders(root)
   caches = {}
   for mode, dtype in (("llasm", "float32"), ("encoder", "float32"), ("encoder", "bfloat16")):
@@ -86,15 +86,15 @@ def test_a_cache_of_another_mode_or_whisper_is_refused(setup):
   from llasm_jax.train.trainer import train
 
   work = str(setup["root"] / "refused")
-  with pytest.raises(ValueError, match="features cached in 'encoder' mode, but the model runs in 'llasm' mode"):
+  with pytest.raises(UserError, match="features cached in 'encoder' mode, but the model runs in 'llasm' mode"):
     train(stage1(setup["ckpts"]["llasm"], setup["caches"]["encoder", "float32"]), work)
-  with pytest.raises(ValueError, match="cached in 300-frame windows but config.data.mel_frames is 600"):
+  with pytest.raises(UserError, match="cached in 300-frame windows but config.data.mel_frames is 600"):
     config = stage1(setup["ckpts"]["encoder"], setup["caches"]["encoder", "float32"])
     config.data.mel_frames = 600
     train(config, work)
   # Same sizes, other weights: the tiny_encoder preset's own random Whisper.
   config = stage1("", setup["caches"]["encoder", "float32"], tokenizer=setup["ckpts"]["encoder"])
   config.model = {"preset": "tiny_encoder"}
-  with pytest.raises(ValueError, match="features cached by another Whisper"):
+  with pytest.raises(UserError, match="features cached by another Whisper"):
     train(config, work)
   assert not os.path.exists(os.path.join(work, "model"))

@@ -13,6 +13,7 @@ from flax import nnx
 
 from llasm_jax import tokens
 from llasm_jax.data import contract, featurize, pipeline
+from llasm_jax.errors import UserError
 from llasm_jax.train import data_config
 from llasm_jax.models.llasm import LLASM_PRESETS, Llasm
 from llasm_jax.train import trainer
@@ -210,13 +211,13 @@ def test_ctc_trains_a_tiny_adaptor():
 
 
 def test_ctc_options_are_checked():
-  with pytest.raises(ValueError, match="ctc_weight -1.0"):
+  with pytest.raises(UserError, match="ctc_weight -1.0"):
     trainer.prepare(tiny_config(stage=1, ctc_weight=-1.0))
-  with pytest.raises(ValueError, match="config.train.loss 'ctcx': expected one of ce, kd, mix, ctc"):
+  with pytest.raises(UserError, match="config.train.loss 'ctcx': expected one of ce, kd, mix, ctc"):
     trainer.prepare(tiny_config(stage=1, loss="ctcx"))
-  with pytest.raises(ValueError, match="does not pack CTC targets"):
+  with pytest.raises(UserError, match="does not pack CTC targets"):
     pipeline.PipelineConfig.from_model(tiny_model("encoder"), ctc=True, packing=True)
-  with pytest.raises(ValueError, match="synthetic batches lack"):
+  with pytest.raises(UserError, match="synthetic batches lack"):
     trainer.make_data(tiny_config(stage=1, loss="ctc"), LLASM_PRESETS["tiny_encoder"])
 
 
@@ -267,17 +268,16 @@ CTC_STACK = 3
 
 
 @pytest.fixture(scope="module")
-def asset_run(tmp_path_factory):
+def asset_run(tmp_path_factory, assets):
   """The asset clips as an ASR dataset, and the tiny HF LLaMA + Whisper pair to convert."""
   import os
 
   from llasm_jax.data import builders
-  from tests.data.conftest import ASSETS
   from tests.infer.conftest import save_hf_pair
 
   root = tmp_path_factory.mktemp("ctc_assets")
   raw = str(root / "asr")
-  builders.build("asr", builders.manifest_rows(os.path.join(ASSETS, "manifest.jsonl")), raw, quiet=True)
+  builders.build("asr", builders.manifest_rows(os.path.join(assets, "manifest.jsonl")), raw, quiet=True)
   save_hf_pair(root)
   return root, raw
 

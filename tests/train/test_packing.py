@@ -18,7 +18,6 @@ from llasm_jax import checkpoint
 from llasm_jax.convert.convert import convert
 from llasm_jax.data import builders, contract, packing, pipeline
 from tests.conftest import assert_close
-from tests.data.conftest import ASSETS
 from tests.infer.conftest import save_hf_pair
 from tests.train.test_train import tiny_config
 
@@ -27,7 +26,7 @@ SEQ, SLOTS = 640, 8  # packed rows; the 3-4.5 s clips take two 3 s windows (slot
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, assets):
   """A converted tiny encoder-mode LLaSM and an instructions dataset of eight conversations whose
   answers grow from 3 to 66 words, every third one with a second spoken turn."""
   root = tmp_path_factory.mktemp("packing")
@@ -40,7 +39,7 @@ def setup(tmp_path_factory):
                 {"from": "gpt", "value": "hello"}]
     convs.append({"id": f"c{i}", "conversations": turns})
   (root / "convs.jsonl").write_text("\n".join(json.dumps(c) for c in convs))
-  data = builders.build("instructions", builders.instruction_rows(str(root / "convs.jsonl"), ASSETS),
+  data = builders.build("instructions", builders.instruction_rows(str(root / "convs.jsonl"), assets),
                         str(root / "convs"), quiet=True).path
   save_hf_pair(root)
   ckpt = str(root / "llasm")

@@ -9,14 +9,13 @@ import pytest
 from llasm_jax import checkpoint
 from llasm_jax.data import builders, pipeline
 from tests.conftest import assert_close
-from tests.data.conftest import ASSETS
 from tests.train.test_cached import llasm_folders, stage1
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, assets):
   root = tmp_path_factory.mktemp("prefix")
-  raw = builders.build("asr", builders.manifest_rows(os.path.join(ASSETS, "manifest.jsonl")), str(root / "asr"),
+  raw = builders.build("asr", builders.manifest_rows(os.path.join(assets, "manifest.jsonl")), str(root / "asr"),
                        quiet=True).path
   return dict(root=root, raw=raw, ckpt=llasm_folders(root)["encoder"])
 
