@@ -1,14 +1,11 @@
 """Shared fixtures for the data tests: a tiny LLaMA sentencepiece tokenizer trained on the fly and matching tiny model configs."""
 
-import pathlib
 import random
 
 import pytest
 
 from llasm_jax.models.llasm import LLASM_PRESETS
 
-# The shared assets sit beside the checkout: <checkout>/../shared/assets.
-ASSETS = str(pathlib.Path(__file__).resolve().parents[3] / "shared" / "assets")
 SYSTEM = ("You are a helpful language and speech assistant. You are able to understand the speech content that "
           "the user provides, and assist the user with a variety of tasks using natural language.")
 WORDS = ("the a speech audio model hello world weather paris transcribe please what is this one two three four five "

@@ -14,6 +14,7 @@ import pytest
 
 from llasm_jax import checkpoint
 from llasm_jax.config import load_config_file
+from llasm_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -195,16 +196,15 @@ def test_stage2_starts_from_the_stage1_model(tmp_path):
     np.testing.assert_array_equal(stage2[path], stage1[path], err_msg=path)
 
 
-def test_stage1_on_a_built_asr_dataset(tmp_path):
+def test_stage1_on_a_built_asr_dataset(tmp_path, assets):
   """End to end: HF folders -> convert -> `data build asr` on the shared assets -> train."""
   from llasm_jax.data import builders
   from llasm_jax.train.trainer import train
   from tests.infer.conftest import make_checkpoints
 
   ckpt = make_checkpoints(tmp_path, mode="encoder")["llasm"]
-  assets = os.path.join(os.path.dirname(ROOT), "shared", "assets")
-  data = builders.build("asr", builders.manifest_rows(os.path.join(assets, "manifest.jsonl")),
-                        str(tmp_path / "asr"), quiet=True)
+  builders.build("asr", builders.manifest_rows(os.path.join(assets, "manifest.jsonl")), str(tmp_path / "asr"),
+                 quiet=True)
   config = tiny_config(stage=1, steps=2)
   config.model = {"preset": "tiny_encoder"}  # the architecture comes from init_from
   config.train.init_from = ckpt
@@ -213,15 +213,31 @@ def test_stage1_on_a_built_asr_dataset(tmp_path):
   summary = train(config, str(tmp_path / "work"))
   assert summary["stop_reason"] == "finished" and summary["step"] == 2
   assert all(np.isfinite(h["loss"]) and h["loss"] > 0 for h in summary["history"])
-  assert data.path
+  # It started from the converted model and trained the adaptor alone: every other weight is the converted one.
+  before, after = checkpoint.load_params_numpy(ckpt), _final_params(tmp_path / "work")
+  assert sorted(before) == sorted(after)
+  for path in before:
+    if path.startswith("adaptor/"):
+      assert not np.array_equal(before[path], after[path]), path
+    else:
+      np.testing.assert_array_equal(after[path], before[path], err_msg=path)
 
 
-def test_compile_only_reports_memory_without_allocating(tmp_path):
+def test_compile_only_reports_memory_without_allocating():
+  from flax import nnx
+  from llasm_jax.models.llasm import LLASM_PRESETS, Llasm
   from llasm_jax.train.trainer import compile_only
 
+  abstract = nnx.state(nnx.eval_shape(lambda: Llasm(LLASM_PRESETS["tiny_encoder"], rngs=nnx.Rngs(0))), nnx.Param)
+  param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+  live = sum(a.nbytes for a in jax.live_arrays())
   out = compile_only(tiny_config())
-  assert out["argument_size_gib"] > 0 and out["temp_size_gib"] >= 0
-  assert not os.listdir(tmp_path)
+  memory = out["memory_bytes"]
+  # The step takes the whole train state as arguments (parameters and Adam moments) and works in
+  # temporaries; exact bytes, since the GiB fields of a tiny model round to 0.
+  assert memory["argument_size_in_bytes"] >= param_bytes and memory["temp_size_in_bytes"] > 0, memory
+  assert out["model_flops_per_step"] > 0
+  assert sum(a.nbytes for a in jax.live_arrays()) - live < param_bytes  # no state of the model was left allocated
 
 
 def test_bfloat16_compute_keeps_float32_master_weights(tmp_path):
@@ -288,20 +304,19 @@ def test_resuming_with_other_trainable_parameters_names_the_difference(tmp_path)
   train(tiny_config(stage=2, steps=2), str(tmp_path))
   config = tiny_config(stage=2, steps=4)
   config.train.trainable = ("adaptor/.*",)
-  with pytest.raises(ValueError, match=r"trained \{'trainable': \['adaptor/\.\*', 'llm/\.\*'\].*this config trains "
+  with pytest.raises(UserError, match=r"trained \{'trainable': \['adaptor/\.\*', 'llm/\.\*'\].*this config trains "
                                        r"\{'trainable': \['adaptor/\.\*'\]"):
     train(config, str(tmp_path))
   assert train(tiny_config(stage=2, steps=4), str(tmp_path))["step"] == 4  # the same config resumes
 
 
-def test_length_buckets_compile_one_step_per_bucket(tmp_path, capsys):
+def test_length_buckets_compile_one_step_per_bucket(tmp_path, capsys, assets):
   """Batches of different bucket lengths in one run: each length gets its own compiled step."""
   from llasm_jax.data import builders
   from llasm_jax.train.trainer import train
   from tests.infer.conftest import make_checkpoints
 
   ckpt = make_checkpoints(tmp_path, mode="encoder")["llasm"]
-  assets = os.path.join(os.path.dirname(ROOT), "shared", "assets")
   builders.build("asr", builders.manifest_rows(os.path.join(assets, "manifest.jsonl")), str(tmp_path / "asr"),
                  quiet=True)
   config = tiny_config(stage=1, steps=4)
