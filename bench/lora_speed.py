@@ -4,7 +4,7 @@ state, step time, compiled memory.
   python bench/lora_speed.py [--preset llasm_100m_encoder] [--batch 4] [--seq-len 256] [--steps 4] \
       [--out bench/results/lora_cpu2.json]
 
-Each variant runs the trainer's own step (`trainer.prepare`: the labels, AdamW, shardings and
+Each variant runs the trainer's own step (`setup.prepare`: the labels, AdamW, shardings and
 jit of `llasm-jax train`) on synthetic batches, float32, one device: "full" trains the adaptor and
 every LLM weight; "lora_qv_r8" the adaptor and rank-8 factors on q_proj and v_proj (the default
 targets); "lora_all_r16" rank 16 on all seven projections. Reported: trainable parameters, the
@@ -48,8 +48,8 @@ def run(variant: str, args) -> dict:
 
   from llasm_jax.config import load_config_file
   from llasm_jax.data import pipeline
-  from llasm_jax.train import trainer
   from llasm_jax.train.optim import FROZEN
+  from llasm_jax.train.setup import initial_params, make_data, prepare
   from llasm_jax.train.step import TrainState
 
   config = load_config_file(os.path.join(ROOT, "configs", "tiny.py") + ":stage2")
@@ -57,14 +57,14 @@ def run(variant: str, args) -> dict:
   config.train.batch_size, config.data.seq_len, config.data.mel_frames = args.batch, args.seq_len, args.mel_frames
   if VARIANTS[variant]:
     config.train.lora = VARIANTS[variant]
-  setup = trainer.prepare(config)
+  setup = prepare(config)
   sh = setup.state_sharding
-  params, rest = trainer.initial_params(config, setup.cfg, setup.mesh, setup.rules, sh.params, sh.rest)
+  params, rest = initial_params(config, setup.cfg, setup.mesh, setup.rules, sh.params, sh.rest)
   with jax.set_mesh(setup.mesh):
     opt_state = jax.jit(setup.tx.init, out_shardings=sh.opt_state)(params)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=opt_state,
                      rng=jax.random.key_data(jax.random.key(0)))
-  data, _ = trainer.make_data(config, setup.cfg)
+  data, _ = make_data(config, setup.cfg)
   batch = pipeline.to_global(next(data), setup.mesh, setup.rules, same_shape=True)
   t0 = time.perf_counter()
   compiled = setup.compile(batch)

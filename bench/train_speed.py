@@ -48,7 +48,7 @@ def jax_step(name: str, steps: int) -> dict:
   from llasm_jax.train.optim import make_optimizer, param_labels
   from llasm_jax.train.step import TrainState, make_train_step
   from llasm_jax.train.synthetic import make_example
-  from llasm_jax.train.trainer import model_flops_per_step
+  from llasm_jax.train.metrics import model_flops_per_step
 
   preset, batch, seq, frames = MODELS[name]
   config = load_config_file(os.path.join(ROOT, "configs", "tiny.py") + ":stage2")

@@ -233,7 +233,7 @@ def model_sections() -> list[Section]:
       "LlasmConfig fields at the top level, `audio` (WhisperConfig) and `llm` (LlamaConfig, with its "
       "`rope_scaling`) as dicts; `llasm_config` rejects unknown keys. The defaults in these tables are the "
       "dataclasses'; a preset sets its own. With config.train.init_from the architecture is that model "
-      "folder's, and of `llm` and `audio` only the run options apply (RUN_OPTIONS in llasm_jax/train/trainer.py).",
+      "folder's, and of `llm` and `audio` only the run options apply (RUN_OPTIONS in llasm_jax/train/setup.py).",
       extra=[Field("preset", (), PRESET)])
   return [
       model,

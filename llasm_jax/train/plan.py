@@ -21,6 +21,7 @@ import ml_collections
 from llasm_jax import sharding
 from llasm_jax.layers.stack import REMAT_POLICIES
 from llasm_jax.train import trainer
+from llasm_jax.train.setup import model_config
 from llasm_jax.errors import UserError
 
 # The step-time estimate's model FLOPs utilisation: well-tuned dense LLM training on TPU reaches
@@ -204,7 +205,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, name: str = "", lo
   report = dict(config=name, topology=topology, chip=chip.name, chips=n // chip.devices_per_chip, devices=n,
                 hosts=len({d.process_index for d in devices}), hbm_gib_per_chip=chip.hbm_gib,
                 batch_size=tc.batch_size, per_chip_batch=tc.batch_size // dp, grad_accum=tc.grad_accum, seq_len=seq,
-                remat_policy=trainer.model_config(config).llm.remat_policy, **got)
+                remat_policy=model_config(config).llm.remat_policy, **got)
   report.update(estimates(got["model_flops_per_step"], n, chip, tc.batch_size * seq))
   if report["fits"]:
     report["margin_gib"] = round(report["usable_gib"] - report["need_gib"], 3)
@@ -241,7 +242,7 @@ def summary(r: dict[str, Any]) -> str:
     need = f"needs {r['need_gib']:.2f} {usable}" if r.get("need_gib") else "over the limit"
     lines.append(f"  fits           NO: {need}")
   lines += [f"  model FLOPs    {r['model_flops_per_step']:.3g} per step, {r['model_flops_per_chip']:.3g} per chip "
-            "(trainer.model_flops_per_step; XLA's cost analysis counts a scanned layer once)",
+            "(metrics.model_flops_per_step; XLA's cost analysis counts a scanned layer once)",
             f"  step time      estimates: {r['step_s_at_peak']:.3g} s at the peak {CHIPS[r['chip']].peak_tflops:g} "
             f"TFLOP/s per chip, {r['step_s_at_mfu']:.3g} s at {100 * r['mfu_assumed']:.0f}% MFU "
             f"({r['tokens_per_s_per_chip_at_mfu']:,.0f} tokens/s per chip)"]

@@ -258,7 +258,8 @@ def test_eval_prompts_use_the_training_system_prompt(assets_dataset, tokenizer_d
   """`LlasmAnswers.for_source(system=...)` and `TrainingEval` (config.data.system) prompt as training did."""
   import types
 
-  from llasm_jax.infer.evaluate import LlasmAnswers, TrainingEval
+  from llasm_jax.infer.evaluate import LlasmAnswers
+  from llasm_jax.train.evaluation import TrainingEval
   from llasm_jax.infer.generator import Generator
   from llasm_jax.train.sections import training_sections
   from tests.data.conftest import SYSTEM

@@ -13,7 +13,8 @@ import pytest
 from llasm_jax import cli
 from llasm_jax.data import builders, pipeline, templates
 from llasm_jax.data.audio import from_int16
-from llasm_jax.infer.evaluate import LlasmAnswers, answer_f1, answer_tokens, evaluate, read_rows, run
+from llasm_jax.infer.evaluate import LlasmAnswers, evaluate, read_rows, run
+from llasm_jax.infer.scoring import answer_f1, answer_tokens
 
 INSTRUCTIONS = [
     {"id": "c1", "conversations": [

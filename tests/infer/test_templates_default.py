@@ -165,7 +165,7 @@ def test_training_records_its_prompt_format(ckpts, tmp_path, source):
   import ml_collections
   from flax import nnx
 
-  from llasm_jax.train import trainer
+  from llasm_jax.train.checkpoints import save_model
   from llasm_jax.train.sections import training_sections
 
   model, _ = checkpoint.load_model(ckpts["llasm"])
@@ -174,7 +174,7 @@ def test_training_records_its_prompt_format(ckpts, tmp_path, source):
   config.data.update(dict(source=source, template="llasm-baichuan", system="Recorded."))
   config.train.init_from = ckpts["llasm"]
   folder = str(tmp_path / "model")
-  trainer.save_model(folder, model.cfg, types.SimpleNamespace(params=params, rest=rest), config)
+  save_model(folder, model.cfg, types.SimpleNamespace(params=params, rest=rest), config)
   record = checkpoint.prompt_record(checkpoint.read_meta(folder))
   gen = Generator.load(folder)
   if source == "synthetic":  # synthetic batches have no prompt format to record

@@ -10,7 +10,9 @@ from flax import nnx
 
 from llasm_jax.errors import UserError
 from llasm_jax.models.llama import LLAMA_PRESETS, LlamaForCausalLM
-from llasm_jax.train import losses, trainer
+from llasm_jax.models.llasm import Llasm
+from llasm_jax.train import losses
+from llasm_jax.train.setup import prepare
 from llasm_jax.train.step import TrainState, make_train_step
 from llasm_jax.train.synthetic import synthetic_dataset
 from tests.train.test_train import tiny_config
@@ -93,14 +95,14 @@ def _step(loss, chunk, dtype="float32"):
   config = tiny_config(stage=2 if loss == "ce" else 1, loss=loss, kd_weight=0.3, kd_temperature=2.0)
   if dtype != "float32":
     config.model = {"preset": "tiny_encoder", "llm": {"dtype": dtype}}
-  setup = trainer.prepare(config)
+  setup = prepare(config)
   host = next(iter(synthetic_dataset(setup.cfg, config.data, seed=0, host_batch=4, process_index=0, process_count=1,
                                      teacher=loss != "ce")))
   if loss != "ce":  # row 0 without a teacher, as the pipeline leaves audio whose text is unknown
     for k in ("teacher_input_ids", "teacher_attention_mask"):
       host[k][0] = 0
     host["teacher_target_positions"][0] = -1
-  _, params, rest = nnx.split(trainer.Llasm(setup.cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+  _, params, rest = nnx.split(Llasm(setup.cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
   step = jax.jit(make_train_step(setup.graphdef, setup.tx, setup.labels, grad_accum=1, loss=loss, kd_weight=0.3,
                                  kd_temperature=2.0, loss_chunk=chunk))
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=setup.tx.init(params),
@@ -129,4 +131,4 @@ def test_the_step_in_bfloat16_with_chunks_is_close_to_the_plain_step():
 
 def test_a_negative_chunk_is_refused():
   with pytest.raises(UserError, match="config.train.loss_chunk -1"):
-    trainer.prepare(tiny_config(stage=2, loss_chunk=-1))
+    prepare(tiny_config(stage=2, loss_chunk=-1))

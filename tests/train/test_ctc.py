@@ -17,6 +17,7 @@ from llasm_jax.errors import UserError
 from llasm_jax.train import data_config
 from llasm_jax.models.llasm import LLASM_PRESETS, Llasm
 from llasm_jax.train import trainer
+from llasm_jax.train.setup import make_data, prepare
 from llasm_jax.train.step import TrainState, make_train_step
 from llasm_jax.train.synthetic import make_example
 from tests.data.conftest import tiny_model
@@ -55,7 +56,7 @@ def test_optax_ctc_is_the_sum_over_alignments(labels, frames):
 def tiny_setup(loss="ce", grad_accum=1, steps=3, **train):
   config = tiny_config(stage=1, steps=steps, loss=loss, grad_accum=grad_accum, **train)
   config.train.batch_size = 4
-  return config, trainer.prepare(config)
+  return config, prepare(config)
 
 
 def ctc_batch(cfg, config, b=4, seed=0):
@@ -194,7 +195,7 @@ def test_ctc_trains_a_tiny_adaptor():
   config, setup = tiny_setup("ctc", steps=40)
   # Measured (lr 1e-2, 40 steps): 6.27 -> 2.70 with the blank's bias at log V; 16.97 -> 2.61 at 0.
   config.optim.lr = 1e-2
-  setup = trainer.prepare(config)
+  setup = prepare(config)
   host = ctc_batch(setup.cfg, config)
   host["ctc_label_lengths"][3] = 4  # every row with a transcript feasible
   batch = {k: jnp.asarray(v) for k, v in cached_batch(setup.cfg, config, host).items()}
@@ -212,13 +213,13 @@ def test_ctc_trains_a_tiny_adaptor():
 
 def test_ctc_options_are_checked():
   with pytest.raises(UserError, match="ctc_weight -1.0"):
-    trainer.prepare(tiny_config(stage=1, ctc_weight=-1.0))
+    prepare(tiny_config(stage=1, ctc_weight=-1.0))
   with pytest.raises(UserError, match="config.train.loss 'ctcx': expected one of ce, kd, mix, ctc"):
-    trainer.prepare(tiny_config(stage=1, loss="ctcx"))
+    prepare(tiny_config(stage=1, loss="ctcx"))
   with pytest.raises(UserError, match="does not pack CTC targets"):
     pipeline.PipelineConfig.from_model(tiny_model("encoder"), ctc=True, packing=True)
   with pytest.raises(UserError, match="synthetic batches lack"):
-    trainer.make_data(tiny_config(stage=1, loss="ctc"), LLASM_PRESETS["tiny_encoder"])
+    make_data(tiny_config(stage=1, loss="ctc"), LLASM_PRESETS["tiny_encoder"])
 
 
 def test_compile_only_knows_the_ctc_keys():

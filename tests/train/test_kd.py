@@ -14,7 +14,9 @@ from flax import nnx
 from llasm_jax import tokens
 from llasm_jax.data import builders, contract, pipeline
 from llasm_jax.errors import UserError
+from llasm_jax.models.llasm import Llasm
 from llasm_jax.train import trainer
+from llasm_jax.train.setup import prepare
 from llasm_jax.train.step import TrainState, make_train_step
 from llasm_jax.train.synthetic import synthetic_dataset
 from tests.data.conftest import tiny_model, train_llama_tokenizer
@@ -64,14 +66,14 @@ def step_once(loss, kd_weight=0.5, kd_temperature=1.0, grad_accum=1, batch_size=
   `untaught_rows`, as the pipeline leaves rows whose audio has no known text): (metrics, new
   params, the model before the step, the host batch)."""
   config = tiny_config(stage=1, loss=loss, kd_weight=kd_weight, kd_temperature=kd_temperature)
-  setup = trainer.prepare(config)
+  setup = prepare(config)
   host = next(iter(synthetic_dataset(setup.cfg, config.data, seed=0, host_batch=batch_size, process_index=0,
                                      process_count=1, teacher=True)))
   for row in untaught_rows:
     for k in ("teacher_input_ids", "teacher_attention_mask"):
       host[k][row] = 0
     host["teacher_target_positions"][row] = -1
-  _, params, rest = nnx.split(trainer.Llasm(setup.cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+  _, params, rest = nnx.split(Llasm(setup.cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
   step = jax.jit(make_train_step(setup.graphdef, setup.tx, setup.labels, grad_accum=grad_accum, loss=loss,
                                  kd_weight=kd_weight, kd_temperature=kd_temperature))
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=setup.tx.init(params),
@@ -108,13 +110,13 @@ def test_mix_is_the_weighted_sum_and_accumulates():
 
 def test_kd_needs_a_frozen_llm_and_a_known_loss():
   with pytest.raises(UserError, match=r"loss='kd' distils from the frozen LLM, but config.train.trainable trains"):
-    trainer.prepare(tiny_config(stage=2, loss="kd"))
+    prepare(tiny_config(stage=2, loss="kd"))
   with pytest.raises(UserError, match="use loss 'ce' there"):
-    trainer.prepare(tiny_config(stage=2, loss="mix"))
+    prepare(tiny_config(stage=2, loss="mix"))
   with pytest.raises(UserError, match=r"config.train.loss 'kl': expected one of ce, kd, mix"):
-    trainer.prepare(tiny_config(stage=1, loss="kl"))
+    prepare(tiny_config(stage=1, loss="kl"))
   with pytest.raises(UserError, match="kd_weight 1.5"):
-    trainer.prepare(tiny_config(stage=1, loss="mix", kd_weight=1.5))
+    prepare(tiny_config(stage=1, loss="mix", kd_weight=1.5))
 
 
 def test_compile_only_knows_the_teacher_keys():

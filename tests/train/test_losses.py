@@ -64,20 +64,21 @@ def test_the_step_on_target_slots_equals_the_full_logit_loss():
   import jax
   from flax import nnx
 
-  from llasm_jax.train import trainer
+  from llasm_jax.models.llasm import Llasm
+  from llasm_jax.train.setup import prepare
   from llasm_jax.train.step import TrainState, make_train_step
   from llasm_jax.train.synthetic import synthetic_dataset
   from tests.train.test_train import tiny_config
 
   config = tiny_config(stage=2)
-  setup = trainer.prepare(config)
+  setup = prepare(config)
   host = next(iter(synthetic_dataset(setup.cfg, config.data, seed=0, host_batch=4, process_index=0,
                                      process_count=1)))
   t = host["labels"].shape[1]
   assert host["target_positions"].shape == (4, t)
   bucketed = dict(host, target_positions=target_positions(host["labels"]))
   assert bucketed["target_positions"].shape[1] < t
-  _, params, rest = nnx.split(trainer.Llasm(setup.cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+  _, params, rest = nnx.split(Llasm(setup.cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
   step = jax.jit(make_train_step(setup.graphdef, setup.tx, setup.labels, grad_accum=1))
 
   def run(batch):
