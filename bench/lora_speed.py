@@ -47,7 +47,7 @@ def run(variant: str, args) -> dict:
   import numpy as np
 
   from llasm_jax.config import load_config_file
-  from llasm_jax.data import pipeline
+  from llasm_jax.data import global_batch
   from llasm_jax.train.optim import FROZEN
   from llasm_jax.train.setup import initial_params, make_data, prepare
   from llasm_jax.train.step import TrainState
@@ -65,7 +65,7 @@ def run(variant: str, args) -> dict:
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=opt_state,
                      rng=jax.random.key_data(jax.random.key(0)))
   data, _ = make_data(config, setup.cfg)
-  batch = pipeline.to_global(next(data), setup.mesh, setup.rules, same_shape=True)
+  batch = global_batch.to_global(next(data), setup.mesh, setup.rules, same_shape=True)
   t0 = time.perf_counter()
   compiled = setup.compile(batch)
   compile_s = time.perf_counter() - t0

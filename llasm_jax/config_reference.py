@@ -250,7 +250,7 @@ def mesh_sections() -> list[Section]:
   sections = []
   mesh_stmt = _assignment(tree.body, "MESH_AXES")
   comments = field_comments(source, entry_spans(mesh_stmt.value))
-  shape = config_lib.from_model_folder(1, "").mesh.shape
+  shape = sections_lib.from_model_folder(1, "").mesh.shape
   sections.append(Section(
       "mesh", _join(_above(alone, mesh_stmt.lineno) + [
           "The defaults are `from_model_folder`'s (data parallelism over every device); each file in configs/ "
@@ -368,7 +368,7 @@ OVERRIDES = """\
 `llasm-jax train --config FILE` takes overrides after its other flags, one key each
 (`apply_overrides` in llasm_jax/config.py):
 
-    llasm-jax train --config configs/tiny_stage1.py --workdir workdir/tiny_stage1 \\
+    llasm-jax train --config configs/tiny.py:stage1 --workdir workdir/tiny_stage1 \\
         --config.train.steps=100 --config.data.seq_len=256 --config.mesh.shape.data=2
 
 - The text after `=` is parsed like the key's current value: ints and floats as numbers, a bool as
@@ -377,7 +377,7 @@ OVERRIDES = """\
 - Only keys the config already holds can be set: a misspelt key fails and lists the keys there.
   `config.model.llm` and `config.model.audio` hold only the overrides that a file sets, so
   `--config.model.llm.remat_policy=full` works with a file that sets `llm` (such as
-  configs/llasm_cllama2_7b_stage1.py); other model fields are set in the file."""
+  configs/llasm_cllama2_7b.py:stage1); other model fields are set in the file."""
 
 
 def render(sections: Sequence[Section] | None = None) -> str:

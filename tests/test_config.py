@@ -19,9 +19,9 @@ from llasm_jax.models.llama import RopeScaling
 from llasm_jax.models.llasm import Llasm
 
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parent.parent / "configs").glob("*.py"))
-
 # Each file as it loads by default, and with ":stage2" where its docstring runs that stage.
 RUNS = [(p, None) for p in CONFIGS] + [(p, "stage2") for p in CONFIGS if f"{p.name}:stage2" in p.read_text()]
+
 
 def param_axis_names(model: nnx.Module) -> set[str]:
   names = set()

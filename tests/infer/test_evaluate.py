@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from llasm_jax import cli
-from llasm_jax.data import builders, pipeline, templates
+from llasm_jax.data import builders, pipeline, sources, templates
 from llasm_jax.data.audio import from_int16
 from llasm_jax.infer.evaluate import LlasmAnswers, evaluate, read_rows, run
 from llasm_jax.infer.scoring import answer_f1, answer_tokens
@@ -128,7 +128,7 @@ def test_llasm_prompts_and_answers_equal_generate(ckpts, gen, datasets, tmp_path
     report = run(rows, answers, batch=4)
     conversations, audios = [], []
     for row in rows:
-      audios.append(pipeline.record_audios(row.record, source.kind))
+      audios.append(sources.record_audios(row.record, source.kind))
       if name == "asr":
         pool = templates.TRANSCRIBE_ZH if row.language == "zh" else templates.TRANSCRIBE_EN
         conversations.append([{"role": "user", "content": f"{templates.AUDIO}\n{pool[0]}"}])
