@@ -2,6 +2,7 @@
 layers, and every module stays small enough to read as one thing."""
 
 import ast
+import re
 import os
 
 import pytest
@@ -63,3 +64,32 @@ def test_no_module_imports_a_higher_layer():
 def test_no_module_is_over_the_line_limit():
   long = {module: n for module, path in modules() if (n := sum(1 for _ in open(path, encoding="utf-8"))) > MAX_LINES}
   assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def readme_map() -> list[tuple[int, str, list[str]]]:
+  """(layer, folder, modules) of each row of the README's Layout table."""
+  readme = open(os.path.join(os.path.dirname(PACKAGE), "README.md"), encoding="utf-8").read()
+  section = readme.split("## Layout\n", 1)[1].split("\n## ", 1)[0]
+  rows = []
+  for line in section.splitlines():
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if len(cells) == 3 and cells[0].isdigit():
+      folder = cells[1].strip("`")
+      rows.append((int(cells[0]), folder, re.findall(r"`([\w/]+\.py)`", cells[2])))
+  return rows
+
+
+def test_the_readme_map_lists_every_module_where_it_is():
+  rows = readme_map()
+  assert rows, "README.md: no Layout table rows (layer | folder | owns)"
+  root = os.path.dirname(PACKAGE)
+  listed = set()
+  for level, folder, names in rows:
+    for name in names:
+      path = os.path.join(root, folder, name)
+      assert os.path.isfile(path), f"README Layout lists {folder}{name}, which does not exist"
+      module = os.path.relpath(path, root)[:-3].replace(os.sep, ".")
+      assert layer_of(module) == level, f"README Layout puts {module} in layer {level}, tests/test_structure.py in {layer_of(module)}"
+      listed.add(module)
+  unlisted = sorted(m for m, path in modules() if not path.endswith("__init__.py") and m not in listed)
+  assert not unlisted, f"modules missing from the README's Layout table: {unlisted}"
