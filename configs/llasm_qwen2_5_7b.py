@@ -14,34 +14,9 @@ r"""LLaSM on Qwen2.5-7B with the Whisper large-v3 encoder ("encoder" mode), on a
 arg: "stage1" (the default: the adaptor trains) or "stage2" (the adaptor and the LLM train).
 """
 
-import ml_collections
-
-from llasm_jax.sharding import DEFAULT_RULES
-from llasm_jax.train.sections import stage_of, training_sections
+from llasm_jax.train.sections import pod_encoder_config
 
 
 def get_config(arg: str = "stage1"):
-  stage = stage_of(arg)
-  config = ml_collections.ConfigDict()
-  config.model = ml_collections.ConfigDict({
-      "preset": "llasm_qwen2_5_7b_encoder",
-      # vocab_multiple: 152064 is already a multiple of 128 (the audio tokens fit inside it): no padding
-      "llm": {"dtype": "bfloat16", "param_dtype": "float32", "remat_policy": "dots_no_batch" if stage == 1 else "full",
-              "vocab_multiple": 128},
-      "audio": {"dtype": "bfloat16", "param_dtype": "float32"},
-  })
-  # FSDP over every device: 7.6B float32 master weights plus Adam moments need sharding.
-  config.mesh = ml_collections.ConfigDict({"shape": {"data": 1, "fsdp": -1, "tensor": 1}})
-  config.logical_axis_rules = DEFAULT_RULES
-  config.update(training_sections(stage))
-  config.train.steps = 20000 if stage == 1 else 30000
-  config.train.batch_size = 256 if stage == 1 else 128
-  if stage == 2:
-    # The LM head and cross-entropy 256 positions at a time: float32[B, T, V] logits are never whole.
-    config.train.loss_chunk = 256
-  # The model's own chat template (an Instruct tokenizer has one): ChatML, <|im_start|> ... <|im_end|>
-  config.data.template = "chat-template"
-  # Stage 1: an audio of 30 s is 188 audio tokens (1500 frames / 8), plus the prompt and transcript;
-  # stage 2: multi-turn instructions.
-  config.data.seq_len = 512 if stage == 1 else 2048
-  return config
+  # The vocab: 152064 is already a multiple of 128 (the audio tokens fit inside it): no padding.
+  return pod_encoder_config("llasm_qwen2_5_7b_encoder", arg)
