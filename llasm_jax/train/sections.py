@@ -95,7 +95,7 @@ def training_sections(stage: int) -> dict[str, ml_collections.ConfigDict]:
       # (optax.apply_if_finite); the default never applies one: train.max_nonfinite_steps stops first.
       max_consecutive_nonfinite=1_000_000,
   ))
-  # The training batches (llasm_jax/data/pipeline.py; "synthetic": llasm_jax/train/synthetic.py).
+  # The training batches (contract: llasm_jax/data/contract.py; "synthetic": llasm_jax/train/synthetic.py).
   data = ml_collections.ConfigDict(dict(
       source="synthetic",  # or "tfds": the datasets of `llasm-jax data build`
       dir="",  # "tfds": comma-separated folders written by `llasm-jax data build`
