@@ -12,28 +12,9 @@ r"""LLaSM-Cllama2 as released: Whisper large-v2 (encoder + decoder) + linear ada
 arg: "stage1" (the default: only the adaptor trains) or "stage2" (the adaptor and the LLM).
 """
 
-import ml_collections
-
-from llasm_jax.sharding import DEFAULT_RULES
-from llasm_jax.train.sections import stage_of, training_sections
+from llasm_jax.train.sections import pod_config, stage_of
 
 
 def get_config(arg: str = "stage1"):
-  stage = stage_of(arg)
-  config = ml_collections.ConfigDict()
-  # bfloat16 matmuls, float32 master weights (the optimizer updates them in float32); stage 2
-  # recomputes each whole LLM layer in the backward pass, stage 1 keeps its matmul outputs.
-  config.model = ml_collections.ConfigDict({
-      "preset": "llasm_cllama2",
-      "llm": {"dtype": "bfloat16", "param_dtype": "float32", "remat_policy": "dots_no_batch" if stage == 1 else "full"},
-      "audio": {"dtype": "bfloat16", "param_dtype": "float32"},
-  })
-  # FSDP over every device: 7B float32 master weights plus Adam moments need sharding.
   # tensor stays 1 because the vocab (32003) does not divide by a larger tensor axis.
-  config.mesh = ml_collections.ConfigDict({"shape": {"data": 1, "fsdp": -1, "tensor": 1}})
-  config.logical_axis_rules = DEFAULT_RULES
-  config.update(training_sections(stage))
-  config.train.steps = 20000 if stage == 1 else 30000
-  config.train.batch_size = 256 if stage == 1 else 128
-  config.data.seq_len = 256 if stage == 1 else 2048
-  return config
+  return pod_config("llasm_cllama2", stage_of(arg))

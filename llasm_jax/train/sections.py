@@ -161,29 +161,37 @@ def from_model_folder(stage: int, init_from: str) -> ml_collections.ConfigDict:
   return config
 
 
-def pod_encoder_config(preset: str, arg: str) -> ml_collections.ConfigDict:
-  """The run config of an ~8B "encoder"-mode LLaSM (Whisper large-v3 + an Instruct LLM with its own chat
-  template) on a TPU pod or GPU cluster; `arg` "stage1" (the adaptor trains) or "stage2" (and the LLM)."""
-  stage = stage_of(arg)
+def pod_config(preset: str, stage: int, **llm) -> ml_collections.ConfigDict:
+  """A ~7B LLaSM's run config on a TPU pod or GPU cluster in `stage` 1 (the adaptor trains) or 2 (and the
+  LLM): bfloat16 matmuls over float32 master weights, FSDP over every device; `llm` adds LLM fields."""
   config = ml_collections.ConfigDict()
+  # Stage 2 recomputes each whole LLM layer in the backward pass, stage 1 keeps its matmul outputs.
   config.model = ml_collections.ConfigDict({
       "preset": preset,
-      # bfloat16 matmuls, float32 master weights; vocab_multiple: the vocab padded so a tensor axis splits it
       "llm": {"dtype": "bfloat16", "param_dtype": "float32", "remat_policy": "dots_no_batch" if stage == 1 else "full",
-              "vocab_multiple": 128},
+              **llm},
       "audio": {"dtype": "bfloat16", "param_dtype": "float32"},
   })
-  # FSDP over every device: ~8B float32 master weights plus Adam moments need sharding.
+  # ~7B float32 master weights plus Adam moments need sharding.
   config.mesh = ml_collections.ConfigDict({"shape": {"data": 1, "fsdp": -1, "tensor": 1}})
   config.logical_axis_rules = DEFAULT_RULES
   config.update(training_sections(stage))
   config.train.steps = 20000 if stage == 1 else 30000
   config.train.batch_size = 256 if stage == 1 else 128
+  config.data.seq_len = 256 if stage == 1 else 2048
+  return config
+
+
+def pod_encoder_config(preset: str, arg: str) -> ml_collections.ConfigDict:
+  """`pod_config` of an ~8B "encoder"-mode LLaSM (Whisper large-v3 + an Instruct LLM with its own chat
+  template); `arg` "stage1" or "stage2". The vocab is padded to a multiple of 128 so a tensor axis splits it."""
+  stage = stage_of(arg)
+  config = pod_config(preset, stage, vocab_multiple=128)
   if stage == 2:
     # The LM head and cross-entropy 256 positions at a time: float32[B, T, V] logits are never whole.
     config.train.loss_chunk = 256
   config.data.template = "chat-template"  # the Instruct tokenizer's own
-  # Stage 1: an audio of 30 s is 188 audio tokens (1500 frames / 8), plus the prompt and transcript;
-  # stage 2: multi-turn instructions.
-  config.data.seq_len = 512 if stage == 1 else 2048
+  # Stage 1: an audio of 30 s is 188 audio tokens (1500 frames / 8), plus the prompt and transcript.
+  if stage == 1:
+    config.data.seq_len = 512
   return config
